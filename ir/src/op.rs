@@ -1,0 +1,357 @@
+//! The closed set of operations, their attributes, and the typing rule of each.
+//!
+//! Activations are always f32; weights may be f32, bf16 or f16 and are widened where they are read.
+//! Every op's result type follows from its attributes and its inputs' types ([`Op::infer`]), except the
+//! two leaves: [`Op::Input`] (fixed types) and [`Op::Weight`] (carries its declared type).
+
+use crate::rope::RopeSpec;
+use crate::types::{DType, Dim, Shape, TensorType};
+
+/// Which graph input a [`Op::Input`] node stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InputKind {
+    /// `i32[T]`: the token ids fed in this call.
+    TokenIds,
+    /// `i32[T]`: each token's absolute position (tokens already cached + its index).
+    Positions,
+}
+
+impl InputKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            InputKind::TokenIds => "token_ids",
+            InputKind::Positions => "positions",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<InputKind> {
+        [InputKind::TokenIds, InputKind::Positions].into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// Which half of a layer's KV cache a [`Op::KvAppend`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvKind {
+    K,
+    V,
+}
+
+impl KvKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvKind::K => "k",
+            KvKind::V => "v",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<KvKind> {
+        match s {
+            "k" => Some(KvKind::K),
+            "v" => Some(KvKind::V),
+            _ => None,
+        }
+    }
+}
+
+/// One operation. Inputs are listed per variant in order; `[..., K]` means any leading dims.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    // ---- leaves ----
+    /// A runtime input; see [`InputKind`].
+    Input(InputKind),
+    /// A tensor bound from the checkpoint at load time. A `name` containing `{e}` is an expert stack:
+    /// its type has a leading expert dim `E` and row `e` is the checkpoint tensor named with `{e}` → e.
+    Weight { name: String, ty: TensorType },
+
+    // ---- data movement ----
+    /// (table `[V, H]`, ids `i32[...]`) → `f32[..., H]`: rows of the table.
+    Embedding,
+    /// (x) → x with another shape of the same element count; row-major order is unchanged.
+    Reshape { shape: Shape },
+    /// (x `f32[..., E]`, idx `i32[..., k]`) → `f32[..., k]`: `out[.., j] = x[.., idx[.., j]]`.
+    GatherLast,
+
+    // ---- matrix products ----
+    /// (x `f32[..., K]`, w `[N, K]`) → `f32[..., N]`: `x · wᵀ`, weights in Hugging Face `[out, in]` layout.
+    Linear,
+    /// (x `f32[S, j, K]` with j = 1 or k, ids `i32[S, k]`, w `[E, N, K]`) → `f32[S, k, N]`:
+    /// slot `j` of token `s` multiplies by expert `ids[s, j]`'s matrix (a grouped GEMM over the chosen experts).
+    ExpertLinear,
+
+    // ---- normalisation and positions ----
+    /// (x `f32[..., D]`, w `[D]`) → like x: `w · x / sqrt(mean(x²) + eps)` over the last axis.
+    RmsNorm { eps: f64 },
+    /// (x `f32[S, H, d]`, positions `i32[S]`) → like x: rotate-half RoPE over the last axis.
+    Rope(RopeSpec),
+
+    // ---- attention ----
+    /// (x `f32[T, H, d]`) → `f32[KV, H, d]`: appends x to the cache of (`layer`, `kind`) and returns the
+    /// whole cache. The only op with state; each (layer, kind) appears once per graph.
+    KvAppend { layer: u32, kind: KvKind },
+    /// (q `f32[T, Hq, d]`, k `f32[KV, Hkv, d]`, v `f32[KV, Hkv, dv]`) → `f32[T, Hq, dv]`: causal softmax
+    /// attention where query t sits at position KV − T + t; query head h reads kv head h / (Hq / Hkv).
+    Attention { scale: f64 },
+
+    // ---- elementwise (binary ops broadcast a dim of 1 against any dim; ranks must agree) ----
+    Add,
+    Mul,
+    Div,
+    /// x · sigmoid(x).
+    Silu,
+
+    // ---- reductions and routing ----
+    /// Softmax over the last axis.
+    Softmax,
+    /// Sum over `axis`, which is removed.
+    ReduceSum { axis: u32 },
+    /// (x `f32[..., E]`) → `i32[..., k]`: indices of the k largest, largest first, ties to the lower index.
+    TopK { k: u32 },
+}
+
+impl Op {
+    /// The op's name in the text form.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input(_) => "input",
+            Op::Weight { .. } => "weight",
+            Op::Embedding => "embedding",
+            Op::Reshape { .. } => "reshape",
+            Op::GatherLast => "gather_last",
+            Op::Linear => "linear",
+            Op::ExpertLinear => "expert_linear",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Rope(_) => "rope",
+            Op::KvAppend { .. } => "kv_append",
+            Op::Attention { .. } => "attention",
+            Op::Add => "add",
+            Op::Mul => "mul",
+            Op::Div => "div",
+            Op::Silu => "silu",
+            Op::Softmax => "softmax",
+            Op::ReduceSum { .. } => "reduce_sum",
+            Op::TopK { .. } => "top_k",
+        }
+    }
+
+    /// Number of inputs the op takes.
+    pub fn arity(&self) -> usize {
+        match self {
+            Op::Input(_) | Op::Weight { .. } => 0,
+            Op::Reshape { .. } | Op::Silu | Op::Softmax | Op::ReduceSum { .. } | Op::TopK { .. } => 1,
+            Op::KvAppend { .. } => 1,
+            Op::Embedding | Op::GatherLast | Op::Linear | Op::RmsNorm { .. } | Op::Rope(_) => 2,
+            Op::Add | Op::Mul | Op::Div => 2,
+            Op::ExpertLinear | Op::Attention { .. } => 3,
+        }
+    }
+
+    /// The result type given the inputs' types, or why those inputs are not valid for this op.
+    /// Callers check the input count against [`Op::arity`] first.
+    pub fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
+        if inputs.len() != self.arity() {
+            return Err(format!("takes {} inputs, has {}", self.arity(), inputs.len()));
+        }
+        match self {
+            Op::Input(_) => Ok(TensorType::i32(vec![Dim::Seq])),
+            Op::Weight { ty, .. } => {
+                if !ty.dtype.is_float() {
+                    return Err(format!("weight dtype must be a float type, is {}", ty.dtype));
+                }
+                if !ty.shape.is_static() {
+                    return Err(format!("weight shape must be constant, is {}", ty.shape));
+                }
+                Ok(ty.clone())
+            }
+            Op::Embedding => {
+                let (table, ids) = (inputs[0], inputs[1]);
+                float_weight(table, 2, "table")?;
+                expect_dtype(ids, DType::I32, "ids")?;
+                let mut dims = ids.shape.0.clone();
+                dims.push(table.shape.0[1]);
+                Ok(TensorType::f32(dims))
+            }
+            Op::Reshape { shape } => {
+                let x = inputs[0];
+                if x.shape.volume() != shape.volume() {
+                    return Err(format!("cannot reshape {} to {}: element counts differ", x.shape, shape));
+                }
+                Ok(TensorType::new(x.dtype, shape.clone()))
+            }
+            Op::GatherLast => {
+                let (x, idx) = (inputs[0], inputs[1]);
+                expect_dtype(x, DType::F32, "x")?;
+                expect_dtype(idx, DType::I32, "idx")?;
+                if x.shape.rank() == 0 || x.shape.rank() != idx.shape.rank() {
+                    return Err(format!("x {} and idx {} must have the same non-zero rank", x.shape, idx.shape));
+                }
+                let lead = x.shape.rank() - 1;
+                if x.shape.0[..lead] != idx.shape.0[..lead] {
+                    return Err(format!("leading dims of x {} and idx {} differ", x.shape, idx.shape));
+                }
+                Ok(TensorType::f32(idx.shape.0.clone()))
+            }
+            Op::Linear => {
+                let (x, w) = (inputs[0], inputs[1]);
+                expect_dtype(x, DType::F32, "x")?;
+                float_weight(w, 2, "w")?;
+                let k = last(x, "x")?;
+                if k != w.shape.0[1] {
+                    return Err(format!("x {} has K = {k}, w {} has K = {}", x.shape, w.shape, w.shape.0[1]));
+                }
+                let mut dims = x.shape.0.clone();
+                *dims.last_mut().expect("rank checked") = w.shape.0[0];
+                Ok(TensorType::f32(dims))
+            }
+            Op::ExpertLinear => {
+                let (x, ids, w) = (inputs[0], inputs[1], inputs[2]);
+                expect_dtype(x, DType::F32, "x")?;
+                expect_dtype(ids, DType::I32, "ids")?;
+                float_weight(w, 3, "w")?;
+                if x.shape.rank() != 3 || ids.shape.rank() != 2 {
+                    return Err(format!("x must be [S, j, K] and ids [S, k], are {} and {}", x.shape, ids.shape));
+                }
+                let (xs, ids_s) = (&x.shape.0, &ids.shape.0);
+                if xs[0] != ids_s[0] {
+                    return Err(format!("x {} and ids {} disagree on S", x.shape, ids.shape));
+                }
+                if xs[1] != Dim::Fixed(1) && xs[1] != ids_s[1] {
+                    return Err(format!("x's slot dim must be 1 or k: x {}, ids {}", x.shape, ids.shape));
+                }
+                if xs[2] != w.shape.0[2] {
+                    return Err(format!("x {} has K = {}, w {} has K = {}", x.shape, xs[2], w.shape, w.shape.0[2]));
+                }
+                Ok(TensorType::f32(vec![xs[0], ids_s[1], w.shape.0[1]]))
+            }
+            Op::RmsNorm { eps } => {
+                let (x, w) = (inputs[0], inputs[1]);
+                expect_dtype(x, DType::F32, "x")?;
+                float_weight(w, 1, "w")?;
+                if last(x, "x")? != w.shape.0[0] {
+                    return Err(format!("x {} and weight {} disagree on the normalised dim", x.shape, w.shape));
+                }
+                if !(eps.is_finite() && *eps >= 0.0) {
+                    return Err(format!("eps must be finite and non-negative, is {eps}"));
+                }
+                Ok(x.clone())
+            }
+            Op::Rope(spec) => {
+                let (x, pos) = (inputs[0], inputs[1]);
+                expect_dtype(x, DType::F32, "x")?;
+                expect_dtype(pos, DType::I32, "positions")?;
+                if x.shape.rank() != 3 || pos.shape.rank() != 1 || x.shape.0[0] != pos.shape.0[0] {
+                    return Err(format!("x must be [S, H, d] and positions [S], are {} and {}", x.shape, pos.shape));
+                }
+                match x.shape.0[2] {
+                    Dim::Fixed(d) if d % 2 == 0 => {}
+                    d => return Err(format!("head dim must be a constant even number, is {d}")),
+                }
+                spec.check()?;
+                Ok(x.clone())
+            }
+            Op::KvAppend { .. } => {
+                let x = inputs[0];
+                expect_dtype(x, DType::F32, "x")?;
+                if x.shape.rank() != 3 || x.shape.0[0] != Dim::Seq {
+                    return Err(format!("x must be [T, H, d], is {}", x.shape));
+                }
+                Ok(TensorType::f32(vec![Dim::Kv, x.shape.0[1], x.shape.0[2]]))
+            }
+            Op::Attention { scale } => {
+                let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+                for (t, n) in [(q, "q"), (k, "k"), (v, "v")] {
+                    expect_dtype(t, DType::F32, n)?;
+                    if t.shape.rank() != 3 {
+                        return Err(format!("{n} must have rank 3, is {}", t.shape));
+                    }
+                }
+                let (qs, ks, vs) = (&q.shape.0, &k.shape.0, &v.shape.0);
+                if qs[0] != Dim::Seq || ks[0] != Dim::Kv || vs[0] != Dim::Kv {
+                    return Err(format!("q must be [T, ..], k and v [KV, ..]: {}, {}, {}", q.shape, k.shape, v.shape));
+                }
+                if ks[1] != vs[1] || qs[2] != ks[2] {
+                    return Err(format!("q {}, k {}, v {} disagree on heads or head dim", q.shape, k.shape, v.shape));
+                }
+                match (qs[1], ks[1]) {
+                    (Dim::Fixed(hq), Dim::Fixed(hkv)) if hkv > 0 && hq % hkv == 0 => {}
+                    (hq, hkv) => return Err(format!("{hq} query heads do not divide evenly over {hkv} kv heads")),
+                }
+                if !(scale.is_finite() && *scale > 0.0) {
+                    return Err(format!("scale must be finite and positive, is {scale}"));
+                }
+                Ok(TensorType::f32(vec![Dim::Seq, qs[1], vs[2]]))
+            }
+            Op::Add | Op::Mul | Op::Div => {
+                let (a, b) = (inputs[0], inputs[1]);
+                expect_dtype(a, DType::F32, "lhs")?;
+                expect_dtype(b, DType::F32, "rhs")?;
+                broadcast(&a.shape, &b.shape).map(|s| TensorType::new(DType::F32, s))
+            }
+            Op::Silu | Op::Softmax => {
+                let x = inputs[0];
+                expect_dtype(x, DType::F32, "x")?;
+                last(x, "x")?;
+                Ok(x.clone())
+            }
+            Op::ReduceSum { axis } => {
+                let x = inputs[0];
+                expect_dtype(x, DType::F32, "x")?;
+                let axis = *axis as usize;
+                if axis >= x.shape.rank() {
+                    return Err(format!("axis {axis} out of range for {}", x.shape));
+                }
+                let mut dims = x.shape.0.clone();
+                dims.remove(axis);
+                Ok(TensorType::f32(dims))
+            }
+            Op::TopK { k } => {
+                let x = inputs[0];
+                expect_dtype(x, DType::F32, "x")?;
+                match last(x, "x")? {
+                    Dim::Fixed(e) if *k >= 1 && u64::from(*k) <= e => {}
+                    e => return Err(format!("k = {k} must be between 1 and the last dim {e}")),
+                }
+                let mut dims = x.shape.0.clone();
+                *dims.last_mut().expect("rank checked") = Dim::Fixed(u64::from(*k));
+                Ok(TensorType::i32(dims))
+            }
+        }
+    }
+}
+
+fn expect_dtype(t: &TensorType, dtype: DType, what: &str) -> Result<(), String> {
+    if t.dtype == dtype {
+        Ok(())
+    } else {
+        Err(format!("{what} must be {dtype}, is {}", t.dtype))
+    }
+}
+
+fn float_weight(t: &TensorType, rank: usize, what: &str) -> Result<(), String> {
+    if !t.dtype.is_float() {
+        return Err(format!("{what} must be a float tensor, is {}", t.dtype));
+    }
+    if t.shape.rank() != rank || !t.shape.is_static() {
+        return Err(format!("{what} must be a constant rank-{rank} shape, is {}", t.shape));
+    }
+    Ok(())
+}
+
+fn last(t: &TensorType, what: &str) -> Result<Dim, String> {
+    t.shape.last().ok_or_else(|| format!("{what} must have rank >= 1"))
+}
+
+fn broadcast(a: &Shape, b: &Shape) -> Result<Shape, String> {
+    if a.rank() != b.rank() {
+        return Err(format!("ranks of {a} and {b} differ"));
+    }
+    let one = Dim::Fixed(1);
+    a.0.iter()
+        .zip(&b.0)
+        .map(|(&x, &y)| match (x, y) {
+            _ if x == y => Ok(x),
+            (d, o) | (o, d) if o == one => Ok(d),
+            _ => Err(format!("{a} and {b} do not broadcast")),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Shape)
+}

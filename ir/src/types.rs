@@ -1,0 +1,172 @@
+//! Element types, symbolic dimensions and tensor types.
+
+use std::fmt;
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+    /// Token ids, positions and expert indices.
+    I32,
+}
+
+impl DType {
+    /// Every dtype, in text-form order.
+    pub const ALL: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::I32];
+
+    /// The name used in the text form (`f32`, `bf16`, `f16`, `i32`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::I32 => "i32",
+        }
+    }
+
+    /// Parses a text-form name.
+    pub fn from_name(s: &str) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.name() == s)
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    /// True for the floating-point types weights may be stored in.
+    pub fn is_float(self) -> bool {
+        !matches!(self, DType::I32)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One dimension of a shape: a constant, or one of the two lengths known only at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dim {
+    Fixed(u64),
+    /// `T`: the number of tokens fed in this call (prompt length in prefill, 1 in decode).
+    Seq,
+    /// `KV`: tokens in the KV cache after this call (earlier tokens plus `T`).
+    Kv,
+}
+
+impl Dim {
+    /// The concrete size once `T` and `KV` are known.
+    pub fn resolve(self, seq: usize, kv: usize) -> usize {
+        match self {
+            Dim::Fixed(n) => n as usize,
+            Dim::Seq => seq,
+            Dim::Kv => kv,
+        }
+    }
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Seq => f.write_str("T"),
+            Dim::Kv => f.write_str("KV"),
+        }
+    }
+}
+
+/// A tensor shape, outermost dimension first (row-major).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Shape(pub Vec<Dim>);
+
+impl Shape {
+    /// A shape of constant dims.
+    pub fn fixed(dims: &[u64]) -> Shape {
+        Shape(dims.iter().map(|&d| Dim::Fixed(d)).collect())
+    }
+
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn dims(&self) -> &[Dim] {
+        &self.0
+    }
+
+    /// The last dimension, if any.
+    pub fn last(&self) -> Option<Dim> {
+        self.0.last().copied()
+    }
+
+    /// Concrete sizes once `T` and `KV` are known.
+    pub fn resolve(&self, seq: usize, kv: usize) -> Vec<usize> {
+        self.0.iter().map(|d| d.resolve(seq, kv)).collect()
+    }
+
+    /// Element count as (product of constant dims, count of `T` dims, count of `KV` dims),
+    /// which is how two shapes with symbolic dims are compared for a reshape.
+    pub fn volume(&self) -> (u64, usize, usize) {
+        let mut fixed = 1u64;
+        let (mut seq, mut kv) = (0, 0);
+        for d in &self.0 {
+            match d {
+                Dim::Fixed(n) => fixed = fixed.saturating_mul(*n),
+                Dim::Seq => seq += 1,
+                Dim::Kv => kv += 1,
+            }
+        }
+        (fixed, seq, kv)
+    }
+
+    /// True when no dim is symbolic.
+    pub fn is_static(&self) -> bool {
+        self.0.iter().all(|d| matches!(d, Dim::Fixed(_)))
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+/// Element type and shape of a node's result.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorType {
+    pub dtype: DType,
+    pub shape: Shape,
+}
+
+impl TensorType {
+    pub fn new(dtype: DType, shape: Shape) -> TensorType {
+        TensorType { dtype, shape }
+    }
+
+    pub fn f32(dims: Vec<Dim>) -> TensorType {
+        TensorType::new(DType::F32, Shape(dims))
+    }
+
+    pub fn i32(dims: Vec<Dim>) -> TensorType {
+        TensorType::new(DType::I32, Shape(dims))
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.dtype, self.shape)
+    }
+}
