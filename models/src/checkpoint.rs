@@ -1,0 +1,260 @@
+//! Safetensors checkpoints: memory-mapped, single file or sharded, checked tensor by tensor against a config.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+
+use crate::config::Qwen3Config;
+use crate::dtype::DType;
+use crate::tensors::{expected_tensors, LM_HEAD};
+
+/// The single-file checkpoint name.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Why a checkpoint could not be opened or does not fit its config.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("no {SINGLE_FILE} or {INDEX_FILE} in {0}")]
+    NotFound(PathBuf),
+    #[error("bad shard index {path}: {message}")]
+    Index { path: PathBuf, message: String },
+    #[error("{path} is not a valid safetensors file (truncated or corrupt?): {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("tensor {name} in {path} has dtype {dtype}, which is not supported (F32, BF16 or F16)")]
+    UnsupportedDType { name: String, path: PathBuf, dtype: String },
+    #[error("tensor {name} appears in both {first} and {second}")]
+    Duplicate { name: String, first: PathBuf, second: PathBuf },
+    #[error("the checkpoint does not match the model config:\n{0}")]
+    Mismatch(Mismatches),
+}
+
+/// One way a checkpoint differs from what its config implies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    Missing { name: String, expected: Vec<usize> },
+    Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    Extra { name: String, found: Vec<usize> },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Missing { name, expected } => write!(f, "missing tensor {name} (expected shape {expected:?})"),
+            Problem::Shape { name, expected, found } => {
+                write!(f, "tensor {name} has shape {found:?}, expected {expected:?}")
+            }
+            Problem::Extra { name, found } => write!(f, "unexpected tensor {name} (shape {found:?})"),
+        }
+    }
+}
+
+/// Every problem found, printed one per line (the first 20, then a count).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatches(pub Vec<Problem>);
+
+impl fmt::Display for Mismatches {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 20;
+        for p in self.0.iter().take(SHOWN) {
+            writeln!(f, "  {p}")?;
+        }
+        if self.0.len() > SHOWN {
+            writeln!(f, "  ... and {} more", self.0.len() - SHOWN)?;
+        }
+        Ok(())
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: usize,
+    len: usize,
+}
+
+/// A borrowed view of one tensor's bytes.
+#[derive(Clone, Copy)]
+pub struct TensorRef<'a> {
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    /// Little-endian elements, row-major.
+    pub bytes: &'a [u8],
+}
+
+impl TensorRef<'_> {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The elements widened to f32 (exact for all supported dtypes).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.dtype {
+            DType::F32 => self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::BF16 => {
+                self.bytes.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect()
+            }
+            DType::F16 => {
+                self.bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+        }
+    }
+}
+
+/// An opened checkpoint: every shard memory-mapped, every tensor's place known.
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: BTreeMap<String, Entry>,
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors`, or every shard listed in `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+        let index = dir.join(INDEX_FILE);
+        let single = dir.join(SINGLE_FILE);
+        let shard_names: Vec<String> = if index.is_file() {
+            read_index(&index)?
+        } else if single.is_file() {
+            vec![SINGLE_FILE.to_string()]
+        } else {
+            return Err(CheckpointError::NotFound(dir.to_path_buf()));
+        };
+        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new() };
+        for name in shard_names {
+            ckpt.add_file(&dir.join(name))?;
+        }
+        if index.is_file() {
+            ckpt.check_index(&index)?;
+        }
+        Ok(ckpt)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<(), CheckpointError> {
+        let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only; checkpoints are not expected to change while a model is loaded.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let st = SafeTensors::deserialize(&map)
+            .map_err(|e| CheckpointError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+        let file_idx = self.files.len();
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::F16 => DType::F16,
+                other => {
+                    return Err(CheckpointError::UnsupportedDType {
+                        name,
+                        path: path.to_path_buf(),
+                        dtype: format!("{other:?}"),
+                    })
+                }
+            };
+            let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
+            let entry = Entry { file: file_idx, dtype, shape: view.shape().to_vec(), start, len: view.data().len() };
+            if let Some(prev) = self.tensors.insert(name.clone(), entry) {
+                return Err(CheckpointError::Duplicate {
+                    name,
+                    first: self.files[prev.file].0.clone(),
+                    second: path.to_path_buf(),
+                });
+            }
+        }
+        self.files.push((path.to_path_buf(), map));
+        Ok(())
+    }
+
+    /// Every tensor the index names must be in the shard it names.
+    fn check_index(&self, index: &Path) -> Result<(), CheckpointError> {
+        for (tensor, shard) in read_weight_map(index)? {
+            let found = self.tensors.get(&tensor).map(|e| &self.files[e.file].0);
+            if found.and_then(|p| p.file_name()).and_then(|n| n.to_str()) != Some(shard.as_str()) {
+                return Err(CheckpointError::Index {
+                    path: index.to_path_buf(),
+                    message: format!("tensor {tensor} is listed in {shard} but not found there"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensor called `name`, if present.
+    pub fn get(&self, name: &str) -> Option<TensorRef<'_>> {
+        let e = self.tensors.get(name)?;
+        let map = &self.files[e.file].1;
+        Some(TensorRef { dtype: e.dtype, shape: &e.shape, bytes: &map[e.start..e.start + e.len] })
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The files this checkpoint was read from.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
+    }
+
+    /// Checks that the checkpoint holds exactly the tensors `cfg` implies, with the right shapes.
+    /// A tied checkpoint may still carry `lm_head.weight`; it is ignored.
+    pub fn check(&self, cfg: &Qwen3Config) -> Result<(), CheckpointError> {
+        let expected = expected_tensors(cfg);
+        let mut problems = Vec::new();
+        for spec in &expected {
+            match self.tensors.get(&spec.name) {
+                None => problems.push(Problem::Missing { name: spec.name.clone(), expected: spec.shape.clone() }),
+                Some(e) if e.shape != spec.shape => problems.push(Problem::Shape {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    found: e.shape.clone(),
+                }),
+                Some(_) => {}
+            }
+        }
+        let known: std::collections::HashSet<&str> = expected.iter().map(|s| s.name.as_str()).collect();
+        for (name, e) in &self.tensors {
+            let ignored = cfg.tie_word_embeddings && name == LM_HEAD;
+            if !known.contains(name.as_str()) && !ignored {
+                problems.push(Problem::Extra { name: name.clone(), found: e.shape.clone() });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(CheckpointError::Mismatch(Mismatches(problems)))
+        }
+    }
+}
+
+fn read_weight_map(index: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {
+    let bad = |message: String| CheckpointError::Index { path: index.to_path_buf(), message };
+    let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io { path: index.to_path_buf(), source })?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
+    map.iter()
+        .map(|(tensor, file)| match file.as_str() {
+            Some(f) if !f.contains('/') && !f.contains('\\') && f != ".." => Ok((tensor.clone(), f.to_string())),
+            _ => Err(bad(format!("weight_map entry for {tensor} must be a file name in the same directory, is {file}"))),
+        })
+        .collect()
+}
+
+/// The distinct shard files an index names, sorted.
+fn read_index(index: &Path) -> Result<Vec<String>, CheckpointError> {
+    let mut files: Vec<String> = read_weight_map(index)?.into_values().collect();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(CheckpointError::Index { path: index.to_path_buf(), message: "`weight_map` is empty".into() });
+    }
+    Ok(files)
+}
