@@ -6,7 +6,9 @@
 //! softmax router, top-k, optional renormalisation, per-expert SwiGLU, weighted sum), final norm, lm_head.
 //! Weight names come from `q3c_models::tensors`, so the graph and the checkpoint check agree by construction.
 
-use q3c_ir::{DType, Dim, Graph, InputKind, KvKind, NodeId, Op, RopeSpec, Shape, TensorType, TypeError, Yarn};
+use q3c_ir::{
+    DType, Dim, Graph, InputKind, KvKind, NodeId, Op, RopeSpec, Shape, TensorType, TypeError, Yarn,
+};
 use q3c_models::tensors::{expert_stack, layer_tensor, EMBED, FINAL_NORM, LM_HEAD};
 use q3c_models::{MoeConfig, Qwen3Config};
 
@@ -18,17 +20,29 @@ pub const LOGITS: &str = "logits";
 /// Fails only if the builder produces an ill-typed node, which is a compiler bug: configs are checked when
 /// they are parsed.
 pub fn lower(cfg: &Qwen3Config) -> Result<Graph, TypeError> {
-    let mut b = Builder { g: Graph::new(), cfg, dtype: weight_dtype(cfg) };
+    let mut b = Builder {
+        g: Graph::new(),
+        cfg,
+        dtype: weight_dtype(cfg),
+    };
     let ids = b.g.add(Op::Input(InputKind::TokenIds), &[])?;
     let positions = b.g.add(Op::Input(InputKind::Positions), &[])?;
     let embed = b.weight(EMBED, &[cfg.vocab_size, cfg.hidden_size])?;
     let mut x = b.g.add(Op::Embedding, &[embed, ids])?;
     let rope = rope_spec(cfg);
     for layer in 0..cfg.num_hidden_layers {
-        let h = b.norm(x, &layer_tensor(layer, "input_layernorm.weight"), cfg.hidden_size)?;
+        let h = b.norm(
+            x,
+            &layer_tensor(layer, "input_layernorm.weight"),
+            cfg.hidden_size,
+        )?;
         let attn = b.attention(layer, h, positions, &rope)?;
         x = b.g.add(Op::Add, &[x, attn])?;
-        let h = b.norm(x, &layer_tensor(layer, "post_attention_layernorm.weight"), cfg.hidden_size)?;
+        let h = b.norm(
+            x,
+            &layer_tensor(layer, "post_attention_layernorm.weight"),
+            cfg.hidden_size,
+        )?;
         let mlp = match cfg.moe.as_ref().filter(|_| cfg.is_sparse_layer(layer)) {
             Some(moe) => b.moe(layer, h, moe)?,
             None => b.dense_mlp(layer, h)?,
@@ -36,7 +50,11 @@ pub fn lower(cfg: &Qwen3Config) -> Result<Graph, TypeError> {
         x = b.g.add(Op::Add, &[x, mlp])?;
     }
     let x = b.norm(x, FINAL_NORM, cfg.hidden_size)?;
-    let head = if cfg.tie_word_embeddings { embed } else { b.weight(LM_HEAD, &[cfg.vocab_size, cfg.hidden_size])? };
+    let head = if cfg.tie_word_embeddings {
+        embed
+    } else {
+        b.weight(LM_HEAD, &[cfg.vocab_size, cfg.hidden_size])?
+    };
     let logits = b.g.add(Op::Linear, &[x, head])?;
     b.g.set_output(LOGITS, logits);
     Ok(b.g)
@@ -78,17 +96,34 @@ fn fixed(n: usize) -> Dim {
 impl Builder<'_> {
     fn weight(&mut self, name: &str, shape: &[usize]) -> Result<NodeId, TypeError> {
         let shape = Shape(shape.iter().map(|&n| fixed(n)).collect());
-        self.g.add(Op::Weight { name: name.to_string(), ty: TensorType::new(self.dtype, shape) }, &[])
+        self.g.add(
+            Op::Weight {
+                name: name.to_string(),
+                ty: TensorType::new(self.dtype, shape),
+            },
+            &[],
+        )
     }
 
-    fn linear(&mut self, x: NodeId, name: &str, out: usize, inp: usize) -> Result<NodeId, TypeError> {
+    fn linear(
+        &mut self,
+        x: NodeId,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<NodeId, TypeError> {
         let w = self.weight(name, &[out, inp])?;
         self.g.add(Op::Linear, &[x, w])
     }
 
     fn norm(&mut self, x: NodeId, name: &str, dim: usize) -> Result<NodeId, TypeError> {
         let w = self.weight(name, &[dim])?;
-        self.g.add(Op::RmsNorm { eps: self.cfg.rms_norm_eps }, &[x, w])
+        self.g.add(
+            Op::RmsNorm {
+                eps: self.cfg.rms_norm_eps,
+            },
+            &[x, w],
+        )
     }
 
     fn reshape(&mut self, x: NodeId, dims: Vec<Dim>) -> Result<NodeId, TypeError> {
@@ -96,7 +131,13 @@ impl Builder<'_> {
     }
 
     /// Self-attention of one layer on normalised input `h` `[T, H]`; returns `[T, H]`.
-    fn attention(&mut self, layer: usize, h: NodeId, positions: NodeId, rope: &RopeSpec) -> Result<NodeId, TypeError> {
+    fn attention(
+        &mut self,
+        layer: usize,
+        h: NodeId,
+        positions: NodeId,
+        rope: &RopeSpec,
+    ) -> Result<NodeId, TypeError> {
         let cfg = self.cfg;
         let (hidden, d) = (cfg.hidden_size, cfg.head_dim);
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -111,11 +152,23 @@ impl Builder<'_> {
         let k = self.reshape(k, vec![Dim::Seq, fixed(hkv), fixed(d)])?;
         let k = self.norm(k, &t("self_attn.k_norm.weight"), d)?;
         let k = self.g.add(Op::Rope(rope.clone()), &[k, positions])?;
-        let k = self.g.add(Op::KvAppend { layer: layer as u32, kind: KvKind::K }, &[k])?;
+        let k = self.g.add(
+            Op::KvAppend {
+                layer: layer as u32,
+                kind: KvKind::K,
+            },
+            &[k],
+        )?;
 
         let v = self.linear(h, &t("self_attn.v_proj.weight"), hkv * d, hidden)?;
         let v = self.reshape(v, vec![Dim::Seq, fixed(hkv), fixed(d)])?;
-        let v = self.g.add(Op::KvAppend { layer: layer as u32, kind: KvKind::V }, &[v])?;
+        let v = self.g.add(
+            Op::KvAppend {
+                layer: layer as u32,
+                kind: KvKind::V,
+            },
+            &[v],
+        )?;
 
         let scale = 1.0 / (d as f64).sqrt();
         let a = self.g.add(Op::Attention { scale }, &[q, k, v])?;
@@ -137,7 +190,11 @@ impl Builder<'_> {
     /// Sparse MoE block: router softmax in f32, top-k, optional renormalisation, Σ p_e · expert_e(h).
     fn moe(&mut self, layer: usize, h: NodeId, moe: &MoeConfig) -> Result<NodeId, TypeError> {
         let hidden = self.cfg.hidden_size;
-        let (e, k, inter) = (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size);
+        let (e, k, inter) = (
+            moe.num_experts,
+            moe.num_experts_per_tok,
+            moe.moe_intermediate_size,
+        );
 
         let logits = self.linear(h, &layer_tensor(layer, "mlp.gate.weight"), e, hidden)?;
         let probs = self.g.add(Op::Softmax, &[logits])?;
@@ -150,7 +207,9 @@ impl Builder<'_> {
         }
 
         let x = self.reshape(h, vec![Dim::Seq, fixed(1), fixed(hidden)])?;
-        let stack = |me: &mut Self, proj: &str, n: usize, kdim: usize| me.weight(&expert_stack(layer, proj), &[e, n, kdim]);
+        let stack = |me: &mut Self, proj: &str, n: usize, kdim: usize| {
+            me.weight(&expert_stack(layer, proj), &[e, n, kdim])
+        };
         let w_gate = stack(self, "gate_proj", inter, hidden)?;
         let w_up = stack(self, "up_proj", inter, hidden)?;
         let w_down = stack(self, "down_proj", hidden, inter)?;
@@ -169,8 +228,8 @@ impl Builder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use q3c_models::tensors::{expected_tensors, expert_tensor, EXPERT_PLACEHOLDER};
     use q3c_models::registry;
+    use q3c_models::tensors::{expected_tensors, expert_tensor, EXPERT_PLACEHOLDER};
 
     /// The weight names a graph binds, expert stacks expanded, with their shapes.
     fn bound_tensors(g: &Graph) -> Vec<(String, Vec<usize>)> {
@@ -195,12 +254,18 @@ mod tests {
             let cfg = registry::lookup(name).unwrap();
             let g = lower(&cfg).unwrap();
             q3c_ir::verify(&g).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let mut expected: Vec<(String, Vec<usize>)> =
-                expected_tensors(&cfg).into_iter().map(|t| (t.name, t.shape)).collect();
+            let mut expected: Vec<(String, Vec<usize>)> = expected_tensors(&cfg)
+                .into_iter()
+                .map(|t| (t.name, t.shape))
+                .collect();
             expected.sort();
             assert_eq!(bound_tensors(&g), expected, "{name}");
             let logits = g.node(g.output(LOGITS).unwrap());
-            assert_eq!(logits.ty, TensorType::f32(vec![Dim::Seq, fixed(cfg.vocab_size)]), "{name}");
+            assert_eq!(
+                logits.ty,
+                TensorType::f32(vec![Dim::Seq, fixed(cfg.vocab_size)]),
+                "{name}"
+            );
         }
     }
 
@@ -216,7 +281,12 @@ mod tests {
 
     #[test]
     fn layer_structure_follows_the_config() {
-        let count = |g: &Graph, pred: &dyn Fn(&Op) -> bool| g.node_ids().iter().filter(|&&id| pred(&g.node(id).op)).count();
+        let count = |g: &Graph, pred: &dyn Fn(&Op) -> bool| {
+            g.node_ids()
+                .iter()
+                .filter(|&&id| pred(&g.node(id).op))
+                .count()
+        };
         let dense = lower(&registry::lookup("Qwen3-8B").unwrap()).unwrap();
         assert_eq!(count(&dense, &|op| matches!(op, Op::Attention { .. })), 36);
         assert_eq!(count(&dense, &|op| matches!(op, Op::ExpertLinear)), 0);

@@ -10,7 +10,9 @@ use crate::text::numbering;
 pub fn to_dot(graph: &Graph) -> String {
     let numbers = numbering(graph);
     let order = graph.topo_order().unwrap_or_else(|_| graph.node_ids());
-    let mut out = String::from("digraph q3c {\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
+    let mut out = String::from(
+        "digraph q3c {\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n",
+    );
     for &id in &order {
         let node = graph.node(id);
         let detail = match &node.op {
@@ -32,17 +34,38 @@ pub fn to_dot(graph: &Graph) -> String {
             Op::Input(_) => ", shape=ellipse",
             _ => "",
         };
-        let label = format!("%{} {}\\n{}{}", numbers[&id], node.op.name(), escape(&detail), if detail.is_empty() { "" } else { "\\n" });
-        writeln!(out, "  n{} [label=\"{label}{}\"{style}];", numbers[&id], node.ty).unwrap();
+        let label = format!(
+            "%{} {}\\n{}{}",
+            numbers[&id],
+            node.op.name(),
+            escape(&detail),
+            if detail.is_empty() { "" } else { "\\n" }
+        );
+        writeln!(
+            out,
+            "  n{} [label=\"{label}{}\"{style}];",
+            numbers[&id], node.ty
+        )
+        .unwrap();
     }
     for &id in &order {
         for (slot, input) in graph.inputs(id).iter().enumerate() {
-            writeln!(out, "  n{} -> n{} [label=\"{slot}\"];", numbers[input], numbers[&id]).unwrap();
+            writeln!(
+                out,
+                "  n{} -> n{} [label=\"{slot}\"];",
+                numbers[input], numbers[&id]
+            )
+            .unwrap();
         }
     }
     for (name, id) in graph.outputs() {
         if let Some(n) = numbers.get(id) {
-            writeln!(out, "  out_{name} [label=\"{}\", shape=doublecircle];\n  n{n} -> out_{name};", escape(name)).unwrap();
+            writeln!(
+                out,
+                "  out_{name} [label=\"{}\", shape=doublecircle];\n  n{n} -> out_{name};",
+                escape(name)
+            )
+            .unwrap();
         }
     }
     out.push_str("}\n");

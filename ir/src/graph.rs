@@ -63,7 +63,10 @@ impl Graph {
     /// Adds a node whose type is inferred from its inputs; fails if they do not fit the op.
     pub fn add(&mut self, op: Op, inputs: &[NodeId]) -> Result<NodeId, TypeError> {
         let types: Vec<&TensorType> = inputs.iter().map(|&i| &self.node(i).ty).collect();
-        let ty = op.infer(&types).map_err(|message| TypeError { op: op.name(), message })?;
+        let ty = op.infer(&types).map_err(|message| TypeError {
+            op: op.name(),
+            message,
+        })?;
         Ok(self.add_with_type(op, inputs, ty))
     }
 
@@ -92,7 +95,10 @@ impl Graph {
 
     /// The node behind an output name.
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|&(_, id)| id)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, id)| id)
     }
 
     /// The node behind an id. Panics on an id from another graph or a removed node (a caller bug).
@@ -118,15 +124,22 @@ impl Graph {
 
     /// Slots of a node's incoming edges, sorted (the verifier checks they are 0..n).
     pub(crate) fn input_slots(&self, id: NodeId) -> Vec<u32> {
-        let mut slots: Vec<u32> = self.g.edges_directed(id.index(), Direction::Incoming).map(|e| *e.weight()).collect();
+        let mut slots: Vec<u32> = self
+            .g
+            .edges_directed(id.index(), Direction::Incoming)
+            .map(|e| *e.weight())
+            .collect();
         slots.sort();
         slots
     }
 
     /// Nodes that read `id`'s result, each once, in id order.
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut users: Vec<NodeId> =
-            self.g.neighbors_directed(id.index(), Direction::Outgoing).map(NodeId::from_index).collect();
+        let mut users: Vec<NodeId> = self
+            .g
+            .neighbors_directed(id.index(), Direction::Outgoing)
+            .map(NodeId::from_index)
+            .collect();
         users.sort();
         users.dedup();
         users
@@ -152,7 +165,10 @@ impl Graph {
         let mut pending: BTreeMap<NodeId, usize> = BTreeMap::new();
         let mut ready = std::collections::BinaryHeap::new();
         for id in self.node_ids() {
-            let n = self.g.edges_directed(id.index(), Direction::Incoming).count();
+            let n = self
+                .g
+                .edges_directed(id.index(), Direction::Incoming)
+                .count();
             if n == 0 {
                 ready.push(std::cmp::Reverse(id));
             } else {
@@ -164,7 +180,9 @@ impl Graph {
             order.push(id);
             for e in self.g.edges_directed(id.index(), Direction::Outgoing) {
                 let user = NodeId::from_index(e.target());
-                let n = pending.get_mut(&user).expect("user of a visited node is pending");
+                let n = pending
+                    .get_mut(&user)
+                    .expect("user of a visited node is pending");
                 *n -= 1;
                 if *n == 0 {
                     pending.remove(&user);
@@ -205,7 +223,11 @@ impl Graph {
                 stack.extend(self.inputs(id));
             }
         }
-        let dead: Vec<NodeId> = self.node_ids().into_iter().filter(|id| !live.contains(id)).collect();
+        let dead: Vec<NodeId> = self
+            .node_ids()
+            .into_iter()
+            .filter(|id| !live.contains(id))
+            .collect();
         for id in &dead {
             self.g.remove_node(id.index());
         }

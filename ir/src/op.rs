@@ -25,7 +25,9 @@ impl InputKind {
     }
 
     pub fn from_name(s: &str) -> Option<InputKind> {
-        [InputKind::TokenIds, InputKind::Positions].into_iter().find(|k| k.name() == s)
+        [InputKind::TokenIds, InputKind::Positions]
+            .into_iter()
+            .find(|k| k.name() == s)
     }
 }
 
@@ -61,13 +63,18 @@ pub enum Op {
     Input(InputKind),
     /// A tensor bound from the checkpoint at load time. A `name` containing `{e}` is an expert stack:
     /// its type has a leading expert dim `E` and row `e` is the checkpoint tensor named with `{e}` → e.
-    Weight { name: String, ty: TensorType },
+    Weight {
+        name: String,
+        ty: TensorType,
+    },
 
     // ---- data movement ----
     /// (table `[V, H]`, ids `i32[...]`) → `f32[..., H]`: rows of the table.
     Embedding,
     /// (x) → x with another shape of the same element count; row-major order is unchanged.
-    Reshape { shape: Shape },
+    Reshape {
+        shape: Shape,
+    },
     /// (x `f32[..., E]`, idx `i32[..., k]`) → `f32[..., k]`: `out[.., j] = x[.., idx[.., j]]`.
     GatherLast,
 
@@ -80,17 +87,24 @@ pub enum Op {
 
     // ---- normalisation and positions ----
     /// (x `f32[..., D]`, w `[D]`) → like x: `w · x / sqrt(mean(x²) + eps)` over the last axis.
-    RmsNorm { eps: f64 },
+    RmsNorm {
+        eps: f64,
+    },
     /// (x `f32[S, H, d]`, positions `i32[S]`) → like x: rotate-half RoPE over the last axis.
     Rope(RopeSpec),
 
     // ---- attention ----
     /// (x `f32[T, H, d]`) → `f32[KV, H, d]`: appends x to the cache of (`layer`, `kind`) and returns the
     /// whole cache. The only op with state; each (layer, kind) appears once per graph.
-    KvAppend { layer: u32, kind: KvKind },
+    KvAppend {
+        layer: u32,
+        kind: KvKind,
+    },
     /// (q `f32[T, Hq, d]`, k `f32[KV, Hkv, d]`, v `f32[KV, Hkv, dv]`) → `f32[T, Hq, dv]`: causal softmax
     /// attention where query t sits at position KV − T + t; query head h reads kv head h / (Hq / Hkv).
-    Attention { scale: f64 },
+    Attention {
+        scale: f64,
+    },
 
     // ---- elementwise (binary ops broadcast a dim of 1 against any dim; ranks must agree) ----
     Add,
@@ -103,9 +117,13 @@ pub enum Op {
     /// Softmax over the last axis.
     Softmax,
     /// Sum over `axis`, which is removed.
-    ReduceSum { axis: u32 },
+    ReduceSum {
+        axis: u32,
+    },
     /// (x `f32[..., E]`) → `i32[..., k]`: indices of the k largest, largest first, ties to the lower index.
-    TopK { k: u32 },
+    TopK {
+        k: u32,
+    },
 }
 
 impl Op {
@@ -137,7 +155,11 @@ impl Op {
     pub fn arity(&self) -> usize {
         match self {
             Op::Input(_) | Op::Weight { .. } => 0,
-            Op::Reshape { .. } | Op::Silu | Op::Softmax | Op::ReduceSum { .. } | Op::TopK { .. } => 1,
+            Op::Reshape { .. }
+            | Op::Silu
+            | Op::Softmax
+            | Op::ReduceSum { .. }
+            | Op::TopK { .. } => 1,
             Op::KvAppend { .. } => 1,
             Op::Embedding | Op::GatherLast | Op::Linear | Op::RmsNorm { .. } | Op::Rope(_) => 2,
             Op::Add | Op::Mul | Op::Div => 2,
@@ -149,13 +171,20 @@ impl Op {
     /// Callers check the input count against [`Op::arity`] first.
     pub fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
         if inputs.len() != self.arity() {
-            return Err(format!("takes {} inputs, has {}", self.arity(), inputs.len()));
+            return Err(format!(
+                "takes {} inputs, has {}",
+                self.arity(),
+                inputs.len()
+            ));
         }
         match self {
             Op::Input(_) => Ok(TensorType::i32(vec![Dim::Seq])),
             Op::Weight { ty, .. } => {
                 if !ty.dtype.is_float() {
-                    return Err(format!("weight dtype must be a float type, is {}", ty.dtype));
+                    return Err(format!(
+                        "weight dtype must be a float type, is {}",
+                        ty.dtype
+                    ));
                 }
                 if !ty.shape.is_static() {
                     return Err(format!("weight shape must be constant, is {}", ty.shape));
@@ -173,7 +202,10 @@ impl Op {
             Op::Reshape { shape } => {
                 let x = inputs[0];
                 if x.shape.volume() != shape.volume() {
-                    return Err(format!("cannot reshape {} to {}: element counts differ", x.shape, shape));
+                    return Err(format!(
+                        "cannot reshape {} to {}: element counts differ",
+                        x.shape, shape
+                    ));
                 }
                 Ok(TensorType::new(x.dtype, shape.clone()))
             }
@@ -182,11 +214,17 @@ impl Op {
                 expect_dtype(x, DType::F32, "x")?;
                 expect_dtype(idx, DType::I32, "idx")?;
                 if x.shape.rank() == 0 || x.shape.rank() != idx.shape.rank() {
-                    return Err(format!("x {} and idx {} must have the same non-zero rank", x.shape, idx.shape));
+                    return Err(format!(
+                        "x {} and idx {} must have the same non-zero rank",
+                        x.shape, idx.shape
+                    ));
                 }
                 let lead = x.shape.rank() - 1;
                 if x.shape.0[..lead] != idx.shape.0[..lead] {
-                    return Err(format!("leading dims of x {} and idx {} differ", x.shape, idx.shape));
+                    return Err(format!(
+                        "leading dims of x {} and idx {} differ",
+                        x.shape, idx.shape
+                    ));
                 }
                 Ok(TensorType::f32(idx.shape.0.clone()))
             }
@@ -196,7 +234,10 @@ impl Op {
                 float_weight(w, 2, "w")?;
                 let k = last(x, "x")?;
                 if k != w.shape.0[1] {
-                    return Err(format!("x {} has K = {k}, w {} has K = {}", x.shape, w.shape, w.shape.0[1]));
+                    return Err(format!(
+                        "x {} has K = {k}, w {} has K = {}",
+                        x.shape, w.shape, w.shape.0[1]
+                    ));
                 }
                 let mut dims = x.shape.0.clone();
                 *dims.last_mut().expect("rank checked") = w.shape.0[0];
@@ -208,17 +249,26 @@ impl Op {
                 expect_dtype(ids, DType::I32, "ids")?;
                 float_weight(w, 3, "w")?;
                 if x.shape.rank() != 3 || ids.shape.rank() != 2 {
-                    return Err(format!("x must be [S, j, K] and ids [S, k], are {} and {}", x.shape, ids.shape));
+                    return Err(format!(
+                        "x must be [S, j, K] and ids [S, k], are {} and {}",
+                        x.shape, ids.shape
+                    ));
                 }
                 let (xs, ids_s) = (&x.shape.0, &ids.shape.0);
                 if xs[0] != ids_s[0] {
                     return Err(format!("x {} and ids {} disagree on S", x.shape, ids.shape));
                 }
                 if xs[1] != Dim::Fixed(1) && xs[1] != ids_s[1] {
-                    return Err(format!("x's slot dim must be 1 or k: x {}, ids {}", x.shape, ids.shape));
+                    return Err(format!(
+                        "x's slot dim must be 1 or k: x {}, ids {}",
+                        x.shape, ids.shape
+                    ));
                 }
                 if xs[2] != w.shape.0[2] {
-                    return Err(format!("x {} has K = {}, w {} has K = {}", x.shape, xs[2], w.shape, w.shape.0[2]));
+                    return Err(format!(
+                        "x {} has K = {}, w {} has K = {}",
+                        x.shape, xs[2], w.shape, w.shape.0[2]
+                    ));
                 }
                 Ok(TensorType::f32(vec![xs[0], ids_s[1], w.shape.0[1]]))
             }
@@ -227,7 +277,10 @@ impl Op {
                 expect_dtype(x, DType::F32, "x")?;
                 float_weight(w, 1, "w")?;
                 if last(x, "x")? != w.shape.0[0] {
-                    return Err(format!("x {} and weight {} disagree on the normalised dim", x.shape, w.shape));
+                    return Err(format!(
+                        "x {} and weight {} disagree on the normalised dim",
+                        x.shape, w.shape
+                    ));
                 }
                 if !(eps.is_finite() && *eps >= 0.0) {
                     return Err(format!("eps must be finite and non-negative, is {eps}"));
@@ -239,7 +292,10 @@ impl Op {
                 expect_dtype(x, DType::F32, "x")?;
                 expect_dtype(pos, DType::I32, "positions")?;
                 if x.shape.rank() != 3 || pos.shape.rank() != 1 || x.shape.0[0] != pos.shape.0[0] {
-                    return Err(format!("x must be [S, H, d] and positions [S], are {} and {}", x.shape, pos.shape));
+                    return Err(format!(
+                        "x must be [S, H, d] and positions [S], are {} and {}",
+                        x.shape, pos.shape
+                    ));
                 }
                 match x.shape.0[2] {
                     Dim::Fixed(d) if d % 2 == 0 => {}
@@ -266,14 +322,24 @@ impl Op {
                 }
                 let (qs, ks, vs) = (&q.shape.0, &k.shape.0, &v.shape.0);
                 if qs[0] != Dim::Seq || ks[0] != Dim::Kv || vs[0] != Dim::Kv {
-                    return Err(format!("q must be [T, ..], k and v [KV, ..]: {}, {}, {}", q.shape, k.shape, v.shape));
+                    return Err(format!(
+                        "q must be [T, ..], k and v [KV, ..]: {}, {}, {}",
+                        q.shape, k.shape, v.shape
+                    ));
                 }
                 if ks[1] != vs[1] || qs[2] != ks[2] {
-                    return Err(format!("q {}, k {}, v {} disagree on heads or head dim", q.shape, k.shape, v.shape));
+                    return Err(format!(
+                        "q {}, k {}, v {} disagree on heads or head dim",
+                        q.shape, k.shape, v.shape
+                    ));
                 }
                 match (qs[1], ks[1]) {
                     (Dim::Fixed(hq), Dim::Fixed(hkv)) if hkv > 0 && hq % hkv == 0 => {}
-                    (hq, hkv) => return Err(format!("{hq} query heads do not divide evenly over {hkv} kv heads")),
+                    (hq, hkv) => {
+                        return Err(format!(
+                            "{hq} query heads do not divide evenly over {hkv} kv heads"
+                        ))
+                    }
                 }
                 if !(scale.is_finite() && *scale > 0.0) {
                     return Err(format!("scale must be finite and positive, is {scale}"));
@@ -331,13 +397,18 @@ fn float_weight(t: &TensorType, rank: usize, what: &str) -> Result<(), String> {
         return Err(format!("{what} must be a float tensor, is {}", t.dtype));
     }
     if t.shape.rank() != rank || !t.shape.is_static() {
-        return Err(format!("{what} must be a constant rank-{rank} shape, is {}", t.shape));
+        return Err(format!(
+            "{what} must be a constant rank-{rank} shape, is {}",
+            t.shape
+        ));
     }
     Ok(())
 }
 
 fn last(t: &TensorType, what: &str) -> Result<Dim, String> {
-    t.shape.last().ok_or_else(|| format!("{what} must have rank >= 1"))
+    t.shape
+        .last()
+        .ok_or_else(|| format!("{what} must have rank >= 1"))
 }
 
 fn broadcast(a: &Shape, b: &Shape) -> Result<Shape, String> {

@@ -36,16 +36,25 @@ impl RopeSpec {
     /// Checks the parameters are usable.
     pub fn check(&self) -> Result<(), String> {
         if !(self.theta.is_finite() && self.theta > 1.0) {
-            return Err(format!("rope theta must be finite and > 1, is {}", self.theta));
+            return Err(format!(
+                "rope theta must be finite and > 1, is {}",
+                self.theta
+            ));
         }
         if let Some(y) = &self.yarn {
             if !(y.factor.is_finite() && y.factor > 0.0) {
-                return Err(format!("yarn factor must be finite and positive, is {}", y.factor));
+                return Err(format!(
+                    "yarn factor must be finite and positive, is {}",
+                    y.factor
+                ));
             }
             if y.original_max_position_embeddings == 0 {
                 return Err("yarn original_max_position_embeddings must be positive".into());
             }
-            if !(y.attention_factor.is_finite() && y.beta_fast.is_finite() && y.beta_slow.is_finite()) {
+            if !(y.attention_factor.is_finite()
+                && y.beta_fast.is_finite()
+                && y.beta_slow.is_finite())
+            {
                 return Err("yarn attention_factor, beta_fast and beta_slow must be finite".into());
             }
         }
@@ -55,7 +64,9 @@ impl RopeSpec {
     /// Inverse frequencies for a head dim `d`: `d / 2` values, as f32 like transformers computes them.
     pub fn inv_freq(&self, d: usize) -> Vec<f32> {
         let half = d / 2;
-        let base: Vec<f64> = (0..half).map(|i| 1.0 / self.theta.powf((2 * i) as f64 / d as f64)).collect();
+        let base: Vec<f64> = (0..half)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / d as f64))
+            .collect();
         let Some(y) = &self.yarn else {
             return base.iter().map(|&f| f as f32).collect();
         };
@@ -84,7 +95,9 @@ impl RopeSpec {
 
     /// The factor cos and sin are multiplied by (1 without YaRN).
     pub fn attention_scale(&self) -> f32 {
-        self.yarn.as_ref().map_or(1.0, |y| y.attention_factor as f32)
+        self.yarn
+            .as_ref()
+            .map_or(1.0, |y| y.attention_factor as f32)
     }
 
     /// cos and sin for one position: `d / 2` values each, already multiplied by [`Self::attention_scale`].
@@ -123,7 +136,10 @@ mod tests {
             beta_slow: 1.0,
             truncate: true,
         };
-        let spec = RopeSpec { theta: 10000.0, yarn: Some(yarn) };
+        let spec = RopeSpec {
+            theta: 10000.0,
+            yarn: Some(yarn),
+        };
         let plain = RopeSpec::plain(10000.0).inv_freq(64);
         let scaled = spec.inv_freq(64);
         // Highest frequency untouched, lowest divided by the factor.

@@ -60,7 +60,15 @@ fn text_form_round_trips() {
 fn builder_infers_the_types_the_text_declares() {
     let mut g = Graph::new();
     let ids = g.add(Op::Input(InputKind::TokenIds), &[]).unwrap();
-    let table = g.add(Op::Weight { name: "embed".into(), ty: TensorType::new(DType::BF16, Shape::fixed(&[32, 8])) }, &[]).unwrap();
+    let table = g
+        .add(
+            Op::Weight {
+                name: "embed".into(),
+                ty: TensorType::new(DType::BF16, Shape::fixed(&[32, 8])),
+            },
+            &[],
+        )
+        .unwrap();
     let x = g.add(Op::Embedding, &[table, ids]).unwrap();
     assert_eq!(g.node(x).ty, TensorType::f32(vec![Dim::Seq, Dim::Fixed(8)]));
     let bad = g.add(Op::Linear, &[x, ids]);
@@ -84,12 +92,27 @@ output x = %4
     let errors = verify(&g).unwrap_err().0;
     let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
     let has = |needle: &str| text.iter().any(|t| t.contains(needle));
-    assert!(has("%2 = weight: weight \"w\" is already bound by %1"), "{text:?}");
-    assert!(has("%3 = embedding: declared type f32[T, 5] but its inputs give f32[T, 8]"), "{text:?}");
+    assert!(
+        has("%2 = weight: weight \"w\" is already bound by %1"),
+        "{text:?}"
+    );
+    assert!(
+        has("%3 = embedding: declared type f32[T, 5] but its inputs give f32[T, 8]"),
+        "{text:?}"
+    );
     assert!(has("%4 = linear: x [T, 5] has K = 5"), "{text:?}");
-    assert!(has("%5 = top_k: k = 9 must be between 1 and the last dim 8"), "{text:?}");
-    assert!(has("%6 = input: input token_ids appears more than once"), "{text:?}");
-    assert!(has("%7 = add: takes 2 inputs, its input slots are [0]"), "{text:?}");
+    assert!(
+        has("%5 = top_k: k = 9 must be between 1 and the last dim 8"),
+        "{text:?}"
+    );
+    assert!(
+        has("%6 = input: input token_ids appears more than once"),
+        "{text:?}"
+    );
+    assert!(
+        has("%7 = add: takes 2 inputs, its input slots are [0]"),
+        "{text:?}"
+    );
     assert_eq!(errors.len(), 6, "{text:?}");
 }
 
@@ -106,12 +129,30 @@ fn verifier_finds_cycles_and_missing_outputs() {
 #[test]
 fn parse_errors_name_the_line() {
     let cases = [
-        ("%0 = frobnicate : f32[T]", "line 1: unknown op 'frobnicate'"),
-        ("%0 = input kind=token_ids : i32[T]\n%1 = silu %7 : f32[T]", "line 2: %7 is used before it is defined"),
-        ("%0 = rms_norm %1 : f32[T]", "line 1: %1 is used before it is defined"),
-        ("%0 = input kind=token_ids : q8[T]", "line 1: unknown dtype 'q8'"),
-        ("%0 = top_k k=two : i32[T]", "line 1: attribute 'k' has a bad value 'two'"),
-        ("%0 = silu bogus=1 : f32[T]", "line 1: silu has no attribute 'bogus'"),
+        (
+            "%0 = frobnicate : f32[T]",
+            "line 1: unknown op 'frobnicate'",
+        ),
+        (
+            "%0 = input kind=token_ids : i32[T]\n%1 = silu %7 : f32[T]",
+            "line 2: %7 is used before it is defined",
+        ),
+        (
+            "%0 = rms_norm %1 : f32[T]",
+            "line 1: %1 is used before it is defined",
+        ),
+        (
+            "%0 = input kind=token_ids : q8[T]",
+            "line 1: unknown dtype 'q8'",
+        ),
+        (
+            "%0 = top_k k=two : i32[T]",
+            "line 1: attribute 'k' has a bad value 'two'",
+        ),
+        (
+            "%0 = silu bogus=1 : f32[T]",
+            "line 1: silu has no attribute 'bogus'",
+        ),
         ("output x = %3", "line 1: %3 is not defined"),
     ];
     for (text, want) in cases {
@@ -128,7 +169,10 @@ fn dead_nodes_are_removed_and_uses_replaced() {
     let removed = g.remove_dead();
     assert!(removed > 0);
     verify(&g).unwrap();
-    assert!(g.weights().iter().all(|(_, name, _)| !name.contains("experts")));
+    assert!(g
+        .weights()
+        .iter()
+        .all(|(_, name, _)| !name.contains("experts")));
 }
 
 #[test]
@@ -138,7 +182,10 @@ fn dot_export_has_every_node_and_edge() {
     assert!(dot.starts_with("digraph q3c {"));
     assert_eq!(dot.matches(" [label=\"%").count(), g.len());
     let edges: usize = g.node_ids().iter().map(|&id| g.inputs(id).len()).sum();
-    let edge_lines = dot.lines().filter(|l| l.contains(" -> n") && l.contains("[label=")).count();
+    let edge_lines = dot
+        .lines()
+        .filter(|l| l.contains(" -> n") && l.contains("[label="))
+        .count();
     assert_eq!(edge_lines, edges);
     assert_eq!(dot.matches("-> out_").count(), 2);
     assert!(dot.contains("experts.{e}.up"));

@@ -25,7 +25,11 @@ use crate::types::{DType, Dim, Shape, TensorType};
 /// The text-form number of every node: its position in dependency order (insertion order if cyclic).
 pub fn numbering(graph: &Graph) -> HashMap<NodeId, usize> {
     let order = graph.topo_order().unwrap_or_else(|_| graph.node_ids());
-    order.into_iter().enumerate().map(|(n, id)| (id, n)).collect()
+    order
+        .into_iter()
+        .enumerate()
+        .map(|(n, id)| (id, n))
+        .collect()
 }
 
 /// Prints a graph in the text form.
@@ -39,7 +43,11 @@ pub fn print(graph: &Graph) -> String {
         for (key, value) in attrs(&node.op) {
             write!(out, " {key}={value}").unwrap();
         }
-        let args: Vec<String> = graph.inputs(id).iter().map(|i| format!("%{}", numbers[i])).collect();
+        let args: Vec<String> = graph
+            .inputs(id)
+            .iter()
+            .map(|i| format!("%{}", numbers[i]))
+            .collect();
         if !args.is_empty() {
             write!(out, " {}", args.join(", ")).unwrap();
         }
@@ -64,7 +72,10 @@ fn attrs(op: &Op) -> Vec<(&'static str, String)> {
             let mut a = vec![("theta", format!("{:?}", spec.theta))];
             if let Some(y) = &spec.yarn {
                 a.push(("yarn_factor", format!("{:?}", y.factor)));
-                a.push(("yarn_original", y.original_max_position_embeddings.to_string()));
+                a.push((
+                    "yarn_original",
+                    y.original_max_position_embeddings.to_string(),
+                ));
                 a.push(("yarn_attention_factor", format!("{:?}", y.attention_factor)));
                 a.push(("yarn_beta_fast", format!("{:?}", y.beta_fast)));
                 a.push(("yarn_beta_slow", format!("{:?}", y.beta_slow)));
@@ -72,7 +83,9 @@ fn attrs(op: &Op) -> Vec<(&'static str, String)> {
             }
             a
         }
-        Op::KvAppend { layer, kind } => vec![("layer", layer.to_string()), ("kind", kind.name().into())],
+        Op::KvAppend { layer, kind } => {
+            vec![("layer", layer.to_string()), ("kind", kind.name().into())]
+        }
         Op::Attention { scale } => vec![("scale", format!("{scale:?}"))],
         Op::ReduceSum { axis } => vec![("axis", axis.to_string())],
         Op::TopK { k } => vec![("k", k.to_string())],
@@ -125,7 +138,9 @@ fn tokenize(line: &str) -> Result<Vec<Tok>, String> {
                 digits.push(d);
                 chars.next();
             }
-            toks.push(Tok::Node(digits.parse().map_err(|_| format!("expected a node number after '%' at column {}", start + 1))?));
+            toks.push(Tok::Node(digits.parse().map_err(|_| {
+                format!("expected a node number after '%' at column {}", start + 1)
+            })?));
         } else if c == '"' {
             chars.next();
             let mut s = String::new();
@@ -140,7 +155,10 @@ fn tokenize(line: &str) -> Result<Vec<Tok>, String> {
             toks.push(Tok::Str(s));
         } else if c.is_ascii_alphabetic() || c == '_' {
             let mut s = String::new();
-            while let Some(&(_, d)) = chars.peek().filter(|(_, d)| d.is_ascii_alphanumeric() || *d == '_') {
+            while let Some(&(_, d)) = chars
+                .peek()
+                .filter(|(_, d)| d.is_ascii_alphanumeric() || *d == '_')
+            {
                 s.push(d);
                 chars.next();
             }
@@ -159,7 +177,10 @@ fn tokenize(line: &str) -> Result<Vec<Tok>, String> {
             toks.push(Tok::Punct(c));
             chars.next();
         } else {
-            return Err(format!("unexpected character '{c}' at column {}", start + 1));
+            return Err(format!(
+                "unexpected character '{c}' at column {}",
+                start + 1
+            ));
         }
     }
     Ok(toks)
@@ -184,14 +205,20 @@ impl Cursor {
     fn punct(&mut self, c: char) -> Result<(), String> {
         match self.next() {
             Some(Tok::Punct(p)) if p == c => Ok(()),
-            other => Err(format!("expected '{c}', found {}", describe(other.as_ref()))),
+            other => Err(format!(
+                "expected '{c}', found {}",
+                describe(other.as_ref())
+            )),
         }
     }
 
     fn ident(&mut self) -> Result<String, String> {
         match self.next() {
             Some(Tok::Ident(s)) => Ok(s),
-            other => Err(format!("expected a name, found {}", describe(other.as_ref()))),
+            other => Err(format!(
+                "expected a name, found {}",
+                describe(other.as_ref())
+            )),
         }
     }
 
@@ -206,13 +233,25 @@ impl Cursor {
             dims.push(match self.next() {
                 Some(Tok::Ident(s)) if s == "T" => Dim::Seq,
                 Some(Tok::Ident(s)) if s == "KV" => Dim::Kv,
-                Some(Tok::Num(n)) => Dim::Fixed(n.parse().map_err(|_| format!("bad dimension '{n}'"))?),
-                other => return Err(format!("expected a dimension, found {}", describe(other.as_ref()))),
+                Some(Tok::Num(n)) => {
+                    Dim::Fixed(n.parse().map_err(|_| format!("bad dimension '{n}'"))?)
+                }
+                other => {
+                    return Err(format!(
+                        "expected a dimension, found {}",
+                        describe(other.as_ref())
+                    ))
+                }
             });
             match self.next() {
                 Some(Tok::Punct(',')) => {}
                 Some(Tok::Punct(']')) => return Ok(Shape(dims)),
-                other => return Err(format!("expected ',' or ']' in a shape, found {}", describe(other.as_ref()))),
+                other => {
+                    return Err(format!(
+                        "expected ',' or ']' in a shape, found {}",
+                        describe(other.as_ref())
+                    ))
+                }
             }
         }
     }
@@ -245,7 +284,9 @@ struct Attrs(HashMap<String, Value>);
 
 impl Attrs {
     fn take(&mut self, key: &str) -> Result<Value, String> {
-        self.0.remove(key).ok_or_else(|| format!("missing attribute '{key}'"))
+        self.0
+            .remove(key)
+            .ok_or_else(|| format!("missing attribute '{key}'"))
     }
 
     fn word(&mut self, key: &str) -> Result<String, String> {
@@ -257,7 +298,8 @@ impl Attrs {
 
     fn num<T: std::str::FromStr>(&mut self, key: &str) -> Result<T, String> {
         let w = self.word(key)?;
-        w.parse().map_err(|_| format!("attribute '{key}' has a bad value '{w}'"))
+        w.parse()
+            .map_err(|_| format!("attribute '{key}' has a bad value '{w}'"))
     }
 
     fn finish(self, op: &str) -> Result<(), String> {
@@ -275,7 +317,10 @@ fn build_op(name: &str, mut a: Attrs, ty: &TensorType) -> Result<Op, String> {
             Op::Input(InputKind::from_name(&k).ok_or_else(|| format!("unknown input kind '{k}'"))?)
         }
         "weight" => match a.take("name")? {
-            Value::Str(n) => Op::Weight { name: n, ty: ty.clone() },
+            Value::Str(n) => Op::Weight {
+                name: n,
+                ty: ty.clone(),
+            },
             _ => return Err("attribute 'name' must be a quoted string".into()),
         },
         "embedding" => Op::Embedding,
@@ -306,15 +351,22 @@ fn build_op(name: &str, mut a: Attrs, ty: &TensorType) -> Result<Op, String> {
         "kv_append" => {
             let layer = a.num("layer")?;
             let k = a.word("kind")?;
-            Op::KvAppend { layer, kind: KvKind::from_name(&k).ok_or_else(|| format!("unknown cache kind '{k}'"))? }
+            Op::KvAppend {
+                layer,
+                kind: KvKind::from_name(&k).ok_or_else(|| format!("unknown cache kind '{k}'"))?,
+            }
         }
-        "attention" => Op::Attention { scale: a.num("scale")? },
+        "attention" => Op::Attention {
+            scale: a.num("scale")?,
+        },
         "add" => Op::Add,
         "mul" => Op::Mul,
         "div" => Op::Div,
         "silu" => Op::Silu,
         "softmax" => Op::Softmax,
-        "reduce_sum" => Op::ReduceSum { axis: a.num("axis")? },
+        "reduce_sum" => Op::ReduceSum {
+            axis: a.num("axis")?,
+        },
         "top_k" => Op::TopK { k: a.num("k")? },
         other => return Err(format!("unknown op '{other}'")),
     };
@@ -327,7 +379,10 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
     let mut graph = Graph::new();
     let mut ids: HashMap<usize, NodeId> = HashMap::new();
     for (i, line) in text.lines().enumerate() {
-        let err = |message: String| ParseError { line: i + 1, message };
+        let err = |message: String| ParseError {
+            line: i + 1,
+            message,
+        };
         let toks = tokenize(line).map_err(err)?;
         if toks.is_empty() {
             continue;
@@ -338,11 +393,21 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
                 let name = c.ident().map_err(err)?;
                 c.punct('=').map_err(err)?;
                 let node = match c.next() {
-                    Some(Tok::Node(n)) => *ids.get(&n).ok_or_else(|| err(format!("%{n} is not defined")))?,
-                    other => return Err(err(format!("expected a node, found {}", describe(other.as_ref())))),
+                    Some(Tok::Node(n)) => *ids
+                        .get(&n)
+                        .ok_or_else(|| err(format!("%{n} is not defined")))?,
+                    other => {
+                        return Err(err(format!(
+                            "expected a node, found {}",
+                            describe(other.as_ref())
+                        )))
+                    }
                 };
                 if let Some(extra) = c.next() {
-                    return Err(err(format!("unexpected {} after the output", describe(Some(&extra)))));
+                    return Err(err(format!(
+                        "unexpected {} after the output",
+                        describe(Some(&extra))
+                    )));
                 }
                 graph.set_output(&name, node);
             }
@@ -368,30 +433,50 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
                                     Some(Tok::Num(s)) | Some(Tok::Ident(s)) => Value::Word(s),
                                     _ => unreachable!("peeked a word"),
                                 },
-                                other => return Err(err(format!("expected a value for '{key}', found {}", describe(other)))),
+                                other => {
+                                    return Err(err(format!(
+                                        "expected a value for '{key}', found {}",
+                                        describe(other)
+                                    )))
+                                }
                             };
                             if attrs.insert(key.clone(), value).is_some() {
                                 return Err(err(format!("attribute '{key}' given twice")));
                             }
                         }
                         Some(Tok::Node(a)) => {
-                            args.push(*ids.get(&a).ok_or_else(|| err(format!("%{a} is used before it is defined")))?);
+                            args.push(*ids.get(&a).ok_or_else(|| {
+                                err(format!("%{a} is used before it is defined"))
+                            })?);
                             if c.peek() == Some(&Tok::Punct(',')) {
                                 c.next();
                             }
                         }
                         Some(Tok::Punct(':')) => break,
-                        other => return Err(err(format!("expected an attribute, argument or ':', found {}", describe(other.as_ref())))),
+                        other => {
+                            return Err(err(format!(
+                                "expected an attribute, argument or ':', found {}",
+                                describe(other.as_ref())
+                            )))
+                        }
                     }
                 }
                 let ty = c.tensor_type().map_err(err)?;
                 if let Some(extra) = c.next() {
-                    return Err(err(format!("unexpected {} after the type", describe(Some(&extra)))));
+                    return Err(err(format!(
+                        "unexpected {} after the type",
+                        describe(Some(&extra))
+                    )));
                 }
                 let op = build_op(&op_name, Attrs(attrs), &ty).map_err(err)?;
                 ids.insert(n, graph.add_with_type(op, &args, ty));
             }
-            other => return Err(err(format!("expected '%N = ...' or 'output', found {}", describe(other.as_ref())))),
+            other => {
+                return Err(err(format!(
+                    "expected '%N = ...' or 'output', found {}",
+                    describe(other.as_ref())
+                )))
+            }
         }
     }
     Ok(graph)

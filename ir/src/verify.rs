@@ -43,7 +43,11 @@ pub struct VerifierErrors(pub Vec<VerifierError>);
 
 impl fmt::Display for VerifierErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "graph verification failed with {} error(s):", self.0.len())?;
+        writeln!(
+            f,
+            "graph verification failed with {} error(s):",
+            self.0.len()
+        )?;
         for e in &self.0 {
             writeln!(f, "  {e}")?;
         }
@@ -58,7 +62,10 @@ pub fn verify(graph: &Graph) -> Result<(), VerifierErrors> {
     let at = |id: NodeId| format!("%{} = {}", numbers[&id], graph.node(id).op.name());
 
     if let Err(on_cycle) = graph.topo_order() {
-        errors.push(VerifierError { location: at(on_cycle), message: "is on a cycle".into() });
+        errors.push(VerifierError {
+            location: at(on_cycle),
+            message: "is on a cycle".into(),
+        });
     }
 
     let mut weight_names: HashMap<&str, NodeId> = HashMap::new();
@@ -77,7 +84,10 @@ pub fn verify(graph: &Graph) -> Result<(), VerifierErrors> {
             let inputs = graph.inputs(id);
             let types: Vec<&TensorType> = inputs.iter().map(|&i| &graph.node(i).ty).collect();
             match node.op.infer(&types) {
-                Err(message) => errors.push(VerifierError { location: at(id), message }),
+                Err(message) => errors.push(VerifierError {
+                    location: at(id),
+                    message,
+                }),
                 Ok(ty) if ty != node.ty => errors.push(VerifierError {
                     location: at(id),
                     message: format!("declared type {} but its inputs give {ty}", node.ty),
@@ -90,7 +100,10 @@ pub fn verify(graph: &Graph) -> Result<(), VerifierErrors> {
                 if let Some(first) = weight_names.insert(name, id) {
                     errors.push(VerifierError {
                         location: at(id),
-                        message: format!("weight \"{name}\" is already bound by %{}", numbers[&first]),
+                        message: format!(
+                            "weight \"{name}\" is already bound by %{}",
+                            numbers[&first]
+                        ),
                     });
                 }
             }
@@ -98,24 +111,38 @@ pub fn verify(graph: &Graph) -> Result<(), VerifierErrors> {
                 location: at(id),
                 message: format!("input {} appears more than once", kind.name()),
             }),
-            Op::KvAppend { layer, kind } if !caches.insert((*layer, *kind)) => errors.push(VerifierError {
-                location: at(id),
-                message: format!("KV cache (layer {layer}, {}) is appended to more than once", kind.name()),
-            }),
+            Op::KvAppend { layer, kind } if !caches.insert((*layer, *kind)) => {
+                errors.push(VerifierError {
+                    location: at(id),
+                    message: format!(
+                        "KV cache (layer {layer}, {}) is appended to more than once",
+                        kind.name()
+                    ),
+                })
+            }
             _ => {}
         }
     }
 
     if graph.outputs().is_empty() {
-        errors.push(VerifierError { location: String::new(), message: "the graph has no outputs".into() });
+        errors.push(VerifierError {
+            location: String::new(),
+            message: "the graph has no outputs".into(),
+        });
     }
     let mut output_names = HashSet::new();
     for (name, id) in graph.outputs() {
         if !output_names.insert(name) {
-            errors.push(VerifierError { location: String::new(), message: format!("output \"{name}\" is named twice") });
+            errors.push(VerifierError {
+                location: String::new(),
+                message: format!("output \"{name}\" is named twice"),
+            });
         }
         if !graph.contains(*id) {
-            errors.push(VerifierError { location: String::new(), message: format!("output \"{name}\" names a removed node") });
+            errors.push(VerifierError {
+                location: String::new(),
+                message: format!("output \"{name}\" names a removed node"),
+            });
         }
     }
 

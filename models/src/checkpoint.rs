@@ -21,17 +21,30 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no {SINGLE_FILE} or {INDEX_FILE} in {0}")]
     NotFound(PathBuf),
     #[error("bad shard index {path}: {message}")]
     Index { path: PathBuf, message: String },
     #[error("{path} is not a valid safetensors file (truncated or corrupt?): {message}")]
     Format { path: PathBuf, message: String },
-    #[error("tensor {name} in {path} has dtype {dtype}, which is not supported (F32, BF16 or F16)")]
-    UnsupportedDType { name: String, path: PathBuf, dtype: String },
+    #[error(
+        "tensor {name} in {path} has dtype {dtype}, which is not supported (F32, BF16 or F16)"
+    )]
+    UnsupportedDType {
+        name: String,
+        path: PathBuf,
+        dtype: String,
+    },
     #[error("tensor {name} appears in both {first} and {second}")]
-    Duplicate { name: String, first: PathBuf, second: PathBuf },
+    Duplicate {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
     #[error("the checkpoint does not match the model config:\n{0}")]
     Mismatch(Mismatches),
 }
@@ -39,35 +52,76 @@ pub enum CheckpointError {
 /// One way a checkpoint differs from what its config implies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
-    Missing { name: String, expected: Vec<usize> },
-    Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
-    Extra { name: String, found: Vec<usize> },
+    Missing {
+        name: String,
+        expected: Vec<usize>,
+    },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    Extra {
+        name: String,
+        found: Vec<usize>,
+    },
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Problem::Missing { name, expected } => write!(f, "missing tensor {name} (expected shape {expected:?})"),
-            Problem::Shape { name, expected, found } => {
-                write!(f, "tensor {name} has shape {found:?}, expected {expected:?}")
+            Problem::Missing { name, expected } => {
+                write!(f, "missing tensor {name} (expected shape {expected:?})")
             }
-            Problem::Extra { name, found } => write!(f, "unexpected tensor {name} (shape {found:?})"),
+            Problem::Shape {
+                name,
+                expected,
+                found,
+            } => {
+                write!(
+                    f,
+                    "tensor {name} has shape {found:?}, expected {expected:?}"
+                )
+            }
+            Problem::Extra { name, found } => {
+                write!(f, "unexpected tensor {name} (shape {found:?})")
+            }
         }
     }
 }
 
-/// Every problem found, printed one per line (the first 20, then a count).
+/// Every problem found: a count of each kind, then up to 8 of each kind, one per line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mismatches(pub Vec<Problem>);
 
 impl fmt::Display for Mismatches {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const SHOWN: usize = 20;
-        for p in self.0.iter().take(SHOWN) {
-            writeln!(f, "  {p}")?;
-        }
-        if self.0.len() > SHOWN {
-            writeln!(f, "  ... and {} more", self.0.len() - SHOWN)?;
+        const SHOWN: usize = 8;
+        let kinds: [(&str, fn(&Problem) -> bool); 3] = [
+            ("missing", |p| matches!(p, Problem::Missing { .. })),
+            ("mis-shaped", |p| matches!(p, Problem::Shape { .. })),
+            ("unexpected", |p| matches!(p, Problem::Extra { .. })),
+        ];
+        let counts: Vec<String> = kinds
+            .iter()
+            .map(|(label, is)| (label, self.0.iter().filter(|p| is(p)).count()))
+            .filter(|(_, n)| *n > 0)
+            .map(|(label, n)| format!("{n} {label}"))
+            .collect();
+        writeln!(
+            f,
+            "  {} tensor problem(s): {}",
+            self.0.len(),
+            counts.join(", ")
+        )?;
+        for (_, is) in kinds {
+            let of_kind: Vec<&Problem> = self.0.iter().filter(|p| is(p)).collect();
+            for p in of_kind.iter().take(SHOWN) {
+                writeln!(f, "  {p}")?;
+            }
+            if of_kind.len() > SHOWN {
+                writeln!(f, "  ... and {} more like this", of_kind.len() - SHOWN)?;
+            }
         }
         Ok(())
     }
@@ -99,13 +153,21 @@ impl TensorRef<'_> {
     /// The elements widened to f32 (exact for all supported dtypes).
     pub fn to_f32(&self) -> Vec<f32> {
         match self.dtype {
-            DType::F32 => self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            DType::BF16 => {
-                self.bytes.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect()
-            }
-            DType::F16 => {
-                self.bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
+            DType::F32 => self
+                .bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::BF16 => self
+                .bytes
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+                .collect(),
+            DType::F16 => self
+                .bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
         }
     }
 }
@@ -128,7 +190,10 @@ impl Checkpoint {
         } else {
             return Err(CheckpointError::NotFound(dir.to_path_buf()));
         };
-        let mut ckpt = Checkpoint { files: Vec::new(), tensors: BTreeMap::new() };
+        let mut ckpt = Checkpoint {
+            files: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
         for name in shard_names {
             ckpt.add_file(&dir.join(name))?;
         }
@@ -139,12 +204,17 @@ impl Checkpoint {
     }
 
     fn add_file(&mut self, path: &Path) -> Result<(), CheckpointError> {
-        let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+        let io = |source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; checkpoints are not expected to change while a model is loaded.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let st = SafeTensors::deserialize(&map)
-            .map_err(|e| CheckpointError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| CheckpointError::Format {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let file_idx = self.files.len();
         for (name, view) in st.tensors() {
             let dtype = match view.dtype() {
@@ -160,7 +230,13 @@ impl Checkpoint {
                 }
             };
             let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
-            let entry = Entry { file: file_idx, dtype, shape: view.shape().to_vec(), start, len: view.data().len() };
+            let entry = Entry {
+                file: file_idx,
+                dtype,
+                shape: view.shape().to_vec(),
+                start,
+                len: view.data().len(),
+            };
             if let Some(prev) = self.tensors.insert(name.clone(), entry) {
                 return Err(CheckpointError::Duplicate {
                     name,
@@ -191,7 +267,11 @@ impl Checkpoint {
     pub fn get(&self, name: &str) -> Option<TensorRef<'_>> {
         let e = self.tensors.get(name)?;
         let map = &self.files[e.file].1;
-        Some(TensorRef { dtype: e.dtype, shape: &e.shape, bytes: &map[e.start..e.start + e.len] })
+        Some(TensorRef {
+            dtype: e.dtype,
+            shape: &e.shape,
+            bytes: &map[e.start..e.start + e.len],
+        })
     }
 
     /// Names of all tensors, sorted.
@@ -211,7 +291,10 @@ impl Checkpoint {
         let mut problems = Vec::new();
         for spec in &expected {
             match self.tensors.get(&spec.name) {
-                None => problems.push(Problem::Missing { name: spec.name.clone(), expected: spec.shape.clone() }),
+                None => problems.push(Problem::Missing {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                }),
                 Some(e) if e.shape != spec.shape => problems.push(Problem::Shape {
                     name: spec.name.clone(),
                     expected: spec.shape.clone(),
@@ -220,11 +303,15 @@ impl Checkpoint {
                 Some(_) => {}
             }
         }
-        let known: std::collections::HashSet<&str> = expected.iter().map(|s| s.name.as_str()).collect();
+        let known: std::collections::HashSet<&str> =
+            expected.iter().map(|s| s.name.as_str()).collect();
         for (name, e) in &self.tensors {
             let ignored = cfg.tie_word_embeddings && name == LM_HEAD;
             if !known.contains(name.as_str()) && !ignored {
-                problems.push(Problem::Extra { name: name.clone(), found: e.shape.clone() });
+                problems.push(Problem::Extra {
+                    name: name.clone(),
+                    found: e.shape.clone(),
+                });
             }
         }
         if problems.is_empty() {
@@ -236,10 +323,20 @@ impl Checkpoint {
 }
 
 fn read_weight_map(index: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {
-    let bad = |message: String| CheckpointError::Index { path: index.to_path_buf(), message };
-    let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io { path: index.to_path_buf(), source })?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-    let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let bad = |message: String| CheckpointError::Index {
+        path: index.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
     map.iter()
         .map(|(tensor, file)| match file.as_str() {
             Some(f) if !f.contains('/') && !f.contains('\\') && f != ".." => Ok((tensor.clone(), f.to_string())),
@@ -254,7 +351,10 @@ fn read_index(index: &Path) -> Result<Vec<String>, CheckpointError> {
     files.sort();
     files.dedup();
     if files.is_empty() {
-        return Err(CheckpointError::Index { path: index.to_path_buf(), message: "`weight_map` is empty".into() });
+        return Err(CheckpointError::Index {
+            path: index.to_path_buf(),
+            message: "`weight_map` is empty".into(),
+        });
     }
     Ok(files)
 }

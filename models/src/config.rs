@@ -15,7 +15,10 @@ use crate::dtype::DType;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("malformed config JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("config field `{field}`: {message}")]
@@ -23,7 +26,10 @@ pub enum ConfigError {
 }
 
 fn field_err(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Field { field: field.to_string(), message: message.into() }
+    ConfigError::Field {
+        field: field.to_string(),
+        message: message.into(),
+    }
 }
 
 /// YaRN context extension, with transformers' defaults resolved.
@@ -76,22 +82,28 @@ pub struct Qwen3Config {
 impl Qwen3Config {
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Qwen3Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Qwen3Config::from_json(&text)
     }
 
     /// Parses and checks the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Qwen3Config, ConfigError> {
         let value: Value = serde_json::from_str(text)?;
-        let obj = value.as_object().ok_or_else(|| field_err("(root)", "must be a JSON object"))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| field_err("(root)", "must be a JSON object"))?;
         parse(obj)
     }
 
     /// Whether layer `layer` uses the sparse MoE block (per transformers' rule) rather than the dense MLP.
     pub fn is_sparse_layer(&self, layer: usize) -> bool {
         self.moe.as_ref().is_some_and(|m| {
-            !m.mlp_only_layers.contains(&layer) && m.num_experts > 0 && (layer + 1) % m.decoder_sparse_step == 0
+            !m.mlp_only_layers.contains(&layer)
+                && m.num_experts > 0
+                && (layer + 1) % m.decoder_sparse_step == 0
         })
     }
 
@@ -102,7 +114,10 @@ impl Qwen3Config {
 
     /// Total parameter count (embedding counted once when tied).
     pub fn parameter_count(&self) -> u64 {
-        crate::tensors::expected_tensors(self).iter().map(|t| t.shape.iter().product::<usize>() as u64).sum()
+        crate::tensors::expected_tensors(self)
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum()
     }
 }
 
@@ -118,7 +133,9 @@ impl Fields<'_> {
     }
 
     fn positive(&self, key: &str) -> Result<usize, ConfigError> {
-        let n = self.usize_opt(key)?.ok_or_else(|| field_err(key, "is missing"))?;
+        let n = self
+            .usize_opt(key)?
+            .ok_or_else(|| field_err(key, "is missing"))?;
         if n == 0 {
             return Err(field_err(key, "must be positive, is 0"));
         }
@@ -127,20 +144,28 @@ impl Fields<'_> {
 
     fn f64_opt(&self, key: &str) -> Result<Option<f64>, ConfigError> {
         self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| field_err(key, format!("must be a number, is {v}"))))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| field_err(key, format!("must be a number, is {v}")))
+            })
             .transpose()
     }
 
     fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| field_err(key, format!("must be true or false, is {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| field_err(key, format!("must be true or false, is {v}"))),
         }
     }
 
     fn str_opt(&self, key: &str) -> Result<Option<&str>, ConfigError> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| field_err(key, format!("must be a string, is {v}"))))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| field_err(key, format!("must be a string, is {v}")))
+            })
             .transpose()
     }
 }
@@ -157,24 +182,41 @@ fn parse(obj: &Map<String, Value>) -> Result<Qwen3Config, ConfigError> {
     let model_type = f.str_opt("model_type")?;
     if let Some(t) = model_type {
         if t != "qwen3" && t != "qwen3_moe" {
-            return Err(field_err("model_type", format!("\"{t}\" is not a Qwen3 model (expected \"qwen3\" or \"qwen3_moe\")")));
+            return Err(field_err(
+                "model_type",
+                format!("\"{t}\" is not a Qwen3 model (expected \"qwen3\" or \"qwen3_moe\")"),
+            ));
         }
     }
     if let Some(act) = f.str_opt("hidden_act")? {
         if act != "silu" {
-            return Err(field_err("hidden_act", format!("\"{act}\" is not supported (Qwen3 uses \"silu\")")));
+            return Err(field_err(
+                "hidden_act",
+                format!("\"{act}\" is not supported (Qwen3 uses \"silu\")"),
+            ));
         }
     }
     if f.bool_or("attention_bias", false)? {
-        return Err(field_err("attention_bias", "true is not supported (Qwen3 projections have no bias)"));
+        return Err(field_err(
+            "attention_bias",
+            "true is not supported (Qwen3 projections have no bias)",
+        ));
     }
     if f.bool_or("use_sliding_window", false)? {
-        return Err(field_err("use_sliding_window", "true is not supported (only full attention)"));
+        return Err(field_err(
+            "use_sliding_window",
+            "true is not supported (only full attention)",
+        ));
     }
     if let Some(types) = f.get("layer_types") {
-        let list = types.as_array().ok_or_else(|| field_err("layer_types", "must be a list"))?;
+        let list = types
+            .as_array()
+            .ok_or_else(|| field_err("layer_types", "must be a list"))?;
         if let Some(bad) = list.iter().find(|t| t.as_str() != Some("full_attention")) {
-            return Err(field_err("layer_types", format!("{bad} is not supported (only \"full_attention\")")));
+            return Err(field_err(
+                "layer_types",
+                format!("{bad} is not supported (only \"full_attention\")"),
+            ));
         }
     }
 
@@ -190,7 +232,9 @@ fn parse(obj: &Map<String, Value>) -> Result<Qwen3Config, ConfigError> {
     if num_attention_heads % num_key_value_heads != 0 {
         return Err(field_err(
             "num_key_value_heads",
-            format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
+            format!(
+                "{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"
+            ),
         ));
     }
     // transformers' defaults when head_dim is absent: 128 for qwen3, hidden / heads for qwen3_moe.
@@ -200,32 +244,56 @@ fn parse(obj: &Map<String, Value>) -> Result<Qwen3Config, ConfigError> {
         None => 128,
     };
     if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(field_err("head_dim", format!("must be a positive even number for RoPE, is {head_dim}")));
+        return Err(field_err(
+            "head_dim",
+            format!("must be a positive even number for RoPE, is {head_dim}"),
+        ));
     }
     let rms_norm_eps = f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6);
     if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
-        return Err(field_err("rms_norm_eps", format!("must be a finite non-negative number, is {rms_norm_eps}")));
+        return Err(field_err(
+            "rms_norm_eps",
+            format!("must be a finite non-negative number, is {rms_norm_eps}"),
+        ));
     }
     let max_position_embeddings = f.usize_opt("max_position_embeddings")?.unwrap_or(32768);
     if max_position_embeddings == 0 {
-        return Err(field_err("max_position_embeddings", "must be positive, is 0"));
+        return Err(field_err(
+            "max_position_embeddings",
+            "must be positive, is 0",
+        ));
     }
 
     let (rope_theta, rope_scaling) = parse_rope(&f, max_position_embeddings)?;
 
-    let dtype_field = if f.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+    let dtype_field = if f.get("dtype").is_some() {
+        "dtype"
+    } else {
+        "torch_dtype"
+    };
     let torch_dtype = match f.str_opt(dtype_field)? {
         None => DType::F32,
-        Some(s) => DType::from_torch_name(s)
-            .ok_or_else(|| field_err(dtype_field, format!("\"{s}\" is not supported (float32, bfloat16 or float16)")))?,
+        Some(s) => DType::from_torch_name(s).ok_or_else(|| {
+            field_err(
+                dtype_field,
+                format!("\"{s}\" is not supported (float32, bfloat16 or float16)"),
+            )
+        })?,
     };
 
-    let experts_field = if f.get("num_local_experts").is_some() { "num_local_experts" } else { "num_experts" };
+    let experts_field = if f.get("num_local_experts").is_some() {
+        "num_local_experts"
+    } else {
+        "num_experts"
+    };
     let num_experts = f.usize_opt(experts_field)?.unwrap_or(0);
     let moe = if num_experts > 0 {
         let top_k = f.positive("num_experts_per_tok")?;
         if top_k > num_experts {
-            return Err(field_err("num_experts_per_tok", format!("{top_k} exceeds the {num_experts} experts")));
+            return Err(field_err(
+                "num_experts_per_tok",
+                format!("{top_k} exceeds the {num_experts} experts"),
+            ));
         }
         let mlp_only_layers = match f.get("mlp_only_layers") {
             None => vec![],
@@ -237,7 +305,10 @@ fn parse(obj: &Map<String, Value>) -> Result<Qwen3Config, ConfigError> {
                 .collect::<Result<Vec<_>, _>>()?,
         };
         if let Some(bad) = mlp_only_layers.iter().find(|&&l| l >= num_hidden_layers) {
-            return Err(field_err("mlp_only_layers", format!("layer {bad} does not exist (num_hidden_layers = {num_hidden_layers})")));
+            return Err(field_err(
+                "mlp_only_layers",
+                format!("layer {bad} does not exist (num_hidden_layers = {num_hidden_layers})"),
+            ));
         }
         Some(MoeConfig {
             num_experts,
@@ -274,10 +345,20 @@ fn parse(obj: &Map<String, Value>) -> Result<Qwen3Config, ConfigError> {
         moe,
     };
     if (0..num_hidden_layers).any(|l| !config.is_sparse_layer(l)) && config.intermediate_size == 0 {
-        return Err(field_err("intermediate_size", "is missing or 0, but some layers use the dense MLP"));
+        return Err(field_err(
+            "intermediate_size",
+            "is missing or 0, but some layers use the dense MLP",
+        ));
     }
-    if let Some(&bad) = config.eos_token_ids.iter().find(|&&id| id as usize >= vocab_size) {
-        return Err(field_err("eos_token_id", format!("{bad} is outside the vocabulary of {vocab_size}")));
+    if let Some(&bad) = config
+        .eos_token_ids
+        .iter()
+        .find(|&&id| id as usize >= vocab_size)
+    {
+        return Err(field_err(
+            "eos_token_id",
+            format!("{bad} is outside the vocabulary of {vocab_size}"),
+        ));
     }
     Ok(config)
 }
@@ -285,61 +366,110 @@ fn parse(obj: &Map<String, Value>) -> Result<Qwen3Config, ConfigError> {
 fn parse_eos(f: &Fields) -> Result<Vec<u32>, ConfigError> {
     match f.get("eos_token_id") {
         None => Ok(vec![]),
-        Some(Value::Array(ids)) => ids.iter().map(|v| as_usize(v, "eos_token_id").map(|n| n as u32)).collect(),
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .map(|v| as_usize(v, "eos_token_id").map(|n| n as u32))
+            .collect(),
         Some(v) => Ok(vec![as_usize(v, "eos_token_id")? as u32]),
     }
 }
 
 /// Reads θ and any YaRN scaling from either spelling: `rope_theta` + `rope_scaling` (4.x) or
 /// `rope_parameters` (5.x).
-fn parse_rope(f: &Fields, max_position_embeddings: usize) -> Result<(f64, Option<YarnScaling>), ConfigError> {
+fn parse_rope(
+    f: &Fields,
+    max_position_embeddings: usize,
+) -> Result<(f64, Option<YarnScaling>), ConfigError> {
     let (params, prefix) = match (f.get("rope_parameters"), f.get("rope_scaling")) {
         (Some(p), _) => (Some(p), "rope_parameters"),
         (None, Some(s)) => (Some(s), "rope_scaling"),
         (None, None) => (None, ""),
     };
     let params = params
-        .map(|p| p.as_object().ok_or_else(|| field_err(prefix, "must be an object or null")))
+        .map(|p| {
+            p.as_object()
+                .ok_or_else(|| field_err(prefix, "must be an object or null"))
+        })
         .transpose()?;
     let p = params.map(Fields);
     let name = |key: &str| format!("{prefix}.{key}");
 
-    let theta = match p.as_ref().map(|p| p.f64_opt("rope_theta")).transpose()?.flatten() {
+    let theta = match p
+        .as_ref()
+        .map(|p| p.f64_opt("rope_theta"))
+        .transpose()?
+        .flatten()
+    {
         Some(t) => t,
-        None => f.f64_opt("rope_theta")?.ok_or_else(|| field_err("rope_theta", "is missing"))?,
+        None => f
+            .f64_opt("rope_theta")?
+            .ok_or_else(|| field_err("rope_theta", "is missing"))?,
     };
     if !(theta.is_finite() && theta > 1.0) {
-        return Err(field_err("rope_theta", format!("must be a finite number above 1, is {theta}")));
+        return Err(field_err(
+            "rope_theta",
+            format!("must be a finite number above 1, is {theta}"),
+        ));
     }
     let Some(p) = p else { return Ok((theta, None)) };
 
-    let type_key = if p.get("rope_type").is_some() { "rope_type" } else { "type" };
-    let rope_type = p.str_opt(type_key).map_err(|_| field_err(&name(type_key), "must be a string"))?.unwrap_or("default");
+    let type_key = if p.get("rope_type").is_some() {
+        "rope_type"
+    } else {
+        "type"
+    };
+    let rope_type = p
+        .str_opt(type_key)
+        .map_err(|_| field_err(&name(type_key), "must be a string"))?
+        .unwrap_or("default");
     match rope_type {
         "default" => Ok((theta, None)),
         "yarn" => {
-            let num = |key: &str| p.f64_opt(key).map_err(|_| field_err(&name(key), "must be a number"));
+            let num = |key: &str| {
+                p.f64_opt(key)
+                    .map_err(|_| field_err(&name(key), "must be a number"))
+            };
             let original = match p.get("original_max_position_embeddings") {
                 None => max_position_embeddings,
                 Some(v) => as_usize(v, &name("original_max_position_embeddings"))?,
             };
             if original == 0 {
-                return Err(field_err(&name("original_max_position_embeddings"), "must be positive, is 0"));
+                return Err(field_err(
+                    &name("original_max_position_embeddings"),
+                    "must be positive, is 0",
+                ));
             }
             let factor = num("factor")?.unwrap_or(max_position_embeddings as f64 / original as f64);
             if !(factor.is_finite() && factor > 0.0) {
-                return Err(field_err(&name("factor"), format!("must be a positive number, is {factor}")));
+                return Err(field_err(
+                    &name("factor"),
+                    format!("must be a positive number, is {factor}"),
+                ));
             }
-            let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
-            let attention_factor = match (num("attention_factor")?, num("mscale")?, num("mscale_all_dim")?) {
+            let mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            let attention_factor = match (
+                num("attention_factor")?,
+                num("mscale")?,
+                num("mscale_all_dim")?,
+            ) {
                 (Some(a), _, _) => a,
-                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(factor, m) / mscale(factor, all),
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    mscale(factor, m) / mscale(factor, all)
+                }
                 _ => mscale(factor, 1.0),
             };
             // transformers treats a missing or zero beta as its default.
             let beta_fast = num("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0);
             let beta_slow = num("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0);
-            let truncate = p.bool_or("truncate", true).map_err(|_| field_err(&name("truncate"), "must be true or false"))?;
+            let truncate = p
+                .bool_or("truncate", true)
+                .map_err(|_| field_err(&name("truncate"), "must be true or false"))?;
             let yarn = YarnScaling {
                 factor,
                 original_max_position_embeddings: original,
@@ -350,6 +480,9 @@ fn parse_rope(f: &Fields, max_position_embeddings: usize) -> Result<(f64, Option
             };
             Ok((theta, Some(yarn)))
         }
-        other => Err(field_err(&name(type_key), format!("\"{other}\" is not supported (\"default\" or \"yarn\")"))),
+        other => Err(field_err(
+            &name(type_key),
+            format!("\"{other}\" is not supported (\"default\" or \"yarn\")"),
+        )),
     }
 }

@@ -4,7 +4,18 @@ use crate::config::{MoeConfig, Qwen3Config};
 use crate::dtype::DType;
 
 /// (name, hidden, intermediate, moe_intermediate, layers, q heads, kv heads, tied, experts, top-k)
-type Row = (&'static str, usize, usize, usize, usize, usize, usize, bool, usize, usize);
+type Row = (
+    &'static str,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    bool,
+    usize,
+    usize,
+);
 
 const RELEASED: [Row; 8] = [
     ("Qwen3-0.6B", 1024, 3072, 0, 28, 16, 8, true, 0, 0),
@@ -14,7 +25,18 @@ const RELEASED: [Row; 8] = [
     ("Qwen3-14B", 5120, 17408, 0, 40, 40, 8, false, 0, 0),
     ("Qwen3-32B", 5120, 25600, 0, 64, 64, 8, false, 0, 0),
     ("Qwen3-30B-A3B", 2048, 6144, 768, 48, 32, 4, false, 128, 8),
-    ("Qwen3-235B-A22B", 4096, 12288, 1536, 94, 64, 4, false, 128, 8),
+    (
+        "Qwen3-235B-A22B",
+        4096,
+        12288,
+        1536,
+        94,
+        64,
+        4,
+        false,
+        128,
+        8,
+    ),
 ];
 
 /// Names of the released models, smallest first.
@@ -24,7 +46,10 @@ pub fn names() -> Vec<&'static str> {
 
 /// The config of a released model. Case-insensitive; a `Qwen/` prefix is allowed.
 pub fn lookup(name: &str) -> Option<Qwen3Config> {
-    let bare = name.strip_prefix("Qwen/").or_else(|| name.strip_prefix("qwen/")).unwrap_or(name);
+    let bare = name
+        .strip_prefix("Qwen/")
+        .or_else(|| name.strip_prefix("qwen/"))
+        .unwrap_or(name);
     let row = RELEASED.iter().find(|r| r.0.eq_ignore_ascii_case(bare))?;
     let &(_, hidden, inter, moe_inter, layers, heads, kv_heads, tied, experts, top_k) = row;
     Some(Qwen3Config {

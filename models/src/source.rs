@@ -43,7 +43,10 @@ impl ModelSource {
     /// Loads and checks the config.
     pub fn config(&self) -> Result<Qwen3Config, SourceError> {
         let from_file = |path: &Path| {
-            Qwen3Config::from_file(path).map_err(|source| SourceError::Config { path: path.display().to_string(), source })
+            Qwen3Config::from_file(path).map_err(|source| SourceError::Config {
+                path: path.display().to_string(),
+                source,
+            })
         };
         match self {
             ModelSource::Registry(name) => {

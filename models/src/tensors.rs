@@ -28,7 +28,10 @@ pub fn layer_tensor(layer: usize, suffix: &str) -> String {
 
 /// `model.layers.{layer}.mlp.experts.{e}.{proj}.weight`, with `{e}` left in for the stack.
 pub fn expert_stack(layer: usize, proj: &str) -> String {
-    layer_tensor(layer, &format!("mlp.experts.{EXPERT_PLACEHOLDER}.{proj}.weight"))
+    layer_tensor(
+        layer,
+        &format!("mlp.experts.{EXPERT_PLACEHOLDER}.{proj}.weight"),
+    )
 }
 
 /// The name of expert `e`'s tensor in an expert-stack name.
@@ -39,15 +42,30 @@ pub fn expert_tensor(stack: &str, e: usize) -> String {
 /// Every tensor the checkpoint must hold for `cfg`, in layer order.
 pub fn expected_tensors(cfg: &Qwen3Config) -> Vec<TensorSpec> {
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
-    let spec = |name: String, shape: &[usize]| TensorSpec { name, shape: shape.to_vec() };
+    let spec = |name: String, shape: &[usize]| TensorSpec {
+        name,
+        shape: shape.to_vec(),
+    };
     let mut out = vec![spec(EMBED.into(), &[cfg.vocab_size, h])];
     for l in 0..cfg.num_hidden_layers {
         let t = |s: &str| layer_tensor(l, s);
         out.push(spec(t("input_layernorm.weight"), &[h]));
-        out.push(spec(t("self_attn.q_proj.weight"), &[cfg.num_attention_heads * d, h]));
-        out.push(spec(t("self_attn.k_proj.weight"), &[cfg.num_key_value_heads * d, h]));
-        out.push(spec(t("self_attn.v_proj.weight"), &[cfg.num_key_value_heads * d, h]));
-        out.push(spec(t("self_attn.o_proj.weight"), &[h, cfg.num_attention_heads * d]));
+        out.push(spec(
+            t("self_attn.q_proj.weight"),
+            &[cfg.num_attention_heads * d, h],
+        ));
+        out.push(spec(
+            t("self_attn.k_proj.weight"),
+            &[cfg.num_key_value_heads * d, h],
+        ));
+        out.push(spec(
+            t("self_attn.v_proj.weight"),
+            &[cfg.num_key_value_heads * d, h],
+        ));
+        out.push(spec(
+            t("self_attn.o_proj.weight"),
+            &[h, cfg.num_attention_heads * d],
+        ));
         out.push(spec(t("self_attn.q_norm.weight"), &[d]));
         out.push(spec(t("self_attn.k_norm.weight"), &[d]));
         out.push(spec(t("post_attention_layernorm.weight"), &[h]));
@@ -56,9 +74,15 @@ pub fn expected_tensors(cfg: &Qwen3Config) -> Vec<TensorSpec> {
                 let i = moe.moe_intermediate_size;
                 out.push(spec(t("mlp.gate.weight"), &[moe.num_experts, h]));
                 for e in 0..moe.num_experts {
-                    out.push(spec(expert_tensor(&expert_stack(l, "gate_proj"), e), &[i, h]));
+                    out.push(spec(
+                        expert_tensor(&expert_stack(l, "gate_proj"), e),
+                        &[i, h],
+                    ));
                     out.push(spec(expert_tensor(&expert_stack(l, "up_proj"), e), &[i, h]));
-                    out.push(spec(expert_tensor(&expert_stack(l, "down_proj"), e), &[h, i]));
+                    out.push(spec(
+                        expert_tensor(&expert_stack(l, "down_proj"), e),
+                        &[h, i],
+                    ));
                 }
             }
             None => {

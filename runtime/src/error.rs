@@ -1,0 +1,14 @@
+//! Runtime errors.
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("invalid graph: {0}")]
+    Graph(#[from] q3c_ir::VerifierErrors),
+    #[error("weight {name}: {message}")]
+    Weight { name: String, message: String },
+    #[error("{0}")]
+    Input(String),
+    #[error("internal error (a q3c bug): {0}")]
+    Internal(String),
+}

@@ -1,0 +1,19 @@
+//! The q3c runtime: executes models and decodes.
+//!
+//! - [`Session`]: the interface of every executor (one KV cache per session).
+//! - [`reference`]: the reference executor, which runs the IR directly in plain f32 Rust. It is the oracle
+//!   every backend and pass is tested against.
+//! - [`generate`]: the decoding loop.
+//!
+//! The runtime never depends on the compiler or on a code generator: it receives a graph (for the
+//! reference executor) or, later, a compiled artifact.
+
+mod error;
+pub mod generate;
+pub mod reference;
+mod session;
+
+pub use error::RuntimeError;
+pub use generate::{generate, GenerateOptions};
+pub use reference::{ReferenceModel, ReferenceSession};
+pub use session::{Logits, Session};

@@ -1,0 +1,99 @@
+//! Helpers shared by q3c's end-to-end tests: the golden fixtures recorded from Hugging Face transformers.
+//!
+//! Each fixture directory (made by `reference/make_fixtures.py`) holds a tiny random checkpoint, the logits
+//! transformers computed over a prompt, and transformers' 24-token greedy continuation.
+
+use std::path::PathBuf;
+
+use q3c_models::{Checkpoint, Qwen3Config};
+use q3c_runtime::ReferenceModel;
+
+/// The tolerance every executor is held to against transformers: max |Δlogit| in f32.
+pub const LOGIT_TOLERANCE: f32 = 1e-3;
+
+/// Names of all committed fixtures.
+pub const FIXTURES: [&str; 6] = [
+    "dense_gqa",
+    "tied_bf16",
+    "moe",
+    "moe_sparse_step",
+    "yarn",
+    "sharded_f16",
+];
+
+/// What transformers recorded for one fixture.
+pub struct Golden {
+    pub name: String,
+    pub dir: PathBuf,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    /// `[T, vocab]` row-major.
+    pub logits: Vec<f32>,
+    pub vocab: usize,
+}
+
+/// The directory holding the fixtures.
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("reference")
+        .join("fixtures")
+}
+
+/// Loads a fixture's recorded outputs.
+pub fn golden(name: &str) -> Golden {
+    let dir = fixtures_dir().join(name);
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("golden.json")).expect("golden.json"),
+    )
+    .expect("valid JSON");
+    let ids = |key: &str| {
+        json[key]
+            .as_array()
+            .expect(key)
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect()
+    };
+    let bytes = std::fs::read(dir.join("logits.safetensors")).expect("logits.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let view = st.tensor("logits").expect("logits tensor");
+    let logits = view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Golden {
+        name: name.into(),
+        prompt_ids: ids("prompt_ids"),
+        greedy_ids: ids("greedy_ids"),
+        logits,
+        vocab: view.shape()[1],
+        dir,
+    }
+}
+
+/// The fixture's config and checkpoint, checked against each other.
+pub fn open_fixture(name: &str) -> (Qwen3Config, Checkpoint) {
+    let dir = fixtures_dir().join(name);
+    let cfg = Qwen3Config::from_file(&dir.join("config.json")).expect("fixture config");
+    let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
+    ckpt.check(&cfg)
+        .expect("fixture checkpoint matches its config");
+    (cfg, ckpt)
+}
+
+/// The reference executor over a fixture.
+pub fn reference_model(name: &str) -> ReferenceModel {
+    let (cfg, ckpt) = open_fixture(name);
+    let graph = q3c_compiler::lower(&cfg).expect("lowering");
+    ReferenceModel::new(graph, &ckpt, q3c_compiler::LOGITS).expect("binding weights")
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
