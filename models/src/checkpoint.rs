@@ -97,7 +97,8 @@ pub struct Mismatches(pub Vec<Problem>);
 impl fmt::Display for Mismatches {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOWN: usize = 8;
-        let kinds: [(&str, fn(&Problem) -> bool); 3] = [
+        type IsKind = fn(&Problem) -> bool;
+        let kinds: [(&str, IsKind); 3] = [
             ("missing", |p| matches!(p, Problem::Missing { .. })),
             ("mis-shaped", |p| matches!(p, Problem::Shape { .. })),
             ("unexpected", |p| matches!(p, Problem::Extra { .. })),

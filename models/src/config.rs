@@ -103,7 +103,7 @@ impl Qwen3Config {
         self.moe.as_ref().is_some_and(|m| {
             !m.mlp_only_layers.contains(&layer)
                 && m.num_experts > 0
-                && (layer + 1) % m.decoder_sparse_step == 0
+                && (layer + 1).is_multiple_of(m.decoder_sparse_step)
         })
     }
 

@@ -138,10 +138,13 @@ fn bind(ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result<Weight, Runtim
     })
 }
 
+/// Cached keys or values per (layer, K/V), `[KV, H, d]` row-major.
+type KvCache = HashMap<(u32, KvKind), Vec<f32>>;
+
 /// One sequence's state: the KV cache per (layer, K/V) and how many tokens it holds.
 pub struct ReferenceSession<'m> {
     model: &'m ReferenceModel,
-    cache: HashMap<(u32, KvKind), Vec<f32>>,
+    cache: KvCache,
     position: usize,
 }
 
@@ -174,7 +177,7 @@ impl Value<'_> {
 }
 
 impl ReferenceSession<'_> {
-    fn run(&self, ids: &[u32]) -> Result<(Logits, HashMap<(u32, KvKind), Vec<f32>>), RuntimeError> {
+    fn run(&self, ids: &[u32]) -> Result<(Logits, KvCache), RuntimeError> {
         let m = self.model;
         let t = ids.len();
         let kv = self.position + t;
