@@ -3,13 +3,24 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use q3c_tests::{fixtures_dir, golden, max_abs_diff, LOGIT_TOLERANCE};
+use q3c_tests::{copy_fixture, fixtures_dir, golden, max_abs_diff, LOGIT_TOLERANCE};
 
 fn q3c(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_q3c"))
         .args(args)
         .output()
         .expect("q3c runs")
+}
+
+/// Runs q3c and asserts it succeeded.
+fn q3c_ok(args: &[&str]) -> Output {
+    let out = q3c(args);
+    assert!(
+        out.status.success(),
+        "q3c {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 fn ids_arg(ids: &[u32]) -> String {
@@ -35,7 +46,7 @@ fn logits_writes_transformers_logits_to_safetensors() {
         let dir = tempfile::tempdir().unwrap();
         let out_path = dir.path().join("out.safetensors");
         let model = fixtures_dir().join(name);
-        let out = q3c(&[
+        q3c_ok(&[
             "logits",
             "--model",
             model.to_str().unwrap(),
@@ -44,11 +55,6 @@ fn logits_writes_transformers_logits_to_safetensors() {
             "--out",
             out_path.to_str().unwrap(),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let bytes = std::fs::read(&out_path).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.names().len(), 1);
@@ -74,7 +80,7 @@ fn generate_json_reports_the_greedy_ids() {
     for name in ["tied_bf16", "sharded_f16"] {
         let g = golden(name);
         let model = fixtures_dir().join(name);
-        let out = q3c(&[
+        let out = q3c_ok(&[
             "generate",
             "--model",
             model.to_str().unwrap(),
@@ -87,11 +93,6 @@ fn generate_json_reports_the_greedy_ids() {
             "--ignore-eos",
             "--json",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let stdout = String::from_utf8(out.stdout).unwrap();
         assert_eq!(stdout.lines().count(), 1, "{stdout}");
         let obj: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -110,11 +111,7 @@ fn generate_json_reports_the_greedy_ids() {
 fn generate_stops_at_eos_unless_told_not_to() {
     // In dense_gqa's greedy continuation, pretend the 5th token is the end-of-sequence id.
     let g = golden("dense_gqa");
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures_dir().join("dense_gqa")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    let dir = copy_fixture("dense_gqa");
     let cfg_path = dir.path().join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
@@ -134,12 +131,7 @@ fn generate_stops_at_eos_unless_told_not_to() {
         let prompt = ids_arg(&g.prompt_ids);
         args.extend(["--prompt-ids", prompt.as_str()]);
         args.extend(extra);
-        let out = q3c(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = q3c_ok(&args);
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let stopped = run(&[]);
@@ -153,7 +145,7 @@ fn sampling_is_reproducible_with_a_seed() {
     let g = golden("moe");
     let model = fixtures_dir().join("moe");
     let run = |seed: &str| {
-        let out = q3c(&[
+        let out = q3c_ok(&[
             "generate",
             "--model",
             model.to_str().unwrap(),
@@ -168,7 +160,6 @@ fn sampling_is_reproducible_with_a_seed() {
             "--ignore-eos",
             "--json",
         ]);
-        assert!(out.status.success());
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["ids"].clone()
     };
     assert_eq!(run("3"), run("3"));
@@ -178,27 +169,20 @@ fn sampling_is_reproducible_with_a_seed() {
 #[test]
 fn ir_prints_text_that_parses_back_and_dot() {
     for model in ["Qwen3-8B", "qwen/qwen3-30b-a3b"] {
-        let out = q3c(&["ir", model]);
-        assert!(out.status.success());
+        let out = q3c_ok(&["ir", model]);
         let text = String::from_utf8(out.stdout).unwrap();
         let g = q3c_ir::text::parse(&text).unwrap();
         q3c_ir::verify(&g).unwrap();
         assert!(text.contains("\noutput logits = %"), "{model}");
     }
-    let out = q3c(&["ir", "Qwen3-0.6B", "--dot"]);
-    assert!(out.status.success());
+    let out = q3c_ok(&["ir", "Qwen3-0.6B", "--dot"]);
     assert!(String::from_utf8(out.stdout)
         .unwrap()
         .starts_with("digraph q3c {"));
     // A config.json and a directory work too.
     let dir = fixtures_dir().join("moe");
     for arg in [dir.clone(), dir.join("config.json")] {
-        let out = q3c(&["ir", arg.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = q3c_ok(&["ir", arg.to_str().unwrap()]);
         assert!(String::from_utf8(out.stdout)
             .unwrap()
             .contains("expert_linear"));

@@ -89,6 +89,16 @@ pub fn reference_model(name: &str) -> ReferenceModel {
     ReferenceModel::new(graph, &ckpt, q3c_compiler::LOGITS).expect("binding weights")
 }
 
+/// A writable copy of a fixture directory (for tests that edit the config or the weights).
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    for entry in std::fs::read_dir(fixtures_dir().join(name)).expect("fixture dir") {
+        let entry = entry.expect("dir entry");
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
+    }
+    tmp
+}
+
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");

@@ -5,15 +5,6 @@ use q3c_models::Checkpoint;
 use q3c_runtime::{ReferenceModel, Session};
 use q3c_tests::*;
 
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures_dir().join(name)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
-    }
-    tmp
-}
-
 #[test]
 fn a_tied_checkpoint_that_still_stores_lm_head_works() {
     let g = golden("tied_bf16");
