@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use q3c_models::{registry, Checkpoint, ModelSource};
-use q3c_runtime::{generate, GenerateOptions, ReferenceModel, Session};
+use q3c_runtime::{generate, CompiledModel, GenerateOptions, ReferenceModel, Session};
 
 /// q3c: an ahead-of-time compiler for Qwen3 models.
 #[derive(Parser)]
@@ -29,11 +29,38 @@ enum Command {
         #[arg(short, long)]
         out: Option<PathBuf>,
     },
+    /// Compile a model ahead of time into a shared library (weights are bound at load time).
+    Compile {
+        /// A registry name (e.g. Qwen3-8B), a config.json, or a model directory.
+        model: String,
+        /// Output artifact.
+        #[arg(short, long, default_value = "model.so")]
+        out: PathBuf,
+        /// Code generator.
+        #[arg(long, default_value = "cranelift", value_parser = ["cranelift"])]
+        backend: String,
+        /// CPU to generate code for: native, or a Cranelift CPU name (x86-64-v2, x86-64-v3, ...).
+        #[arg(long, default_value = "native")]
+        target_cpu: String,
+        /// Most tokens per forward call (longer prompts run in chunks); sizes the scratch memory.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// Fusion strategy (only `none` so far).
+        #[arg(long, default_value = "none", value_parser = ["none"])]
+        fusion: String,
+    },
+    /// Print a compiled artifact's manifest.
+    Inspect {
+        /// A `.so` made by `q3c compile`.
+        artifact: PathBuf,
+        /// Print the raw JSON manifest.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a prompt through a model and write its logits (f32 [T, vocab]) to a safetensors file.
     Logits {
-        /// Model directory: config.json and safetensors weights.
-        #[arg(long)]
-        model: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         /// Comma-separated token ids, e.g. 1,2,3.
         #[arg(long, value_name = "IDS")]
         prompt_ids: String,
@@ -43,9 +70,8 @@ enum Command {
     },
     /// Continue a prompt of token ids.
     Generate {
-        /// Model directory: config.json and safetensors weights.
-        #[arg(long)]
-        model: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         /// Comma-separated token ids, e.g. 1,2,3.
         #[arg(long, value_name = "IDS")]
         prompt_ids: String,
@@ -69,6 +95,69 @@ enum Command {
     Models,
 }
 
+/// Which model to run: a model directory (reference executor), or a compiled artifact plus weights.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A model directory (config.json + safetensors; runs the reference executor) or a compiled `.so`.
+    #[arg(long)]
+    model: PathBuf,
+    /// The weights directory, when --model is a compiled `.so`.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Threads for a compiled model (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// A loaded model of either kind.
+enum Loaded {
+    Reference(ReferenceModel),
+    Compiled(Box<CompiledModel>),
+}
+
+impl Loaded {
+    fn load(args: &ModelArgs) -> Result<(Loaded, Vec<u32>)> {
+        if args.model.is_dir() {
+            if args.weights.is_some() {
+                bail!(
+                    "--weights is only for a compiled --model .so; {} is a model directory",
+                    args.model.display()
+                );
+            }
+            let (cfg, model) = load_reference_with_config(&args.model)?;
+            return Ok((Loaded::Reference(model), cfg.eos_token_ids));
+        }
+        if !args.model.is_file() {
+            bail!(
+                "--model {}: no such file or directory",
+                args.model.display()
+            );
+        }
+        let weights = args.weights.as_ref().with_context(|| {
+            format!(
+                "--model {} is a compiled artifact: give its weights with --weights DIR",
+                args.model.display()
+            )
+        })?;
+        let threads = args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        let model = CompiledModel::load(&args.model, weights, threads)?;
+        let eos = model.config().eos_token_ids.clone();
+        Ok((Loaded::Compiled(Box::new(model)), eos))
+    }
+
+    fn session(&self) -> Box<dyn Session + '_> {
+        match self {
+            Loaded::Reference(m) => Box::new(m.session()),
+            Loaded::Compiled(m) => Box::new(m.session()),
+        }
+    }
+}
+
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -85,13 +174,48 @@ pub fn run(cli: Cli) -> Result<()> {
                 None => print_stdout(&text),
             }
         }
+        Command::Compile {
+            model,
+            out,
+            backend,
+            target_cpu,
+            max_tokens,
+            fusion,
+        } => {
+            let cfg = ModelSource::parse(&model).config()?;
+            let start = std::time::Instant::now();
+            let graph = q3c_compiler::lower(&cfg).context("lowering failed (a q3c bug)")?;
+            let opts = q3c_backend_cranelift::CompileOptions {
+                target_cpu,
+                max_tokens_per_call: max_tokens,
+                fusion,
+            };
+            let compiled =
+                q3c_backend_cranelift::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts)?;
+            q3c_backend_cranelift::link_shared(&compiled.object, &out)?;
+            eprintln!(
+                "compiled {model} with {backend} into {} ({} kernels, {} weights) in {:.2} s",
+                out.display(),
+                compiled.manifest.kernels,
+                compiled.manifest.weights.len(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Inspect { artifact, json } => {
+            let m = q3c_runtime::compiled::read_manifest(&artifact)?;
+            if json {
+                return print_stdout(&format!("{}\n", serde_json::to_string_pretty(&m)?));
+            }
+            print_stdout(&describe_manifest(&m))
+        }
         Command::Logits {
             model,
             prompt_ids,
             out,
         } => {
             let ids = parse_ids(&prompt_ids)?;
-            let model = load_reference(&model)?;
+            let (model, _) = Loaded::load(&model)?;
             let logits = model.session().forward(&ids)?;
             let bytes: Vec<u8> = logits.data.iter().flat_map(|v| v.to_le_bytes()).collect();
             let view = safetensors::tensor::TensorView::new(
@@ -114,12 +238,8 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let ids = parse_ids(&prompt_ids)?;
-            let (cfg, model) = load_reference_with_config(&model)?;
-            let stop_ids = if ignore_eos {
-                vec![]
-            } else {
-                cfg.eos_token_ids.clone()
-            };
+            let (model, eos) = Loaded::load(&model)?;
+            let stop_ids = if ignore_eos { vec![] } else { eos };
             let opts = GenerateOptions {
                 max_new_tokens,
                 temperature,
@@ -127,7 +247,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 stop_ids,
             };
             let start = std::time::Instant::now();
-            let out = generate(&mut model.session(), &ids, &opts)?;
+            let out = generate(&mut *model.session(), &ids, &opts)?;
             let secs = start.elapsed().as_secs_f64();
             let stopped = out.last().is_some_and(|id| opts.stop_ids.contains(id));
             if json {
@@ -209,8 +329,58 @@ fn load_reference_with_config(dir: &Path) -> Result<(q3c_models::Qwen3Config, Re
     Ok((cfg, model))
 }
 
-fn load_reference(dir: &Path) -> Result<ReferenceModel> {
-    Ok(load_reference_with_config(dir)?.1)
+/// The manifest in human form.
+fn describe_manifest(m: &q3c_abi::Manifest) -> String {
+    let c = &m.config;
+    let mut s = String::new();
+    s += &format!(
+        "q3c artifact (ABI {}, q3c {}, backend {})\n",
+        m.abi_version, m.compiler_version, m.backend
+    );
+    s += &format!(
+        "model:     {} layers, hidden {}, heads {}/{} x {}, vocab {}, {}\n",
+        c["num_hidden_layers"],
+        c["hidden_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["head_dim"],
+        m.vocab_size,
+        if c.get("num_experts").is_some() {
+            format!(
+                "MoE {} experts top-{}",
+                c["num_experts"], c["num_experts_per_tok"]
+            )
+        } else {
+            "dense".into()
+        }
+    );
+    s += &format!(
+        "weights:   {} tensors, dtype {}\n",
+        m.weights.len(),
+        c["torch_dtype"].as_str().unwrap_or("?")
+    );
+    s += &format!(
+        "kv cache:  {} layers x {} kv heads x {} ({}), per token {} bytes\n",
+        m.kv.layers,
+        m.kv.kv_heads,
+        m.kv.head_dim,
+        m.kv.dtype,
+        2 * m.kv.layers * m.kv.kv_heads * m.kv.head_dim * 4
+    );
+    s += &format!(
+        "calls:     up to {} tokens, scratch {} bytes per token\n",
+        m.max_tokens_per_call, m.scratch_bytes_per_token
+    );
+    s += &format!(
+        "kernels:   {} per forward call, fusion {}\n",
+        m.kernels, m.fusion
+    );
+    s += &format!(
+        "target:    {} ({})\n",
+        m.target_cpu,
+        m.required_cpu_features.join(" ")
+    );
+    s
 }
 
 /// Writes `data` to a temporary file beside `path`, then renames it into place: never half-written.

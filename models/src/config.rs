@@ -112,6 +112,52 @@ impl Qwen3Config {
         self.num_attention_heads / self.num_key_value_heads
     }
 
+    /// The config as `config.json` in the official checkpoints' spelling; reads back to an equal config.
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::json!({
+            "model_type": if self.moe.is_some() { "qwen3_moe" } else { "qwen3" },
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling.as_ref().map(|y| serde_json::json!({
+                "rope_type": "yarn",
+                "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings,
+                "attention_factor": y.attention_factor,
+                "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow,
+                "truncate": y.truncate,
+            })),
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.torch_dtype.torch_name(),
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "use_sliding_window": false,
+        });
+        if let Some(m) = &self.moe {
+            let obj = v.as_object_mut().expect("object");
+            obj.insert("num_experts".into(), m.num_experts.into());
+            obj.insert("num_experts_per_tok".into(), m.num_experts_per_tok.into());
+            obj.insert(
+                "moe_intermediate_size".into(),
+                m.moe_intermediate_size.into(),
+            );
+            obj.insert("norm_topk_prob".into(), m.norm_topk_prob.into());
+            obj.insert("decoder_sparse_step".into(), m.decoder_sparse_step.into());
+            obj.insert("mlp_only_layers".into(), m.mlp_only_layers.clone().into());
+        }
+        v
+    }
+
     /// Total parameter count (embedding counted once when tied).
     pub fn parameter_count(&self) -> u64 {
         crate::tensors::expected_tensors(self)

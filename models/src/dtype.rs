@@ -21,6 +21,15 @@ impl DType {
         }
     }
 
+    /// transformers' spelling (`float32`, `bfloat16`, `float16`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {

@@ -491,3 +491,28 @@ fn model_sources_resolve_names_files_and_dirs() {
     let err = resolve(file.to_str().unwrap()).unwrap_err().to_string();
     assert!(err.contains("config.json: malformed config JSON"), "{err}");
 }
+
+#[test]
+fn to_json_reads_back_to_the_same_config() {
+    let yarn = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768});
+    let mut configs: Vec<Qwen3Config> = registry::names()
+        .into_iter()
+        .map(|n| registry::lookup(n).unwrap())
+        .collect();
+    configs.push(
+        Qwen3Config::from_json(&json_with(OFFICIAL_0_6B, &[("rope_scaling", yarn)])).unwrap(),
+    );
+    configs.push(
+        Qwen3Config::from_json(&json_with(
+            OFFICIAL_30B_A3B,
+            &[("mlp_only_layers", serde_json::json!([0, 5]))],
+        ))
+        .unwrap(),
+    );
+    for cfg in configs {
+        assert_eq!(
+            Qwen3Config::from_json(&cfg.to_json().to_string()).unwrap(),
+            cfg
+        );
+    }
+}

@@ -9,6 +9,10 @@ pub enum RuntimeError {
     Weight { name: String, message: String },
     #[error("{0}")]
     Input(String),
+    #[error("{path}: {message}")]
+    Artifact { path: String, message: String },
+    #[error(transparent)]
+    Checkpoint(#[from] q3c_models::CheckpointError),
     #[error("internal error (a q3c bug): {0}")]
     Internal(String),
 }

@@ -3,16 +3,19 @@
 //! - [`Session`]: the interface of every executor (one KV cache per session).
 //! - [`reference`]: the reference executor, which runs the IR directly in plain f32 Rust. It is the oracle
 //!   every backend and pass is tested against.
+//! - [`compiled`]: loads ahead-of-time compiled artifacts (`model.so`) and runs them on a thread pool.
 //! - [`generate`]: the decoding loop.
 //!
 //! The runtime never depends on the compiler or on a code generator: it receives a graph (for the
 //! reference executor) or, later, a compiled artifact.
 
+pub mod compiled;
 mod error;
 pub mod generate;
 pub mod reference;
 mod session;
 
+pub use compiled::{CompiledModel, CompiledSession};
 pub use error::RuntimeError;
 pub use generate::{generate, GenerateOptions};
 pub use reference::{ReferenceModel, ReferenceSession};

@@ -1,0 +1,45 @@
+/* q3c model artifact ABI, version 1.
+ *
+ * A q3c artifact (model.so) exports exactly these symbols; everything else in it is hidden.
+ * It imports nothing beyond libc/libm: runtime services arrive through q3c_services.
+ * Weights are not inside the artifact: the caller binds them, in manifest order, at load time. */
+#ifndef Q3C_ABI_H
+#define Q3C_ABI_H
+#include <stdint.h>
+
+#define Q3C_ABI_VERSION 1u
+
+/* Status codes returned by q3c_forward. */
+#define Q3C_OK 0
+#define Q3C_ERR_TOKENS 1      /* t == 0 or t > manifest.max_tokens_per_call */
+#define Q3C_ERR_TOKEN_ID 2    /* a token id outside the vocabulary */
+
+/* A kernel over work items [start, end). */
+typedef void (*q3c_kernel)(const uint64_t *args, uint64_t start, uint64_t end);
+
+/* Services the runtime lends the artifact. */
+typedef struct q3c_services {
+    /* Runs kernel(args, s, e) over disjoint ranges covering [0, n), possibly on several threads,
+     * and returns when all are done. */
+    void (*parallel_for)(void *pool, q3c_kernel kernel, const uint64_t *args, uint64_t n);
+    void *pool;
+} q3c_services;
+
+/* One forward call: t new tokens after `past` cached ones. */
+typedef struct q3c_step {
+    const int32_t *ids;            /* [t] */
+    uint64_t t;
+    uint64_t past;
+    const void *const *weights;    /* one pointer per manifest weight, in manifest order */
+    float *const *kv;              /* 2 per layer: K0, V0, K1, V1, ...; each [capacity, kv_heads, head_dim] f32 */
+    uint8_t *scratch;              /* manifest.scratch_bytes_per_token * manifest.max_tokens_per_call bytes, 64-aligned */
+    float *logits;                 /* [t, vocab] f32 */
+    const q3c_services *services;
+} q3c_step;
+
+extern const uint32_t q3c_abi_version;        /* == Q3C_ABI_VERSION */
+extern const uint8_t q3c_manifest[];          /* UTF-8 JSON, q3c_manifest_len bytes */
+extern const uint64_t q3c_manifest_len;
+int32_t q3c_forward(const q3c_step *step);
+
+#endif

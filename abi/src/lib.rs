@@ -1,0 +1,139 @@
+//! The ABI between q3c artifacts and the runtime, mirrored by `q3c_abi.h` (the C view of the same contract).
+//!
+//! Both the code generators and the runtime depend on this crate and nothing else of each other.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the contract below; an artifact with another version is refused.
+pub const ABI_VERSION: u32 = 1;
+
+/// The C header describing the ABI (shipped for services written in other languages).
+pub const HEADER: &str = include_str!("../q3c_abi.h");
+
+/// Exported symbol: `const uint32_t q3c_abi_version`.
+pub const SYM_ABI_VERSION: &str = "q3c_abi_version";
+/// Exported symbol: `const uint8_t q3c_manifest[]` (JSON).
+pub const SYM_MANIFEST: &str = "q3c_manifest";
+/// Exported symbol: `const uint64_t q3c_manifest_len`.
+pub const SYM_MANIFEST_LEN: &str = "q3c_manifest_len";
+/// Exported symbol: `int32_t q3c_forward(const q3c_step *)`.
+pub const SYM_FORWARD: &str = "q3c_forward";
+
+/// `q3c_forward` succeeded.
+pub const OK: i32 = 0;
+/// `t` was 0 or above `max_tokens_per_call`.
+pub const ERR_TOKENS: i32 = 1;
+/// A token id was outside the vocabulary.
+pub const ERR_TOKEN_ID: i32 = 2;
+
+/// `q3c_kernel`: a kernel over work items `[start, end)`.
+pub type Kernel = unsafe extern "C" fn(args: *const u64, start: u64, end: u64);
+
+/// `q3c_services`.
+#[repr(C)]
+pub struct Services {
+    pub parallel_for:
+        unsafe extern "C" fn(pool: *mut std::ffi::c_void, kernel: Kernel, args: *const u64, n: u64),
+    pub pool: *mut std::ffi::c_void,
+}
+
+/// `q3c_step`.
+#[repr(C)]
+pub struct Step {
+    pub ids: *const i32,
+    pub t: u64,
+    pub past: u64,
+    pub weights: *const *const u8,
+    pub kv: *const *mut f32,
+    pub scratch: *mut u8,
+    pub logits: *mut f32,
+    pub services: *const Services,
+}
+
+/// Byte offsets of [`Step`]'s fields, for code generators.
+pub mod step_offsets {
+    pub const IDS: i32 = 0;
+    pub const T: i32 = 8;
+    pub const PAST: i32 = 16;
+    pub const WEIGHTS: i32 = 24;
+    pub const KV: i32 = 32;
+    pub const SCRATCH: i32 = 40;
+    pub const LOGITS: i32 = 48;
+    pub const SERVICES: i32 = 56;
+}
+
+/// `int32_t q3c_forward(const q3c_step *)`.
+pub type Forward = unsafe extern "C" fn(step: *const Step) -> i32;
+
+/// How the runtime must lay out one bound weight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightEntry {
+    /// Checkpoint tensor name.
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Dtype in the checkpoint (`f32`, `bf16`, `f16`).
+    pub dtype: String,
+    /// Dtype the kernels read (`f16` checkpoints are widened to `f32` at load time).
+    pub kernel_dtype: String,
+    /// Always `row-major` in ABI 1.
+    pub layout: String,
+}
+
+/// KV-cache geometry: per layer, K and V buffers of `[capacity, kv_heads, head_dim]` f32.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvGeometry {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: String,
+}
+
+/// Everything the runtime needs to know about an artifact, embedded in it as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub abi_version: u32,
+    pub compiler_version: String,
+    pub backend: String,
+    /// The model's `config.json` as q3c understood it.
+    pub config: serde_json::Value,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub weights: Vec<WeightEntry>,
+    pub kv: KvGeometry,
+    pub max_tokens_per_call: usize,
+    pub scratch_bytes_per_token: usize,
+    pub fusion: String,
+    pub target_cpu: String,
+    /// CPU features the code uses (e.g. `sse4.1`, `fma`); the runtime refuses a CPU without them.
+    pub required_cpu_features: Vec<String>,
+    /// Kernels (work items dispatched) per forward call, for inspection.
+    pub kernels: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_and_rust_agree() {
+        assert!(HEADER.contains(&format!("#define Q3C_ABI_VERSION {ABI_VERSION}u")));
+        assert!(HEADER.contains(&format!("#define Q3C_ERR_TOKENS {ERR_TOKENS} ")));
+        assert!(HEADER.contains(&format!("#define Q3C_ERR_TOKEN_ID {ERR_TOKEN_ID} ")));
+        for sym in [SYM_ABI_VERSION, SYM_MANIFEST, SYM_MANIFEST_LEN, SYM_FORWARD] {
+            assert!(HEADER.contains(sym), "{sym}");
+        }
+        assert_eq!(
+            std::mem::size_of::<Step>(),
+            step_offsets::SERVICES as usize + 8
+        );
+        assert_eq!(
+            std::mem::offset_of!(Step, weights),
+            step_offsets::WEIGHTS as usize
+        );
+        assert_eq!(
+            std::mem::offset_of!(Step, logits),
+            step_offsets::LOGITS as usize
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! Cranelift building blocks shared by the kernels: counted loops, weight loads with widening,
+//! SIMD dot products and libm calls.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
+use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Value};
+use cranelift_frontend::FunctionBuilder;
+use q3c_ir::DType;
+
+/// Imported libm functions, declared in the function being built.
+#[derive(Clone, Copy)]
+pub struct Libm {
+    pub expf: FuncRef,
+    pub cosf: FuncRef,
+    pub sinf: FuncRef,
+}
+
+/// A function under construction plus what every kernel needs.
+pub struct Emit<'a, 'b> {
+    pub b: &'a mut FunctionBuilder<'b>,
+    pub fma: bool,
+    pub libm: Libm,
+}
+
+/// Loads that may be unaligned and never trap (pointers come from the runtime, already checked).
+pub fn mem() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+impl Emit<'_, '_> {
+    pub fn iconst(&mut self, v: usize) -> Value {
+        self.b.ins().iconst(I64, v as i64)
+    }
+
+    pub fn fconst(&mut self, v: f32) -> Value {
+        self.b.ins().f32const(v)
+    }
+
+    /// `base + index * scale` (byte address arithmetic).
+    pub fn addr(&mut self, base: Value, index: Value, scale: usize) -> Value {
+        let off = self.b.ins().imul_imm_u(index, scale as i64);
+        self.b.ins().iadd(base, off)
+    }
+
+    /// `for i in (start..end).step_by(step) { body(i) }`.
+    pub fn for_range(
+        &mut self,
+        start: Value,
+        end: Value,
+        step: usize,
+        mut body: impl FnMut(&mut Self, Value),
+    ) {
+        let header = self.b.create_block();
+        let body_blk = self.b.create_block();
+        let exit = self.b.create_block();
+        let var = self.b.declare_var(I64);
+        self.b.def_var(var, start);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(var);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, i, end);
+        self.b.ins().brif(more, body_blk, &[], exit, &[]);
+        self.b.switch_to_block(body_blk);
+        body(self, i);
+        let next = self.b.ins().iadd_imm_s(i, step as i64);
+        self.b.def_var(var, next);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(exit);
+    }
+
+    /// `for i in 0..n` with a constant bound.
+    pub fn for_n(&mut self, n: usize, body: impl FnMut(&mut Self, Value)) {
+        let (zero, end) = (self.iconst(0), self.iconst(n));
+        self.for_range(zero, end, 1, body);
+    }
+
+    pub fn load_f32(&mut self, ptr: Value, offset: i32) -> Value {
+        self.b.ins().load(F32, mem(), ptr, offset)
+    }
+
+    pub fn store(&mut self, v: Value, ptr: Value, offset: i32) {
+        self.b.ins().store(mem(), v, ptr, offset);
+    }
+
+    pub fn load_i32_as_i64(&mut self, ptr: Value, offset: i32) -> Value {
+        let v = self.b.ins().load(I32, mem(), ptr, offset);
+        self.b.ins().sextend(I64, v)
+    }
+
+    /// One weight element at `ptr` (its byte address), widened to f32.
+    pub fn load_weight(&mut self, dtype: DType, ptr: Value, offset: i32) -> Value {
+        match dtype {
+            DType::BF16 => {
+                let bits = self.b.ins().uload16(I32, mem(), ptr, offset);
+                let bits = self.b.ins().ishl_imm_u(bits, 16);
+                self.b.ins().bitcast(F32, MemFlagsData::new(), bits)
+            }
+            _ => self.load_f32(ptr, offset),
+        }
+    }
+
+    /// Four consecutive weight elements widened to f32x4.
+    pub fn load_weight4(&mut self, dtype: DType, ptr: Value, offset: i32) -> Value {
+        match dtype {
+            DType::BF16 => {
+                let wide = self.b.ins().uload16x4(mem(), ptr, offset);
+                let bits = self.b.ins().ishl_imm_u(wide, 16);
+                self.b.ins().bitcast(
+                    F32X4,
+                    MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little),
+                    bits,
+                )
+            }
+            _ => self.b.ins().load(F32X4, mem(), ptr, offset),
+        }
+    }
+
+    /// `a * b + c` on f32x4 (a fused multiply-add where the CPU has one).
+    pub fn madd(&mut self, a: Value, b: Value, c: Value) -> Value {
+        if self.fma {
+            self.b.ins().fma(a, b, c)
+        } else {
+            let p = self.b.ins().fmul(a, b);
+            self.b.ins().fadd(p, c)
+        }
+    }
+
+    pub fn hsum(&mut self, v: Value) -> Value {
+        let lanes: Vec<Value> = (0..4u8).map(|l| self.b.ins().extractlane(v, l)).collect();
+        let a = self.b.ins().fadd(lanes[0], lanes[1]);
+        let c = self.b.ins().fadd(lanes[2], lanes[3]);
+        self.b.ins().fadd(a, c)
+    }
+
+    /// `Σ_k x[k] · w[k]` over `k` constant elements: f32 activations at `x`, weights of `dtype` at `w`.
+    /// Four f32x4 accumulators over blocks of 16, then 4-wide and scalar tails, all unrolled.
+    pub fn dot(&mut self, x: Value, w: Value, dtype: DType, k: usize) -> Value {
+        let ws = if dtype == DType::BF16 { 2 } else { 4 };
+        let zero4 = {
+            let z = self.fconst(0.0);
+            self.b.ins().splat(F32X4, z)
+        };
+        let accs: Vec<_> = (0..4).map(|_| self.b.declare_var(F32X4)).collect();
+        for &a in &accs {
+            self.b.def_var(a, zero4);
+        }
+        let blocks = k / 16;
+        if blocks > 0 {
+            let accs2 = accs.clone();
+            self.for_n(blocks, |e, j| {
+                let xb = e.addr(x, j, 64);
+                let wb = e.addr(w, j, 16 * ws);
+                for (u, &a) in accs2.iter().enumerate() {
+                    let xv = e.b.ins().load(F32X4, mem(), xb, (16 * u) as i32);
+                    let wv = e.load_weight4(dtype, wb, (u * 4 * ws) as i32);
+                    let acc = e.b.use_var(a);
+                    let acc = e.madd(xv, wv, acc);
+                    e.b.def_var(a, acc);
+                }
+            });
+        }
+        let mut done = blocks * 16;
+        let mut acc = {
+            let a0 = self.b.use_var(accs[0]);
+            let a1 = self.b.use_var(accs[1]);
+            let a2 = self.b.use_var(accs[2]);
+            let a3 = self.b.use_var(accs[3]);
+            let s = self.b.ins().fadd(a0, a1);
+            let t = self.b.ins().fadd(a2, a3);
+            self.b.ins().fadd(s, t)
+        };
+        while done + 4 <= k {
+            let xv = self.b.ins().load(F32X4, mem(), x, (done * 4) as i32);
+            let wv = self.load_weight4(dtype, w, (done * ws) as i32);
+            acc = self.madd(xv, wv, acc);
+            done += 4;
+        }
+        let mut sum = self.hsum(acc);
+        while done < k {
+            let xv = self.load_f32(x, (done * 4) as i32);
+            let wv = self.load_weight(dtype, w, (done * ws) as i32);
+            let p = self.b.ins().fmul(xv, wv);
+            sum = self.b.ins().fadd(sum, p);
+            done += 1;
+        }
+        sum
+    }
+
+    pub fn call1(&mut self, f: FuncRef, x: Value) -> Value {
+        let call = self.b.ins().call(f, &[x]);
+        self.b.inst_results(call)[0]
+    }
+
+    pub fn expf(&mut self, x: Value) -> Value {
+        self.call1(self.libm.expf, x)
+    }
+
+    /// An f32 stack accumulator: declare, set, read, write through `Variable`s.
+    pub fn var_f32(&mut self, init: f32) -> cranelift_frontend::Variable {
+        let v = self.b.declare_var(F32);
+        let c = self.fconst(init);
+        self.b.def_var(v, c);
+        v
+    }
+}

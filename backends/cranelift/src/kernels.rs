@@ -1,0 +1,523 @@
+//! One kernel per graph node, specialised to the node's constant dims.
+//!
+//! Every kernel has the signature `(args: *const u64, start: u64, end: u64)` and processes work items
+//! `[start, end)`. `args` holds `[T, past, input pointers..., output pointer]`. [`work_items`] says what an
+//! item is for each op (a token row, an output feature, a (token, head) pair, ...).
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
+use cranelift_codegen::ir::{InstBuilder, Value};
+use q3c_ir::{DType, Graph, NodeId, Op};
+
+use crate::emit::{mem, Emit};
+use crate::plan::{Loc, Plan};
+use crate::BackendError;
+
+/// Work items of a node's kernel: `per_token × T` if `scales_with_t`, else `per_token` alone.
+pub struct Items {
+    pub count: usize,
+    pub scales_with_t: bool,
+}
+
+fn dims(graph: &Graph, id: NodeId) -> Vec<usize> {
+    graph.node(id).ty.shape.resolve(1, 1)
+}
+
+/// Product of the dims after the leading `T`.
+fn per_token(graph: &Graph, id: NodeId) -> usize {
+    dims(graph, id)[1..].iter().product()
+}
+
+/// How a node's work is split into items.
+pub fn work_items(graph: &Graph, id: NodeId) -> Items {
+    let out = dims(graph, id);
+    let by_t = |count| Items {
+        count,
+        scales_with_t: true,
+    };
+    match &graph.node(id).op {
+        Op::Linear => Items {
+            count: *out.last().expect("rank >= 1"),
+            scales_with_t: false,
+        },
+        Op::ExpertLinear => by_t(out[1]),
+        Op::RmsNorm { .. } | Op::Softmax => by_t(out[1..out.len() - 1].iter().product()),
+        Op::Attention { .. } => by_t(out[1]),
+        Op::TopK { .. } | Op::GatherLast => by_t(out[1..out.len() - 1].iter().product()),
+        _ => by_t(1),
+    }
+}
+
+/// The weight dtype of input `i`, or F32 for activations.
+fn in_dtype(plan: &Plan, graph: &Graph, id: NodeId, i: usize) -> DType {
+    match plan.loc[&graph.inputs(id)[i]] {
+        Loc::Weight { dtype, .. } => dtype,
+        _ => DType::F32,
+    }
+}
+
+/// Emits the body of node `id`'s kernel. `rope_table` is the address of the node's inverse frequencies.
+pub fn emit(
+    e: &mut Emit,
+    graph: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    params: [Value; 3],
+    rope_table: Option<Value>,
+) -> Result<(), BackendError> {
+    let [args, start, end] = params;
+    let node = graph.node(id);
+    let n_in = graph.inputs(id).len();
+    let t = e.b.ins().load(I64, mem(), args, 0);
+    let past = e.b.ins().load(I64, mem(), args, 8);
+    let ptr: Vec<Value> = (0..=n_in)
+        .map(|i| e.b.ins().load(I64, mem(), args, 16 + 8 * i as i32))
+        .collect();
+    let out = ptr[n_in];
+    let _ = t;
+    match &node.op {
+        Op::Embedding => {
+            let hidden = *dims(graph, id).last().expect("rank");
+            let dt = in_dtype(plan, graph, id, 0);
+            let ws = dt.size();
+            e.for_range(start, end, 1, |e, row| {
+                let tok = e.addr(ptr[1], row, 4);
+                let tok = e.load_i32_as_i64(tok, 0);
+                let src = e.addr(ptr[0], tok, hidden * ws);
+                let dst = e.addr(out, row, hidden * 4);
+                e.for_n(hidden, |e, i| {
+                    let s = e.addr(src, i, ws);
+                    let v = e.load_weight(dt, s, 0);
+                    let d = e.addr(dst, i, 4);
+                    e.store(v, d, 0);
+                });
+            });
+        }
+        Op::Linear => {
+            let x_dims = dims(graph, graph.inputs(id)[0]);
+            let k = *x_dims.last().expect("rank");
+            let rows_per_token: usize = x_dims[1..x_dims.len() - 1].iter().product();
+            let n = *dims(graph, id).last().expect("rank");
+            let dt = in_dtype(plan, graph, id, 1);
+            let rows = e.b.ins().imul_imm_u(t, rows_per_token as i64);
+            e.for_range(start, end, 1, |e, col| {
+                let w_row = e.addr(ptr[1], col, k * dt.size());
+                let zero = e.iconst(0);
+                e.for_range(zero, rows, 1, |e, r| {
+                    let x_row = e.addr(ptr[0], r, k * 4);
+                    let s = e.dot(x_row, w_row, dt, k);
+                    let o = e.addr(out, r, n * 4);
+                    let o = e.addr(o, col, 4);
+                    e.store(s, o, 0);
+                });
+            });
+        }
+        Op::ExpertLinear => {
+            let x_dims = dims(graph, graph.inputs(id)[0]);
+            let (j, k) = (x_dims[1], x_dims[2]);
+            let slots = dims(graph, id)[1];
+            let n = dims(graph, id)[2];
+            let dt = in_dtype(plan, graph, id, 2);
+            e.for_range(start, end, 1, |e, item| {
+                // item = token * slots + slot
+                let slots_c = e.iconst(slots);
+                let tok = e.b.ins().udiv(item, slots_c);
+                let x_row = if j == 1 { tok } else { item };
+                let x = e.addr(ptr[0], x_row, k * 4);
+                let ide = e.addr(ptr[1], item, 4);
+                let expert = e.load_i32_as_i64(ide, 0);
+                let wp = e.addr(ptr[2], expert, 8);
+                let w = e.b.ins().load(I64, mem(), wp, 0);
+                let o = e.addr(out, item, n * 4);
+                e.for_n(n, |e, col| {
+                    let w_row = e.addr(w, col, k * dt.size());
+                    let s = e.dot(x, w_row, dt, k);
+                    let oo = e.addr(o, col, 4);
+                    e.store(s, oo, 0);
+                });
+            });
+        }
+        Op::RmsNorm { eps } => {
+            let d = *dims(graph, id).last().expect("rank");
+            let dt = in_dtype(plan, graph, id, 1);
+            let (eps, inv_d) = (*eps as f32, 1.0 / d as f32);
+            e.for_range(start, end, 1, |e, row| {
+                let x = e.addr(ptr[0], row, d * 4);
+                let ss = e.dot(x, x, DType::F32, d);
+                let invd = e.fconst(inv_d);
+                let ms = e.b.ins().fmul(ss, invd);
+                let epsv = e.fconst(eps);
+                let ms = e.b.ins().fadd(ms, epsv);
+                let root = e.b.ins().sqrt(ms);
+                let one = e.fconst(1.0);
+                let inv = e.b.ins().fdiv(one, root);
+                let o = e.addr(out, row, d * 4);
+                e.for_n(d, |e, i| {
+                    let xi = e.addr(x, i, 4);
+                    let xv = e.load_f32(xi, 0);
+                    let wi = e.addr(ptr[1], i, dt.size());
+                    let wv = e.load_weight(dt, wi, 0);
+                    let y = e.b.ins().fmul(xv, inv);
+                    let y = e.b.ins().fmul(wv, y);
+                    let oi = e.addr(o, i, 4);
+                    e.store(y, oi, 0);
+                });
+            });
+        }
+        Op::Rope(spec) => {
+            let od = dims(graph, id);
+            let (heads, d) = (od[1], od[2]);
+            let half = d / 2;
+            let table = rope_table
+                .ok_or_else(|| BackendError::Internal("rope without a frequency table".into()))?;
+            let scale = spec.attention_scale();
+            e.for_range(start, end, 1, |e, tok| {
+                let p = e.b.ins().iadd(past, tok);
+                let pf = e.b.ins().fcvt_from_uint(F32, p);
+                e.for_n(half, |e, i| {
+                    let fi = e.addr(table, i, 4);
+                    let f = e.load_f32(fi, 0);
+                    let angle = e.b.ins().fmul(pf, f);
+                    let c = e.call1(e.libm.cosf, angle);
+                    let s = e.call1(e.libm.sinf, angle);
+                    let sc = e.fconst(scale);
+                    let c = e.b.ins().fmul(c, sc);
+                    let s = e.b.ins().fmul(s, sc);
+                    e.for_n(heads, |e, h| {
+                        let base = e.b.ins().imul_imm_u(tok, (heads * d) as i64);
+                        let hd = e.b.ins().imul_imm_u(h, d as i64);
+                        let base = e.b.ins().iadd(base, hd);
+                        let base = e.b.ins().iadd(base, i);
+                        let src = e.addr(ptr[0], base, 4);
+                        let dst = e.addr(out, base, 4);
+                        let a = e.load_f32(src, 0);
+                        let bb = e.load_f32(src, (half * 4) as i32);
+                        let ac = e.b.ins().fmul(a, c);
+                        let bs = e.b.ins().fmul(bb, s);
+                        let lo = e.b.ins().fsub(ac, bs);
+                        let bc = e.b.ins().fmul(bb, c);
+                        let as_ = e.b.ins().fmul(a, s);
+                        let hi = e.b.ins().fadd(bc, as_);
+                        e.store(lo, dst, 0);
+                        e.store(hi, dst, (half * 4) as i32);
+                    });
+                });
+            });
+        }
+        Op::KvAppend { .. } => {
+            let row = per_token(graph, graph.inputs(id)[0]);
+            e.for_range(start, end, 1, |e, tok| {
+                let src = e.addr(ptr[0], tok, row * 4);
+                let p = e.b.ins().iadd(past, tok);
+                let dst = e.addr(out, p, row * 4);
+                e.for_n(row / 4, |e, i| {
+                    let s = e.addr(src, i, 16);
+                    let v = e.b.ins().load(F32X4, mem(), s, 0);
+                    let d = e.addr(dst, i, 16);
+                    e.store(v, d, 0);
+                });
+                for r in (row / 4) * 4..row {
+                    let v = e.load_f32(src, (r * 4) as i32);
+                    e.store(v, dst, (r * 4) as i32);
+                }
+            });
+        }
+        Op::Attention { scale } => {
+            let qd = dims(graph, graph.inputs(id)[0]);
+            let kd = dims(graph, graph.inputs(id)[1]);
+            let vd = dims(graph, graph.inputs(id)[2]);
+            let (hq, d, hkv, dv) = (qd[1], qd[2], kd[1], vd[2]);
+            let group = hq / hkv;
+            let scale = *scale as f32;
+            e.for_range(start, end, 1, |e, item| {
+                let hq_c = e.iconst(hq);
+                let tok = e.b.ins().udiv(item, hq_c);
+                let h = e.b.ins().urem(item, hq_c);
+                let group_c = e.iconst(group);
+                let g = e.b.ins().udiv(h, group_c);
+                let q = e.addr(ptr[0], item, d * 4);
+                let o = e.addr(out, item, dv * 4);
+                let len = e.b.ins().iadd(past, tok);
+                let len = e.b.ins().iadd_imm_s(len, 1);
+                let key = |e: &mut Emit, base: Value, j: Value, width: usize| {
+                    let row = e.b.ins().imul_imm_u(j, hkv as i64);
+                    let row = e.b.ins().iadd(row, g);
+                    e.addr(base, row, width * 4)
+                };
+                // Pass 1: the largest score.
+                let max = e.var_f32(f32::NEG_INFINITY);
+                let zero = e.iconst(0);
+                e.for_range(zero, len, 1, |e, j| {
+                    let kj = key(e, ptr[1], j, d);
+                    let s = e.dot(q, kj, DType::F32, d);
+                    let sc = e.fconst(scale);
+                    let s = e.b.ins().fmul(s, sc);
+                    let m = e.b.use_var(max);
+                    let m = e.b.ins().fmax(m, s);
+                    e.b.def_var(max, m);
+                });
+                // Pass 2: exponentials, their sum, and the weighted values accumulated into the output.
+                e.for_n(dv, |e, c| {
+                    let z = e.fconst(0.0);
+                    let oc = e.addr(o, c, 4);
+                    e.store(z, oc, 0);
+                });
+                let total = e.var_f32(0.0);
+                let zero = e.iconst(0);
+                e.for_range(zero, len, 1, |e, j| {
+                    let kj = key(e, ptr[1], j, d);
+                    let s = e.dot(q, kj, DType::F32, d);
+                    let sc = e.fconst(scale);
+                    let s = e.b.ins().fmul(s, sc);
+                    let m = e.b.use_var(max);
+                    let s = e.b.ins().fsub(s, m);
+                    let p = e.expf(s);
+                    let tv = e.b.use_var(total);
+                    let tv = e.b.ins().fadd(tv, p);
+                    e.b.def_var(total, tv);
+                    let vj = key(e, ptr[2], j, dv);
+                    let p4 = e.b.ins().splat(F32X4, p);
+                    for c in (0..dv / 4).map(|c| c * 16) {
+                        let vv = e.b.ins().load(F32X4, mem(), vj, c as i32);
+                        let ov = e.b.ins().load(F32X4, mem(), o, c as i32);
+                        let nv = e.madd(p4, vv, ov);
+                        e.store(nv, o, c as i32);
+                    }
+                    for c in (dv / 4) * 4..dv {
+                        let vv = e.load_f32(vj, (c * 4) as i32);
+                        let ov = e.load_f32(o, (c * 4) as i32);
+                        let pv = e.b.ins().fmul(p, vv);
+                        let nv = e.b.ins().fadd(ov, pv);
+                        e.store(nv, o, (c * 4) as i32);
+                    }
+                });
+                let tv = e.b.use_var(total);
+                let one = e.fconst(1.0);
+                let inv = e.b.ins().fdiv(one, tv);
+                e.for_n(dv, |e, c| {
+                    let oc = e.addr(o, c, 4);
+                    let v = e.load_f32(oc, 0);
+                    let v = e.b.ins().fmul(v, inv);
+                    e.store(v, oc, 0);
+                });
+            });
+        }
+        Op::Add | Op::Mul | Op::Div => {
+            let od = dims(graph, id);
+            let ad = dims(graph, graph.inputs(id)[0]);
+            let bd = dims(graph, graph.inputs(id)[1]);
+            let strides = |s: &[usize]| -> Vec<usize> {
+                let mut st = vec![0; s.len()];
+                let mut acc = 1;
+                for i in (0..s.len()).rev() {
+                    st[i] = if s[i] == 1 && od[i] != 1 { 0 } else { acc };
+                    acc *= s[i];
+                }
+                st
+            };
+            let (sa, sb) = (strides(&ad), strides(&bd));
+            let op = node.op.clone();
+            e.for_range(start, end, 1, |e, tok| {
+                let a0 = e.addr(ptr[0], tok, sa[0] * 4);
+                let b0 = e.addr(ptr[1], tok, sb[0] * 4);
+                let o0 = e.addr(out, tok, per_token(graph, id) * 4);
+                binary_loops(e, &op, &od[1..], &sa[1..], &sb[1..], a0, b0, o0);
+            });
+        }
+        Op::Silu => {
+            let n = per_token(graph, id);
+            e.for_range(start, end, 1, |e, tok| {
+                let x = e.addr(ptr[0], tok, n * 4);
+                let o = e.addr(out, tok, n * 4);
+                e.for_n(n, |e, i| {
+                    let xi = e.addr(x, i, 4);
+                    let v = e.load_f32(xi, 0);
+                    let neg = e.b.ins().fneg(v);
+                    let ex = e.expf(neg);
+                    let one = e.fconst(1.0);
+                    let den = e.b.ins().fadd(one, ex);
+                    let y = e.b.ins().fdiv(v, den);
+                    let oi = e.addr(o, i, 4);
+                    e.store(y, oi, 0);
+                });
+            });
+        }
+        Op::Softmax => {
+            let n = *dims(graph, id).last().expect("rank");
+            e.for_range(start, end, 1, |e, row| {
+                let x = e.addr(ptr[0], row, n * 4);
+                let o = e.addr(out, row, n * 4);
+                let max = e.var_f32(f32::NEG_INFINITY);
+                e.for_n(n, |e, i| {
+                    let xi = e.addr(x, i, 4);
+                    let v = e.load_f32(xi, 0);
+                    let m = e.b.use_var(max);
+                    let m = e.b.ins().fmax(m, v);
+                    e.b.def_var(max, m);
+                });
+                let total = e.var_f32(0.0);
+                e.for_n(n, |e, i| {
+                    let xi = e.addr(x, i, 4);
+                    let v = e.load_f32(xi, 0);
+                    let m = e.b.use_var(max);
+                    let v = e.b.ins().fsub(v, m);
+                    let p = e.expf(v);
+                    let oi = e.addr(o, i, 4);
+                    e.store(p, oi, 0);
+                    let tv = e.b.use_var(total);
+                    let tv = e.b.ins().fadd(tv, p);
+                    e.b.def_var(total, tv);
+                });
+                let tv = e.b.use_var(total);
+                e.for_n(n, |e, i| {
+                    let oi = e.addr(o, i, 4);
+                    let v = e.load_f32(oi, 0);
+                    let v = e.b.ins().fdiv(v, tv);
+                    e.store(v, oi, 0);
+                });
+            });
+        }
+        Op::ReduceSum { axis } => {
+            let xd = dims(graph, graph.inputs(id)[0]);
+            let axis = *axis as usize;
+            if axis == 0 {
+                return Err(BackendError::Unsupported(
+                    "reduce_sum over the token axis".into(),
+                ));
+            }
+            let outer: usize = xd[1..axis].iter().product();
+            let n = xd[axis];
+            let inner: usize = xd[axis + 1..].iter().product();
+            let (in_tok, out_tok) = (per_token(graph, graph.inputs(id)[0]), per_token(graph, id));
+            e.for_range(start, end, 1, |e, tok| {
+                let x = e.addr(ptr[0], tok, in_tok * 4);
+                let o = e.addr(out, tok, out_tok * 4);
+                for ob in 0..outer {
+                    e.for_n(inner, |e, i| {
+                        let acc = e.var_f32(0.0);
+                        for j in 0..n {
+                            let xi = e.addr(x, i, 4);
+                            let v = e.load_f32(xi, (((ob * n + j) * inner) * 4) as i32);
+                            let a = e.b.use_var(acc);
+                            let a = e.b.ins().fadd(a, v);
+                            e.b.def_var(acc, a);
+                        }
+                        let a = e.b.use_var(acc);
+                        let oi = e.addr(o, i, 4);
+                        e.store(a, oi, (ob * inner * 4) as i32);
+                    });
+                }
+            });
+        }
+        Op::TopK { k } => {
+            let n = *dims(graph, graph.inputs(id)[0]).last().expect("rank");
+            let k = *k as usize;
+            e.for_range(start, end, 1, |e, row| {
+                let x = e.addr(ptr[0], row, n * 4);
+                let o = e.addr(out, row, k * 4);
+                for slot in 0..k {
+                    // The largest value not already chosen; strict '>' keeps the lower index on ties.
+                    let best = e.b.declare_var(I64);
+                    let best_v = e.var_f32(f32::NEG_INFINITY);
+                    let minus1 = e.b.ins().iconst(I64, -1);
+                    e.b.def_var(best, minus1);
+                    e.for_n(n, |e, i| {
+                        let mut taken = e.b.ins().iconst(cranelift_codegen::ir::types::I8, 0);
+                        for prev in 0..slot {
+                            let pv = e.load_i32_as_i64(o, (prev * 4) as i32);
+                            let same = e.b.ins().icmp(IntCC::Equal, pv, i);
+                            taken = e.b.ins().bor(taken, same);
+                        }
+                        let xi = e.addr(x, i, 4);
+                        let v = e.load_f32(xi, 0);
+                        let bv = e.b.use_var(best_v);
+                        let gt = e.b.ins().fcmp(FloatCC::GreaterThan, v, bv);
+                        let cur = e.b.use_var(best);
+                        let unset = e.b.ins().icmp_imm_s(IntCC::Equal, cur, -1);
+                        let better = e.b.ins().bor(gt, unset);
+                        let free = e.b.ins().bxor_imm_u(taken, 1);
+                        let pick = e.b.ins().band(better, free);
+                        let nb = e.b.ins().select(pick, i, cur);
+                        let nv = e.b.ins().select(pick, v, bv);
+                        e.b.def_var(best, nb);
+                        e.b.def_var(best_v, nv);
+                    });
+                    let bi = e.b.use_var(best);
+                    let bi = e.b.ins().ireduce(I32, bi);
+                    e.store(bi, o, (slot * 4) as i32);
+                }
+            });
+        }
+        Op::GatherLast => {
+            let n = *dims(graph, graph.inputs(id)[0]).last().expect("rank");
+            let k = *dims(graph, id).last().expect("rank");
+            e.for_range(start, end, 1, |e, row| {
+                let x = e.addr(ptr[0], row, n * 4);
+                let idx = e.addr(ptr[1], row, k * 4);
+                let o = e.addr(out, row, k * 4);
+                for j in 0..k {
+                    let i = e.load_i32_as_i64(idx, (j * 4) as i32);
+                    let xi = e.addr(x, i, 4);
+                    let v = e.load_f32(xi, 0);
+                    e.store(v, o, (j * 4) as i32);
+                }
+            });
+        }
+        other => {
+            return Err(BackendError::Internal(format!(
+                "no kernel for {}",
+                other.name()
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Nested loops of a broadcasting binary op over the per-token dims.
+#[allow(clippy::too_many_arguments)]
+fn binary_loops(
+    e: &mut Emit,
+    op: &Op,
+    od: &[usize],
+    sa: &[usize],
+    sb: &[usize],
+    a: Value,
+    b: Value,
+    o: Value,
+) {
+    let Some((&n, rest)) = od.split_first() else {
+        let av = e.load_f32(a, 0);
+        let bv = e.load_f32(b, 0);
+        let r = match op {
+            Op::Add => e.b.ins().fadd(av, bv),
+            Op::Mul => e.b.ins().fmul(av, bv),
+            _ => e.b.ins().fdiv(av, bv),
+        };
+        e.store(r, o, 0);
+        return;
+    };
+    let out_stride: usize = rest.iter().product();
+    let contiguous = rest.is_empty() && sa[0] == 1 && sb[0] == 1 && n % 4 == 0;
+    if contiguous {
+        e.for_n(n / 4, |e, i| {
+            let ai = e.addr(a, i, 16);
+            let bi = e.addr(b, i, 16);
+            let oi = e.addr(o, i, 16);
+            let av = e.b.ins().load(F32X4, mem(), ai, 0);
+            let bv = e.b.ins().load(F32X4, mem(), bi, 0);
+            let r = match op {
+                Op::Add => e.b.ins().fadd(av, bv),
+                Op::Mul => e.b.ins().fmul(av, bv),
+                _ => e.b.ins().fdiv(av, bv),
+            };
+            e.store(r, oi, 0);
+        });
+        return;
+    }
+    e.for_n(n, |e, i| {
+        let ai = e.addr(a, i, sa[0] * 4);
+        let bi = e.addr(b, i, sb[0] * 4);
+        let oi = e.addr(o, i, out_stride * 4);
+        binary_loops(e, op, rest, &sa[1..], &sb[1..], ai, bi, oi);
+    });
+}

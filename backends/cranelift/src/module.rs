@@ -1,0 +1,430 @@
+//! Building the object: kernels, the `q3c_forward` entry point, the manifest and the ABI version symbol.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{I32, I64};
+use cranelift_codegen::ir::{
+    AbiParam, InstBuilder, Signature, StackSlotData, StackSlotKind, UserFuncName,
+};
+use cranelift_codegen::isa::OwnedTargetIsa;
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::Context;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_module::{DataDescription, FuncId, Linkage, Module};
+use cranelift_object::{ObjectBuilder, ObjectModule};
+use q3c_abi::{step_offsets as so, KvGeometry, Manifest, WeightEntry, ABI_VERSION};
+use q3c_ir::{Graph, NodeId, Op};
+use q3c_models::Qwen3Config;
+
+use crate::emit::{mem, Emit, Libm};
+use crate::kernels::{self, work_items};
+use crate::plan::{self, kernel_dtype, Loc};
+use crate::BackendError;
+
+/// Settings of one compilation.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    /// `native` (the CPU compiling) or a Cranelift CPU name such as `x86-64-v3`.
+    pub target_cpu: String,
+    /// Most tokens one `q3c_forward` call takes; longer prompts are fed in chunks by the runtime.
+    pub max_tokens_per_call: usize,
+    /// The fusion strategy the graph was built with (recorded in the manifest).
+    pub fusion: String,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            target_cpu: "native".into(),
+            max_tokens_per_call: 256,
+            fusion: "none".into(),
+        }
+    }
+}
+
+/// A compiled object and the manifest embedded in it.
+pub struct Compiled {
+    pub object: Vec<u8>,
+    pub manifest: Manifest,
+}
+
+fn isa(target_cpu: &str) -> Result<OwnedTargetIsa, BackendError> {
+    let mut flags = settings::builder();
+    let set = |f: &mut settings::Builder, k: &str, v: &str| {
+        f.set(k, v)
+            .map_err(|e| BackendError::Internal(format!("{k}={v}: {e}")))
+    };
+    set(&mut flags, "is_pic", "true")?;
+    set(&mut flags, "opt_level", "speed")?;
+    set(
+        &mut flags,
+        "enable_verifier",
+        if cfg!(debug_assertions) {
+            "true"
+        } else {
+            "false"
+        },
+    )?;
+    let builder = if target_cpu == "native" {
+        cranelift_native::builder()
+            .map_err(|e| BackendError::Target(format!("cannot detect the host CPU: {e}")))?
+    } else {
+        let mut b = cranelift_codegen::isa::lookup(target_lexicon_host())
+            .map_err(|e| BackendError::Target(e.to_string()))?;
+        b.enable(target_cpu).map_err(|_| {
+            BackendError::Target(format!(
+                "unknown CPU '{target_cpu}' (try native, x86-64-v2, x86-64-v3)"
+            ))
+        })?;
+        b
+    };
+    builder
+        .finish(settings::Flags::new(flags))
+        .map_err(|e| BackendError::Target(e.to_string()))
+}
+
+fn target_lexicon_host() -> target_lexicon::Triple {
+    target_lexicon::Triple::host()
+}
+
+/// CPU features the compiled code may use, as the runtime names them.
+fn required_features(isa: &OwnedTargetIsa) -> Vec<String> {
+    isa.isa_flags()
+        .iter()
+        .filter(|f| f.as_bool() == Some(true))
+        .filter_map(|f| f.name.strip_prefix("has_").map(|n| n.replace('_', ".")))
+        .collect()
+}
+
+/// Compiles `graph` (lowered from `cfg`, output `output`) into an object file.
+pub fn compile(
+    graph: &Graph,
+    cfg: &Qwen3Config,
+    output: &str,
+    opts: &CompileOptions,
+) -> Result<Compiled, BackendError> {
+    q3c_ir::verify(graph).map_err(|e| BackendError::Internal(e.to_string()))?;
+    if opts.max_tokens_per_call == 0 {
+        return Err(BackendError::Unsupported(
+            "max tokens per call must be at least 1".into(),
+        ));
+    }
+    let isa = isa(&opts.target_cpu)?;
+    let fma = isa
+        .isa_flags()
+        .iter()
+        .any(|f| f.name == "has_fma" && f.as_bool() == Some(true));
+    let features = required_features(&isa);
+    let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    let builder = ObjectBuilder::new(isa, "q3c_model", cranelift_module::default_libcall_names())
+        .map_err(|e| BackendError::Internal(e.to_string()))?;
+    let mut module = ObjectModule::new(builder);
+    let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
+
+    let libm_sig = {
+        let mut s = module.make_signature();
+        s.params
+            .push(AbiParam::new(cranelift_codegen::ir::types::F32));
+        s.returns
+            .push(AbiParam::new(cranelift_codegen::ir::types::F32));
+        s
+    };
+    let expf = module
+        .declare_function("expf", Linkage::Import, &libm_sig)
+        .map_err(err)?;
+    let cosf = module
+        .declare_function("cosf", Linkage::Import, &libm_sig)
+        .map_err(err)?;
+    let sinf = module
+        .declare_function("sinf", Linkage::Import, &libm_sig)
+        .map_err(err)?;
+
+    let kernel_sig = {
+        let mut s = module.make_signature();
+        for _ in 0..3 {
+            s.params.push(AbiParam::new(I64));
+        }
+        s
+    };
+    let tcfg = module.target_config();
+    let mut ctx = module.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    let mut kernels_built: Vec<(NodeId, FuncId)> = Vec::new();
+    for (n, &id) in plan.order.iter().enumerate() {
+        let op = &graph.node(id).op;
+        if matches!(op, Op::Weight { .. } | Op::Input(_) | Op::Reshape { .. }) {
+            continue;
+        }
+        // RoPE frequencies as a local data table.
+        let rope_data = match op {
+            Op::Rope(spec) => {
+                let d = graph.node(id).ty.shape.resolve(1, 1)[2];
+                let bytes: Vec<u8> = spec
+                    .inv_freq(d)
+                    .iter()
+                    .flat_map(|f| f.to_le_bytes())
+                    .collect();
+                let data = module
+                    .declare_data(&format!("q3c_rope_{n}"), Linkage::Local, false, false)
+                    .map_err(err)?;
+                let mut desc = DataDescription::new();
+                desc.define(bytes.into_boxed_slice());
+                desc.set_align(16);
+                module.define_data(data, &desc).map_err(err)?;
+                Some(data)
+            }
+            _ => None,
+        };
+        let name = format!("q3c_k{n}_{}", op.name());
+        let fid = module
+            .declare_function(&name, Linkage::Local, &kernel_sig)
+            .map_err(err)?;
+        ctx.func.signature = kernel_sig.clone();
+        ctx.func.name = UserFuncName::user(0, fid.as_u32());
+        let libm = Libm {
+            expf: module.declare_func_in_func(expf, &mut ctx.func),
+            cosf: module.declare_func_in_func(cosf, &mut ctx.func),
+            sinf: module.declare_func_in_func(sinf, &mut ctx.func),
+        };
+        let table_gv = rope_data.map(|d| module.declare_data_in_func(d, &mut ctx.func));
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            let entry = b.create_block();
+            b.append_block_params_for_function_params(entry);
+            b.switch_to_block(entry);
+            let p = b.block_params(entry).to_vec();
+            let table = table_gv.map(|gv| b.ins().symbol_value(I64, gv));
+            let mut e = Emit {
+                b: &mut b,
+                fma,
+                libm,
+            };
+            kernels::emit(&mut e, graph, &plan, id, [p[0], p[1], p[2]], table)?;
+            b.ins().return_(&[]);
+            b.seal_all_blocks();
+            b.finalize(tcfg);
+        }
+        module
+            .define_function(fid, &mut ctx)
+            .map_err(|e| BackendError::Internal(format!("{name}: {e:?}")))?;
+        module.clear_context(&mut ctx);
+        kernels_built.push((id, fid));
+    }
+
+    build_forward(
+        &mut module,
+        &mut ctx,
+        &mut fctx,
+        graph,
+        &plan,
+        &kernels_built,
+        cfg.vocab_size,
+    )?;
+
+    let weights = plan
+        .weights
+        .iter()
+        .map(|(name, shape, dtype)| WeightEntry {
+            name: name.clone(),
+            shape: shape.clone(),
+            dtype: dtype.name().into(),
+            kernel_dtype: kernel_dtype(*dtype).name().into(),
+            layout: "row-major".into(),
+        })
+        .collect();
+    let manifest = Manifest {
+        abi_version: ABI_VERSION,
+        compiler_version: env!("CARGO_PKG_VERSION").into(),
+        backend: "cranelift".into(),
+        config: cfg.to_json(),
+        vocab_size: cfg.vocab_size,
+        max_position_embeddings: cfg.max_position_embeddings,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        weights,
+        kv: KvGeometry {
+            layers: plan.layers,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            dtype: "f32".into(),
+        },
+        max_tokens_per_call: plan.max_tokens,
+        scratch_bytes_per_token: plan.scratch_bytes_per_token,
+        fusion: opts.fusion.clone(),
+        target_cpu: opts.target_cpu.clone(),
+        required_cpu_features: features,
+        kernels: kernels_built.len(),
+    };
+    let json = serde_json::to_vec(&manifest).map_err(|e| BackendError::Internal(e.to_string()))?;
+    export_data(&mut module, q3c_abi::SYM_MANIFEST, json.clone())?;
+    export_data(
+        &mut module,
+        q3c_abi::SYM_MANIFEST_LEN,
+        (json.len() as u64).to_le_bytes().to_vec(),
+    )?;
+    export_data(
+        &mut module,
+        q3c_abi::SYM_ABI_VERSION,
+        ABI_VERSION.to_le_bytes().to_vec(),
+    )?;
+    let object = module
+        .finish()
+        .emit()
+        .map_err(|e| BackendError::Internal(e.to_string()))?;
+    Ok(Compiled { object, manifest })
+}
+
+fn export_data(module: &mut ObjectModule, name: &str, bytes: Vec<u8>) -> Result<(), BackendError> {
+    let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
+    let id = module
+        .declare_data(name, Linkage::Export, false, false)
+        .map_err(err)?;
+    let mut desc = DataDescription::new();
+    desc.define(bytes.into_boxed_slice());
+    desc.set_align(8);
+    module.define_data(id, &desc).map_err(err)
+}
+
+/// `int32_t q3c_forward(const q3c_step *step)`: checks the step, then dispatches every kernel in order.
+#[allow(clippy::too_many_arguments)]
+fn build_forward(
+    module: &mut ObjectModule,
+    ctx: &mut Context,
+    fctx: &mut FunctionBuilderContext,
+    graph: &Graph,
+    plan: &plan::Plan,
+    kernels_built: &[(NodeId, FuncId)],
+    vocab: usize,
+) -> Result<FuncId, BackendError> {
+    let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
+    let tcfg = module.target_config();
+    let mut sig = module.make_signature();
+    sig.params.push(AbiParam::new(I64));
+    sig.returns.push(AbiParam::new(I32));
+    let fid = module
+        .declare_function(q3c_abi::SYM_FORWARD, Linkage::Export, &sig)
+        .map_err(err)?;
+    ctx.func.signature = sig;
+    ctx.func.name = UserFuncName::user(0, fid.as_u32());
+    let kernel_refs: Vec<_> = kernels_built
+        .iter()
+        .map(|&(id, f)| (id, module.declare_func_in_func(f, &mut ctx.func)))
+        .collect();
+    let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
+    let pf_sig = {
+        let mut s = Signature::new(b.func.signature.call_conv);
+        for _ in 0..4 {
+            s.params.push(AbiParam::new(I64));
+        }
+        b.import_signature(s)
+    };
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    let step = b.block_params(entry)[0];
+    // The entry point calls no libm function; the field is filled with any function reference.
+    let unused = kernel_refs
+        .first()
+        .map(|k| k.1)
+        .ok_or_else(|| BackendError::Internal("no kernels".into()))?;
+    let mut e = Emit {
+        b: &mut b,
+        fma: false,
+        libm: Libm {
+            expf: unused,
+            cosf: unused,
+            sinf: unused,
+        },
+    };
+
+    let ret = |e: &mut Emit, code: i32| {
+        let c = e.b.ins().iconst(I32, i64::from(code));
+        e.b.ins().return_(&[c]);
+    };
+    let ids = e.b.ins().load(I64, mem(), step, so::IDS);
+    let t = e.b.ins().load(I64, mem(), step, so::T);
+    let past = e.b.ins().load(I64, mem(), step, so::PAST);
+    // t must be in 1..=max_tokens.
+    let t_minus_1 = e.b.ins().iadd_imm_s(t, -1);
+    let bad_t = e.b.ins().icmp_imm_s(
+        IntCC::UnsignedGreaterThanOrEqual,
+        t_minus_1,
+        plan.max_tokens as i64,
+    );
+    let (fail_t, ok_t) = (e.b.create_block(), e.b.create_block());
+    e.b.ins().brif(bad_t, fail_t, &[], ok_t, &[]);
+    e.b.switch_to_block(fail_t);
+    ret(&mut e, q3c_abi::ERR_TOKENS);
+    e.b.switch_to_block(ok_t);
+    // Every id in 0..vocab.
+    let bad_id = e.b.create_block();
+    let zero = e.iconst(0);
+    e.for_range(zero, t, 1, |e, i| {
+        let p = e.addr(ids, i, 4);
+        let id = e.load_i32_as_i64(p, 0);
+        let bad =
+            e.b.ins()
+                .icmp_imm_s(IntCC::UnsignedGreaterThanOrEqual, id, vocab as i64);
+        let next = e.b.create_block();
+        e.b.ins().brif(bad, bad_id, &[], next, &[]);
+        e.b.switch_to_block(next);
+    });
+    let run = e.b.create_block();
+    e.b.ins().jump(run, &[]);
+    e.b.switch_to_block(bad_id);
+    ret(&mut e, q3c_abi::ERR_TOKEN_ID);
+    e.b.switch_to_block(run);
+
+    let weights = e.b.ins().load(I64, mem(), step, so::WEIGHTS);
+    let kv = e.b.ins().load(I64, mem(), step, so::KV);
+    let scratch = e.b.ins().load(I64, mem(), step, so::SCRATCH);
+    let logits = e.b.ins().load(I64, mem(), step, so::LOGITS);
+    let services = e.b.ins().load(I64, mem(), step, so::SERVICES);
+    let parallel_for = e.b.ins().load(I64, mem(), services, 0);
+    let pool = e.b.ins().load(I64, mem(), services, 8);
+    let slot =
+        e.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8 * 8, 3));
+    let args = e.b.ins().stack_addr(I64, slot, 0);
+
+    let pointer = |e: &mut Emit, loc: Loc| match loc {
+        // The address of the weight's table entry; single weights are dereferenced by the caller below,
+        // expert stacks pass the entry address itself (E consecutive data pointers).
+        Loc::Weight { index, .. } => e.b.ins().iadd_imm_s(weights, (index * 8) as i64),
+        Loc::Ids | Loc::Positions => ids,
+        Loc::Scratch { offset } => e.b.ins().iadd_imm_s(scratch, offset as i64),
+        Loc::Cache { slot } => e.b.ins().load(I64, mem(), kv, (slot * 8) as i32),
+        Loc::Logits => logits,
+    };
+    for &(id, fref) in &kernel_refs {
+        e.b.ins().store(mem(), t, args, 0);
+        e.b.ins().store(mem(), past, args, 8);
+        let inputs = graph.inputs(id);
+        let stack_weight = |n: NodeId| matches!(&graph.node(n).op, Op::Weight { name, .. } if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER));
+        for (i, &input) in inputs.iter().enumerate() {
+            let loc = plan.loc[&input];
+            let mut p = pointer(&mut e, loc);
+            if matches!(loc, Loc::Weight { .. }) && !stack_weight(input) {
+                p = e.b.ins().load(I64, mem(), p, 0);
+            }
+            e.b.ins().store(mem(), p, args, (16 + 8 * i) as i32);
+        }
+        let out = pointer(&mut e, plan.loc[&id]);
+        e.b.ins()
+            .store(mem(), out, args, (16 + 8 * inputs.len()) as i32);
+        let items = work_items(graph, id);
+        let n = if items.scales_with_t {
+            e.b.ins().imul_imm_u(t, items.count as i64)
+        } else {
+            e.iconst(items.count)
+        };
+        let kernel = e.b.ins().func_addr(I64, fref);
+        e.b.ins()
+            .call_indirect(pf_sig, parallel_for, &[pool, kernel, args, n]);
+    }
+    ret(&mut e, q3c_abi::OK);
+    b.seal_all_blocks();
+    b.finalize(tcfg);
+    module
+        .define_function(fid, ctx)
+        .map_err(|e| BackendError::Internal(format!("q3c_forward: {e:?}")))?;
+    module.clear_context(ctx);
+    Ok(fid)
+}

@@ -1,0 +1,203 @@
+//! Memory planning: where each node's value lives during a forward call.
+//!
+//! Activations are laid out `[max_tokens, ...]` in one scratch arena; buffers whose lifetimes do not overlap
+//! share space (first fit over the topological order). Reshapes alias their input, `kv_append` results are
+//! the KV cache itself, and the logits output is written straight into the caller's buffer.
+
+use std::collections::HashMap;
+
+use q3c_ir::{DType, Dim, Graph, InputKind, KvKind, NodeId, Op};
+
+use crate::BackendError;
+
+/// Where a node's value is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Loc {
+    /// Entry `index` of the weight-pointer table (for an expert stack, the first of `E` entries).
+    Weight { index: usize, dtype: DType },
+    /// The step's token ids.
+    Ids,
+    /// Positions are not materialised: kernels compute `past + t`.
+    Positions,
+    /// Scratch arena at `offset` bytes (a buffer of `max_tokens * bytes_per_token`).
+    Scratch { offset: usize },
+    /// KV-cache pointer `slot` (2·layer + 0 for K, + 1 for V).
+    Cache { slot: usize },
+    /// The caller's logits buffer.
+    Logits,
+}
+
+/// The memory plan of one graph.
+pub struct Plan {
+    pub order: Vec<NodeId>,
+    pub loc: HashMap<NodeId, Loc>,
+    /// Weight table entries: (checkpoint name, shape, checkpoint dtype).
+    pub weights: Vec<(String, Vec<usize>, DType)>,
+    pub scratch_bytes_per_token: usize,
+    pub max_tokens: usize,
+    pub layers: usize,
+}
+
+/// Bytes per token of a `[T, ...]` activation.
+pub fn bytes_per_token(graph: &Graph, id: NodeId) -> Result<usize, BackendError> {
+    let ty = &graph.node(id).ty;
+    let dims = ty.shape.dims();
+    if dims.first() != Some(&Dim::Seq) || dims[1..].iter().any(|d| !matches!(d, Dim::Fixed(_))) {
+        return Err(BackendError::Unsupported(format!(
+            "{} produces {}: activations must be [T, constant...]",
+            graph.node(id).op.name(),
+            ty
+        )));
+    }
+    Ok(ty.shape.resolve(1, 0).iter().product::<usize>() * 4)
+}
+
+/// Weight dtype the kernels read: f16 checkpoints are widened to f32 when bound.
+pub fn kernel_dtype(stored: DType) -> DType {
+    if stored == DType::F16 {
+        DType::F32
+    } else {
+        stored
+    }
+}
+
+pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, BackendError> {
+    let order = graph
+        .topo_order()
+        .map_err(|_| BackendError::Internal("graph has a cycle".into()))?;
+    let out_id = graph
+        .output(output)
+        .ok_or_else(|| BackendError::Internal(format!("no output {output}")))?;
+    let mut loc = HashMap::new();
+    let mut weights = Vec::new();
+    let mut layers = 0;
+    // Root buffer of each node (reshape chains resolve to their source).
+    let mut root: HashMap<NodeId, NodeId> = HashMap::new();
+    for &id in &order {
+        let node = graph.node(id);
+        root.insert(id, id);
+        match &node.op {
+            Op::Weight { name, ty } => {
+                let dims = ty.shape.resolve(0, 0);
+                let index = weights.len();
+                if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER) {
+                    for e in 0..dims[0] {
+                        weights.push((
+                            q3c_models::tensors::expert_tensor(name, e),
+                            dims[1..].to_vec(),
+                            ty.dtype,
+                        ));
+                    }
+                } else {
+                    weights.push((name.clone(), dims, ty.dtype));
+                }
+                loc.insert(
+                    id,
+                    Loc::Weight {
+                        index,
+                        dtype: kernel_dtype(ty.dtype),
+                    },
+                );
+            }
+            Op::Input(InputKind::TokenIds) => {
+                loc.insert(id, Loc::Ids);
+            }
+            Op::Input(InputKind::Positions) => {
+                loc.insert(id, Loc::Positions);
+            }
+            Op::KvAppend { layer, kind } => {
+                layers = layers.max(*layer as usize + 1);
+                let slot = 2 * *layer as usize + usize::from(*kind == KvKind::V);
+                loc.insert(id, Loc::Cache { slot });
+            }
+            Op::Reshape { .. } => {
+                let src = graph.inputs(id)[0];
+                root.insert(id, root[&src]);
+            }
+            _ => {}
+        }
+    }
+    if root[&out_id] != out_id || !matches!(graph.node(out_id).op, Op::Linear) {
+        return Err(BackendError::Unsupported(
+            "the logits output must be produced by a linear node".into(),
+        ));
+    }
+
+    // Last position at which each root buffer is read.
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let mut last_use: HashMap<NodeId, usize> = HashMap::new();
+    for &id in &order {
+        for input in graph.inputs(id) {
+            let r = root[&input];
+            let e = last_use.entry(r).or_insert(0);
+            *e = (*e).max(pos[&id]);
+        }
+    }
+
+    // First-fit allocation of scratch buffers, in units of bytes-per-token.
+    let mut free: Vec<(usize, usize)> = Vec::new(); // (offset, size) per token
+    let mut live: Vec<(usize, NodeId, usize, usize)> = Vec::new(); // (last use, node, offset, size)
+    let mut top = 0usize;
+    for (p, &id) in order.iter().enumerate() {
+        // Release buffers whose last reader ran before this node.
+        live.retain(|&(last, _, off, size)| {
+            if last < p {
+                free.push((off, size));
+                false
+            } else {
+                true
+            }
+        });
+        if loc.contains_key(&id) || root[&id] != id || id == out_id {
+            continue;
+        }
+        let size = bytes_per_token(graph, id)?.next_multiple_of(64);
+        free.sort();
+        merge_free(&mut free);
+        let offset = match free.iter().position(|&(_, s)| s >= size) {
+            Some(i) => {
+                let (off, s) = free.remove(i);
+                if s > size {
+                    free.push((off + size, s - size));
+                }
+                off
+            }
+            None => {
+                top += size;
+                top - size
+            }
+        };
+        live.push((last_use.get(&id).copied().unwrap_or(p), id, offset, size));
+        loc.insert(
+            id,
+            Loc::Scratch {
+                offset: offset * max_tokens,
+            },
+        );
+    }
+    loc.insert(out_id, Loc::Logits);
+    for &id in &order {
+        if root[&id] != id {
+            loc.insert(id, loc[&root[&id]]);
+        }
+    }
+    Ok(Plan {
+        order,
+        loc,
+        weights,
+        scratch_bytes_per_token: top,
+        max_tokens,
+        layers,
+    })
+}
+
+fn merge_free(free: &mut Vec<(usize, usize)>) {
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(free.len());
+    for &(off, size) in free.iter() {
+        match merged.last_mut() {
+            Some(last) if last.0 + last.1 == off => last.1 += size,
+            _ => merged.push((off, size)),
+        }
+    }
+    *free = merged;
+}

@@ -1,0 +1,347 @@
+//! Running compiled artifacts: load a `.so`, check it, bind weights, and open sessions on it.
+//!
+//! Loading checks, in order and before any artifact code runs: the file is a shared library, it exports the
+//! q3c symbols, its ABI version is ours, its manifest parses, this CPU has the features it was compiled
+//! for, and the checkpoint holds exactly the weights the manifest lists (names, shapes, dtypes).
+
+mod pool;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use q3c_abi::{Forward, Manifest, Services, Step, ABI_VERSION};
+use q3c_models::{Checkpoint, Qwen3Config};
+
+pub use pool::ThreadPool;
+
+use crate::error::RuntimeError;
+use crate::session::{Logits, Session};
+
+/// Default KV-cache capacity of a session, in tokens (capped by the model's `max_position_embeddings`).
+pub const DEFAULT_CONTEXT: usize = 4096;
+
+/// A loaded artifact with its weights bound, shareable by many sessions.
+pub struct CompiledModel {
+    manifest: Manifest,
+    config: Qwen3Config,
+    forward: Forward,
+    /// Pointer per manifest weight: into the memory-mapped checkpoint, or into `widened`.
+    weight_ptrs: Vec<*const u8>,
+    _widened: Vec<Vec<f32>>,
+    _checkpoint: Checkpoint,
+    pool: Mutex<Box<ThreadPool>>,
+    _library: libloading::Library,
+}
+
+// SAFETY: the weights are immutable after loading; the generated code keeps no global state, so concurrent
+// calls with distinct steps are safe; the thread pool is used under its mutex.
+unsafe impl Send for CompiledModel {}
+unsafe impl Sync for CompiledModel {}
+
+fn artifact_err(path: &Path, message: impl Into<String>) -> RuntimeError {
+    RuntimeError::Artifact {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Reads the ABI version and manifest of an artifact without binding anything.
+pub fn read_manifest(path: &Path) -> Result<Manifest, RuntimeError> {
+    let lib = open_library(path)?;
+    let manifest = check_library(path, &lib)?;
+    Ok(manifest)
+}
+
+fn open_library(path: &Path) -> Result<libloading::Library, RuntimeError> {
+    if !path.is_file() {
+        return Err(artifact_err(path, "no such file"));
+    }
+    // SAFETY: q3c artifacts are linked with -nostartfiles and have no initialisers; for any other library,
+    // loading may run its initialisers, as dlopen always does.
+    unsafe { libloading::Library::new(path) }
+        .map_err(|e| artifact_err(path, format!("not a loadable shared library ({e})")))
+}
+
+fn check_library(path: &Path, lib: &libloading::Library) -> Result<Manifest, RuntimeError> {
+    let not_q3c = |sym: &str| artifact_err(path, format!("not a q3c artifact (no `{sym}` symbol)"));
+    // SAFETY: data symbols of the documented types (q3c_abi.h).
+    let version = unsafe { lib.get::<*const u32>(q3c_abi::SYM_ABI_VERSION.as_bytes()) }
+        .map_err(|_| not_q3c(q3c_abi::SYM_ABI_VERSION))?;
+    let version = unsafe { **version };
+    if version != ABI_VERSION {
+        return Err(artifact_err(
+            path,
+            format!("built for q3c ABI version {version}, this runtime speaks version {ABI_VERSION}; recompile it with this q3c"),
+        ));
+    }
+    let len = unsafe { lib.get::<*const u64>(q3c_abi::SYM_MANIFEST_LEN.as_bytes()) }
+        .map_err(|_| not_q3c(q3c_abi::SYM_MANIFEST_LEN))?;
+    let data = unsafe { lib.get::<*const u8>(q3c_abi::SYM_MANIFEST.as_bytes()) }
+        .map_err(|_| not_q3c(q3c_abi::SYM_MANIFEST))?;
+    let bytes = unsafe { std::slice::from_raw_parts(*data, **len as usize) };
+    let manifest: Manifest = serde_json::from_slice(bytes)
+        .map_err(|e| artifact_err(path, format!("corrupt manifest: {e}")))?;
+    if manifest.abi_version != ABI_VERSION {
+        return Err(artifact_err(
+            path,
+            format!(
+                "manifest says ABI version {}, expected {ABI_VERSION}",
+                manifest.abi_version
+            ),
+        ));
+    }
+    Ok(manifest)
+}
+
+/// CPU features the artifact needs that this CPU lacks.
+fn missing_cpu_features(required: &[String]) -> Vec<String> {
+    required.iter().filter(|f| !cpu_has(f)).cloned().collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has(feature: &str) -> bool {
+    match feature {
+        "sse3" => std::arch::is_x86_feature_detected!("sse3"),
+        "ssse3" => std::arch::is_x86_feature_detected!("ssse3"),
+        "sse41" => std::arch::is_x86_feature_detected!("sse4.1"),
+        "sse42" => std::arch::is_x86_feature_detected!("sse4.2"),
+        "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
+        "avx" => std::arch::is_x86_feature_detected!("avx"),
+        "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+        "fma" => std::arch::is_x86_feature_detected!("fma"),
+        "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
+        "bmi2" => std::arch::is_x86_feature_detected!("bmi2"),
+        "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
+        "cmpxchg16b" => std::arch::is_x86_feature_detected!("cmpxchg16b"),
+        "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+        "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
+        "avx512dq" => std::arch::is_x86_feature_detected!("avx512dq"),
+        "avx512bitalg" => std::arch::is_x86_feature_detected!("avx512bitalg"),
+        "avx512vbmi" => std::arch::is_x86_feature_detected!("avx512vbmi"),
+        "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+        _ => false,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has(_feature: &str) -> bool {
+    false
+}
+
+impl CompiledModel {
+    /// Loads `artifact`, checks it, and binds the weights in `weights_dir` with a pool of `threads` threads.
+    pub fn load(
+        artifact: &Path,
+        weights_dir: &Path,
+        threads: usize,
+    ) -> Result<CompiledModel, RuntimeError> {
+        let library = open_library(artifact)?;
+        let manifest = check_library(artifact, &library)?;
+        let missing = missing_cpu_features(&manifest.required_cpu_features);
+        if !missing.is_empty() {
+            return Err(artifact_err(
+                artifact,
+                format!(
+                    "compiled for CPU features this CPU lacks: {}; recompile with --target-cpu",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        let config = Qwen3Config::from_json(&manifest.config.to_string())
+            .map_err(|e| artifact_err(artifact, format!("manifest config: {e}")))?;
+        // SAFETY: the symbol has the documented signature (q3c_abi.h); the ABI version was checked above.
+        let forward = unsafe { library.get::<Forward>(q3c_abi::SYM_FORWARD.as_bytes()) }
+            .map(|f| *f)
+            .map_err(|_| artifact_err(artifact, "not a q3c artifact (no `q3c_forward` symbol)"))?;
+
+        let checkpoint = Checkpoint::open(weights_dir)?;
+        checkpoint
+            .check(&config)
+            .map_err(|e| RuntimeError::Weight {
+                name: weights_dir.display().to_string(),
+                message: format!(
+                    "these weights are not for the model compiled into {}:\n{e}",
+                    artifact.display()
+                ),
+            })?;
+        let mut weight_ptrs = Vec::with_capacity(manifest.weights.len());
+        let mut widened = Vec::new();
+        for w in &manifest.weights {
+            let t = checkpoint
+                .get(&w.name)
+                .ok_or_else(|| RuntimeError::Weight {
+                    name: w.name.clone(),
+                    message: "missing from the checkpoint".into(),
+                })?;
+            if t.shape != w.shape.as_slice() {
+                return Err(RuntimeError::Weight {
+                    name: w.name.clone(),
+                    message: format!(
+                        "has shape {:?}, the artifact expects {:?}",
+                        t.shape, w.shape
+                    ),
+                });
+            }
+            if t.dtype.name() != w.dtype {
+                return Err(RuntimeError::Weight {
+                    name: w.name.clone(),
+                    message: format!("is {} in the checkpoint, the artifact was compiled for {}; recompile for these weights", t.dtype, w.dtype),
+                });
+            }
+            if w.kernel_dtype == w.dtype {
+                weight_ptrs.push(t.bytes.as_ptr());
+            } else {
+                let data = t.to_f32();
+                weight_ptrs.push(data.as_ptr() as *const u8);
+                widened.push(data);
+            }
+        }
+        Ok(CompiledModel {
+            manifest,
+            config,
+            forward,
+            weight_ptrs,
+            _widened: widened,
+            _checkpoint: checkpoint,
+            pool: Mutex::new(Box::new(ThreadPool::new(threads))),
+            _library: library,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn config(&self) -> &Qwen3Config {
+        &self.config
+    }
+
+    /// A session whose KV cache holds up to `capacity` tokens.
+    pub fn session_with_capacity(&self, capacity: usize) -> CompiledSession<'_> {
+        let kv = &self.manifest.kv;
+        let row = kv.kv_heads * kv.head_dim;
+        let cache = (0..2 * kv.layers)
+            .map(|_| vec![0f32; capacity * row])
+            .collect();
+        let scratch_len =
+            self.manifest.scratch_bytes_per_token * self.manifest.max_tokens_per_call + 64;
+        CompiledSession {
+            model: self,
+            cache,
+            capacity,
+            scratch: vec![0u8; scratch_len],
+            position: 0,
+        }
+    }
+
+    /// A session with the default capacity (4096 tokens, or the model's maximum if smaller).
+    pub fn session(&self) -> CompiledSession<'_> {
+        self.session_with_capacity(DEFAULT_CONTEXT.min(self.config.max_position_embeddings))
+    }
+}
+
+/// One sequence on a compiled model: its own KV cache and scratch memory.
+pub struct CompiledSession<'m> {
+    model: &'m CompiledModel,
+    cache: Vec<Vec<f32>>,
+    capacity: usize,
+    scratch: Vec<u8>,
+    position: usize,
+}
+
+impl CompiledSession<'_> {
+    fn run_chunk(&mut self, ids: &[i32], logits: &mut [f32]) -> Result<(), RuntimeError> {
+        let m = self.model;
+        let pool = m
+            .pool
+            .lock()
+            .map_err(|_| RuntimeError::Internal("thread pool poisoned".into()))?;
+        let services = Services {
+            parallel_for: pool::parallel_for,
+            pool: &**pool as *const ThreadPool as *mut _,
+        };
+        let kv: Vec<*mut f32> = self.cache.iter_mut().map(|c| c.as_mut_ptr()).collect();
+        let base = self.scratch.as_mut_ptr();
+        let scratch = unsafe { base.add(base.align_offset(64)) };
+        let step = Step {
+            ids: ids.as_ptr(),
+            t: ids.len() as u64,
+            past: self.position as u64,
+            weights: m.weight_ptrs.as_ptr(),
+            kv: kv.as_ptr(),
+            scratch,
+            logits: logits.as_mut_ptr(),
+            services: &services,
+        };
+        // SAFETY: every pointer in `step` is valid for the sizes the manifest specifies: weights were checked
+        // against it, the cache holds `capacity` rows (checked below by the caller), scratch and logits are
+        // sized from the manifest.
+        let status = unsafe { (m.forward)(&step) };
+        match status {
+            q3c_abi::OK => Ok(()),
+            q3c_abi::ERR_TOKEN_ID => Err(RuntimeError::Input(format!(
+                "a token id is outside the vocabulary (0..{})",
+                m.manifest.vocab_size
+            ))),
+            q3c_abi::ERR_TOKENS => Err(RuntimeError::Internal(format!(
+                "artifact refused a call of {} tokens",
+                ids.len()
+            ))),
+            other => Err(RuntimeError::Internal(format!(
+                "artifact returned status {other}"
+            ))),
+        }
+    }
+}
+
+impl Session for CompiledSession<'_> {
+    fn forward(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError> {
+        let vocab = self.model.manifest.vocab_size;
+        if ids.is_empty() {
+            return Err(RuntimeError::Input("no token ids to run".into()));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(RuntimeError::Input(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        if self.position + ids.len() > self.capacity {
+            return Err(RuntimeError::Input(format!(
+                "context full: {} cached + {} new tokens exceed the session's capacity of {}",
+                self.position,
+                ids.len(),
+                self.capacity
+            )));
+        }
+        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let mut data = vec![0f32; ids.len() * vocab];
+        let start = self.position;
+        let chunk = self.model.manifest.max_tokens_per_call;
+        for (c, part) in ids.chunks(chunk).enumerate() {
+            let out = &mut data[c * chunk * vocab..][..part.len() * vocab];
+            if let Err(e) = self.run_chunk(part, out) {
+                // Cache rows past `start` are simply overwritten by the next call.
+                self.position = start;
+                return Err(e);
+            }
+            self.position += part.len();
+        }
+        Ok(Logits {
+            rows: ids.len(),
+            vocab,
+            data,
+        })
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn reset(&mut self) {
+        self.position = 0;
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.manifest.vocab_size
+    }
+}
