@@ -111,7 +111,7 @@ struct ModelArgs {
 
 /// A loaded model of either kind.
 enum Loaded {
-    Reference(ReferenceModel),
+    Reference(Box<ReferenceModel>),
     Compiled(Box<CompiledModel>),
 }
 
@@ -125,7 +125,7 @@ impl Loaded {
                 );
             }
             let (cfg, model) = load_reference_with_config(&args.model)?;
-            return Ok((Loaded::Reference(model), cfg.eos_token_ids));
+            return Ok((Loaded::Reference(Box::new(model)), cfg.eos_token_ids));
         }
         if !args.model.is_file() {
             bail!(

@@ -236,7 +236,7 @@ fn bad_input_gets_one_clear_error() {
     );
     assert_error(
         &q3c(&["generate", "--model", "/nonexistent", "--prompt-ids", "1"]),
-        "not a directory",
+        "--model /nonexistent: no such file or directory",
     );
     assert!(
         !Path::new(out_file).exists(),
