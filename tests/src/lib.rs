@@ -99,6 +99,25 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     tmp
 }
 
+/// Compiles the model in `model_dir` (or a `config.json`) with the Cranelift backend into `out_dir/model.so`.
+pub fn compile_to(
+    model_dir: &std::path::Path,
+    out_dir: &std::path::Path,
+    max_tokens: usize,
+) -> PathBuf {
+    let cfg = q3c_models::resolve(model_dir.to_str().expect("utf-8 path")).expect("config");
+    let graph = q3c_compiler::lower(&cfg).expect("lowering");
+    let opts = q3c_backend_cranelift::CompileOptions {
+        max_tokens_per_call: max_tokens,
+        ..Default::default()
+    };
+    let compiled =
+        q3c_backend_cranelift::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts).expect("compile");
+    let so = out_dir.join("model.so");
+    q3c_backend_cranelift::link_shared(&compiled.object, &so).expect("link");
+    so
+}
+
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");

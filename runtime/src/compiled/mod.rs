@@ -4,6 +4,7 @@
 //! q3c symbols, its ABI version is ours, its manifest parses, this CPU has the features it was compiled
 //! for, and the checkpoint holds exactly the weights the manifest lists (names, shapes, dtypes).
 
+mod elf;
 mod pool;
 
 use std::path::Path;
@@ -56,6 +57,9 @@ fn open_library(path: &Path) -> Result<libloading::Library, RuntimeError> {
     if !path.is_file() {
         return Err(artifact_err(path, "no such file"));
     }
+    let bytes = std::fs::read(path).map_err(|e| artifact_err(path, format!("cannot read: {e}")))?;
+    elf::check(&bytes)
+        .map_err(|why| artifact_err(path, format!("not a loadable shared library ({why})")))?;
     // SAFETY: q3c artifacts are linked with -nostartfiles and have no initialisers; for any other library,
     // loading may run its initialisers, as dlopen always does.
     unsafe { libloading::Library::new(path) }

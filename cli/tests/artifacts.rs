@@ -1,0 +1,212 @@
+//! `q3c compile` / `inspect` and running `.so` artifacts from the CLI, including every kind of bad artifact.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use q3c_tests::{copy_fixture, fixtures_dir, golden};
+
+fn q3c(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_q3c"))
+        .args(args)
+        .output()
+        .expect("q3c runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = q3c(args);
+    assert!(
+        out.status.success(),
+        "q3c {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn assert_error(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains(want),
+        "expected {want:?} in {stderr}"
+    );
+}
+
+fn compile(model: &Path, out: &Path) {
+    ok(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+}
+
+fn cc_shared(dir: &Path, source: &str) -> std::path::PathBuf {
+    let c = dir.join("lib.c");
+    let so = dir.join("lib.so");
+    std::fs::write(&c, source).unwrap();
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(&c)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    so
+}
+
+#[test]
+fn compile_inspect_and_generate_from_the_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let so = tmp.path().join("moe.so");
+    compile(&fixtures_dir().join("moe"), &so);
+    let text = ok(&["inspect", so.to_str().unwrap()]);
+    assert!(text.contains("q3c artifact (ABI 1"), "{text}");
+    assert!(
+        text.contains("3 layers, hidden 64, heads 4/2 x 16, vocab 512, MoE 8 experts top-2"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", so.to_str().unwrap(), "--json"])).unwrap();
+    let cfg = q3c_models::resolve(fixtures_dir().join("moe").to_str().unwrap()).unwrap();
+    assert_eq!(
+        json["weights"].as_array().unwrap().len(),
+        q3c_models::tensors::expected_tensors(&cfg).len()
+    );
+    assert_eq!(json["fusion"], "none");
+
+    let g = golden("moe");
+    let ids: Vec<String> = g.prompt_ids.iter().map(u32::to_string).collect();
+    let weights = fixtures_dir().join("moe");
+    for threads in ["1", "2"] {
+        let out = ok(&[
+            "generate",
+            "--model",
+            so.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--threads",
+            threads,
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-new-tokens",
+            "24",
+            "--ignore-eos",
+            "--json",
+        ]);
+        let obj: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let got: Vec<u32> = obj["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(got, g.greedy_ids);
+    }
+}
+
+#[test]
+fn all_eight_released_configs_compile() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in q3c_models::registry::names() {
+        let so = tmp.path().join(format!("{name}.so"));
+        compile(Path::new(name), &so);
+        let text = ok(&["inspect", so.to_str().unwrap()]);
+        assert!(text.contains("vocab 151936"), "{name}: {text}");
+    }
+}
+
+#[test]
+fn bad_artifacts_and_mismatched_weights_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = fixtures_dir().join("dense_gqa");
+    let w = weights.to_str().unwrap();
+    let run = |so: &Path, weights: &str| {
+        q3c(&[
+            "generate",
+            "--model",
+            so.to_str().unwrap(),
+            "--weights",
+            weights,
+            "--prompt-ids",
+            "1,2",
+        ])
+    };
+
+    // Another ABI version.
+    let other = tempfile::tempdir().unwrap();
+    let so = cc_shared(other.path(), "const unsigned q3c_abi_version = 99;\n");
+    assert_error(
+        &run(&so, w),
+        "built for q3c ABI version 99, this runtime speaks version 1",
+    );
+    assert_error(&q3c(&["inspect", so.to_str().unwrap()]), "ABI version 99");
+    // A shared library that is not q3c's.
+    let other = tempfile::tempdir().unwrap();
+    let so = cc_shared(other.path(), "int answer(void) { return 42; }\n");
+    assert_error(
+        &run(&so, w),
+        "not a q3c artifact (no `q3c_abi_version` symbol)",
+    );
+    // Not a shared library at all, and a truncated one.
+    let junk = tmp.path().join("junk.so");
+    std::fs::write(&junk, b"definitely not ELF").unwrap();
+    assert_error(&run(&junk, w), "not a loadable shared library");
+    let good = tmp.path().join("dense.so");
+    compile(&weights, &good);
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = tmp.path().join("cut.so");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    assert_error(&run(&cut, w), "not a loadable shared library");
+    // No --weights.
+    assert_error(
+        &q3c(&[
+            "generate",
+            "--model",
+            good.to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ]),
+        "give its weights with --weights DIR",
+    );
+    // Weights of another model.
+    let moe = fixtures_dir().join("moe");
+    assert_error(
+        &run(&good, moe.to_str().unwrap()),
+        "these weights are not for the model compiled into",
+    );
+    // Right tensors, wrong dtype: compile the tied bf16 model as if it were f32.
+    let f32_cfg = copy_fixture("tied_bf16");
+    let cfg_path = f32_cfg.path().join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("\"bfloat16\"", "\"float32\"");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let f32_so = tmp.path().join("f32.so");
+    compile(&cfg_path, &f32_so);
+    let bf16 = fixtures_dir().join("tied_bf16");
+    assert_error(
+        &run(&f32_so, bf16.to_str().unwrap()),
+        "is bf16 in the checkpoint, the artifact was compiled for f32",
+    );
+    // Unknown target CPU, and nothing written on failure.
+    let never = tmp.path().join("never.so");
+    assert_error(
+        &q3c(&[
+            "compile",
+            "Qwen3-0.6B",
+            "-o",
+            never.to_str().unwrap(),
+            "--target-cpu",
+            "pentium-pro",
+        ]),
+        "unknown CPU 'pentium-pro'",
+    );
+    assert!(!never.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -1,0 +1,82 @@
+//! The Cranelift-compiled `.so` against transformers and the reference executor, on 1 and 2 threads.
+
+use q3c_runtime::{generate, CompiledModel, GenerateOptions, Session};
+use q3c_tests::*;
+
+#[test]
+fn every_fixture_matches_transformers_through_the_compiled_so() {
+    for name in FIXTURES {
+        let g = golden(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let so = compile_to(&g.dir, tmp.path(), 64);
+        let reference = reference_model(name)
+            .session()
+            .forward(&g.prompt_ids)
+            .unwrap();
+        for threads in [1, 2] {
+            let model = CompiledModel::load(&so, &g.dir, threads).unwrap();
+            let logits = model.session().forward(&g.prompt_ids).unwrap();
+            let vs_hf = max_abs_diff(&logits.data, &g.logits);
+            let vs_ref = max_abs_diff(&logits.data, &reference.data);
+            assert!(
+                vs_hf <= LOGIT_TOLERANCE,
+                "{name}, {threads} threads: max |dlogit| vs transformers {vs_hf:e}"
+            );
+            assert!(
+                vs_ref <= 1e-4,
+                "{name}, {threads} threads: max |dlogit| vs reference {vs_ref:e}"
+            );
+            let opts = GenerateOptions {
+                max_new_tokens: g.greedy_ids.len(),
+                temperature: 0.0,
+                seed: 0,
+                stop_ids: vec![],
+            };
+            let ids = generate(&mut model.session(), &g.prompt_ids, &opts).unwrap();
+            assert_eq!(ids, g.greedy_ids, "{name}, {threads} threads");
+            eprintln!(
+                "{name}, {threads} threads: vs transformers {vs_hf:.2e}, vs reference {vs_ref:.2e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn prompts_longer_than_one_call_are_chunked_and_decoding_matches() {
+    let g = golden("yarn");
+    let tmp = tempfile::tempdir().unwrap();
+    // Three tokens per call: the 24-token prompt takes eight calls.
+    let so = compile_to(&g.dir, tmp.path(), 3);
+    let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+    let full = model.session().forward(&g.prompt_ids).unwrap();
+    assert!(max_abs_diff(&full.data, &g.logits) <= LOGIT_TOLERANCE);
+    let mut s = model.session();
+    let mut rows = s.forward(&g.prompt_ids[..5]).unwrap().data;
+    for &id in &g.prompt_ids[5..] {
+        rows.extend(s.forward(&[id]).unwrap().data);
+    }
+    assert!(max_abs_diff(&rows, &full.data) <= 1e-5);
+    assert_eq!(s.position(), g.prompt_ids.len());
+}
+
+#[test]
+fn sessions_hold_their_own_cache_and_refuse_bad_ids_and_overflow() {
+    let g = golden("moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let so = compile_to(&g.dir, tmp.path(), 16);
+    let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+    let mut a = model.session();
+    let mut b = model.session_with_capacity(4);
+    let first = a.forward(&g.prompt_ids).unwrap();
+    b.forward(&g.prompt_ids[..4]).unwrap();
+    let err = b.forward(&[1]).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "context full: 4 cached + 1 new tokens exceed the session's capacity of 4"
+    );
+    let err = a.forward(&[3, 512]).unwrap_err().to_string();
+    assert_eq!(err, "token id 512 is outside the vocabulary (0..512)");
+    assert_eq!(a.position(), g.prompt_ids.len());
+    a.reset();
+    assert_eq!(a.forward(&g.prompt_ids).unwrap(), first);
+}
