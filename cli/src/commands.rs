@@ -93,6 +93,39 @@ enum Command {
     },
     /// List the released models q3c knows by name.
     Models,
+    /// Measure prefill and decode speed (like llama-bench's pp and tg).
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt tokens for the prefill measurement.
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Tokens decoded one at a time for the decode measurement.
+        #[arg(long, default_value_t = 64)]
+        gen: usize,
+        /// Repetitions; the best of each figure is reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a checkpoint of random weights for MODEL (for benchmarks and smoke tests).
+    RandomWeights {
+        /// A registry name, a config.json, or a model directory.
+        model: String,
+        /// Output directory (config.json + model.safetensors).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Weight dtype.
+        #[arg(long, default_value = "bf16", value_parser = ["f32", "bf16", "f16"])]
+        dtype: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Copy tokenizer.json and tokenizer_config.json from this directory.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
 }
 
 /// Which model to run: a model directory (reference executor), or a compiled artifact plus weights.
@@ -270,6 +303,45 @@ pub fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         }
+        Command::Bench {
+            model,
+            prompt_len,
+            gen,
+            reps,
+            json,
+        } => {
+            if prompt_len == 0 {
+                bail!("--prompt-len must be at least 1");
+            }
+            let threads = model.threads.unwrap_or_else(default_threads);
+            let (loaded, _) = Loaded::load(&model)?;
+            let mut session = loaded.session();
+            let vocab = session.vocab_size();
+            let r = crate::bench::run(&mut *session, vocab, prompt_len, gen, threads, reps)?;
+            if json {
+                print_stdout(&format!("{}\n", serde_json::to_string(&r)?))
+            } else {
+                print_stdout(&format!(
+                    "pp{prompt_len}: {:.2} tok/s\ntg{gen}: {:.2} tok/s\n({} threads, best of {})\n",
+                    r.prefill_tok_s, r.decode_tok_s, r.threads, r.repetitions
+                ))
+            }
+        }
+        Command::RandomWeights {
+            model,
+            out,
+            dtype,
+            seed,
+            tokenizer,
+        } => {
+            let cfg = ModelSource::parse(&model).config()?;
+            let dtype = match dtype.as_str() {
+                "f32" => q3c_models::DType::F32,
+                "f16" => q3c_models::DType::F16,
+                _ => q3c_models::DType::BF16,
+            };
+            crate::random_weights::write(&cfg, dtype, seed, &out, tokenizer.as_deref())
+        }
         Command::Models => {
             let mut text = String::new();
             for name in registry::names() {
@@ -297,6 +369,11 @@ pub fn run(cli: Cli) -> Result<()> {
             print_stdout(&text)
         }
     }
+}
+
+/// All cores.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Parses `1,2,3` into token ids.

@@ -1,6 +1,8 @@
 //! `q3c`: the command-line front end.
 
+mod bench;
 mod commands;
+mod random_weights;
 
 use std::process::ExitCode;
 

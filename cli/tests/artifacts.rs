@@ -210,3 +210,56 @@ fn bad_artifacts_and_mismatched_weights_are_refused() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn random_weights_then_bench_reports_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    // A small config from a fixture, random f16 weights.
+    let cfg = fixtures_dir().join("moe_sparse_step").join("config.json");
+    ok(&[
+        "random-weights",
+        cfg.to_str().unwrap(),
+        "-o",
+        model.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--seed",
+        "7",
+    ]);
+    let written = q3c_models::Qwen3Config::from_file(&model.join("config.json")).unwrap();
+    assert_eq!(written.torch_dtype, q3c_models::DType::F16);
+    let ckpt = q3c_models::Checkpoint::open(&model).unwrap();
+    ckpt.check(&written).unwrap();
+    let so = tmp.path().join("m.so");
+    compile(&model, &so);
+    let out = ok(&[
+        "bench",
+        "--model",
+        so.to_str().unwrap(),
+        "--weights",
+        model.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--prompt-len",
+        "16",
+        "--gen",
+        "4",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        r["prefill_tok_s"].as_f64().unwrap() > 0.0 && r["decode_tok_s"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert_eq!(
+        (
+            r["prompt_len"].as_u64(),
+            r["gen"].as_u64(),
+            r["threads"].as_u64()
+        ),
+        (Some(16), Some(4), Some(2))
+    );
+}
