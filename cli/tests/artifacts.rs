@@ -106,6 +106,37 @@ fn compile_inspect_and_generate_from_the_so() {
 }
 
 #[test]
+fn a_relative_artifact_path_is_found_in_the_current_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    compile(
+        &fixtures_dir().join("dense_gqa"),
+        &tmp.path().join("rel.so"),
+    );
+    let weights = fixtures_dir().join("dense_gqa");
+    let out = Command::new(env!("CARGO_BIN_EXE_q3c"))
+        .current_dir(tmp.path())
+        .args([
+            "generate",
+            "--model",
+            "rel.so",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--prompt-ids",
+            "1,2",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn all_eight_released_configs_compile() {
     let tmp = tempfile::tempdir().unwrap();
     for name in q3c_models::registry::names() {

@@ -62,7 +62,10 @@ fn open_library(path: &Path) -> Result<libloading::Library, RuntimeError> {
         .map_err(|why| artifact_err(path, format!("not a loadable shared library ({why})")))?;
     // SAFETY: q3c artifacts are linked with -nostartfiles and have no initialisers; for any other library,
     // loading may run its initialisers, as dlopen always does.
-    unsafe { libloading::Library::new(path) }
+    // dlopen searches the library path for a name without a slash: always pass an absolute path.
+    let absolute = std::path::absolute(path)
+        .map_err(|e| artifact_err(path, format!("cannot resolve the path: {e}")))?;
+    unsafe { libloading::Library::new(&absolute) }
         .map_err(|e| artifact_err(path, format!("not a loadable shared library ({e})")))
 }
 
