@@ -186,6 +186,70 @@ impl Emit<'_, '_> {
         sum
     }
 
+    /// Register-blocked `rows × cols` dot products: `out[r][c] = Σ_k x[r][k] · w[c][k]` where row `r` of x
+    /// starts at `x + r·x_stride` bytes (f32) and column `c` of w at `w + c·w_stride` bytes (`dtype`).
+    /// Each 4-wide step of k loads `rows + cols` vectors and issues `rows · cols` independent FMAs;
+    /// a k that is not a multiple of 4 finishes scalar.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dot_block(
+        &mut self,
+        x: Value,
+        x_stride: usize,
+        rows: usize,
+        w: Value,
+        w_stride: usize,
+        cols: usize,
+        dtype: DType,
+        k: usize,
+    ) -> Vec<Vec<Value>> {
+        let ws = if dtype == DType::BF16 { 2 } else { 4 };
+        let zero4 = {
+            let z = self.fconst(0.0);
+            self.b.ins().splat(F32X4, z)
+        };
+        let accs: Vec<Vec<_>> = (0..rows)
+            .map(|_| (0..cols).map(|_| self.b.declare_var(F32X4)).collect())
+            .collect();
+        for a in accs.iter().flatten() {
+            self.b.def_var(*a, zero4);
+        }
+        let steps = k / 4;
+        if steps > 0 {
+            self.for_n(steps, |e, j| {
+                let xb = e.addr(x, j, 16);
+                let wb = e.addr(w, j, 4 * ws);
+                let xv: Vec<Value> = (0..rows)
+                    .map(|r| e.b.ins().load(F32X4, mem(), xb, (r * x_stride) as i32))
+                    .collect();
+                for c in 0..cols {
+                    let wv = e.load_weight4(dtype, wb, (c * w_stride) as i32);
+                    for (row_accs, &xr) in accs.iter().zip(&xv) {
+                        let acc = e.b.use_var(row_accs[c]);
+                        let acc = e.madd(xr, wv, acc);
+                        e.b.def_var(row_accs[c], acc);
+                    }
+                }
+            });
+        }
+        let mut out = Vec::with_capacity(rows);
+        for (r, row_accs) in accs.iter().enumerate() {
+            let mut row = Vec::with_capacity(cols);
+            for (c, &a) in row_accs.iter().enumerate() {
+                let acc = self.b.use_var(a);
+                let mut sum = self.hsum(acc);
+                for kk in steps * 4..k {
+                    let xv = self.load_f32(x, (r * x_stride + kk * 4) as i32);
+                    let wv = self.load_weight(dtype, w, (c * w_stride + kk * ws) as i32);
+                    let p = self.b.ins().fmul(xv, wv);
+                    sum = self.b.ins().fadd(sum, p);
+                }
+                row.push(sum);
+            }
+            out.push(row);
+        }
+        out
+    }
+
     pub fn call1(&mut self, f: FuncRef, x: Value) -> Value {
         let call = self.b.ins().call(f, &[x]);
         self.b.inst_results(call)[0]

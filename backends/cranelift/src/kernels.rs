@@ -36,15 +36,42 @@ pub fn work_items(graph: &Graph, id: NodeId) -> Items {
         scales_with_t: true,
     };
     match &graph.node(id).op {
-        Op::Linear => Items {
-            count: *out.last().expect("rank >= 1"),
-            scales_with_t: false,
-        },
+        Op::Linear => {
+            let n = *out.last().expect("rank >= 1");
+            Items {
+                count: n / LinearTile::for_width(n).width,
+                scales_with_t: false,
+            }
+        }
         Op::ExpertLinear => by_t(out[1]),
         Op::RmsNorm { .. } | Op::Softmax => by_t(out[1..out.len() - 1].iter().product()),
         Op::Attention { .. } => by_t(out[1]),
         Op::TopK { .. } | Op::GatherLast => by_t(out[1..out.len() - 1].iter().product()),
         _ => by_t(1),
+    }
+}
+
+/// How a linear kernel splits its work: each work item owns `width` output columns (a weight panel that
+/// stays in cache while the activations stream past); rows go through `rows × block_cols` register tiles,
+/// leftover rows (and decode, where T = 1) one column at a time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearTile {
+    pub width: usize,
+    pub rows: usize,
+    pub block_cols: usize,
+}
+
+impl LinearTile {
+    pub fn for_width(n: usize) -> LinearTile {
+        let width = [16, 4, 2, 1]
+            .into_iter()
+            .find(|w| n.is_multiple_of(*w))
+            .expect("1 divides n");
+        LinearTile {
+            width,
+            rows: 4,
+            block_cols: width.min(2),
+        }
     }
 }
 
@@ -99,16 +126,48 @@ pub fn emit(
             let rows_per_token: usize = x_dims[1..x_dims.len() - 1].iter().product();
             let n = *dims(graph, id).last().expect("rank");
             let dt = in_dtype(plan, graph, id, 1);
+            let tile = LinearTile::for_width(n);
             let rows = e.b.ins().imul_imm_u(t, rows_per_token as i64);
-            e.for_range(start, end, 1, |e, col| {
-                let w_row = e.addr(ptr[1], col, k * dt.size());
+            let (x_stride, w_stride) = (k * 4, k * dt.size());
+            e.for_range(start, end, 1, |e, item| {
+                let col0 = e.b.ins().imul_imm_u(item, tile.width as i64);
+                let w0 = e.addr(ptr[1], col0, w_stride);
+                let o0 = e.addr(out, col0, 4);
+                // Rows in blocks of `tile.rows` (rows × block_cols register tiles), then one at a time.
+                let blocks = e.b.ins().udiv_imm_u(rows, tile.rows as i64);
+                let full = e.b.ins().imul_imm_u(blocks, tile.rows as i64);
                 let zero = e.iconst(0);
-                e.for_range(zero, rows, 1, |e, r| {
-                    let x_row = e.addr(ptr[0], r, k * 4);
-                    let s = e.dot(x_row, w_row, dt, k);
-                    let o = e.addr(out, r, n * 4);
-                    let o = e.addr(o, col, 4);
-                    e.store(s, o, 0);
+                e.for_range(zero, full, tile.rows, |e, r| {
+                    let x = e.addr(ptr[0], r, x_stride);
+                    let o = e.addr(o0, r, n * 4);
+                    for c0 in (0..tile.width).step_by(tile.block_cols) {
+                        let w = e.b.ins().iadd_imm_u(w0, (c0 * w_stride) as i64);
+                        let sums = e.dot_block(
+                            x,
+                            x_stride,
+                            tile.rows,
+                            w,
+                            w_stride,
+                            tile.block_cols,
+                            dt,
+                            k,
+                        );
+                        for (ri, row) in sums.iter().enumerate() {
+                            for (ci, &v) in row.iter().enumerate() {
+                                e.store(v, o, ((ri * n + c0 + ci) * 4) as i32);
+                            }
+                        }
+                    }
+                });
+                // Leftover rows (all of decode): one column at a time, four accumulators over 16-wide steps.
+                e.for_range(full, rows, 1, |e, r| {
+                    let x = e.addr(ptr[0], r, x_stride);
+                    let o = e.addr(o0, r, n * 4);
+                    for c in 0..tile.width {
+                        let w = e.b.ins().iadd_imm_u(w0, (c * w_stride) as i64);
+                        let v = e.dot(x, w, dt, k);
+                        e.store(v, o, (c * 4) as i32);
+                    }
                 });
             });
         }
