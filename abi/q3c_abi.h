@@ -35,6 +35,7 @@ typedef struct q3c_step {
     uint8_t *scratch;              /* manifest.scratch_bytes_per_token * manifest.max_tokens_per_call bytes, 64-aligned */
     float *logits;                 /* [t, vocab] f32 */
     const q3c_services *services;
+    uint64_t last_logits_only;     /* nonzero: write only the last token's logits, as row 0 of `logits` */
 } q3c_step;
 
 extern const uint32_t q3c_abi_version;        /* == Q3C_ABI_VERSION */

@@ -48,6 +48,8 @@ pub struct Step {
     pub scratch: *mut u8,
     pub logits: *mut f32,
     pub services: *const Services,
+    /// Nonzero: only the last token's logits are computed, written as row 0 of `logits`.
+    pub last_logits_only: u64,
 }
 
 /// Byte offsets of [`Step`]'s fields, for code generators.
@@ -60,6 +62,7 @@ pub mod step_offsets {
     pub const SCRATCH: i32 = 40;
     pub const LOGITS: i32 = 48;
     pub const SERVICES: i32 = 56;
+    pub const LAST_LOGITS_ONLY: i32 = 64;
 }
 
 /// `int32_t q3c_forward(const q3c_step *)`.
@@ -125,8 +128,17 @@ mod tests {
         }
         assert_eq!(
             std::mem::size_of::<Step>(),
-            step_offsets::SERVICES as usize + 8
+            step_offsets::LAST_LOGITS_ONLY as usize + 8
         );
+        assert_eq!(
+            std::mem::offset_of!(Step, services),
+            step_offsets::SERVICES as usize
+        );
+        assert_eq!(
+            std::mem::offset_of!(Step, last_logits_only),
+            step_offsets::LAST_LOGITS_ONLY as usize
+        );
+        assert!(HEADER.contains("uint64_t last_logits_only;"));
         assert_eq!(
             std::mem::offset_of!(Step, weights),
             step_offsets::WEIGHTS as usize

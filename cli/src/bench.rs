@@ -19,7 +19,8 @@ pub struct BenchResult {
 }
 
 /// Runs `reps` times: a prefill of `prompt_len` pseudo-random ids in a fresh session, then `gen`
-/// single-token decodes after it. Reports the best rate of each.
+/// single-token decodes after it. Like llama-bench, only the last row's logits are computed.
+/// Reports the best rate of each.
 pub fn run(
     session: &mut dyn Session,
     vocab: usize,
@@ -35,13 +36,13 @@ pub fn run(
     for _ in 0..reps.max(1) {
         session.reset();
         let t0 = Instant::now();
-        session.forward(&prompt)?;
+        session.forward_last(&prompt)?;
         best_pp = best_pp.max(prompt_len as f64 / t0.elapsed().as_secs_f64());
         let mut next = 1u32;
         let t0 = Instant::now();
         for _ in 0..gen {
-            let logits = session.forward(&[next])?;
-            next = q3c_runtime::generate::argmax(logits.last());
+            let logits = session.forward_last(&[next])?;
+            next = q3c_runtime::generate::argmax(&logits);
         }
         best_tg = best_tg.max(gen as f64 / t0.elapsed().as_secs_f64());
     }

@@ -37,18 +37,18 @@ pub fn generate(
     if opts.max_new_tokens == 0 {
         return Ok(out);
     }
-    let mut logits = session.forward(prompt)?;
+    let mut logits = session.forward_last(prompt)?;
     loop {
         let next = if opts.temperature == 0.0 {
-            argmax(logits.last())
+            argmax(&logits)
         } else {
-            sample(logits.last(), opts.temperature, &mut rng)
+            sample(&logits, opts.temperature, &mut rng)
         };
         out.push(next);
         if out.len() == opts.max_new_tokens || opts.stop_ids.contains(&next) {
             return Ok(out);
         }
-        logits = session.forward(&[next])?;
+        logits = session.forward_last(&[next])?;
     }
 }
 

@@ -28,6 +28,12 @@ pub trait Session {
     /// On error the session is left as it was before the call.
     fn forward(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError>;
 
+    /// Like [`Session::forward`], but returns only the logits after the last id (what decoding needs);
+    /// executors that can skip the other rows do.
+    fn forward_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        Ok(self.forward(ids)?.last().to_vec())
+    }
+
     /// Tokens held in the KV cache.
     fn position(&self) -> usize;
 

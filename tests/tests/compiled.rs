@@ -57,6 +57,11 @@ fn prompts_longer_than_one_call_are_chunked_and_decoding_matches() {
     }
     assert!(max_abs_diff(&rows, &full.data) <= 1e-5);
     assert_eq!(s.position(), g.prompt_ids.len());
+    // Only the last row, computed alone across the same eight calls, is the full forward's last row.
+    let mut s = model.session();
+    let last = s.forward_last(&g.prompt_ids).unwrap();
+    assert_eq!(s.position(), g.prompt_ids.len());
+    assert!(max_abs_diff(&last, full.last()) <= 1e-6);
 }
 
 #[test]

@@ -393,8 +393,19 @@ fn build_forward(
         Loc::Cache { slot } => e.b.ins().load(I64, mem(), kv, (slot * 8) as i32),
         Loc::Logits => logits,
     };
+    // With last_logits_only, the logits kernel sees one row: the last one of its input.
+    let last_only = e.b.ins().load(I64, mem(), step, so::LAST_LOGITS_ONLY);
+    let one = e.iconst(1);
+    let t_logits = e.b.ins().select(last_only, one, t);
+    let skipped_rows = {
+        let t_minus_1 = e.b.ins().iadd_imm_s(t, -1);
+        let zero = e.iconst(0);
+        e.b.ins().select(last_only, t_minus_1, zero)
+    };
     for &(id, fref) in &kernel_refs {
-        e.b.ins().store(mem(), t, args, 0);
+        let is_logits = plan.loc[&id] == Loc::Logits;
+        e.b.ins()
+            .store(mem(), if is_logits { t_logits } else { t }, args, 0);
         e.b.ins().store(mem(), past, args, 8);
         let inputs = graph.inputs(id);
         let stack_weight = |n: NodeId| matches!(&graph.node(n).op, Op::Weight { name, .. } if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER));
@@ -403,6 +414,10 @@ fn build_forward(
             let mut p = pointer(&mut e, loc);
             if matches!(loc, Loc::Weight { .. }) && !stack_weight(input) {
                 p = e.b.ins().load(I64, mem(), p, 0);
+            }
+            if is_logits && i == 0 {
+                let row_bytes = plan::bytes_per_token(graph, input)?;
+                p = e.addr(p, skipped_rows, row_bytes);
             }
             e.b.ins().store(mem(), p, args, (16 + 8 * i) as i32);
         }

@@ -257,7 +257,14 @@ pub struct CompiledSession<'m> {
 }
 
 impl CompiledSession<'_> {
-    fn run_chunk(&mut self, ids: &[i32], logits: &mut [f32]) -> Result<(), RuntimeError> {
+    /// Runs one call of at most `max_tokens_per_call` ids. `logits` holds one row per id, or one row when
+    /// `last_only`.
+    fn run_chunk(
+        &mut self,
+        ids: &[i32],
+        logits: &mut [f32],
+        last_only: bool,
+    ) -> Result<(), RuntimeError> {
         let m = self.model;
         let pool = m
             .pool
@@ -279,6 +286,7 @@ impl CompiledSession<'_> {
             scratch,
             logits: logits.as_mut_ptr(),
             services: &services,
+            last_logits_only: u64::from(last_only),
         };
         // SAFETY: every pointer in `step` is valid for the sizes the manifest specifies: weights were checked
         // against it, the cache holds `capacity` rows (checked below by the caller), scratch and logits are
@@ -301,8 +309,10 @@ impl CompiledSession<'_> {
     }
 }
 
-impl Session for CompiledSession<'_> {
-    fn forward(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError> {
+impl CompiledSession<'_> {
+    /// Checks ids and capacity, then runs them in calls of at most `max_tokens_per_call`, writing each
+    /// call's logits into `out` (one row per id, or only the last id's row when `last_only`).
+    fn run(&mut self, ids: &[u32], last_only: bool, out: &mut [f32]) -> Result<(), RuntimeError> {
         let vocab = self.model.manifest.vocab_size;
         if ids.is_empty() {
             return Err(RuntimeError::Input("no token ids to run".into()));
@@ -321,23 +331,42 @@ impl Session for CompiledSession<'_> {
             )));
         }
         let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let mut data = vec![0f32; ids.len() * vocab];
         let start = self.position;
         let chunk = self.model.manifest.max_tokens_per_call;
         for (c, part) in ids.chunks(chunk).enumerate() {
-            let out = &mut data[c * chunk * vocab..][..part.len() * vocab];
-            if let Err(e) = self.run_chunk(part, out) {
+            // With last_only every call writes its last row over row 0; the final call's is the answer.
+            let rows = if last_only {
+                &mut out[..vocab]
+            } else {
+                &mut out[c * chunk * vocab..][..part.len() * vocab]
+            };
+            if let Err(e) = self.run_chunk(part, rows, last_only) {
                 // Cache rows past `start` are simply overwritten by the next call.
                 self.position = start;
                 return Err(e);
             }
             self.position += part.len();
         }
+        Ok(())
+    }
+}
+
+impl Session for CompiledSession<'_> {
+    fn forward(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError> {
+        let vocab = self.model.manifest.vocab_size;
+        let mut data = vec![0f32; ids.len() * vocab];
+        self.run(ids, false, &mut data)?;
         Ok(Logits {
             rows: ids.len(),
             vocab,
             data,
         })
+    }
+
+    fn forward_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        let mut row = vec![0f32; self.model.manifest.vocab_size];
+        self.run(ids, true, &mut row)?;
+        Ok(row)
     }
 
     fn position(&self) -> usize {
