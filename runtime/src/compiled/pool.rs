@@ -1,9 +1,14 @@
 //! The thread pool lent to artifacts as `parallel_for`: persistent workers, the caller thread takes part.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use q3c_abi::Kernel;
+
+/// Spins on the generation counter this many times before parking: kernels follow each other within
+/// microseconds during a forward pass, and a futex wake-up costs more than the wait.
+const SPINS: u32 = 20_000;
 
 #[derive(Clone, Copy)]
 struct Job {
@@ -12,17 +17,16 @@ struct Job {
     n: u64,
 }
 
-struct State {
-    generation: u64,
-    job: Option<Job>,
-    remaining: usize,
-    shutdown: bool,
-}
-
 struct Shared {
-    state: Mutex<State>,
-    start: Condvar,
-    done: Condvar,
+    /// Bumped once per job; workers run a job when they see it change.
+    generation: AtomicU64,
+    job: Mutex<Option<Job>>,
+    /// Workers still running the current job.
+    remaining: AtomicUsize,
+    shutdown: AtomicBool,
+    /// Parked workers wait here; `parked` guards against lost wake-ups.
+    parked: Mutex<usize>,
+    wake: Condvar,
     threads: usize,
 }
 
@@ -43,14 +47,12 @@ impl ThreadPool {
     pub fn new(threads: usize) -> ThreadPool {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                generation: 0,
-                job: None,
-                remaining: 0,
-                shutdown: false,
-            }),
-            start: Condvar::new(),
-            done: Condvar::new(),
+            generation: AtomicU64::new(0),
+            job: Mutex::new(None),
+            remaining: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            parked: Mutex::new(0),
+            wake: Condvar::new(),
             threads,
         });
         let workers = (1..threads)
@@ -75,65 +77,84 @@ impl ThreadPool {
     /// `kernel` must be safe to call concurrently on disjoint ranges with `args`, which must stay valid
     /// until this returns.
     pub unsafe fn run(&self, kernel: Kernel, args: *const u64, n: u64) {
-        let threads = self.shared.threads;
-        if threads == 1 || n <= 1 {
+        let sh = &*self.shared;
+        if sh.threads == 1 || n <= 1 {
             kernel(args, 0, n);
             return;
         }
-        {
-            let mut st = self.shared.state.lock().expect("pool lock");
-            st.job = Some(Job {
-                kernel,
-                args: args as usize,
-                n,
-            });
-            st.remaining = threads - 1;
-            st.generation += 1;
+        *sh.job.lock().expect("pool lock") = Some(Job {
+            kernel,
+            args: args as usize,
+            n,
+        });
+        sh.remaining.store(sh.threads - 1, Ordering::Release);
+        sh.generation.fetch_add(1, Ordering::AcqRel);
+        if *sh.parked.lock().expect("pool lock") > 0 {
+            sh.wake.notify_all();
         }
-        self.shared.start.notify_all();
-        let (s, e) = chunk(n, 0, threads);
+        let (s, e) = chunk(n, 0, sh.threads);
         if s < e {
             kernel(args, s, e);
         }
-        let mut st = self.shared.state.lock().expect("pool lock");
-        while st.remaining > 0 {
-            st = self.shared.done.wait(st).expect("pool lock");
+        let mut spins = 0u32;
+        while sh.remaining.load(Ordering::Acquire) > 0 {
+            spins += 1;
+            if spins < SPINS {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
-        st.job = None;
     }
 }
 
-fn worker(shared: &Shared, index: usize) {
-    let mut seen = 0;
+fn worker(sh: &Shared, index: usize) {
+    let mut seen = 0u64;
     loop {
-        let job = {
-            let mut st = shared.state.lock().expect("pool lock");
-            while st.generation == seen && !st.shutdown {
-                st = shared.start.wait(st).expect("pool lock");
-            }
-            if st.shutdown {
+        // Wait for a new generation: spin first, then park.
+        let mut spins = 0u32;
+        loop {
+            if sh.shutdown.load(Ordering::Acquire) {
                 return;
             }
-            seen = st.generation;
-            st.job.expect("a job comes with a new generation")
-        };
-        let (s, e) = chunk(job.n, index, shared.threads);
+            if sh.generation.load(Ordering::Acquire) != seen {
+                break;
+            }
+            spins += 1;
+            if spins < SPINS {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut parked = sh.parked.lock().expect("pool lock");
+            *parked += 1;
+            while sh.generation.load(Ordering::Acquire) == seen
+                && !sh.shutdown.load(Ordering::Acquire)
+            {
+                parked = sh.wake.wait(parked).expect("pool lock");
+            }
+            *parked -= 1;
+        }
+        seen = sh.generation.load(Ordering::Acquire);
+        let job = sh
+            .job
+            .lock()
+            .expect("pool lock")
+            .expect("a job comes with a new generation");
+        let (s, e) = chunk(job.n, index, sh.threads);
         if s < e {
-            // SAFETY: the caller of `run` guarantees the kernel and args are valid until all workers finish.
+            // SAFETY: the caller of `run` keeps the kernel and args valid until every worker is done.
             unsafe { (job.kernel)(job.args as *const u64, s, e) };
         }
-        let mut st = shared.state.lock().expect("pool lock");
-        st.remaining -= 1;
-        if st.remaining == 0 {
-            shared.done.notify_one();
-        }
+        sh.remaining.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
-        self.shared.state.lock().expect("pool lock").shutdown = true;
-        self.shared.start.notify_all();
+        self.shared.shutdown.store(true, Ordering::Release);
+        let _guard = self.shared.parked.lock().expect("pool lock");
+        self.shared.wake.notify_all();
+        drop(_guard);
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
