@@ -140,6 +140,9 @@ struct ModelArgs {
     /// Threads for a compiled model (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Compile --model (a model directory) in process with cranelift-jit and run that code.
+    #[arg(long)]
+    jit: bool,
 }
 
 /// A loaded model of either kind.
@@ -150,6 +153,9 @@ enum Loaded {
 
 impl Loaded {
     fn load(args: &ModelArgs) -> Result<(Loaded, Vec<u32>)> {
+        if args.jit {
+            return Self::load_jit(args);
+        }
         if args.model.is_dir() {
             if args.weights.is_some() {
                 bail!(
@@ -181,6 +187,36 @@ impl Loaded {
         let model = CompiledModel::load(&args.model, weights, threads)?;
         let eos = model.config().eos_token_ids.clone();
         Ok((Loaded::Compiled(Box::new(model)), eos))
+    }
+
+    /// Compiles the model directory in process and binds its weights (or those of --weights).
+    fn load_jit(args: &ModelArgs) -> Result<(Loaded, Vec<u32>)> {
+        if !args.model.is_dir() {
+            bail!(
+                "--jit needs --model to be a model directory (config.json + weights), not {}",
+                args.model.display()
+            );
+        }
+        let cfg = ModelSource::Directory(args.model.clone()).config()?;
+        let graph = q3c_compiler::lower(&cfg).context("lowering failed (a q3c bug)")?;
+        let opts = q3c_backend_cranelift::CompileOptions::default();
+        let jit = q3c_backend_cranelift::compile_jit(&graph, &cfg, q3c_compiler::LOGITS, &opts)?;
+        let weights = args.weights.as_deref().unwrap_or(&args.model);
+        let threads = args.threads.unwrap_or_else(default_threads);
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // SAFETY: `forward` and `manifest` come from the same JIT compilation, kept alive by `code`.
+        let model = unsafe {
+            CompiledModel::from_code(
+                jit.forward,
+                jit.manifest,
+                Box::new(jit.code),
+                weights,
+                threads,
+            )?
+        };
+        Ok((Loaded::Compiled(Box::new(model)), cfg.eos_token_ids))
     }
 
     fn session(&self) -> Box<dyn Session + '_> {

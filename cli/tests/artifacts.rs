@@ -294,3 +294,43 @@ fn random_weights_then_bench_reports_json() {
         (Some(16), Some(4), Some(2))
     );
 }
+
+#[test]
+fn jit_runs_the_same_code_in_process() {
+    let g = golden("yarn");
+    let ids: Vec<String> = g.prompt_ids.iter().map(u32::to_string).collect();
+    let model = fixtures_dir().join("yarn");
+    let out = ok(&[
+        "generate",
+        "--jit",
+        "--model",
+        model.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-new-tokens",
+        "24",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let obj: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let got: Vec<u32> = obj["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(got, g.greedy_ids);
+    assert_error(
+        &q3c(&[
+            "generate",
+            "--jit",
+            "--model",
+            "Qwen3-0.6B",
+            "--prompt-ids",
+            "1",
+        ]),
+        "--jit needs --model to be a model directory",
+    );
+}

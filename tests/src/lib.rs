@@ -118,6 +118,29 @@ pub fn compile_to(
     so
 }
 
+/// Compiles a fixture in process with cranelift-jit and binds its weights.
+pub fn jit_model(name: &str, threads: usize) -> q3c_runtime::CompiledModel {
+    let (cfg, _) = open_fixture(name);
+    let graph = q3c_compiler::lower(&cfg).expect("lowering");
+    let opts = q3c_backend_cranelift::CompileOptions {
+        max_tokens_per_call: 8,
+        ..Default::default()
+    };
+    let jit =
+        q3c_backend_cranelift::compile_jit(&graph, &cfg, q3c_compiler::LOGITS, &opts).expect("jit");
+    // SAFETY: forward and manifest come from the same compilation, kept alive by `code`.
+    unsafe {
+        q3c_runtime::CompiledModel::from_code(
+            jit.forward,
+            jit.manifest,
+            Box::new(jit.code),
+            &fixtures_dir().join(name),
+            threads,
+        )
+    }
+    .expect("binding weights")
+}
+
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");

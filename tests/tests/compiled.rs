@@ -85,3 +85,30 @@ fn sessions_hold_their_own_cache_and_refuse_bad_ids_and_overflow() {
     a.reset();
     assert_eq!(a.forward(&g.prompt_ids).unwrap(), first);
 }
+
+#[test]
+fn jit_compiled_code_matches_transformers_too() {
+    for name in FIXTURES {
+        let g = golden(name);
+        for threads in [1, 2] {
+            let model = jit_model(name, threads);
+            let logits = model.session().forward(&g.prompt_ids).unwrap();
+            let diff = max_abs_diff(&logits.data, &g.logits);
+            assert!(
+                diff <= LOGIT_TOLERANCE,
+                "{name}, {threads} threads (jit): {diff:e}"
+            );
+            let opts = GenerateOptions {
+                max_new_tokens: g.greedy_ids.len(),
+                temperature: 0.0,
+                seed: 0,
+                stop_ids: vec![],
+            };
+            assert_eq!(
+                generate(&mut model.session(), &g.prompt_ids, &opts).unwrap(),
+                g.greedy_ids,
+                "{name} (jit)"
+            );
+        }
+    }
+}

@@ -12,7 +12,7 @@ mod plan;
 
 use std::path::Path;
 
-pub use module::{compile, CompileOptions, Compiled};
+pub use module::{compile, compile_jit, CompileOptions, Compiled, JitCode, JitCompiled};
 
 /// Why a graph could not be compiled or linked.
 #[derive(Debug, thiserror::Error)]

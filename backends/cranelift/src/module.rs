@@ -47,13 +47,13 @@ pub struct Compiled {
     pub manifest: Manifest,
 }
 
-fn isa(target_cpu: &str) -> Result<OwnedTargetIsa, BackendError> {
+fn isa(target_cpu: &str, pic: bool) -> Result<OwnedTargetIsa, BackendError> {
     let mut flags = settings::builder();
     let set = |f: &mut settings::Builder, k: &str, v: &str| {
         f.set(k, v)
             .map_err(|e| BackendError::Internal(format!("{k}={v}: {e}")))
     };
-    set(&mut flags, "is_pic", "true")?;
+    set(&mut flags, "is_pic", if pic { "true" } else { "false" })?;
     set(&mut flags, "opt_level", "speed")?;
     set(
         &mut flags,
@@ -87,7 +87,7 @@ fn target_lexicon_host() -> target_lexicon::Triple {
 }
 
 /// CPU features the compiled code may use, as the runtime names them.
-fn required_features(isa: &OwnedTargetIsa) -> Vec<String> {
+fn required_features(isa: &dyn cranelift_codegen::isa::TargetIsa) -> Vec<String> {
     isa.isa_flags()
         .iter()
         .filter(|f| f.as_bool() == Some(true))
@@ -102,22 +102,99 @@ pub fn compile(
     output: &str,
     opts: &CompileOptions,
 ) -> Result<Compiled, BackendError> {
+    check(graph, opts)?;
+    let builder = ObjectBuilder::new(
+        isa(&opts.target_cpu, true)?,
+        "q3c_model",
+        cranelift_module::default_libcall_names(),
+    )
+    .map_err(|e| BackendError::Internal(e.to_string()))?;
+    let mut module = ObjectModule::new(builder);
+    let built = build(&mut module, graph, cfg, output, opts)?;
+    let object = module
+        .finish()
+        .emit()
+        .map_err(|e| BackendError::Internal(e.to_string()))?;
+    Ok(Compiled {
+        object,
+        manifest: built.manifest,
+    })
+}
+
+/// Code compiled into this process's memory by `cranelift-jit`: the same kernels and `q3c_forward` as the
+/// `.so`, callable without linking or loading. Dropping it frees the code.
+pub struct JitCompiled {
+    pub forward: q3c_abi::Forward,
+    pub manifest: Manifest,
+    pub code: JitCode,
+}
+
+/// Owns the JIT's executable memory.
+pub struct JitCode(#[allow(dead_code)] cranelift_jit::JITModule);
+
+// SAFETY: the module is only kept alive, never used again after finalisation; the code it owns is immutable
+// and reentrant (no global state), so it may be called and dropped from any thread.
+unsafe impl Send for JitCode {}
+unsafe impl Sync for JitCode {}
+
+/// Compiles `graph` in process with `cranelift-jit` (for tests and `--jit`).
+pub fn compile_jit(
+    graph: &Graph,
+    cfg: &Qwen3Config,
+    output: &str,
+    opts: &CompileOptions,
+) -> Result<JitCompiled, BackendError> {
+    check(graph, opts)?;
+    let builder = cranelift_jit::JITBuilder::with_isa(
+        isa(&opts.target_cpu, false)?,
+        cranelift_module::default_libcall_names(),
+    );
+    let mut module = cranelift_jit::JITModule::new(builder);
+    let built = build(&mut module, graph, cfg, output, opts)?;
+    module
+        .finalize_definitions()
+        .map_err(|e| BackendError::Internal(e.to_string()))?;
+    let code = module.get_finalized_function(built.forward);
+    // SAFETY: `q3c_forward` was built with exactly this signature (see build_forward).
+    let forward = unsafe { std::mem::transmute::<*const u8, q3c_abi::Forward>(code) };
+    Ok(JitCompiled {
+        forward,
+        manifest: built.manifest,
+        code: JitCode(module),
+    })
+}
+
+fn check(graph: &Graph, opts: &CompileOptions) -> Result<(), BackendError> {
     q3c_ir::verify(graph).map_err(|e| BackendError::Internal(e.to_string()))?;
     if opts.max_tokens_per_call == 0 {
         return Err(BackendError::Unsupported(
             "max tokens per call must be at least 1".into(),
         ));
     }
-    let isa = isa(&opts.target_cpu)?;
+    Ok(())
+}
+
+/// What [`build`] defined in a module.
+struct Built {
+    manifest: Manifest,
+    forward: FuncId,
+}
+
+/// Defines every kernel, `q3c_forward`, the manifest and the ABI version symbol in `module`.
+fn build<M: Module>(
+    module: &mut M,
+    graph: &Graph,
+    cfg: &Qwen3Config,
+    output: &str,
+    opts: &CompileOptions,
+) -> Result<Built, BackendError> {
+    let isa = module.isa();
     let fma = isa
         .isa_flags()
         .iter()
         .any(|f| f.name == "has_fma" && f.as_bool() == Some(true));
-    let features = required_features(&isa);
+    let features = required_features(isa);
     let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
-    let builder = ObjectBuilder::new(isa, "q3c_model", cranelift_module::default_libcall_names())
-        .map_err(|e| BackendError::Internal(e.to_string()))?;
-    let mut module = ObjectModule::new(builder);
     let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
 
     let libm_sig = {
@@ -210,8 +287,8 @@ pub fn compile(
         kernels_built.push((id, fid));
     }
 
-    build_forward(
-        &mut module,
+    let forward = build_forward(
+        module,
         &mut ctx,
         &mut fctx,
         graph,
@@ -254,25 +331,21 @@ pub fn compile(
         kernels: kernels_built.len(),
     };
     let json = serde_json::to_vec(&manifest).map_err(|e| BackendError::Internal(e.to_string()))?;
-    export_data(&mut module, q3c_abi::SYM_MANIFEST, json.clone())?;
+    export_data(module, q3c_abi::SYM_MANIFEST, json.clone())?;
     export_data(
-        &mut module,
+        module,
         q3c_abi::SYM_MANIFEST_LEN,
         (json.len() as u64).to_le_bytes().to_vec(),
     )?;
     export_data(
-        &mut module,
+        module,
         q3c_abi::SYM_ABI_VERSION,
         ABI_VERSION.to_le_bytes().to_vec(),
     )?;
-    let object = module
-        .finish()
-        .emit()
-        .map_err(|e| BackendError::Internal(e.to_string()))?;
-    Ok(Compiled { object, manifest })
+    Ok(Built { manifest, forward })
 }
 
-fn export_data(module: &mut ObjectModule, name: &str, bytes: Vec<u8>) -> Result<(), BackendError> {
+fn export_data<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>) -> Result<(), BackendError> {
     let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
     let id = module
         .declare_data(name, Linkage::Export, false, false)
@@ -285,8 +358,8 @@ fn export_data(module: &mut ObjectModule, name: &str, bytes: Vec<u8>) -> Result<
 
 /// `int32_t q3c_forward(const q3c_step *step)`: checks the step, then dispatches every kernel in order.
 #[allow(clippy::too_many_arguments)]
-fn build_forward(
-    module: &mut ObjectModule,
+fn build_forward<M: Module>(
+    module: &mut M,
     ctx: &mut Context,
     fctx: &mut FunctionBuilderContext,
     graph: &Graph,

@@ -31,7 +31,8 @@ pub struct CompiledModel {
     _widened: Vec<Vec<f32>>,
     _checkpoint: Checkpoint,
     pool: Mutex<Box<ThreadPool>>,
-    _library: libloading::Library,
+    /// What keeps the code alive: the loaded library, or in-process JIT memory.
+    _code: Box<dyn std::any::Any + Send + Sync>,
 }
 
 // SAFETY: the weights are immutable after loading; the generated code keeps no global state, so concurrent
@@ -154,13 +155,58 @@ impl CompiledModel {
                 ),
             ));
         }
-        let config = Qwen3Config::from_json(&manifest.config.to_string())
-            .map_err(|e| artifact_err(artifact, format!("manifest config: {e}")))?;
         // SAFETY: the symbol has the documented signature (q3c_abi.h); the ABI version was checked above.
         let forward = unsafe { library.get::<Forward>(q3c_abi::SYM_FORWARD.as_bytes()) }
             .map(|f| *f)
             .map_err(|_| artifact_err(artifact, "not a q3c artifact (no `q3c_forward` symbol)"))?;
+        Self::bind(
+            artifact,
+            manifest,
+            forward,
+            Box::new(library),
+            weights_dir,
+            threads,
+        )
+    }
 
+    /// Binds weights to code already in memory (e.g. compiled in process by a JIT). `code` is kept alive as
+    /// long as the model; `forward` must implement the ABI of `q3c_abi` for `manifest`.
+    ///
+    /// # Safety
+    /// `forward` must be the `q3c_forward` of code built for exactly `manifest`, and stay valid while `code` lives.
+    pub unsafe fn from_code(
+        forward: Forward,
+        manifest: Manifest,
+        code: Box<dyn std::any::Any + Send + Sync>,
+        weights_dir: &Path,
+        threads: usize,
+    ) -> Result<CompiledModel, RuntimeError> {
+        if manifest.abi_version != ABI_VERSION {
+            return Err(RuntimeError::Internal(format!(
+                "in-process code speaks ABI {}",
+                manifest.abi_version
+            )));
+        }
+        Self::bind(
+            Path::new("(in-process code)"),
+            manifest,
+            forward,
+            code,
+            weights_dir,
+            threads,
+        )
+    }
+
+    fn bind(
+        artifact: &Path,
+        manifest: Manifest,
+        forward: Forward,
+        code: Box<dyn std::any::Any + Send + Sync>,
+        weights_dir: &Path,
+        threads: usize,
+    ) -> Result<CompiledModel, RuntimeError> {
+        let config = Qwen3Config::from_json(&manifest.config.to_string())
+            .map_err(|e| artifact_err(artifact, format!("manifest config: {e}")))?;
         let checkpoint = Checkpoint::open(weights_dir)?;
         checkpoint
             .check(&config)
@@ -211,7 +257,7 @@ impl CompiledModel {
             _widened: widened,
             _checkpoint: checkpoint,
             pool: Mutex::new(Box::new(ThreadPool::new(threads))),
-            _library: library,
+            _code: code,
         })
     }
 
