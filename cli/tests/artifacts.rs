@@ -334,3 +334,41 @@ fn jit_runs_the_same_code_in_process() {
         "--jit needs --model to be a model directory",
     );
 }
+
+#[test]
+fn the_so_exports_only_the_abi_and_imports_only_libm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let so = tmp.path().join("m.so");
+    compile(&fixtures_dir().join("moe"), &so);
+    let nm = |flag: &str| {
+        let out = Command::new("nm")
+            .args(["-D", flag])
+            .arg(&so)
+            .output()
+            .expect("nm (binutils) runs");
+        assert!(out.status.success());
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().last().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let mut exported = nm("--defined-only");
+    exported.sort();
+    assert_eq!(
+        exported,
+        [
+            "q3c_abi_version",
+            "q3c_forward",
+            "q3c_manifest",
+            "q3c_manifest_len"
+        ]
+    );
+    for sym in nm("--undefined-only") {
+        let name = sym.split('@').next().unwrap();
+        assert!(
+            ["expf", "cosf", "sinf", "fmaf"].contains(&name),
+            "unexpected import {sym}"
+        );
+    }
+}
