@@ -5,24 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use q3c_models::tensors::expected_tensors;
 use q3c_models::{DType, Qwen3Config};
-
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
+use q3c_runtime::generate::SplitMix64;
 
 /// Writes `config.json` and `model.safetensors` (random weights of `dtype`) into `dir`; with
 /// `tokenizer`, copies `tokenizer.json` and `tokenizer_config.json` from it too.
@@ -42,7 +25,7 @@ pub fn write(
     } else {
         "Qwen3ForCausalLM"
     }]);
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let st_dtype = match dtype {
         DType::F32 => safetensors::Dtype::F32,
         DType::BF16 => safetensors::Dtype::BF16,
@@ -57,7 +40,11 @@ pub fn write(
             let mut bytes = Vec::with_capacity(n * dtype.size());
             let norm = t.name.ends_with("norm.weight");
             for _ in 0..n {
-                let v = if norm { 1.0 } else { amplitude * rng.uniform() };
+                let v = if norm {
+                    1.0
+                } else {
+                    amplitude * (2.0 * rng.next_f64() as f32 - 1.0)
+                };
                 match dtype {
                     DType::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
                     DType::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),

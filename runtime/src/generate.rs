@@ -80,11 +80,12 @@ fn sample(row: &[f32], temperature: f32, rng: &mut SplitMix64) -> u32 {
     argmax(row)
 }
 
-/// A small, fast, seedable generator (Steele et al.'s SplitMix64).
-struct SplitMix64(u64);
+/// A small, fast, seedable generator (Steele et al.'s SplitMix64), shared by the sampler, random
+/// checkpoints and tests.
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -93,7 +94,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
+    pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }

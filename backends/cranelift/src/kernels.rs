@@ -303,14 +303,18 @@ pub fn emit(
                     let row = e.b.ins().iadd(row, g);
                     e.addr(base, row, width * 4)
                 };
+                // scale · q·k_j
+                let score = |e: &mut Emit, j: Value| {
+                    let kj = key(e, ptr[1], j, d);
+                    let s = e.dot(q, kj, DType::F32, d);
+                    let sc = e.fconst(scale);
+                    e.b.ins().fmul(s, sc)
+                };
                 // Pass 1: the largest score.
                 let max = e.var_f32(f32::NEG_INFINITY);
                 let zero = e.iconst(0);
                 e.for_range(zero, len, 1, |e, j| {
-                    let kj = key(e, ptr[1], j, d);
-                    let s = e.dot(q, kj, DType::F32, d);
-                    let sc = e.fconst(scale);
-                    let s = e.b.ins().fmul(s, sc);
+                    let s = score(e, j);
                     let m = e.b.use_var(max);
                     let m = e.b.ins().fmax(m, s);
                     e.b.def_var(max, m);
@@ -324,10 +328,7 @@ pub fn emit(
                 let total = e.var_f32(0.0);
                 let zero = e.iconst(0);
                 e.for_range(zero, len, 1, |e, j| {
-                    let kj = key(e, ptr[1], j, d);
-                    let s = e.dot(q, kj, DType::F32, d);
-                    let sc = e.fconst(scale);
-                    let s = e.b.ins().fmul(s, sc);
+                    let s = score(e, j);
                     let m = e.b.use_var(max);
                     let s = e.b.ins().fsub(s, m);
                     let p = e.expf(s);
