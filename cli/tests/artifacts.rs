@@ -1,36 +1,12 @@
 //! `q3c compile` / `inspect` and running `.so` artifacts from the CLI, including every kind of bad artifact.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
+
+mod common;
+use common::*;
 
 use q3c_tests::{copy_fixture, fixtures_dir, golden};
-
-fn q3c(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_q3c"))
-        .args(args)
-        .output()
-        .expect("q3c runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = q3c(args);
-    assert!(
-        out.status.success(),
-        "q3c {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn assert_error(out: &Output, want: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(
-        stderr.starts_with("error: ") && stderr.contains(want),
-        "expected {want:?} in {stderr}"
-    );
-}
 
 fn compile(model: &Path, out: &Path) {
     ok(&[
@@ -94,13 +70,7 @@ fn compile_inspect_and_generate_from_the_so() {
             "--ignore-eos",
             "--json",
         ]);
-        let obj: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let got: Vec<u32> = obj["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let got = json_ids(&out);
         assert_eq!(got, g.greedy_ids);
     }
 }
@@ -314,13 +284,7 @@ fn jit_runs_the_same_code_in_process() {
         "--ignore-eos",
         "--json",
     ]);
-    let obj: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let got: Vec<u32> = obj["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let got = json_ids(&out);
     assert_eq!(got, g.greedy_ids);
     assert_error(
         &q3c(&[

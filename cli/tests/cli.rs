@@ -1,43 +1,10 @@
 //! The `q3c` binary end to end: output contracts of `ir`, `logits` and `generate`, and clear errors on bad input.
 
 use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+use common::*;
 
 use q3c_tests::{copy_fixture, fixtures_dir, golden, max_abs_diff, LOGIT_TOLERANCE};
-
-fn q3c(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_q3c"))
-        .args(args)
-        .output()
-        .expect("q3c runs")
-}
-
-/// Runs q3c and asserts it succeeded.
-fn q3c_ok(args: &[&str]) -> Output {
-    let out = q3c(args);
-    assert!(
-        out.status.success(),
-        "q3c {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ids_arg(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
-}
-
-/// Asserts a failed run: non-zero exit, no panic, stderr one `error:` line containing `want`.
-fn assert_error(out: &Output, want: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    assert!(stderr.contains(want), "expected {want:?} in {stderr}");
-}
 
 #[test]
 fn logits_writes_transformers_logits_to_safetensors() {
@@ -46,7 +13,7 @@ fn logits_writes_transformers_logits_to_safetensors() {
         let dir = tempfile::tempdir().unwrap();
         let out_path = dir.path().join("out.safetensors");
         let model = fixtures_dir().join(name);
-        q3c_ok(&[
+        ok(&[
             "logits",
             "--model",
             model.to_str().unwrap(),
@@ -80,7 +47,7 @@ fn generate_json_reports_the_greedy_ids() {
     for name in ["tied_bf16", "sharded_f16"] {
         let g = golden(name);
         let model = fixtures_dir().join(name);
-        let out = q3c_ok(&[
+        let out = ok(&[
             "generate",
             "--model",
             model.to_str().unwrap(),
@@ -93,15 +60,9 @@ fn generate_json_reports_the_greedy_ids() {
             "--ignore-eos",
             "--json",
         ]);
-        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stdout = out;
         assert_eq!(stdout.lines().count(), 1, "{stdout}");
-        let obj: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        let ids: Vec<u32> = obj["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids = json_ids(&stdout);
         assert_eq!(ids, g.greedy_ids, "{name}");
         assert_eq!(obj["finish_reason"], "length");
     }
@@ -131,8 +92,8 @@ fn generate_stops_at_eos_unless_told_not_to() {
         let prompt = ids_arg(&g.prompt_ids);
         args.extend(["--prompt-ids", prompt.as_str()]);
         args.extend(extra);
-        let out = q3c_ok(&args);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        let out = ok(&args);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
     let stopped = run(&[]);
     assert_eq!(stopped["ids"].as_array().unwrap().len(), first + 1);
@@ -145,7 +106,7 @@ fn sampling_is_reproducible_with_a_seed() {
     let g = golden("moe");
     let model = fixtures_dir().join("moe");
     let run = |seed: &str| {
-        let out = q3c_ok(&[
+        let out = ok(&[
             "generate",
             "--model",
             model.to_str().unwrap(),
@@ -160,7 +121,7 @@ fn sampling_is_reproducible_with_a_seed() {
             "--ignore-eos",
             "--json",
         ]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["ids"].clone()
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["ids"].clone()
     };
     assert_eq!(run("3"), run("3"));
     assert_ne!(run("3"), run("4"));
@@ -169,23 +130,19 @@ fn sampling_is_reproducible_with_a_seed() {
 #[test]
 fn ir_prints_text_that_parses_back_and_dot() {
     for model in ["Qwen3-8B", "qwen/qwen3-30b-a3b"] {
-        let out = q3c_ok(&["ir", model]);
-        let text = String::from_utf8(out.stdout).unwrap();
+        let out = ok(&["ir", model]);
+        let text = out;
         let g = q3c_ir::text::parse(&text).unwrap();
         q3c_ir::verify(&g).unwrap();
         assert!(text.contains("\noutput logits = %"), "{model}");
     }
-    let out = q3c_ok(&["ir", "Qwen3-0.6B", "--dot"]);
-    assert!(String::from_utf8(out.stdout)
-        .unwrap()
-        .starts_with("digraph q3c {"));
+    let out = ok(&["ir", "Qwen3-0.6B", "--dot"]);
+    assert!(out.starts_with("digraph q3c {"));
     // A config.json and a directory work too.
     let dir = fixtures_dir().join("moe");
     for arg in [dir.clone(), dir.join("config.json")] {
-        let out = q3c_ok(&["ir", arg.to_str().unwrap()]);
-        assert!(String::from_utf8(out.stdout)
-            .unwrap()
-            .contains("expert_linear"));
+        let out = ok(&["ir", arg.to_str().unwrap()]);
+        assert!(out.contains("expert_linear"));
     }
 }
 
