@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use q3c_compiler::Strategy;
 use q3c_models::{registry, Checkpoint, ModelSource};
 use q3c_runtime::{generate, CompiledModel, GenerateOptions, ReferenceModel, Session};
 
@@ -28,6 +29,18 @@ enum Command {
         /// Write to this file instead of standard output.
         #[arg(short, long)]
         out: Option<PathBuf>,
+        /// Fusion strategy to run: none, all, or a comma list of passes.
+        #[arg(long, default_value = "none")]
+        fusion: String,
+        /// Print the graph after this pass (of the strategy; defaults the strategy to all).
+        #[arg(long, value_name = "PASS", conflicts_with = "dump_all")]
+        after: Option<String>,
+        /// Print the graph before the passes and after each one.
+        #[arg(long)]
+        dump_all: bool,
+        /// Report each pass's time and rewrites on standard error.
+        #[arg(long)]
+        time_passes: bool,
     },
     /// Compile a model ahead of time into a shared library (weights are bound at load time).
     Compile {
@@ -45,8 +58,8 @@ enum Command {
         /// Most tokens per forward call (longer prompts run in chunks); sizes the scratch memory.
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
-        /// Fusion strategy (only `none` so far).
-        #[arg(long, default_value = "none", value_parser = ["none"])]
+        /// Fusion strategy: none, all, or a comma list of passes (see `q3c ir --help`).
+        #[arg(long, default_value = "none")]
         fusion: String,
     },
     /// Print a compiled artifact's manifest.
@@ -230,14 +243,59 @@ impl Loaded {
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Ir { model, dot, out } => {
+        Command::Ir {
+            model,
+            dot,
+            out,
+            fusion,
+            after,
+            dump_all,
+            time_passes,
+        } => {
             let cfg = ModelSource::parse(&model).config()?;
-            let graph = q3c_compiler::lower(&cfg).context("lowering failed (a q3c bug)")?;
-            let text = if dot {
-                q3c_ir::dot::to_dot(&graph)
-            } else {
-                q3c_ir::text::print(&graph)
+            let mut graph = q3c_compiler::lower(&cfg).context("lowering failed (a q3c bug)")?;
+            let strategy = match (&after, fusion.as_str()) {
+                (Some(pass), "none") => Strategy::parse(pass)?,
+                _ => Strategy::parse(&fusion)?,
             };
+            if let Some(pass) = &after {
+                if !strategy.passes().iter().any(|p| p.name == pass) {
+                    bail!(
+                        "--after {pass}: that pass is not in the strategy '{}'",
+                        strategy.name()
+                    );
+                }
+            }
+            let render = |g: &q3c_ir::Graph| {
+                if dot {
+                    q3c_ir::dot::to_dot(g)
+                } else {
+                    q3c_ir::text::print(g)
+                }
+            };
+            let mut text = String::new();
+            if dump_all {
+                text += &format!("; ==== {model}: lowered ====\n{}", render(&graph));
+            }
+            q3c_compiler::pipeline::run(&mut graph, &strategy, true, |report, g| {
+                if time_passes {
+                    eprintln!(
+                        "pass {:<12} {:>9.3} ms  {:>5} rewrites  {:>6} nodes after",
+                        report.pass,
+                        report.elapsed.as_secs_f64() * 1e3,
+                        report.rewrites,
+                        report.nodes_after
+                    );
+                }
+                if dump_all {
+                    text += &format!("; ==== after {} ====\n{}", report.pass, render(g));
+                } else if after.as_deref() == Some(report.pass) {
+                    text = render(g);
+                }
+            })?;
+            if !dump_all && after.is_none() {
+                text = render(&graph);
+            }
             match out {
                 Some(path) => write_atomically(&path, text.as_bytes()),
                 None => print_stdout(&text),
@@ -253,11 +311,13 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = ModelSource::parse(&model).config()?;
             let start = std::time::Instant::now();
-            let graph = q3c_compiler::lower(&cfg).context("lowering failed (a q3c bug)")?;
+            let mut graph = q3c_compiler::lower(&cfg).context("lowering failed (a q3c bug)")?;
+            let strategy = Strategy::parse(&fusion)?;
+            q3c_compiler::pipeline::run(&mut graph, &strategy, true, |_, _| {})?;
             let opts = q3c_backend_cranelift::CompileOptions {
                 target_cpu,
                 max_tokens_per_call: max_tokens,
-                fusion,
+                fusion: strategy.name().to_string(),
             };
             let compiled =
                 q3c_backend_cranelift::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts)?;

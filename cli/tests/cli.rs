@@ -261,3 +261,38 @@ fn bad_input_gets_one_clear_error() {
         "does not match the model config",
     );
 }
+
+#[test]
+fn ir_shows_the_graph_after_passes() {
+    let after = ok(&["ir", "Qwen3-30B-A3B", "--after", "swiglu"]);
+    assert_eq!(after.matches("= expert_swiglu ").count(), 48);
+    assert!(!after.contains("= silu "));
+    let g = q3c_ir::text::parse(&after).unwrap();
+    q3c_ir::verify(&g).unwrap();
+    let dump = ok(&["ir", "Qwen3-0.6B", "--fusion", "all", "--dump-all"]);
+    assert!(
+        dump.contains("; ==== Qwen3-0.6B: lowered ====")
+            && dump.contains("; ==== after swiglu ====")
+    );
+    let out = q3c(&["ir", "Qwen3-0.6B", "--fusion", "swiglu", "--time-passes"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pass swiglu"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_error(
+        &q3c(&["ir", "Qwen3-0.6B", "--fusion", "quantum"]),
+        "unknown fusion pass 'quantum' (available: swiglu; or none, all)",
+    );
+    assert_error(
+        &q3c(&[
+            "compile",
+            "Qwen3-0.6B",
+            "--fusion",
+            "quantum",
+            "-o",
+            "/tmp/never.so",
+        ]),
+        "unknown fusion pass 'quantum'",
+    );
+}

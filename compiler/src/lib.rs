@@ -1,8 +1,13 @@
-//! The q3c compiler front end: lowering a Qwen3 config to the graph IR.
+//! The q3c compiler front end: lowering a Qwen3 config to the graph IR, and the fusion passes over it.
 //!
-//! Passes over the IR (fusions) and the pipeline that orders them live here too as they arrive; code
-//! generation lives in `backends/`.
+//! - [`lower`]: one parameterised builder for every Qwen3 size.
+//! - [`passes`]: one file per fusion; [`pipeline`]: their order, strategies, and the verifying runner.
+//!
+//! Code generation lives in `backends/`.
 
 pub mod lower;
+pub mod passes;
+pub mod pipeline;
 
 pub use lower::{lower, rope_spec, LOGITS};
+pub use pipeline::{PipelineError, Strategy};

@@ -145,6 +145,11 @@ impl Graph {
         users
     }
 
+    /// Whether `id` is a named output (a reader that [`Graph::users`] does not list).
+    pub fn is_output(&self, id: NodeId) -> bool {
+        self.outputs.iter().any(|&(_, o)| o == id)
+    }
+
     /// Every live node id, in insertion order.
     pub fn node_ids(&self) -> Vec<NodeId> {
         self.g.node_indices().map(NodeId::from_index).collect()

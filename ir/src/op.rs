@@ -85,6 +85,14 @@ pub enum Op {
     /// slot `j` of token `s` multiplies by expert `ids[s, j]`'s matrix (a grouped GEMM over the chosen experts).
     ExpertLinear,
 
+    // ---- fused ops (made by fusion passes, never by lowering) ----
+    /// (x `f32[..., K]`, w_gate `[N, K]`, w_up `[N, K]`) → `f32[..., N]`: `silu(x · w_gateᵀ) · (x · w_upᵀ)`,
+    /// both products in one kernel with the gating in its epilogue.
+    SwiGlu,
+    /// (x `f32[S, j, K]`, ids `i32[S, k]`, w_gate `[E, N, K]`, w_up `[E, N, K]`) → `f32[S, k, N]`: [`Op::SwiGlu`]
+    /// per selected expert, as [`Op::ExpertLinear`] selects them.
+    ExpertSwiGlu,
+
     // ---- normalisation and positions ----
     /// (x `f32[..., D]`, w `[D]`) → like x: `w · x / sqrt(mean(x²) + eps)` over the last axis.
     RmsNorm {
@@ -137,6 +145,8 @@ impl Op {
             Op::GatherLast => "gather_last",
             Op::Linear => "linear",
             Op::ExpertLinear => "expert_linear",
+            Op::SwiGlu => "swiglu",
+            Op::ExpertSwiGlu => "expert_swiglu",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Rope(_) => "rope",
             Op::KvAppend { .. } => "kv_append",
@@ -163,7 +173,8 @@ impl Op {
             Op::KvAppend { .. } => 1,
             Op::Embedding | Op::GatherLast | Op::Linear | Op::RmsNorm { .. } | Op::Rope(_) => 2,
             Op::Add | Op::Mul | Op::Div => 2,
-            Op::ExpertLinear | Op::Attention { .. } => 3,
+            Op::ExpertLinear | Op::Attention { .. } | Op::SwiGlu => 3,
+            Op::ExpertSwiGlu => 4,
         }
     }
 
@@ -271,6 +282,16 @@ impl Op {
                     ));
                 }
                 Ok(TensorType::f32(vec![xs[0], ids_s[1], w.shape.0[1]]))
+            }
+            Op::SwiGlu => {
+                let gate = Op::Linear.infer(&[inputs[0], inputs[1]])?;
+                let up = Op::Linear.infer(&[inputs[0], inputs[2]])?;
+                same_type(gate, up, "w_gate", "w_up")
+            }
+            Op::ExpertSwiGlu => {
+                let gate = Op::ExpertLinear.infer(&[inputs[0], inputs[1], inputs[2]])?;
+                let up = Op::ExpertLinear.infer(&[inputs[0], inputs[1], inputs[3]])?;
+                same_type(gate, up, "w_gate", "w_up")
             }
             Op::RmsNorm { eps } => {
                 let (x, w) = (inputs[0], inputs[1]);
@@ -381,6 +402,14 @@ impl Op {
                 Ok(TensorType::i32(dims))
             }
         }
+    }
+}
+
+fn same_type(a: TensorType, b: TensorType, an: &str, bn: &str) -> Result<TensorType, String> {
+    if a == b {
+        Ok(a)
+    } else {
+        Err(format!("{an} gives {a} but {bn} gives {b}"))
     }
 }
 

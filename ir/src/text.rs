@@ -90,6 +90,7 @@ fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::ReduceSum { axis } => vec![("axis", axis.to_string())],
         Op::TopK { k } => vec![("k", k.to_string())],
         Op::Embedding | Op::GatherLast | Op::Linear | Op::ExpertLinear => vec![],
+        Op::SwiGlu | Op::ExpertSwiGlu => vec![],
         Op::Add | Op::Mul | Op::Div | Op::Silu | Op::Softmax => vec![],
     }
 }
@@ -331,6 +332,8 @@ fn build_op(name: &str, mut a: Attrs, ty: &TensorType) -> Result<Op, String> {
         "gather_last" => Op::GatherLast,
         "linear" => Op::Linear,
         "expert_linear" => Op::ExpertLinear,
+        "swiglu" => Op::SwiGlu,
+        "expert_swiglu" => Op::ExpertSwiGlu,
         "rms_norm" => Op::RmsNorm { eps: a.num("eps")? },
         "rope" => {
             let theta = a.num("theta")?;

@@ -105,10 +105,29 @@ pub fn compile_to(
     out_dir: &std::path::Path,
     max_tokens: usize,
 ) -> PathBuf {
+    compile_with(model_dir, out_dir, max_tokens, "none")
+}
+
+/// The lowered graph of `cfg` after the fusion strategy `fusion` (`none`, `all`, or a pass list).
+pub fn fused_graph(cfg: &Qwen3Config, fusion: &str) -> q3c_ir::Graph {
+    let mut graph = q3c_compiler::lower(cfg).expect("lowering");
+    let strategy = q3c_compiler::Strategy::parse(fusion).expect("strategy");
+    q3c_compiler::pipeline::run(&mut graph, &strategy, true, |_, _| {}).expect("passes");
+    graph
+}
+
+/// Like [`compile_to`], with a fusion strategy.
+pub fn compile_with(
+    model_dir: &std::path::Path,
+    out_dir: &std::path::Path,
+    max_tokens: usize,
+    fusion: &str,
+) -> PathBuf {
     let cfg = q3c_models::resolve(model_dir.to_str().expect("utf-8 path")).expect("config");
-    let graph = q3c_compiler::lower(&cfg).expect("lowering");
+    let graph = fused_graph(&cfg, fusion);
     let opts = q3c_backend_cranelift::CompileOptions {
         max_tokens_per_call: max_tokens,
+        fusion: fusion.into(),
         ..Default::default()
     };
     let compiled =

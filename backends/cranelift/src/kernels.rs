@@ -36,14 +36,14 @@ pub fn work_items(graph: &Graph, id: NodeId) -> Items {
         scales_with_t: true,
     };
     match &graph.node(id).op {
-        Op::Linear => {
+        Op::Linear | Op::SwiGlu => {
             let n = *out.last().expect("rank >= 1");
             Items {
                 count: n / LinearTile::for_width(n).width,
                 scales_with_t: false,
             }
         }
-        Op::ExpertLinear => by_t(out[1]),
+        Op::ExpertLinear | Op::ExpertSwiGlu => by_t(out[1]),
         Op::RmsNorm { .. } | Op::Softmax => by_t(out[1..out.len() - 1].iter().product()),
         Op::Attention { .. } => by_t(out[1]),
         Op::TopK { .. } | Op::GatherLast => by_t(out[1..out.len() - 1].iter().product()),
@@ -120,7 +120,13 @@ pub fn emit(
                 });
             });
         }
-        Op::Linear => {
+        Op::Linear | Op::SwiGlu => {
+            // Weight matrices at inputs 1 (and 2 for SwiGLU), combined per output element by the epilogue.
+            let mats: Vec<usize> = if node.op == Op::SwiGlu {
+                vec![1, 2]
+            } else {
+                vec![1]
+            };
             let x_dims = dims(graph, graph.inputs(id)[0]);
             let k = *x_dims.last().expect("rank");
             let rows_per_token: usize = x_dims[1..x_dims.len() - 1].iter().product();
@@ -131,7 +137,10 @@ pub fn emit(
             let (x_stride, w_stride) = (k * 4, k * dt.size());
             e.for_range(start, end, 1, |e, item| {
                 let col0 = e.b.ins().imul_imm_u(item, tile.width as i64);
-                let w0 = e.addr(ptr[1], col0, w_stride);
+                let w0: Vec<Value> = mats
+                    .iter()
+                    .map(|&m| e.addr(ptr[m], col0, w_stride))
+                    .collect();
                 let o0 = e.addr(out, col0, 4);
                 // Rows in blocks of `tile.rows` (rows × block_cols register tiles), then one at a time.
                 let blocks = e.b.ins().udiv_imm_u(rows, tile.rows as i64);
@@ -141,19 +150,26 @@ pub fn emit(
                     let x = e.addr(ptr[0], r, x_stride);
                     let o = e.addr(o0, r, n * 4);
                     for c0 in (0..tile.width).step_by(tile.block_cols) {
-                        let w = e.b.ins().iadd_imm_u(w0, (c0 * w_stride) as i64);
-                        let sums = e.dot_block(
-                            x,
-                            x_stride,
-                            tile.rows,
-                            w,
-                            w_stride,
-                            tile.block_cols,
-                            dt,
-                            k,
-                        );
-                        for (ri, row) in sums.iter().enumerate() {
-                            for (ci, &v) in row.iter().enumerate() {
+                        let sums: Vec<Vec<Vec<Value>>> = w0
+                            .iter()
+                            .map(|&w0| {
+                                let w = e.b.ins().iadd_imm_u(w0, (c0 * w_stride) as i64);
+                                e.dot_block(
+                                    x,
+                                    x_stride,
+                                    tile.rows,
+                                    w,
+                                    w_stride,
+                                    tile.block_cols,
+                                    dt,
+                                    k,
+                                )
+                            })
+                            .collect();
+                        for ri in 0..tile.rows {
+                            for ci in 0..tile.block_cols {
+                                let parts: Vec<Value> = sums.iter().map(|m| m[ri][ci]).collect();
+                                let v = epilogue(e, &parts);
                                 e.store(v, o, ((ri * n + c0 + ci) * 4) as i32);
                             }
                         }
@@ -164,14 +180,26 @@ pub fn emit(
                     let x = e.addr(ptr[0], r, x_stride);
                     let o = e.addr(o0, r, n * 4);
                     for c in 0..tile.width {
-                        let w = e.b.ins().iadd_imm_u(w0, (c * w_stride) as i64);
-                        let v = e.dot(x, w, dt, k);
+                        let parts: Vec<Value> = w0
+                            .iter()
+                            .map(|&w0| {
+                                let w = e.b.ins().iadd_imm_u(w0, (c * w_stride) as i64);
+                                e.dot(x, w, dt, k)
+                            })
+                            .collect();
+                        let v = epilogue(e, &parts);
                         e.store(v, o, (c * 4) as i32);
                     }
                 });
             });
         }
-        Op::ExpertLinear => {
+        Op::ExpertLinear | Op::ExpertSwiGlu => {
+            // Expert stacks at inputs 2 (and 3 for SwiGLU).
+            let mats: Vec<usize> = if node.op == Op::ExpertSwiGlu {
+                vec![2, 3]
+            } else {
+                vec![2]
+            };
             let x_dims = dims(graph, graph.inputs(id)[0]);
             let (j, k) = (x_dims[1], x_dims[2]);
             let slots = dims(graph, id)[1];
@@ -185,12 +213,23 @@ pub fn emit(
                 let x = e.addr(ptr[0], x_row, k * 4);
                 let ide = e.addr(ptr[1], item, 4);
                 let expert = e.load_i32_as_i64(ide, 0);
-                let wp = e.addr(ptr[2], expert, 8);
-                let w = e.b.ins().load(I64, mem(), wp, 0);
+                let w: Vec<Value> = mats
+                    .iter()
+                    .map(|&m| {
+                        let wp = e.addr(ptr[m], expert, 8);
+                        e.b.ins().load(I64, mem(), wp, 0)
+                    })
+                    .collect();
                 let o = e.addr(out, item, n * 4);
                 e.for_n(n, |e, col| {
-                    let w_row = e.addr(w, col, k * dt.size());
-                    let s = e.dot(x, w_row, dt, k);
+                    let parts: Vec<Value> = w
+                        .iter()
+                        .map(|&w| {
+                            let w_row = e.addr(w, col, k * dt.size());
+                            e.dot(x, w_row, dt, k)
+                        })
+                        .collect();
+                    let s = epilogue(e, &parts);
                     let oo = e.addr(o, col, 4);
                     e.store(s, oo, 0);
                 });
@@ -531,6 +570,22 @@ pub fn emit(
         }
     }
     Ok(())
+}
+
+/// The epilogue of a (grouped) matrix product: the plain dot product, or for SwiGLU `silu(gate) · up`.
+fn epilogue(e: &mut Emit, parts: &[Value]) -> Value {
+    match *parts {
+        [dot] => dot,
+        [gate, up] => {
+            let neg = e.b.ins().fneg(gate);
+            let ex = e.expf(neg);
+            let one = e.fconst(1.0);
+            let den = e.b.ins().fadd(one, ex);
+            let act = e.b.ins().fdiv(gate, den);
+            e.b.ins().fmul(act, up)
+        }
+        _ => unreachable!("matrix products combine one or two weight matrices"),
+    }
 }
 
 /// Nested loops of a broadcasting binary op over the per-token dims.

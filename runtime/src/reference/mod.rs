@@ -231,6 +231,38 @@ impl ReferenceSession<'_> {
                     }
                     f32_out(kernels::expert_linear(x, xs[1], xs[2], e, es[1], w, ws[1]))
                 }
+                Op::SwiGlu => {
+                    let ((x, xs), (g, gs), (u, _)) =
+                        (arg(0)?.f32()?, arg(1)?.f32()?, arg(2)?.f32()?);
+                    let k = xs[xs.len() - 1];
+                    let gate = kernels::linear(x, k, g, gs[0]);
+                    let up = kernels::linear(x, k, u, gs[0]);
+                    f32_out(
+                        kernels::silu(&gate)
+                            .iter()
+                            .zip(&up)
+                            .map(|(a, b)| a * b)
+                            .collect(),
+                    )
+                }
+                Op::ExpertSwiGlu => {
+                    let ((x, xs), (e, es)) = (arg(0)?.f32()?, arg(1)?.i32()?);
+                    let ((g, gs), (u, _)) = (arg(2)?.f32()?, arg(3)?.f32()?);
+                    if let Some(&bad) = e.iter().find(|&&i| i < 0 || i as usize >= gs[0]) {
+                        return Err(RuntimeError::Internal(format!(
+                            "expert id {bad} out of range"
+                        )));
+                    }
+                    let gate = kernels::expert_linear(x, xs[1], xs[2], e, es[1], g, gs[1]);
+                    let up = kernels::expert_linear(x, xs[1], xs[2], e, es[1], u, gs[1]);
+                    f32_out(
+                        kernels::silu(&gate)
+                            .iter()
+                            .zip(&up)
+                            .map(|(a, b)| a * b)
+                            .collect(),
+                    )
+                }
                 Op::RmsNorm { eps } => {
                     let ((x, _), (w, _)) = (arg(0)?.f32()?, arg(1)?.f32()?);
                     f32_out(kernels::rms_norm(x, w, *eps))
