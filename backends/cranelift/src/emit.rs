@@ -186,19 +186,16 @@ impl Emit<'_, '_> {
         sum
     }
 
-    /// Register-blocked `rows × cols` dot products: `out[r][c] = Σ_k x[r][k] · w[c][k]` where row `r` of x
-    /// starts at `x + r·x_stride` bytes (f32) and column `c` of w at `w + c·w_stride` bytes (`dtype`).
-    /// Each 4-wide step of k loads `rows + cols` vectors and issues `rows · cols` independent FMAs;
+    /// Register-blocked dot products: `out[r][c] = Σ_k x[r][k] · w_c[k]` where row `r` of x starts at
+    /// `x + r·x_stride` bytes (f32) and column `c` at `cols[c]` (`dtype`; the columns may come from different
+    /// matrices). Each 4-wide step of k loads `rows + cols` vectors and issues `rows · cols` independent FMAs;
     /// a k that is not a multiple of 4 finishes scalar.
-    #[allow(clippy::too_many_arguments)]
     pub fn dot_block(
         &mut self,
         x: Value,
         x_stride: usize,
         rows: usize,
-        w: Value,
-        w_stride: usize,
-        cols: usize,
+        cols: &[Value],
         dtype: DType,
         k: usize,
     ) -> Vec<Vec<Value>> {
@@ -208,7 +205,7 @@ impl Emit<'_, '_> {
             self.b.ins().splat(F32X4, z)
         };
         let accs: Vec<Vec<_>> = (0..rows)
-            .map(|_| (0..cols).map(|_| self.b.declare_var(F32X4)).collect())
+            .map(|_| cols.iter().map(|_| self.b.declare_var(F32X4)).collect())
             .collect();
         for a in accs.iter().flatten() {
             self.b.def_var(*a, zero4);
@@ -217,12 +214,13 @@ impl Emit<'_, '_> {
         if steps > 0 {
             self.for_n(steps, |e, j| {
                 let xb = e.addr(x, j, 16);
-                let wb = e.addr(w, j, 4 * ws);
+                let w_off = e.b.ins().imul_imm_u(j, (4 * ws) as i64);
                 let xv: Vec<Value> = (0..rows)
                     .map(|r| e.b.ins().load(F32X4, mem(), xb, (r * x_stride) as i32))
                     .collect();
-                for c in 0..cols {
-                    let wv = e.load_weight4(dtype, wb, (c * w_stride) as i32);
+                for (c, &col) in cols.iter().enumerate() {
+                    let wb = e.b.ins().iadd(col, w_off);
+                    let wv = e.load_weight4(dtype, wb, 0);
                     for (row_accs, &xr) in accs.iter().zip(&xv) {
                         let acc = e.b.use_var(row_accs[c]);
                         let acc = e.madd(xr, wv, acc);
@@ -233,13 +231,13 @@ impl Emit<'_, '_> {
         }
         let mut out = Vec::with_capacity(rows);
         for (r, row_accs) in accs.iter().enumerate() {
-            let mut row = Vec::with_capacity(cols);
-            for (c, &a) in row_accs.iter().enumerate() {
+            let mut row = Vec::with_capacity(cols.len());
+            for (&a, &col) in row_accs.iter().zip(cols) {
                 let acc = self.b.use_var(a);
                 let mut sum = self.hsum(acc);
                 for kk in steps * 4..k {
                     let xv = self.load_f32(x, (r * x_stride + kk * 4) as i32);
-                    let wv = self.load_weight(dtype, w, (c * w_stride + kk * ws) as i32);
+                    let wv = self.load_weight(dtype, col, (kk * ws) as i32);
                     let p = self.b.ins().fmul(xv, wv);
                     sum = self.b.ins().fadd(sum, p);
                 }

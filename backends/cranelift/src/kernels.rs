@@ -132,7 +132,11 @@ pub fn emit(
             let rows_per_token: usize = x_dims[1..x_dims.len() - 1].iter().product();
             let n = *dims(graph, id).last().expect("rank");
             let dt = in_dtype(plan, graph, id, 1);
-            let tile = LinearTile::for_width(n);
+            let mut tile = LinearTile::for_width(n);
+            // Two matrices: each tile takes `block_cols / 2` columns from both, so it stays 4 × 2 accumulators
+            // and every x load feeds both the gate and the up product.
+            let per_matrix = (tile.block_cols / mats.len()).max(1);
+            tile.block_cols = per_matrix;
             let rows = e.b.ins().imul_imm_u(t, rows_per_token as i64);
             let (x_stride, w_stride) = (k * 4, k * dt.size());
             e.for_range(start, end, 1, |e, item| {
@@ -149,26 +153,18 @@ pub fn emit(
                 e.for_range(zero, full, tile.rows, |e, r| {
                     let x = e.addr(ptr[0], r, x_stride);
                     let o = e.addr(o0, r, n * 4);
-                    for c0 in (0..tile.width).step_by(tile.block_cols) {
-                        let sums: Vec<Vec<Vec<Value>>> = w0
+                    for c0 in (0..tile.width).step_by(per_matrix) {
+                        // Columns c0..c0+per_matrix of each matrix, matrix-major.
+                        let cols: Vec<Value> = w0
                             .iter()
-                            .map(|&w0| {
-                                let w = e.b.ins().iadd_imm_u(w0, (c0 * w_stride) as i64);
-                                e.dot_block(
-                                    x,
-                                    x_stride,
-                                    tile.rows,
-                                    w,
-                                    w_stride,
-                                    tile.block_cols,
-                                    dt,
-                                    k,
-                                )
-                            })
+                            .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c0 + c)))
+                            .map(|(w0, c)| e.b.ins().iadd_imm_u(w0, (c * w_stride) as i64))
                             .collect();
-                        for ri in 0..tile.rows {
-                            for ci in 0..tile.block_cols {
-                                let parts: Vec<Value> = sums.iter().map(|m| m[ri][ci]).collect();
+                        let sums = e.dot_block(x, x_stride, tile.rows, &cols, dt, k);
+                        for (ri, row) in sums.iter().enumerate() {
+                            for ci in 0..per_matrix {
+                                let parts: Vec<Value> =
+                                    (0..mats.len()).map(|m| row[m * per_matrix + ci]).collect();
                                 let v = epilogue(e, &parts);
                                 e.store(v, o, ((ri * n + c0 + ci) * 4) as i32);
                             }
