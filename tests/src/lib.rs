@@ -160,6 +160,17 @@ pub fn jit_model(name: &str, threads: usize) -> q3c_runtime::CompiledModel {
     .expect("binding weights")
 }
 
+/// The 24-token greedy continuation of a fixture's prompt (EOS ignored), as transformers recorded it.
+pub fn greedy_continuation(session: &mut dyn q3c_runtime::Session, g: &Golden) -> Vec<u32> {
+    let opts = q3c_runtime::GenerateOptions {
+        max_new_tokens: g.greedy_ids.len(),
+        temperature: 0.0,
+        seed: 0,
+        stop_ids: vec![],
+    };
+    q3c_runtime::generate(session, &g.prompt_ids, &opts).expect("generation")
+}
+
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");

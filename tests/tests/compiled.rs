@@ -1,6 +1,6 @@
 //! The Cranelift-compiled `.so` against transformers and the reference executor, on 1 and 2 threads.
 
-use q3c_runtime::{generate, CompiledModel, GenerateOptions, Session};
+use q3c_runtime::{CompiledModel, Session};
 use q3c_tests::*;
 
 #[test]
@@ -26,13 +26,7 @@ fn every_fixture_matches_transformers_through_the_compiled_so() {
                 vs_ref <= 1e-4,
                 "{name}, {threads} threads: max |dlogit| vs reference {vs_ref:e}"
             );
-            let opts = GenerateOptions {
-                max_new_tokens: g.greedy_ids.len(),
-                temperature: 0.0,
-                seed: 0,
-                stop_ids: vec![],
-            };
-            let ids = generate(&mut model.session(), &g.prompt_ids, &opts).unwrap();
+            let ids = greedy_continuation(&mut model.session(), &g);
             assert_eq!(ids, g.greedy_ids, "{name}, {threads} threads");
             eprintln!(
                 "{name}, {threads} threads: vs transformers {vs_hf:.2e}, vs reference {vs_ref:.2e}"
@@ -98,14 +92,8 @@ fn jit_compiled_code_matches_transformers_too() {
                 diff <= LOGIT_TOLERANCE,
                 "{name}, {threads} threads (jit): {diff:e}"
             );
-            let opts = GenerateOptions {
-                max_new_tokens: g.greedy_ids.len(),
-                temperature: 0.0,
-                seed: 0,
-                stop_ids: vec![],
-            };
             assert_eq!(
-                generate(&mut model.session(), &g.prompt_ids, &opts).unwrap(),
+                greedy_continuation(&mut model.session(), &g),
                 g.greedy_ids,
                 "{name} (jit)"
             );

@@ -2,7 +2,7 @@
 //! reference executor and through the compiled `.so`, and still matches transformers.
 
 use q3c_compiler::pipeline::PASSES;
-use q3c_runtime::{generate, CompiledModel, GenerateOptions, ReferenceModel, Session};
+use q3c_runtime::{CompiledModel, ReferenceModel, Session};
 use q3c_tests::*;
 
 /// `all` and each pass alone.
@@ -49,14 +49,8 @@ fn every_strategy_equals_none_on_every_fixture() {
                 max_abs_diff(&fused.data, &g.logits) <= LOGIT_TOLERANCE,
                 "{name} {fusion}: vs transformers"
             );
-            let opts = GenerateOptions {
-                max_new_tokens: g.greedy_ids.len(),
-                temperature: 0.0,
-                seed: 0,
-                stop_ids: vec![],
-            };
             assert_eq!(
-                generate(&mut model.session(), &g.prompt_ids, &opts).unwrap(),
+                greedy_continuation(&mut model.session(), &g),
                 g.greedy_ids,
                 "{name} {fusion}"
             );

@@ -1,6 +1,6 @@
 //! The reference executor against transformers on every golden fixture.
 
-use q3c_runtime::{generate, GenerateOptions, Session};
+use q3c_runtime::Session;
 use q3c_tests::*;
 
 #[test]
@@ -47,13 +47,7 @@ fn greedy_continuation_matches_transformers() {
     for name in FIXTURES {
         let g = golden(name);
         let model = reference_model(name);
-        let opts = GenerateOptions {
-            max_new_tokens: g.greedy_ids.len(),
-            temperature: 0.0,
-            seed: 0,
-            stop_ids: vec![],
-        };
-        let ids = generate(&mut model.session(), &g.prompt_ids, &opts).unwrap();
+        let ids = greedy_continuation(&mut model.session(), &g);
         assert_eq!(ids, g.greedy_ids, "{name}");
     }
 }

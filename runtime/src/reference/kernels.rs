@@ -171,6 +171,11 @@ pub fn silu(x: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// SwiGLU's gating: `silu(gate) · up`, elementwise.
+pub fn gated(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    silu(gate).iter().zip(up).map(|(a, b)| a * b).collect()
+}
+
 /// Softmax over rows of length `n`.
 pub fn softmax(x: &[f32], n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());

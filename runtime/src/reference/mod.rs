@@ -237,13 +237,7 @@ impl ReferenceSession<'_> {
                     let k = xs[xs.len() - 1];
                     let gate = kernels::linear(x, k, g, gs[0]);
                     let up = kernels::linear(x, k, u, gs[0]);
-                    f32_out(
-                        kernels::silu(&gate)
-                            .iter()
-                            .zip(&up)
-                            .map(|(a, b)| a * b)
-                            .collect(),
-                    )
+                    f32_out(kernels::gated(&gate, &up))
                 }
                 Op::ExpertSwiGlu => {
                     let ((x, xs), (e, es)) = (arg(0)?.f32()?, arg(1)?.i32()?);
@@ -255,13 +249,7 @@ impl ReferenceSession<'_> {
                     }
                     let gate = kernels::expert_linear(x, xs[1], xs[2], e, es[1], g, gs[1]);
                     let up = kernels::expert_linear(x, xs[1], xs[2], e, es[1], u, gs[1]);
-                    f32_out(
-                        kernels::silu(&gate)
-                            .iter()
-                            .zip(&up)
-                            .map(|(a, b)| a * b)
-                            .collect(),
-                    )
+                    f32_out(kernels::gated(&gate, &up))
                 }
                 Op::RmsNorm { eps } => {
                     let ((x, _), (w, _)) = (arg(0)?.f32()?, arg(1)?.f32()?);
