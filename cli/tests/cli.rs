@@ -269,6 +269,20 @@ fn ir_shows_the_graph_after_passes() {
     assert!(!after.contains("= silu "));
     let g = q3c_ir::text::parse(&after).unwrap();
     q3c_ir::verify(&g).unwrap();
+    // A fused YaRN graph prints and parses back to the same text.
+    let yarn = fixtures_dir().join("yarn");
+    let fused = ok(&["ir", yarn.to_str().unwrap(), "--fusion", "all"]);
+    assert_eq!(
+        fused
+            .matches("= norm_rope eps=1e-6 theta=10000.0 yarn_factor=4.0")
+            .count(),
+        4,
+        "{fused}"
+    );
+    assert_eq!(
+        q3c_ir::text::print(&q3c_ir::text::parse(&fused).unwrap()),
+        fused
+    );
     let dump = ok(&["ir", "Qwen3-0.6B", "--fusion", "all", "--dump-all"]);
     assert!(
         dump.contains("; ==== Qwen3-0.6B: lowered ====")
@@ -282,7 +296,7 @@ fn ir_shows_the_graph_after_passes() {
     );
     assert_error(
         &q3c(&["ir", "Qwen3-0.6B", "--fusion", "quantum"]),
-        "unknown fusion pass 'quantum' (available: swiglu; or none, all)",
+        "unknown fusion pass 'quantum' (available: norm-rope, swiglu; or none, all)",
     );
     assert_error(
         &q3c(&[

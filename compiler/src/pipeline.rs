@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use q3c_ir::Graph;
 
-use crate::passes::{swiglu, Pass};
+use crate::passes::{norm_rope, swiglu, Pass};
 
 /// Every pass, in pipeline order. A strategy runs a subset, always in this order.
-pub const PASSES: [Pass; 1] = [swiglu::PASS];
+pub const PASSES: [Pass; 2] = [norm_rope::PASS, swiglu::PASS];
 
 /// Which passes to run: `none`, `all`, or a comma list of pass names.
 #[derive(Clone, Debug)]

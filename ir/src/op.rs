@@ -93,6 +93,12 @@ pub enum Op {
     /// per selected expert, as [`Op::ExpertLinear`] selects them.
     ExpertSwiGlu,
 
+    /// (x `f32[S, H, d]`, w `[d]`, positions `i32[S]`) → like x: per-head RMSNorm then RoPE, one kernel.
+    NormRope {
+        eps: f64,
+        rope: RopeSpec,
+    },
+
     // ---- normalisation and positions ----
     /// (x `f32[..., D]`, w `[D]`) → like x: `w · x / sqrt(mean(x²) + eps)` over the last axis.
     RmsNorm {
@@ -146,6 +152,7 @@ impl Op {
             Op::Linear => "linear",
             Op::ExpertLinear => "expert_linear",
             Op::SwiGlu => "swiglu",
+            Op::NormRope { .. } => "norm_rope",
             Op::ExpertSwiGlu => "expert_swiglu",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Rope(_) => "rope",
@@ -173,7 +180,7 @@ impl Op {
             Op::KvAppend { .. } => 1,
             Op::Embedding | Op::GatherLast | Op::Linear | Op::RmsNorm { .. } | Op::Rope(_) => 2,
             Op::Add | Op::Mul | Op::Div => 2,
-            Op::ExpertLinear | Op::Attention { .. } | Op::SwiGlu => 3,
+            Op::ExpertLinear | Op::Attention { .. } | Op::SwiGlu | Op::NormRope { .. } => 3,
             Op::ExpertSwiGlu => 4,
         }
     }
@@ -287,6 +294,10 @@ impl Op {
                 let gate = Op::Linear.infer(&[inputs[0], inputs[1]])?;
                 let up = Op::Linear.infer(&[inputs[0], inputs[2]])?;
                 same_type(gate, up, "w_gate", "w_up")
+            }
+            Op::NormRope { eps, rope } => {
+                let normed = Op::RmsNorm { eps: *eps }.infer(&[inputs[0], inputs[1]])?;
+                Op::Rope(rope.clone()).infer(&[&normed, inputs[2]])
             }
             Op::ExpertSwiGlu => {
                 let gate = Op::ExpertLinear.infer(&[inputs[0], inputs[1], inputs[2]])?;

@@ -68,19 +68,10 @@ fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::Weight { name, .. } => vec![("name", quote(name))],
         Op::Reshape { shape } => vec![("shape", shape.to_string())],
         Op::RmsNorm { eps } => vec![("eps", format!("{eps:?}"))],
-        Op::Rope(spec) => {
-            let mut a = vec![("theta", format!("{:?}", spec.theta))];
-            if let Some(y) = &spec.yarn {
-                a.push(("yarn_factor", format!("{:?}", y.factor)));
-                a.push((
-                    "yarn_original",
-                    y.original_max_position_embeddings.to_string(),
-                ));
-                a.push(("yarn_attention_factor", format!("{:?}", y.attention_factor)));
-                a.push(("yarn_beta_fast", format!("{:?}", y.beta_fast)));
-                a.push(("yarn_beta_slow", format!("{:?}", y.beta_slow)));
-                a.push(("yarn_truncate", y.truncate.to_string()));
-            }
+        Op::Rope(spec) => rope_attrs(spec),
+        Op::NormRope { eps, rope } => {
+            let mut a = vec![("eps", format!("{eps:?}"))];
+            a.extend(rope_attrs(rope));
             a
         }
         Op::KvAppend { layer, kind } => {
@@ -93,6 +84,22 @@ fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::SwiGlu | Op::ExpertSwiGlu => vec![],
         Op::Add | Op::Mul | Op::Div | Op::Silu | Op::Softmax => vec![],
     }
+}
+
+fn rope_attrs(spec: &RopeSpec) -> Vec<(&'static str, String)> {
+    let mut a = vec![("theta", format!("{:?}", spec.theta))];
+    if let Some(y) = &spec.yarn {
+        a.push(("yarn_factor", format!("{:?}", y.factor)));
+        a.push((
+            "yarn_original",
+            y.original_max_position_embeddings.to_string(),
+        ));
+        a.push(("yarn_attention_factor", format!("{:?}", y.attention_factor)));
+        a.push(("yarn_beta_fast", format!("{:?}", y.beta_fast)));
+        a.push(("yarn_beta_slow", format!("{:?}", y.beta_slow)));
+        a.push(("yarn_truncate", y.truncate.to_string()));
+    }
+    a
 }
 
 fn quote(s: &str) -> String {
@@ -335,21 +342,13 @@ fn build_op(name: &str, mut a: Attrs, ty: &TensorType) -> Result<Op, String> {
         "swiglu" => Op::SwiGlu,
         "expert_swiglu" => Op::ExpertSwiGlu,
         "rms_norm" => Op::RmsNorm { eps: a.num("eps")? },
-        "rope" => {
-            let theta = a.num("theta")?;
-            let yarn = if a.0.contains_key("yarn_factor") {
-                Some(Yarn {
-                    factor: a.num("yarn_factor")?,
-                    original_max_position_embeddings: a.num("yarn_original")?,
-                    attention_factor: a.num("yarn_attention_factor")?,
-                    beta_fast: a.num("yarn_beta_fast")?,
-                    beta_slow: a.num("yarn_beta_slow")?,
-                    truncate: a.num("yarn_truncate")?,
-                })
-            } else {
-                None
-            };
-            Op::Rope(RopeSpec { theta, yarn })
+        "rope" => Op::Rope(parse_rope(&mut a)?),
+        "norm_rope" => {
+            let eps = a.num("eps")?;
+            Op::NormRope {
+                eps,
+                rope: parse_rope(&mut a)?,
+            }
         }
         "kv_append" => {
             let layer = a.num("layer")?;
@@ -375,6 +374,23 @@ fn build_op(name: &str, mut a: Attrs, ty: &TensorType) -> Result<Op, String> {
     };
     a.finish(name)?;
     Ok(op)
+}
+
+fn parse_rope(a: &mut Attrs) -> Result<RopeSpec, String> {
+    let theta = a.num("theta")?;
+    let yarn = if a.0.contains_key("yarn_factor") {
+        Some(Yarn {
+            factor: a.num("yarn_factor")?,
+            original_max_position_embeddings: a.num("yarn_original")?,
+            attention_factor: a.num("yarn_attention_factor")?,
+            beta_fast: a.num("yarn_beta_fast")?,
+            beta_slow: a.num("yarn_beta_slow")?,
+            truncate: a.num("yarn_truncate")?,
+        })
+    } else {
+        None
+    };
+    Ok(RopeSpec { theta, yarn })
 }
 
 /// Reads a graph from the text form. Types are taken as written; run [`crate::verify`] to check them.

@@ -234,68 +234,47 @@ pub fn emit(
         Op::RmsNorm { eps } => {
             let d = *dims(graph, id).last().expect("rank");
             let dt = in_dtype(plan, graph, id, 1);
-            let (eps, inv_d) = (*eps as f32, 1.0 / d as f32);
             e.for_range(start, end, 1, |e, row| {
                 let x = e.addr(ptr[0], row, d * 4);
-                let ss = e.dot(x, x, DType::F32, d);
-                let invd = e.fconst(inv_d);
-                let ms = e.b.ins().fmul(ss, invd);
-                let epsv = e.fconst(eps);
-                let ms = e.b.ins().fadd(ms, epsv);
-                let root = e.b.ins().sqrt(ms);
-                let one = e.fconst(1.0);
-                let inv = e.b.ins().fdiv(one, root);
                 let o = e.addr(out, row, d * 4);
-                e.for_n(d, |e, i| {
-                    let xi = e.addr(x, i, 4);
-                    let xv = e.load_f32(xi, 0);
-                    let wi = e.addr(ptr[1], i, dt.size());
-                    let wv = e.load_weight(dt, wi, 0);
-                    let y = e.b.ins().fmul(xv, inv);
-                    let y = e.b.ins().fmul(wv, y);
-                    let oi = e.addr(o, i, 4);
-                    e.store(y, oi, 0);
-                });
+                rms_row(e, x, ptr[1], dt, o, d, *eps);
             });
         }
-        Op::Rope(spec) => {
+        Op::Rope(spec) | Op::NormRope { rope: spec, .. } => {
             let od = dims(graph, id);
             let (heads, d) = (od[1], od[2]);
-            let half = d / 2;
             let table = rope_table
                 .ok_or_else(|| BackendError::Internal("rope without a frequency table".into()))?;
             let scale = spec.attention_scale();
+            let norm = match &node.op {
+                Op::NormRope { eps, .. } => Some((*eps, in_dtype(plan, graph, id, 1))),
+                _ => None,
+            };
+            let pos_input = if norm.is_some() { 2 } else { 1 };
+            debug_assert!(matches!(
+                graph.node(graph.inputs(id)[pos_input]).op,
+                Op::Input(_)
+            ));
             e.for_range(start, end, 1, |e, tok| {
+                let src = e.addr(ptr[0], tok, heads * d * 4);
+                let dst = e.addr(out, tok, heads * d * 4);
+                // Fused: normalise each head into the output row, then rotate it in place (still in L1).
+                let src = match norm {
+                    Some((eps, dt)) => {
+                        for h in 0..heads {
+                            let (x, o) = (
+                                e.b.ins().iadd_imm_u(src, (h * d * 4) as i64),
+                                e.b.ins().iadd_imm_u(dst, (h * d * 4) as i64),
+                            );
+                            rms_row(e, x, ptr[1], dt, o, d, eps);
+                        }
+                        dst
+                    }
+                    None => src,
+                };
                 let p = e.b.ins().iadd(past, tok);
                 let pf = e.b.ins().fcvt_from_uint(F32, p);
-                e.for_n(half, |e, i| {
-                    let fi = e.addr(table, i, 4);
-                    let f = e.load_f32(fi, 0);
-                    let angle = e.b.ins().fmul(pf, f);
-                    let c = e.call1(e.libm.cosf, angle);
-                    let s = e.call1(e.libm.sinf, angle);
-                    let sc = e.fconst(scale);
-                    let c = e.b.ins().fmul(c, sc);
-                    let s = e.b.ins().fmul(s, sc);
-                    e.for_n(heads, |e, h| {
-                        let base = e.b.ins().imul_imm_u(tok, (heads * d) as i64);
-                        let hd = e.b.ins().imul_imm_u(h, d as i64);
-                        let base = e.b.ins().iadd(base, hd);
-                        let base = e.b.ins().iadd(base, i);
-                        let src = e.addr(ptr[0], base, 4);
-                        let dst = e.addr(out, base, 4);
-                        let a = e.load_f32(src, 0);
-                        let bb = e.load_f32(src, (half * 4) as i32);
-                        let ac = e.b.ins().fmul(a, c);
-                        let bs = e.b.ins().fmul(bb, s);
-                        let lo = e.b.ins().fsub(ac, bs);
-                        let bc = e.b.ins().fmul(bb, c);
-                        let as_ = e.b.ins().fmul(a, s);
-                        let hi = e.b.ins().fadd(bc, as_);
-                        e.store(lo, dst, 0);
-                        e.store(hi, dst, (half * 4) as i32);
-                    });
-                });
+                rope_token(e, src, dst, heads, d, pf, table, scale);
             });
         }
         Op::KvAppend { .. } => {
@@ -566,6 +545,70 @@ pub fn emit(
         }
     }
     Ok(())
+}
+
+/// RMSNorm of one row: `o[i] = w[i] · x[i] / sqrt(mean(x²) + eps)` for `d` f32 at `x`, weights of `dt` at `w`.
+fn rms_row(e: &mut Emit, x: Value, w: Value, dt: DType, o: Value, d: usize, eps: f64) {
+    let ss = e.dot(x, x, DType::F32, d);
+    let invd = e.fconst(1.0 / d as f32);
+    let ms = e.b.ins().fmul(ss, invd);
+    let epsv = e.fconst(eps as f32);
+    let ms = e.b.ins().fadd(ms, epsv);
+    let root = e.b.ins().sqrt(ms);
+    let one = e.fconst(1.0);
+    let inv = e.b.ins().fdiv(one, root);
+    e.for_n(d, |e, i| {
+        let xi = e.addr(x, i, 4);
+        let xv = e.load_f32(xi, 0);
+        let wi = e.addr(w, i, dt.size());
+        let wv = e.load_weight(dt, wi, 0);
+        let y = e.b.ins().fmul(xv, inv);
+        let y = e.b.ins().fmul(wv, y);
+        let oi = e.addr(o, i, 4);
+        e.store(y, oi, 0);
+    });
+}
+
+/// Rotate-half RoPE of one token's `heads` rows of `d` at `src` into `dst` (which may equal `src`), at
+/// position `pf` (f32), with the inverse frequencies at `table` and cos/sin multiplied by `scale`.
+#[allow(clippy::too_many_arguments)]
+fn rope_token(
+    e: &mut Emit,
+    src: Value,
+    dst: Value,
+    heads: usize,
+    d: usize,
+    pf: Value,
+    table: Value,
+    scale: f32,
+) {
+    let half = d / 2;
+    e.for_n(half, |e, i| {
+        let fi = e.addr(table, i, 4);
+        let f = e.load_f32(fi, 0);
+        let angle = e.b.ins().fmul(pf, f);
+        let c = e.call1(e.libm.cosf, angle);
+        let s = e.call1(e.libm.sinf, angle);
+        let sc = e.fconst(scale);
+        let c = e.b.ins().fmul(c, sc);
+        let s = e.b.ins().fmul(s, sc);
+        e.for_n(heads, |e, h| {
+            let hd = e.b.ins().imul_imm_u(h, d as i64);
+            let off = e.b.ins().iadd(hd, i);
+            let from = e.addr(src, off, 4);
+            let to = e.addr(dst, off, 4);
+            let a = e.load_f32(from, 0);
+            let bb = e.load_f32(from, (half * 4) as i32);
+            let ac = e.b.ins().fmul(a, c);
+            let bs = e.b.ins().fmul(bb, s);
+            let lo = e.b.ins().fsub(ac, bs);
+            let bc = e.b.ins().fmul(bb, c);
+            let as_ = e.b.ins().fmul(a, s);
+            let hi = e.b.ins().fadd(bc, as_);
+            e.store(lo, to, 0);
+            e.store(hi, to, (half * 4) as i32);
+        });
+    });
 }
 
 /// The epilogue of a (grouped) matrix product: the plain dot product, or for SwiGLU `silu(gate) · up`.

@@ -233,7 +233,7 @@ fn build<M: Module>(
         }
         // RoPE frequencies as a local data table.
         let rope_data = match op {
-            Op::Rope(spec) => {
+            Op::Rope(spec) | Op::NormRope { rope: spec, .. } => {
                 let d = graph.node(id).ty.shape.resolve(1, 1)[2];
                 let bytes: Vec<u8> = spec
                     .inv_freq(d)

@@ -1,6 +1,7 @@
 //! Fusion passes. Each is a plain function over the graph, in a file of its own, registered as a [`Pass`];
 //! the order they run in is spelled out in [`crate::pipeline`].
 
+pub mod norm_rope;
 pub mod swiglu;
 
 use q3c_ir::Graph;

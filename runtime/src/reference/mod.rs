@@ -70,7 +70,7 @@ impl ReferenceModel {
                     let shape = ty.shape.resolve(0, 0);
                     weights.insert(id, bind(ckpt, name, &shape)?);
                 }
-                Op::Rope(spec) => {
+                Op::Rope(spec) | Op::NormRope { rope: spec, .. } => {
                     let d = graph.node(id).ty.shape.resolve(0, 0)[2];
                     inv_freq.insert(id, spec.inv_freq(d));
                 }
@@ -258,6 +258,19 @@ impl ReferenceSession<'_> {
                 Op::Rope(spec) => {
                     let ((x, xs), (p, _)) = (arg(0)?.f32()?, arg(1)?.i32()?);
                     f32_out(kernels::rope(x, xs[1], xs[2], p, spec, &m.inv_freq[&id]))
+                }
+                Op::NormRope { eps, rope } => {
+                    let ((x, xs), (w, _), (p, _)) =
+                        (arg(0)?.f32()?, arg(1)?.f32()?, arg(2)?.i32()?);
+                    let normed = kernels::rms_norm(x, w, *eps);
+                    f32_out(kernels::rope(
+                        &normed,
+                        xs[1],
+                        xs[2],
+                        p,
+                        rope,
+                        &m.inv_freq[&id],
+                    ))
                 }
                 Op::KvAppend { layer, kind } => {
                     let (x, _) = arg(0)?.f32()?;
