@@ -94,9 +94,12 @@ pub enum Op {
     ExpertSwiGlu,
 
     /// (x `f32[S, H, d]`, w `[d]`, positions `i32[S]`) → like x: per-head RMSNorm then RoPE, one kernel.
+    /// With `cache`, the result is appended to that (layer, kind) KV cache, as [`Op::KvAppend`] would, and the
+    /// node's value is the whole cache `f32[KV, H, d]`.
     NormRope {
         eps: f64,
         rope: RopeSpec,
+        cache: Option<(u32, KvKind)>,
     },
 
     // ---- normalisation and positions ----
@@ -165,6 +168,15 @@ impl Op {
             Op::Softmax => "softmax",
             Op::ReduceSum { .. } => "reduce_sum",
             Op::TopK { .. } => "top_k",
+        }
+    }
+
+    /// The KV cache this op appends to, if any (each may be appended to once per graph).
+    pub fn cache(&self) -> Option<(u32, KvKind)> {
+        match self {
+            Op::KvAppend { layer, kind } => Some((*layer, *kind)),
+            Op::NormRope { cache, .. } => *cache,
+            _ => None,
         }
     }
 
@@ -295,9 +307,17 @@ impl Op {
                 let up = Op::Linear.infer(&[inputs[0], inputs[2]])?;
                 same_type(gate, up, "w_gate", "w_up")
             }
-            Op::NormRope { eps, rope } => {
+            Op::NormRope { eps, rope, cache } => {
                 let normed = Op::RmsNorm { eps: *eps }.infer(&[inputs[0], inputs[1]])?;
-                Op::Rope(rope.clone()).infer(&[&normed, inputs[2]])
+                let rotated = Op::Rope(rope.clone()).infer(&[&normed, inputs[2]])?;
+                match cache {
+                    Some((layer, kind)) => Op::KvAppend {
+                        layer: *layer,
+                        kind: *kind,
+                    }
+                    .infer(&[&rotated]),
+                    None => Ok(rotated),
+                }
             }
             Op::ExpertSwiGlu => {
                 let gate = Op::ExpertLinear.infer(&[inputs[0], inputs[1], inputs[2]])?;

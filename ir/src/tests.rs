@@ -190,3 +190,32 @@ fn dot_export_has_every_node_and_edge() {
     assert_eq!(dot.matches("-> out_").count(), 2);
     assert!(dot.contains("experts.{e}.up"));
 }
+
+#[test]
+fn a_cache_writing_norm_rope_counts_as_the_caches_append() {
+    let text = "\
+%0 = input kind=token_ids : i32[T]
+%1 = input kind=positions : i32[T]
+%2 = weight name=\"embed\" : f32[16, 8]
+%3 = embedding %2, %0 : f32[T, 8]
+%4 = reshape shape=[T, 2, 4] %3 : f32[T, 2, 4]
+%5 = weight name=\"k_norm\" : f32[4]
+%6 = norm_rope eps=1e-6 theta=10000.0 cache_layer=0 cache_kind=k %4, %5, %1 : f32[KV, 2, 4]
+%7 = kv_append layer=0 kind=k %4 : f32[KV, 2, 4]
+output y = %6
+output z = %7
+";
+    let g = parse(text).unwrap();
+    assert_eq!(print(&g), text);
+    let errors = verify(&g).unwrap_err().to_string();
+    assert!(
+        errors.contains("%7 = kv_append: KV cache (layer 0, k) is appended to more than once"),
+        "{errors}"
+    );
+    let ok = parse(&text.replace(
+        "%7 = kv_append layer=0 kind=k",
+        "%7 = kv_append layer=0 kind=v",
+    ))
+    .unwrap();
+    verify(&ok).unwrap();
+}

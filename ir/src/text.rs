@@ -69,9 +69,13 @@ fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::Reshape { shape } => vec![("shape", shape.to_string())],
         Op::RmsNorm { eps } => vec![("eps", format!("{eps:?}"))],
         Op::Rope(spec) => rope_attrs(spec),
-        Op::NormRope { eps, rope } => {
+        Op::NormRope { eps, rope, cache } => {
             let mut a = vec![("eps", format!("{eps:?}"))];
             a.extend(rope_attrs(rope));
+            if let Some((layer, kind)) = cache {
+                a.push(("cache_layer", layer.to_string()));
+                a.push(("cache_kind", kind.name().into()));
+            }
             a
         }
         Op::KvAppend { layer, kind } => {
@@ -345,10 +349,18 @@ fn build_op(name: &str, mut a: Attrs, ty: &TensorType) -> Result<Op, String> {
         "rope" => Op::Rope(parse_rope(&mut a)?),
         "norm_rope" => {
             let eps = a.num("eps")?;
-            Op::NormRope {
-                eps,
-                rope: parse_rope(&mut a)?,
-            }
+            let rope = parse_rope(&mut a)?;
+            let cache = if a.0.contains_key("cache_layer") {
+                let layer = a.num("cache_layer")?;
+                let k = a.word("cache_kind")?;
+                Some((
+                    layer,
+                    KvKind::from_name(&k).ok_or_else(|| format!("unknown cache kind '{k}'"))?,
+                ))
+            } else {
+                None
+            };
+            Op::NormRope { eps, rope, cache }
         }
         "kv_append" => {
             let layer = a.num("layer")?;

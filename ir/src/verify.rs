@@ -7,7 +7,7 @@
 //!    the inputs' dtypes, ranks and dims fit the op; see [`crate::Op::infer`]).
 //! 4. There is at least one output, output names are unique, and every output names a live node.
 //! 5. Each weight name appears once; each [`crate::InputKind`] at most once; each (layer, kind) of
-//!    [`crate::Op::KvAppend`] at most once.
+//!    [`crate::Op::KvAppend`] (or cache-writing [`crate::Op::NormRope`]) at most once.
 //!
 //! A failure after a pass is a compiler bug, not a user error.
 
@@ -111,7 +111,10 @@ pub fn verify(graph: &Graph) -> Result<(), VerifierErrors> {
                 location: at(id),
                 message: format!("input {} appears more than once", kind.name()),
             }),
-            Op::KvAppend { layer, kind } if !caches.insert((*layer, *kind)) => {
+            _ => {}
+        }
+        if let Some((layer, kind)) = node.op.cache() {
+            if !caches.insert((layer, kind)) {
                 errors.push(VerifierError {
                     location: at(id),
                     message: format!(
@@ -120,7 +123,6 @@ pub fn verify(graph: &Graph) -> Result<(), VerifierErrors> {
                     ),
                 })
             }
-            _ => {}
         }
     }
 

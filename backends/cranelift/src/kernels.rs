@@ -257,7 +257,13 @@ pub fn emit(
             ));
             e.for_range(start, end, 1, |e, tok| {
                 let src = e.addr(ptr[0], tok, heads * d * 4);
-                let dst = e.addr(out, tok, heads * d * 4);
+                // A cache-writing norm_rope puts token t at cache row past + t.
+                let row = if node.op.cache().is_some() {
+                    e.b.ins().iadd(past, tok)
+                } else {
+                    tok
+                };
+                let dst = e.addr(out, row, heads * d * 4);
                 // Fused: normalise each head into the output row, then rotate it in place (still in L1).
                 let src = match norm {
                     Some((eps, dt)) => {

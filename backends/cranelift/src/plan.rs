@@ -105,9 +105,10 @@ pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, Back
             Op::Input(InputKind::Positions) => {
                 loc.insert(id, Loc::Positions);
             }
-            Op::KvAppend { layer, kind } => {
-                layers = layers.max(*layer as usize + 1);
-                let slot = 2 * *layer as usize + usize::from(*kind == KvKind::V);
+            op if op.cache().is_some() => {
+                let (layer, kind) = op.cache().expect("checked");
+                layers = layers.max(layer as usize + 1);
+                let slot = 2 * layer as usize + usize::from(kind == KvKind::V);
                 loc.insert(id, Loc::Cache { slot });
             }
             Op::Reshape { .. } => {

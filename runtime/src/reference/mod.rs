@@ -141,6 +141,15 @@ fn bind(ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result<Weight, Runtim
 /// Cached keys or values per (layer, K/V), `[KV, H, d]` row-major.
 type KvCache = HashMap<(u32, KvKind), Vec<f32>>;
 
+/// Appends `rows` to cache `key` in the staged copy (starting from the committed cache) and returns the whole
+/// staged cache.
+fn append(cache: &KvCache, staged: &mut KvCache, key: (u32, KvKind), rows: &[f32]) -> Vec<f32> {
+    let mut full = cache.get(&key).cloned().unwrap_or_default();
+    full.extend_from_slice(rows);
+    staged.insert(key, full.clone());
+    full
+}
+
 /// One sequence's state: the KV cache per (layer, K/V) and how many tokens it holds.
 pub struct ReferenceSession<'m> {
     model: &'m ReferenceModel,
@@ -259,29 +268,19 @@ impl ReferenceSession<'_> {
                     let ((x, xs), (p, _)) = (arg(0)?.f32()?, arg(1)?.i32()?);
                     f32_out(kernels::rope(x, xs[1], xs[2], p, spec, &m.inv_freq[&id]))
                 }
-                Op::NormRope { eps, rope } => {
+                Op::NormRope { eps, rope, cache } => {
                     let ((x, xs), (w, _), (p, _)) =
                         (arg(0)?.f32()?, arg(1)?.f32()?, arg(2)?.i32()?);
                     let normed = kernels::rms_norm(x, w, *eps);
-                    f32_out(kernels::rope(
-                        &normed,
-                        xs[1],
-                        xs[2],
-                        p,
-                        rope,
-                        &m.inv_freq[&id],
-                    ))
+                    let rotated = kernels::rope(&normed, xs[1], xs[2], p, rope, &m.inv_freq[&id]);
+                    match cache {
+                        Some(key) => f32_out(append(&self.cache, &mut staged, *key, &rotated)),
+                        None => f32_out(rotated),
+                    }
                 }
                 Op::KvAppend { layer, kind } => {
                     let (x, _) = arg(0)?.f32()?;
-                    let mut full = self
-                        .cache
-                        .get(&(*layer, *kind))
-                        .cloned()
-                        .unwrap_or_default();
-                    full.extend_from_slice(x);
-                    staged.insert((*layer, *kind), full.clone());
-                    f32_out(full)
+                    f32_out(append(&self.cache, &mut staged, (*layer, *kind), x))
                 }
                 Op::Attention { scale } => {
                     let ((q, qs), (k, ks), (v, vs)) =
