@@ -269,6 +269,17 @@ fn ir_shows_the_graph_after_passes() {
     assert!(!after.contains("= silu "));
     let g = q3c_ir::text::parse(&after).unwrap();
     q3c_ir::verify(&g).unwrap();
+    // Every fusion on the MoE release: one routing kernel, one QKV group and two residual norms per layer.
+    let all = ok(&["ir", "Qwen3-30B-A3B", "--fusion", "all"]);
+    for (op, n) in [
+        ("moe_route k=8 renorm=true", 48),
+        ("linear_group n=3", 48),
+        ("add_rms_norm", 2 * 48),
+        ("softmax", 0),
+        ("top_k", 0),
+    ] {
+        assert_eq!(all.matches(&format!("= {op} ")).count(), n, "{op}");
+    }
     // A fused YaRN graph prints and parses back to the same text.
     let yarn = fixtures_dir().join("yarn");
     let fused = ok(&["ir", yarn.to_str().unwrap(), "--fusion", "all"]);
@@ -296,7 +307,7 @@ fn ir_shows_the_graph_after_passes() {
     );
     assert_error(
         &q3c(&["ir", "Qwen3-0.6B", "--fusion", "quantum"]),
-        "unknown fusion pass 'quantum' (available: norm-rope, swiglu; or none, all)",
+        "unknown fusion pass 'quantum' (available: norm-rope, swiglu, residual-norm, qkv, moe-route; or none, all)",
     );
     assert_error(
         &q3c(&[

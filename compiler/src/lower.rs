@@ -262,7 +262,7 @@ mod tests {
             assert_eq!(bound_tensors(&g), expected, "{name}");
             let logits = g.node(g.output(LOGITS).unwrap());
             assert_eq!(
-                logits.ty,
+                *logits.tensor(),
                 TensorType::f32(vec![Dim::Seq, fixed(cfg.vocab_size)]),
                 "{name}"
             );

@@ -5,10 +5,17 @@ use std::time::{Duration, Instant};
 
 use q3c_ir::Graph;
 
-use crate::passes::{norm_rope, swiglu, Pass};
+use crate::passes::{moe_route, norm_rope, qkv, residual_norm, swiglu, Pass};
 
-/// Every pass, in pipeline order. A strategy runs a subset, always in this order.
-pub const PASSES: [Pass; 2] = [norm_rope::PASS, swiglu::PASS];
+/// Every pass, in pipeline order. A strategy runs a subset, always in this order. `swiglu` claims the
+/// gate/up pair before `qkv` groups the linears that share an input.
+pub const PASSES: [Pass; 5] = [
+    norm_rope::PASS,
+    swiglu::PASS,
+    residual_norm::PASS,
+    qkv::PASS,
+    moe_route::PASS,
+];
 
 /// Which passes to run: `none`, `all`, or a comma list of pass names.
 #[derive(Clone, Debug)]

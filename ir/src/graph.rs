@@ -10,7 +10,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
 use crate::op::Op;
-use crate::types::TensorType;
+use crate::types::{TensorType, Type};
 
 /// Handle of a node in one [`Graph`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -36,7 +36,21 @@ impl fmt::Display for NodeId {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     pub op: Op,
-    pub ty: TensorType,
+    pub ty: Type,
+}
+
+impl Node {
+    /// The node's tensor type. Every node but a multi-result fused op has one; asking a tuple-valued node
+    /// is a caller bug (only `select` reads tuples), so this panics.
+    pub fn tensor(&self) -> &TensorType {
+        self.ty.tensor().unwrap_or_else(|| {
+            panic!(
+                "{} gives the tuple {}: read it through select",
+                self.op.name(),
+                self.ty
+            )
+        })
+    }
 }
 
 /// A node could not be added: its inputs do not fit its op.
@@ -62,7 +76,7 @@ impl Graph {
 
     /// Adds a node whose type is inferred from its inputs; fails if they do not fit the op.
     pub fn add(&mut self, op: Op, inputs: &[NodeId]) -> Result<NodeId, TypeError> {
-        let types: Vec<&TensorType> = inputs.iter().map(|&i| &self.node(i).ty).collect();
+        let types: Vec<&Type> = inputs.iter().map(|&i| &self.node(i).ty).collect();
         let ty = op.infer(&types).map_err(|message| TypeError {
             op: op.name(),
             message,
@@ -72,8 +86,8 @@ impl Graph {
 
     /// Adds a node with a declared type and no checks; [`crate::verify`] reports any inconsistency.
     /// Used by the text parser, which must be able to read back broken graphs to report on them.
-    pub fn add_with_type(&mut self, op: Op, inputs: &[NodeId], ty: TensorType) -> NodeId {
-        let id = self.g.add_node(Node { op, ty });
+    pub fn add_with_type(&mut self, op: Op, inputs: &[NodeId], ty: impl Into<Type>) -> NodeId {
+        let id = self.g.add_node(Node { op, ty: ty.into() });
         for (slot, &input) in inputs.iter().enumerate() {
             self.g.add_edge(input.index(), id, slot as u32);
         }

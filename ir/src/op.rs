@@ -3,9 +3,12 @@
 //! Activations are always f32; weights may be f32, bf16 or f16 and are widened where they are read.
 //! Every op's result type follows from its attributes and its inputs' types ([`Op::infer`]), except the
 //! two leaves: [`Op::Input`] (fixed types) and [`Op::Weight`] (carries its declared type).
+//!
+//! A few fused ops produce several tensors at once (a [`Type::Tuple`]); [`Op::Select`] picks one out, and
+//! no other op reads a tuple.
 
 use crate::rope::RopeSpec;
-use crate::types::{DType, Dim, Shape, TensorType};
+use crate::types::{DType, Dim, Shape, TensorType, Type};
 
 /// Which graph input a [`Op::Input`] node stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,6 +96,28 @@ pub enum Op {
     /// per selected expert, as [`Op::ExpertLinear`] selects them.
     ExpertSwiGlu,
 
+    /// (a `f32[..., D]`, b like a, w `[D]`) → (`a + b`, `rms_norm(a + b, w)`): the residual add and the next
+    /// RMSNorm in one pass over the row.
+    AddRmsNorm {
+        eps: f64,
+    },
+    /// (x `f32[T, H]`, w_router `[E, H]`) → (ids `i32[T, k]`, weights `f32[T, k]`): router matmul, f32
+    /// softmax, top-k (largest first, ties to the lower index) and, with `renorm`, weights divided by their
+    /// sum — the whole MoE routing in one kernel.
+    MoeRoute {
+        k: u32,
+        renorm: bool,
+    },
+    /// (x `f32[..., K]`, w_1 `[N_1, K]`, …, w_n `[N_n, K]`) → (`f32[..., N_1]`, …): `n` projections of the
+    /// same activation as one GEMM over the concatenated output features.
+    LinearGroup {
+        n: u32,
+    },
+    /// (t, a tuple) → its element `index`. A view: no data moves.
+    Select {
+        index: u32,
+    },
+
     /// (x `f32[S, H, d]`, w `[d]`, positions `i32[S]`) → like x: per-head RMSNorm then RoPE, one kernel.
     /// With `cache`, the result is appended to that (layer, kind) KV cache, as [`Op::KvAppend`] would, and the
     /// node's value is the whole cache `f32[KV, H, d]`.
@@ -157,6 +182,10 @@ impl Op {
             Op::SwiGlu => "swiglu",
             Op::NormRope { .. } => "norm_rope",
             Op::ExpertSwiGlu => "expert_swiglu",
+            Op::AddRmsNorm { .. } => "add_rms_norm",
+            Op::MoeRoute { .. } => "moe_route",
+            Op::LinearGroup { .. } => "linear_group",
+            Op::Select { .. } => "select",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Rope(_) => "rope",
             Op::KvAppend { .. } => "kv_append",
@@ -189,7 +218,10 @@ impl Op {
             | Op::Softmax
             | Op::ReduceSum { .. }
             | Op::TopK { .. } => 1,
-            Op::KvAppend { .. } => 1,
+            Op::KvAppend { .. } | Op::Select { .. } => 1,
+            Op::MoeRoute { .. } => 2,
+            Op::AddRmsNorm { .. } => 3,
+            Op::LinearGroup { n } => 1 + *n as usize,
             Op::Embedding | Op::GatherLast | Op::Linear | Op::RmsNorm { .. } | Op::Rope(_) => 2,
             Op::Add | Op::Mul | Op::Div => 2,
             Op::ExpertLinear | Op::Attention { .. } | Op::SwiGlu | Op::NormRope { .. } => 3,
@@ -198,8 +230,7 @@ impl Op {
     }
 
     /// The result type given the inputs' types, or why those inputs are not valid for this op.
-    /// Callers check the input count against [`Op::arity`] first.
-    pub fn infer(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
+    pub fn infer(&self, inputs: &[&Type]) -> Result<Type, String> {
         if inputs.len() != self.arity() {
             return Err(format!(
                 "takes {} inputs, has {}",
@@ -207,7 +238,74 @@ impl Op {
                 inputs.len()
             ));
         }
+        if let Op::Select { index } = self {
+            return match inputs[0] {
+                Type::Tuple(ts) => ts
+                    .get(*index as usize)
+                    .cloned()
+                    .map(Type::Tensor)
+                    .ok_or_else(|| format!("index {index} is out of range for {}", inputs[0])),
+                Type::Tensor(t) => Err(format!("reads a tuple, its input is {t}")),
+            };
+        }
+        let tensors = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.tensor()
+                    .ok_or_else(|| format!("input {i} is a tuple {t}: only select reads tuples"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         match self {
+            Op::AddRmsNorm { eps } => {
+                let sum = Op::Add.infer_tensor(&tensors[..2])?;
+                if &sum != tensors[0] || &sum != tensors[1] {
+                    return Err(format!(
+                        "a {} and b {} must have the same shape",
+                        tensors[0], tensors[1]
+                    ));
+                }
+                let normed = Op::RmsNorm { eps: *eps }.infer_tensor(&[&sum, tensors[2]])?;
+                Ok(Type::Tuple(vec![sum, normed]))
+            }
+            Op::MoeRoute { k, .. } => {
+                let (x, w) = (tensors[0], tensors[1]);
+                if x.shape.rank() != 2 || x.shape.0[0] != Dim::Seq {
+                    return Err(format!("x must be [T, H], is {}", x.shape));
+                }
+                let logits = Op::Linear.infer_tensor(&[x, w])?;
+                let weights = Op::GatherLast
+                    .infer_tensor(&[&logits, &Op::TopK { k: *k }.infer_tensor(&[&logits])?])?;
+                let ids = TensorType::i32(weights.shape.0.clone());
+                Ok(Type::Tuple(vec![ids, weights]))
+            }
+            Op::LinearGroup { n } => {
+                if *n < 2 {
+                    return Err(format!("groups at least 2 projections, n = {n}"));
+                }
+                let outs = tensors[1..]
+                    .iter()
+                    .map(|w| Op::Linear.infer_tensor(&[tensors[0], w]))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if let Some(w) = tensors[2..].iter().find(|w| w.dtype != tensors[1].dtype) {
+                    return Err(format!(
+                        "weights must share one dtype, have {} and {}",
+                        tensors[1].dtype, w.dtype
+                    ));
+                }
+                Ok(Type::Tuple(outs))
+            }
+            _ => self.infer_tensor(&tensors).map(Type::Tensor),
+        }
+    }
+
+    /// [`Op::infer`] for the ops that take and give single tensors.
+    fn infer_tensor(&self, inputs: &[&TensorType]) -> Result<TensorType, String> {
+        match self {
+            Op::AddRmsNorm { .. }
+            | Op::MoeRoute { .. }
+            | Op::LinearGroup { .. }
+            | Op::Select { .. } => Err(format!("{} gives a tuple or reads one", self.name())),
             Op::Input(_) => Ok(TensorType::i32(vec![Dim::Seq])),
             Op::Weight { ty, .. } => {
                 if !ty.dtype.is_float() {
@@ -303,25 +401,25 @@ impl Op {
                 Ok(TensorType::f32(vec![xs[0], ids_s[1], w.shape.0[1]]))
             }
             Op::SwiGlu => {
-                let gate = Op::Linear.infer(&[inputs[0], inputs[1]])?;
-                let up = Op::Linear.infer(&[inputs[0], inputs[2]])?;
+                let gate = Op::Linear.infer_tensor(&[inputs[0], inputs[1]])?;
+                let up = Op::Linear.infer_tensor(&[inputs[0], inputs[2]])?;
                 same_type(gate, up, "w_gate", "w_up")
             }
             Op::NormRope { eps, rope, cache } => {
-                let normed = Op::RmsNorm { eps: *eps }.infer(&[inputs[0], inputs[1]])?;
-                let rotated = Op::Rope(rope.clone()).infer(&[&normed, inputs[2]])?;
+                let normed = Op::RmsNorm { eps: *eps }.infer_tensor(&[inputs[0], inputs[1]])?;
+                let rotated = Op::Rope(rope.clone()).infer_tensor(&[&normed, inputs[2]])?;
                 match cache {
                     Some((layer, kind)) => Op::KvAppend {
                         layer: *layer,
                         kind: *kind,
                     }
-                    .infer(&[&rotated]),
+                    .infer_tensor(&[&rotated]),
                     None => Ok(rotated),
                 }
             }
             Op::ExpertSwiGlu => {
-                let gate = Op::ExpertLinear.infer(&[inputs[0], inputs[1], inputs[2]])?;
-                let up = Op::ExpertLinear.infer(&[inputs[0], inputs[1], inputs[3]])?;
+                let gate = Op::ExpertLinear.infer_tensor(&[inputs[0], inputs[1], inputs[2]])?;
+                let up = Op::ExpertLinear.infer_tensor(&[inputs[0], inputs[1], inputs[3]])?;
                 same_type(gate, up, "w_gate", "w_up")
             }
             Op::RmsNorm { eps } => {

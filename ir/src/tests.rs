@@ -70,7 +70,10 @@ fn builder_infers_the_types_the_text_declares() {
         )
         .unwrap();
     let x = g.add(Op::Embedding, &[table, ids]).unwrap();
-    assert_eq!(g.node(x).ty, TensorType::f32(vec![Dim::Seq, Dim::Fixed(8)]));
+    assert_eq!(
+        *g.node(x).tensor(),
+        TensorType::f32(vec![Dim::Seq, Dim::Fixed(8)])
+    );
     let bad = g.add(Op::Linear, &[x, ids]);
     assert_eq!(bad.unwrap_err().op, "linear");
 }
@@ -218,4 +221,62 @@ output z = %7
     ))
     .unwrap();
     verify(&ok).unwrap();
+}
+
+/// Multi-result fused ops and `select`, in the text form.
+const TUPLES: &str = "\
+%0 = input kind=token_ids : i32[T]
+%1 = weight name=\"embed\" : f32[16, 8]
+%2 = embedding %1, %0 : f32[T, 8]
+%3 = weight name=\"q\" : bf16[8, 8]
+%4 = weight name=\"k\" : bf16[4, 8]
+%5 = linear_group n=2 %2, %3, %4 : (f32[T, 8], f32[T, 4])
+%6 = select index=0 %5 : f32[T, 8]
+%7 = weight name=\"norm\" : bf16[8]
+%8 = add_rms_norm eps=1e-6 %2, %6, %7 : (f32[T, 8], f32[T, 8])
+%9 = select index=1 %8 : f32[T, 8]
+%10 = weight name=\"router\" : f32[4, 8]
+%11 = moe_route k=2 renorm=true %9, %10 : (i32[T, 2], f32[T, 2])
+%12 = select index=1 %11 : f32[T, 2]
+output w = %12
+";
+
+#[test]
+fn tuples_round_trip_and_verify() {
+    let g = parse(TUPLES).unwrap();
+    verify(&g).unwrap();
+    assert_eq!(print(&g), TUPLES);
+    let route = g.inputs(g.output("w").unwrap())[0];
+    assert_eq!(
+        g.node(route).ty,
+        Type::Tuple(vec![
+            TensorType::i32(vec![Dim::Seq, Dim::Fixed(2)]),
+            TensorType::f32(vec![Dim::Seq, Dim::Fixed(2)]),
+        ])
+    );
+}
+
+#[test]
+fn tuples_are_read_only_through_select() {
+    // A linear reading the tuple, a select past its end, and an output naming a tuple.
+    let bad = TUPLES
+        .replace(
+            "%6 = select index=0 %5 : f32[T, 8]",
+            "%6 = linear %5, %3 : f32[T, 8]",
+        )
+        .replace(
+            "%12 = select index=1 %11 : f32[T, 2]",
+            "%12 = select index=2 %11 : f32[T, 2]",
+        )
+        .replace("output w = %12", "output w = %12\noutput t = %8");
+    let errors = verify(&parse(&bad).unwrap()).unwrap_err().to_string();
+    assert!(
+        errors.contains("%6 = linear: input 0 is a tuple"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("%12 = select: index 2 is out of range"),
+        "{errors}"
+    );
+    assert!(errors.contains("output \"t\" names a tuple"), "{errors}");
 }

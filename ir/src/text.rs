@@ -20,7 +20,7 @@ use std::fmt::Write;
 use crate::graph::{Graph, NodeId};
 use crate::op::{InputKind, KvKind, Op};
 use crate::rope::{RopeSpec, Yarn};
-use crate::types::{DType, Dim, Shape, TensorType};
+use crate::types::{DType, Dim, Shape, TensorType, Type};
 
 /// The text-form number of every node: its position in dependency order (insertion order if cyclic).
 pub fn numbering(graph: &Graph) -> HashMap<NodeId, usize> {
@@ -84,6 +84,10 @@ fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::Attention { scale } => vec![("scale", format!("{scale:?}"))],
         Op::ReduceSum { axis } => vec![("axis", axis.to_string())],
         Op::TopK { k } => vec![("k", k.to_string())],
+        Op::AddRmsNorm { eps } => vec![("eps", format!("{eps:?}"))],
+        Op::MoeRoute { k, renorm } => vec![("k", k.to_string()), ("renorm", renorm.to_string())],
+        Op::LinearGroup { n } => vec![("n", n.to_string())],
+        Op::Select { index } => vec![("index", index.to_string())],
         Op::Embedding | Op::GatherLast | Op::Linear | Op::ExpertLinear => vec![],
         Op::SwiGlu | Op::ExpertSwiGlu => vec![],
         Op::Add | Op::Mul | Op::Div | Op::Silu | Op::Softmax => vec![],
@@ -185,7 +189,7 @@ fn tokenize(line: &str) -> Result<Vec<Tok>, String> {
                 chars.next();
             }
             toks.push(Tok::Num(s));
-        } else if "=,:[]".contains(c) {
+        } else if "=,:[]()".contains(c) {
             toks.push(Tok::Punct(c));
             chars.next();
         } else {
@@ -273,6 +277,27 @@ impl Cursor {
         let dtype = DType::from_name(&name).ok_or_else(|| format!("unknown dtype '{name}'"))?;
         Ok(TensorType::new(dtype, self.shape()?))
     }
+
+    /// A tensor type, or a tuple `(t1, t2, ...)` of them.
+    fn value_type(&mut self) -> Result<Type, String> {
+        if self.peek() != Some(&Tok::Punct('(')) {
+            return self.tensor_type().map(Type::Tensor);
+        }
+        self.next();
+        let mut elements = vec![self.tensor_type()?];
+        loop {
+            match self.next() {
+                Some(Tok::Punct(',')) => elements.push(self.tensor_type()?),
+                Some(Tok::Punct(')')) => return Ok(Type::Tuple(elements)),
+                other => {
+                    return Err(format!(
+                        "expected ',' or ')' in a tuple type, found {}",
+                        describe(other.as_ref())
+                    ))
+                }
+            }
+        }
+    }
 }
 
 fn describe(t: Option<&Tok>) -> String {
@@ -322,17 +347,18 @@ impl Attrs {
     }
 }
 
-fn build_op(name: &str, mut a: Attrs, ty: &TensorType) -> Result<Op, String> {
+fn build_op(name: &str, mut a: Attrs, ty: &Type) -> Result<Op, String> {
     let op = match name {
         "input" => {
             let k = a.word("kind")?;
             Op::Input(InputKind::from_name(&k).ok_or_else(|| format!("unknown input kind '{k}'"))?)
         }
-        "weight" => match a.take("name")? {
-            Value::Str(n) => Op::Weight {
+        "weight" => match (a.take("name")?, ty) {
+            (Value::Str(n), Type::Tensor(ty)) => Op::Weight {
                 name: n,
                 ty: ty.clone(),
             },
+            (Value::Str(_), Type::Tuple(_)) => return Err("a weight cannot be a tuple".into()),
             _ => return Err("attribute 'name' must be a quoted string".into()),
         },
         "embedding" => Op::Embedding,
@@ -382,6 +408,15 @@ fn build_op(name: &str, mut a: Attrs, ty: &TensorType) -> Result<Op, String> {
             axis: a.num("axis")?,
         },
         "top_k" => Op::TopK { k: a.num("k")? },
+        "add_rms_norm" => Op::AddRmsNorm { eps: a.num("eps")? },
+        "moe_route" => Op::MoeRoute {
+            k: a.num("k")?,
+            renorm: a.num("renorm")?,
+        },
+        "linear_group" => Op::LinearGroup { n: a.num("n")? },
+        "select" => Op::Select {
+            index: a.num("index")?,
+        },
         other => return Err(format!("unknown op '{other}'")),
     };
     a.finish(name)?;
@@ -492,7 +527,7 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
                         }
                     }
                 }
-                let ty = c.tensor_type().map_err(err)?;
+                let ty = c.value_type().map_err(err)?;
                 if let Some(extra) = c.next() {
                     return Err(err(format!(
                         "unexpected {} after the type",

@@ -170,3 +170,54 @@ impl fmt::Display for TensorType {
         write!(f, "{}{}", self.dtype, self.shape)
     }
 }
+
+/// The type of a node's value: one tensor, or a tuple of tensors. Only multi-result fused ops (made by
+/// fusion passes) produce tuples, and only [`crate::Op::Select`] reads them; every other op takes and gives
+/// tensors.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Type {
+    Tensor(TensorType),
+    Tuple(Vec<TensorType>),
+}
+
+impl Type {
+    /// The tensor type, or `None` for a tuple.
+    pub fn tensor(&self) -> Option<&TensorType> {
+        match self {
+            Type::Tensor(t) => Some(t),
+            Type::Tuple(_) => None,
+        }
+    }
+
+    /// The tensors this value consists of: one for a tensor, the elements of a tuple.
+    pub fn elements(&self) -> &[TensorType] {
+        match self {
+            Type::Tensor(t) => std::slice::from_ref(t),
+            Type::Tuple(ts) => ts,
+        }
+    }
+}
+
+impl From<TensorType> for Type {
+    fn from(t: TensorType) -> Type {
+        Type::Tensor(t)
+    }
+}
+
+impl fmt::Display for Type {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Type::Tensor(t) => write!(f, "{t}"),
+            Type::Tuple(ts) => {
+                f.write_str("(")?;
+                for (i, t) in ts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{t}")?;
+                }
+                f.write_str(")")
+            }
+        }
+    }
+}

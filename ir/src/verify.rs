@@ -5,9 +5,12 @@
 //! 2. Each node's incoming edges fill its input slots `0..arity` exactly once.
 //! 3. Each node's declared type is the one its op infers from its inputs' types (which also checks that
 //!    the inputs' dtypes, ranks and dims fit the op; see [`crate::Op::infer`]).
-//! 4. There is at least one output, output names are unique, and every output names a live node.
+//! 4. There is at least one output, output names are unique, and every output names a live, tensor-valued
+//!    node.
 //! 5. Each weight name appears once; each [`crate::InputKind`] at most once; each (layer, kind) of
 //!    [`crate::Op::KvAppend`] (or cache-writing [`crate::Op::NormRope`]) at most once.
+//! 6. Tuples (the results of multi-result fused ops) are read only by [`crate::Op::Select`] (part of 3:
+//!    no other op's typing rule accepts a tuple).
 //!
 //! A failure after a pass is a compiler bug, not a user error.
 
@@ -17,7 +20,7 @@ use std::fmt;
 use crate::graph::{Graph, NodeId};
 use crate::op::Op;
 use crate::text::numbering;
-use crate::types::TensorType;
+use crate::types::Type;
 
 /// One broken invariant.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,7 +85,7 @@ pub fn verify(graph: &Graph) -> Result<(), VerifierErrors> {
             });
         } else {
             let inputs = graph.inputs(id);
-            let types: Vec<&TensorType> = inputs.iter().map(|&i| &graph.node(i).ty).collect();
+            let types: Vec<&Type> = inputs.iter().map(|&i| &graph.node(i).ty).collect();
             match node.op.infer(&types) {
                 Err(message) => errors.push(VerifierError {
                     location: at(id),
@@ -144,6 +147,11 @@ pub fn verify(graph: &Graph) -> Result<(), VerifierErrors> {
             errors.push(VerifierError {
                 location: String::new(),
                 message: format!("output \"{name}\" names a removed node"),
+            });
+        } else if graph.node(*id).ty.tensor().is_none() {
+            errors.push(VerifierError {
+                location: String::new(),
+                message: format!("output \"{name}\" names a tuple; select an element"),
             });
         }
     }

@@ -68,6 +68,35 @@ impl Emit<'_, '_> {
         self.b.switch_to_block(exit);
     }
 
+    /// Splits `index` over consecutive ranges ending at `ends` (increasing constants): runs `arm(r, local)`
+    /// for the range `r` holding `index`, with `local` its position in that range. Beyond the last range
+    /// nothing runs.
+    pub fn ranges(
+        &mut self,
+        index: Value,
+        ends: &[usize],
+        mut arm: impl FnMut(&mut Self, usize, Value),
+    ) {
+        let done = self.b.create_block();
+        let mut begin = 0;
+        for (r, &end) in ends.iter().enumerate() {
+            let (body, next) = (self.b.create_block(), self.b.create_block());
+            let inside = self
+                .b
+                .ins()
+                .icmp_imm_u(IntCC::UnsignedLessThan, index, end as i64);
+            self.b.ins().brif(inside, body, &[], next, &[]);
+            self.b.switch_to_block(body);
+            let local = self.b.ins().iadd_imm_s(index, -(begin as i64));
+            arm(self, r, local);
+            self.b.ins().jump(done, &[]);
+            self.b.switch_to_block(next);
+            begin = end;
+        }
+        self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(done);
+    }
+
     /// `for i in 0..n` with a constant bound.
     pub fn for_n(&mut self, n: usize, body: impl FnMut(&mut Self, Value)) {
         let (zero, end) = (self.iconst(0), self.iconst(n));

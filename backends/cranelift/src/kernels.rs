@@ -1,12 +1,13 @@
 //! One kernel per graph node, specialised to the node's constant dims.
 //!
 //! Every kernel has the signature `(args: *const u64, start: u64, end: u64)` and processes work items
-//! `[start, end)`. `args` holds `[T, past, input pointers..., output pointer]`. [`work_items`] says what an
-//! item is for each op (a token row, an output feature, a (token, head) pair, ...).
+//! `[start, end)`. `args` holds `[T, past, input pointers..., output pointers...]` (one output pointer, or
+//! one per element of a tuple result). [`work_items`] says what an item is for each op (a token row, an
+//! output feature, a (token, head) pair, ...).
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
-use cranelift_codegen::ir::{InstBuilder, Value};
+use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 use q3c_ir::{DType, Graph, NodeId, Op};
 
 use crate::emit::{mem, Emit};
@@ -20,7 +21,33 @@ pub struct Items {
 }
 
 fn dims(graph: &Graph, id: NodeId) -> Vec<usize> {
-    graph.node(id).ty.shape.resolve(1, 1)
+    graph.node(id).tensor().shape.resolve(1, 1)
+}
+
+/// Dims of element `i` of a node's value (the value itself for a tensor).
+fn element_dims(graph: &Graph, id: NodeId, i: usize) -> Vec<usize> {
+    graph.node(id).ty.elements()[i].shape.resolve(1, 1)
+}
+
+/// Output features of each matrix of a linear kernel, and the tile every matrix is cut into.
+fn linear_outputs(graph: &Graph, id: NodeId) -> (Vec<usize>, LinearTile) {
+    let n: Vec<usize> = graph
+        .node(id)
+        .ty
+        .elements()
+        .iter()
+        .map(|t| t.shape.resolve(1, 1).last().copied().expect("rank >= 1"))
+        .collect();
+    let common = n.iter().copied().fold(0, gcd);
+    (n, LinearTile::for_width(common))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// Product of the dims after the leading `T`.
@@ -30,21 +57,24 @@ fn per_token(graph: &Graph, id: NodeId) -> usize {
 
 /// How a node's work is split into items.
 pub fn work_items(graph: &Graph, id: NodeId) -> Items {
-    let out = dims(graph, id);
+    let out = element_dims(graph, id, 0);
     let by_t = |count| Items {
         count,
         scales_with_t: true,
     };
     match &graph.node(id).op {
-        Op::Linear | Op::SwiGlu => {
-            let n = *out.last().expect("rank >= 1");
+        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => {
+            let (n, tile) = linear_outputs(graph, id);
             Items {
-                count: n / LinearTile::for_width(n).width,
+                count: n.iter().sum::<usize>() / tile.width,
                 scales_with_t: false,
             }
         }
+        Op::MoeRoute { .. } => by_t(1),
         Op::ExpertLinear | Op::ExpertSwiGlu => by_t(out[1]),
-        Op::RmsNorm { .. } | Op::Softmax => by_t(out[1..out.len() - 1].iter().product()),
+        Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Softmax => {
+            by_t(out[1..out.len() - 1].iter().product())
+        }
         Op::Attention { .. } => by_t(out[1]),
         Op::TopK { .. } | Op::GatherLast => by_t(out[1..out.len() - 1].iter().product()),
         _ => by_t(1),
@@ -95,12 +125,13 @@ pub fn emit(
     let [args, start, end] = params;
     let node = graph.node(id);
     let n_in = graph.inputs(id).len();
+    let n_out = node.ty.elements().len();
     let t = e.b.ins().load(I64, mem(), args, 0);
     let past = e.b.ins().load(I64, mem(), args, 8);
-    let ptr: Vec<Value> = (0..=n_in)
+    let ptr: Vec<Value> = (0..n_in + n_out)
         .map(|i| e.b.ins().load(I64, mem(), args, 16 + 8 * i as i32))
         .collect();
-    let out = ptr[n_in];
+    let (out, outs) = (ptr[n_in], &ptr[n_in..]);
     let _ = t;
     match &node.op {
         Op::Embedding => {
@@ -120,73 +151,31 @@ pub fn emit(
                 });
             });
         }
-        Op::Linear | Op::SwiGlu => {
-            // Weight matrices at inputs 1 (and 2 for SwiGLU), combined per output element by the epilogue.
-            let mats: Vec<usize> = if node.op == Op::SwiGlu {
-                vec![1, 2]
-            } else {
-                vec![1]
-            };
+        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => {
             let x_dims = dims(graph, graph.inputs(id)[0]);
             let k = *x_dims.last().expect("rank");
             let rows_per_token: usize = x_dims[1..x_dims.len() - 1].iter().product();
-            let n = *dims(graph, id).last().expect("rank");
-            let dt = in_dtype(plan, graph, id, 1);
-            let mut tile = LinearTile::for_width(n);
-            // Two matrices: each tile takes `block_cols / 2` columns from both, so it stays 4 × 2 accumulators
-            // and every x load feeds both the gate and the up product.
-            let per_matrix = (tile.block_cols / mats.len()).max(1);
-            tile.block_cols = per_matrix;
             let rows = e.b.ins().imul_imm_u(t, rows_per_token as i64);
-            let (x_stride, w_stride) = (k * 4, k * dt.size());
-            e.for_range(start, end, 1, |e, item| {
-                let col0 = e.b.ins().imul_imm_u(item, tile.width as i64);
-                let w0: Vec<Value> = mats
-                    .iter()
-                    .map(|&m| e.addr(ptr[m], col0, w_stride))
-                    .collect();
-                let o0 = e.addr(out, col0, 4);
-                // Rows in blocks of `tile.rows` (rows × block_cols register tiles), then one at a time.
-                let blocks = e.b.ins().udiv_imm_u(rows, tile.rows as i64);
-                let full = e.b.ins().imul_imm_u(blocks, tile.rows as i64);
-                let zero = e.iconst(0);
-                e.for_range(zero, full, tile.rows, |e, r| {
-                    let x = e.addr(ptr[0], r, x_stride);
-                    let o = e.addr(o0, r, n * 4);
-                    for c0 in (0..tile.width).step_by(per_matrix) {
-                        // Columns c0..c0+per_matrix of each matrix, matrix-major.
-                        let cols: Vec<Value> = w0
-                            .iter()
-                            .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c0 + c)))
-                            .map(|(w0, c)| e.b.ins().iadd_imm_u(w0, (c * w_stride) as i64))
-                            .collect();
-                        let sums = e.dot_block(x, x_stride, tile.rows, &cols, dt, k);
-                        for (ri, row) in sums.iter().enumerate() {
-                            for ci in 0..per_matrix {
-                                let parts: Vec<Value> =
-                                    (0..mats.len()).map(|m| row[m * per_matrix + ci]).collect();
-                                let v = epilogue(e, &parts);
-                                e.store(v, o, ((ri * n + c0 + ci) * 4) as i32);
-                            }
-                        }
-                    }
-                });
-                // Leftover rows (all of decode): one column at a time, four accumulators over 16-wide steps.
-                e.for_range(full, rows, 1, |e, r| {
-                    let x = e.addr(ptr[0], r, x_stride);
-                    let o = e.addr(o0, r, n * 4);
-                    for c in 0..tile.width {
-                        let parts: Vec<Value> = w0
-                            .iter()
-                            .map(|&w0| {
-                                let w = e.b.ins().iadd_imm_u(w0, (c * w_stride) as i64);
-                                e.dot(x, w, dt, k)
-                            })
-                            .collect();
-                        let v = epilogue(e, &parts);
-                        e.store(v, o, (c * 4) as i32);
-                    }
-                });
+            let dt = in_dtype(plan, graph, id, 1);
+            let (n, tile) = linear_outputs(graph, id);
+            let mm = MatMul { k, dt, rows, tile };
+            e.for_range(start, end, 1, |e, item| match node.op {
+                // Gate and up (inputs 1, 2), combined per output element by the SwiGLU epilogue.
+                Op::SwiGlu => mm.columns(e, ptr[0], &[ptr[1], ptr[2]], out, n[0], item),
+                Op::Linear => mm.columns(e, ptr[0], &[ptr[1]], out, n[0], item),
+                // One GEMM over the matrices' concatenated columns: each item lies in one matrix.
+                _ => {
+                    let ends: Vec<usize> = n
+                        .iter()
+                        .scan(0, |acc, &ni| {
+                            *acc += ni / tile.width;
+                            Some(*acc)
+                        })
+                        .collect();
+                    e.ranges(item, &ends, |e, m, local| {
+                        mm.columns(e, ptr[0], &[ptr[1 + m]], outs[m], n[m], local)
+                    });
+                }
             });
         }
         Op::ExpertLinear | Op::ExpertSwiGlu => {
@@ -422,41 +411,6 @@ pub fn emit(
                 });
             });
         }
-        Op::Softmax => {
-            let n = *dims(graph, id).last().expect("rank");
-            e.for_range(start, end, 1, |e, row| {
-                let x = e.addr(ptr[0], row, n * 4);
-                let o = e.addr(out, row, n * 4);
-                let max = e.var_f32(f32::NEG_INFINITY);
-                e.for_n(n, |e, i| {
-                    let xi = e.addr(x, i, 4);
-                    let v = e.load_f32(xi, 0);
-                    let m = e.b.use_var(max);
-                    let m = e.b.ins().fmax(m, v);
-                    e.b.def_var(max, m);
-                });
-                let total = e.var_f32(0.0);
-                e.for_n(n, |e, i| {
-                    let xi = e.addr(x, i, 4);
-                    let v = e.load_f32(xi, 0);
-                    let m = e.b.use_var(max);
-                    let v = e.b.ins().fsub(v, m);
-                    let p = e.expf(v);
-                    let oi = e.addr(o, i, 4);
-                    e.store(p, oi, 0);
-                    let tv = e.b.use_var(total);
-                    let tv = e.b.ins().fadd(tv, p);
-                    e.b.def_var(total, tv);
-                });
-                let tv = e.b.use_var(total);
-                e.for_n(n, |e, i| {
-                    let oi = e.addr(o, i, 4);
-                    let v = e.load_f32(oi, 0);
-                    let v = e.b.ins().fdiv(v, tv);
-                    e.store(v, oi, 0);
-                });
-            });
-        }
         Op::ReduceSum { axis } => {
             let xd = dims(graph, graph.inputs(id)[0]);
             let axis = *axis as usize;
@@ -489,43 +443,21 @@ pub fn emit(
                 }
             });
         }
+        Op::Softmax => {
+            let n = *dims(graph, id).last().expect("rank");
+            e.for_range(start, end, 1, |e, row| {
+                let x = e.addr(ptr[0], row, n * 4);
+                let o = e.addr(out, row, n * 4);
+                softmax_row(e, x, o, n);
+            });
+        }
         Op::TopK { k } => {
             let n = *dims(graph, graph.inputs(id)[0]).last().expect("rank");
             let k = *k as usize;
             e.for_range(start, end, 1, |e, row| {
                 let x = e.addr(ptr[0], row, n * 4);
                 let o = e.addr(out, row, k * 4);
-                for slot in 0..k {
-                    // The largest value not already chosen; strict '>' keeps the lower index on ties.
-                    let best = e.b.declare_var(I64);
-                    let best_v = e.var_f32(f32::NEG_INFINITY);
-                    let minus1 = e.b.ins().iconst(I64, -1);
-                    e.b.def_var(best, minus1);
-                    e.for_n(n, |e, i| {
-                        let mut taken = e.b.ins().iconst(cranelift_codegen::ir::types::I8, 0);
-                        for prev in 0..slot {
-                            let pv = e.load_i32_as_i64(o, (prev * 4) as i32);
-                            let same = e.b.ins().icmp(IntCC::Equal, pv, i);
-                            taken = e.b.ins().bor(taken, same);
-                        }
-                        let xi = e.addr(x, i, 4);
-                        let v = e.load_f32(xi, 0);
-                        let bv = e.b.use_var(best_v);
-                        let gt = e.b.ins().fcmp(FloatCC::GreaterThan, v, bv);
-                        let cur = e.b.use_var(best);
-                        let unset = e.b.ins().icmp_imm_s(IntCC::Equal, cur, -1);
-                        let better = e.b.ins().bor(gt, unset);
-                        let free = e.b.ins().bxor_imm_u(taken, 1);
-                        let pick = e.b.ins().band(better, free);
-                        let nb = e.b.ins().select(pick, i, cur);
-                        let nv = e.b.ins().select(pick, v, bv);
-                        e.b.def_var(best, nb);
-                        e.b.def_var(best_v, nv);
-                    });
-                    let bi = e.b.use_var(best);
-                    let bi = e.b.ins().ireduce(I32, bi);
-                    e.store(bi, o, (slot * 4) as i32);
-                }
+                top_k_row(e, x, n, o, k);
             });
         }
         Op::GatherLast => {
@@ -535,11 +467,58 @@ pub fn emit(
                 let x = e.addr(ptr[0], row, n * 4);
                 let idx = e.addr(ptr[1], row, k * 4);
                 let o = e.addr(out, row, k * 4);
-                for j in 0..k {
-                    let i = e.load_i32_as_i64(idx, (j * 4) as i32);
-                    let xi = e.addr(x, i, 4);
-                    let v = e.load_f32(xi, 0);
-                    e.store(v, o, (j * 4) as i32);
+                gather_row(e, x, idx, o, k);
+            });
+        }
+        Op::AddRmsNorm { eps } => {
+            let d = *element_dims(graph, id, 0).last().expect("rank");
+            let dt = in_dtype(plan, graph, id, 2);
+            e.for_range(start, end, 1, |e, row| {
+                let a = e.addr(ptr[0], row, d * 4);
+                let b = e.addr(ptr[1], row, d * 4);
+                let sum = e.addr(outs[0], row, d * 4);
+                let o = e.addr(outs[1], row, d * 4);
+                // The sum is written once and normalised while it is still in L1.
+                binary_loops(e, &Op::Add, &[d], &[1], &[1], a, b, sum);
+                rms_row(e, sum, ptr[2], dt, o, d, *eps);
+            });
+        }
+        Op::MoeRoute { k, renorm } => {
+            let h = *dims(graph, graph.inputs(id)[0]).last().expect("rank");
+            let experts = graph.node(graph.inputs(id)[1]).tensor().shape.resolve(0, 0)[0];
+            let dt = in_dtype(plan, graph, id, 1);
+            let (k, renorm) = (*k as usize, *renorm);
+            // The token's router probabilities live on the kernel's stack.
+            let slot = e.b.create_sized_stack_slot(StackSlotData::new(
+                StackSlotKind::ExplicitSlot,
+                (experts * 4) as u32,
+                4,
+            ));
+            e.for_range(start, end, 1, |e, tok| {
+                let probs = e.b.ins().stack_addr(I64, slot, 0);
+                let x = e.addr(ptr[0], tok, h * 4);
+                e.for_n(experts, |e, j| {
+                    let w = e.addr(ptr[1], j, h * dt.size());
+                    let logit = e.dot(x, w, dt, h);
+                    let p = e.addr(probs, j, 4);
+                    e.store(logit, p, 0);
+                });
+                softmax_row(e, probs, probs, experts);
+                let ids = e.addr(outs[0], tok, k * 4);
+                let weights = e.addr(outs[1], tok, k * 4);
+                top_k_row(e, probs, experts, ids, k);
+                gather_row(e, probs, ids, weights, k);
+                if renorm {
+                    let mut sum = e.load_f32(weights, 0);
+                    for j in 1..k {
+                        let v = e.load_f32(weights, (j * 4) as i32);
+                        sum = e.b.ins().fadd(sum, v);
+                    }
+                    for j in 0..k {
+                        let v = e.load_f32(weights, (j * 4) as i32);
+                        let v = e.b.ins().fdiv(v, sum);
+                        e.store(v, weights, (j * 4) as i32);
+                    }
                 }
             });
         }
@@ -551,6 +530,148 @@ pub fn emit(
         }
     }
     Ok(())
+}
+
+/// The shape of a linear kernel: `rows` activation rows of `k` (f32), weights of `dt`, cut into `tile`s.
+#[derive(Clone, Copy)]
+struct MatMul {
+    k: usize,
+    dt: DType,
+    rows: Value,
+    tile: LinearTile,
+}
+
+impl MatMul {
+    /// Work item `item` of one output: columns `item·width ..` of `out` (`[rows, n]`) from the matrices `w`
+    /// (`[n, k]` each; one, or gate and up combined by the SwiGLU epilogue) times the rows at `x`.
+    fn columns(&self, e: &mut Emit, x: Value, w: &[Value], out: Value, n: usize, item: Value) {
+        let MatMul { k, dt, rows, tile } = *self;
+        // Two matrices: each tile takes `block_cols / 2` columns from both, so it stays 4 × 2 accumulators
+        // and every x load feeds both the gate and the up product.
+        let per_matrix = (tile.block_cols / w.len()).max(1);
+        let (x_stride, w_stride) = (k * 4, k * dt.size());
+        let col0 = e.b.ins().imul_imm_u(item, tile.width as i64);
+        let w0: Vec<Value> = w.iter().map(|&m| e.addr(m, col0, w_stride)).collect();
+        let o0 = e.addr(out, col0, 4);
+        // Rows in blocks of `tile.rows` (rows × block_cols register tiles), then one at a time.
+        let blocks = e.b.ins().udiv_imm_u(rows, tile.rows as i64);
+        let full = e.b.ins().imul_imm_u(blocks, tile.rows as i64);
+        let zero = e.iconst(0);
+        e.for_range(zero, full, tile.rows, |e, r| {
+            let xr = e.addr(x, r, x_stride);
+            let o = e.addr(o0, r, n * 4);
+            for c0 in (0..tile.width).step_by(per_matrix) {
+                // Columns c0..c0+per_matrix of each matrix, matrix-major.
+                let cols: Vec<Value> = w0
+                    .iter()
+                    .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c0 + c)))
+                    .map(|(w0, c)| e.b.ins().iadd_imm_u(w0, (c * w_stride) as i64))
+                    .collect();
+                let sums = e.dot_block(xr, x_stride, tile.rows, &cols, dt, k);
+                for (ri, row) in sums.iter().enumerate() {
+                    for ci in 0..per_matrix {
+                        let parts: Vec<Value> =
+                            (0..w.len()).map(|m| row[m * per_matrix + ci]).collect();
+                        let v = epilogue(e, &parts);
+                        e.store(v, o, ((ri * n + c0 + ci) * 4) as i32);
+                    }
+                }
+            }
+        });
+        // Leftover rows (all of decode): one column at a time, four accumulators over 16-wide steps.
+        e.for_range(full, rows, 1, |e, r| {
+            let xr = e.addr(x, r, x_stride);
+            let o = e.addr(o0, r, n * 4);
+            for c in 0..tile.width {
+                let parts: Vec<Value> = w0
+                    .iter()
+                    .map(|&w0| {
+                        let wc = e.b.ins().iadd_imm_u(w0, (c * w_stride) as i64);
+                        e.dot(xr, wc, dt, k)
+                    })
+                    .collect();
+                let v = epilogue(e, &parts);
+                e.store(v, o, (c * 4) as i32);
+            }
+        });
+    }
+}
+
+/// Softmax of `n` f32 at `x` into `o` (which may equal `x`).
+fn softmax_row(e: &mut Emit, x: Value, o: Value, n: usize) {
+    let max = e.var_f32(f32::NEG_INFINITY);
+    e.for_n(n, |e, i| {
+        let xi = e.addr(x, i, 4);
+        let v = e.load_f32(xi, 0);
+        let m = e.b.use_var(max);
+        let m = e.b.ins().fmax(m, v);
+        e.b.def_var(max, m);
+    });
+    let total = e.var_f32(0.0);
+    e.for_n(n, |e, i| {
+        let xi = e.addr(x, i, 4);
+        let v = e.load_f32(xi, 0);
+        let m = e.b.use_var(max);
+        let v = e.b.ins().fsub(v, m);
+        let p = e.expf(v);
+        let oi = e.addr(o, i, 4);
+        e.store(p, oi, 0);
+        let tv = e.b.use_var(total);
+        let tv = e.b.ins().fadd(tv, p);
+        e.b.def_var(total, tv);
+    });
+    let tv = e.b.use_var(total);
+    e.for_n(n, |e, i| {
+        let oi = e.addr(o, i, 4);
+        let v = e.load_f32(oi, 0);
+        let v = e.b.ins().fdiv(v, tv);
+        e.store(v, oi, 0);
+    });
+}
+
+/// Indices (i32) of the `k` largest of `n` f32 at `x` into `o`, largest first, ties to the lower index.
+fn top_k_row(e: &mut Emit, x: Value, n: usize, o: Value, k: usize) {
+    for slot in 0..k {
+        // The largest value not already chosen; strict '>' keeps the lower index on ties.
+        let best = e.b.declare_var(I64);
+        let best_v = e.var_f32(f32::NEG_INFINITY);
+        let minus1 = e.b.ins().iconst(I64, -1);
+        e.b.def_var(best, minus1);
+        e.for_n(n, |e, i| {
+            let mut taken = e.b.ins().iconst(cranelift_codegen::ir::types::I8, 0);
+            for prev in 0..slot {
+                let pv = e.load_i32_as_i64(o, (prev * 4) as i32);
+                let same = e.b.ins().icmp(IntCC::Equal, pv, i);
+                taken = e.b.ins().bor(taken, same);
+            }
+            let xi = e.addr(x, i, 4);
+            let v = e.load_f32(xi, 0);
+            let bv = e.b.use_var(best_v);
+            let gt = e.b.ins().fcmp(FloatCC::GreaterThan, v, bv);
+            let cur = e.b.use_var(best);
+            let unset = e.b.ins().icmp_imm_s(IntCC::Equal, cur, -1);
+            let better = e.b.ins().bor(gt, unset);
+            let free = e.b.ins().bxor_imm_u(taken, 1);
+            let pick = e.b.ins().band(better, free);
+            let nb = e.b.ins().select(pick, i, cur);
+            let nv = e.b.ins().select(pick, v, bv);
+            e.b.def_var(best, nb);
+            e.b.def_var(best_v, nv);
+        });
+        let bi = e.b.use_var(best);
+        let bi = e.b.ins().ireduce(I32, bi);
+        e.store(bi, o, (slot * 4) as i32);
+    }
+}
+
+/// `o[j] = x[idx[j]]` for `k` i32 indices at `idx`.
+fn gather_row(e: &mut Emit, x: Value, idx: Value, o: Value, k: usize) {
+    for j in 0..k {
+        let i = e.load_i32_as_i64(idx, (j * 4) as i32);
+        let xi = e.addr(x, i, 4);
+        let v = e.load_f32(xi, 0);
+        e.store(v, o, (j * 4) as i32);
+    }
 }
 
 /// RMSNorm of one row: `o[i] = w[i] · x[i] / sqrt(mean(x²) + eps)` for `d` f32 at `x`, weights of `dt` at `w`.

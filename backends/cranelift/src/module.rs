@@ -228,13 +228,16 @@ fn build<M: Module>(
     let mut kernels_built: Vec<(NodeId, FuncId)> = Vec::new();
     for (n, &id) in plan.order.iter().enumerate() {
         let op = &graph.node(id).op;
-        if matches!(op, Op::Weight { .. } | Op::Input(_) | Op::Reshape { .. }) {
+        if matches!(
+            op,
+            Op::Weight { .. } | Op::Input(_) | Op::Reshape { .. } | Op::Select { .. }
+        ) {
             continue;
         }
         // RoPE frequencies as a local data table.
         let rope_data = match op {
             Op::Rope(spec) | Op::NormRope { rope: spec, .. } => {
-                let d = graph.node(id).ty.shape.resolve(1, 1)[2];
+                let d = graph.node(id).tensor().shape.resolve(1, 1)[2];
                 let bytes: Vec<u8> = spec
                     .inv_freq(d)
                     .iter()
@@ -453,8 +456,17 @@ fn build_forward<M: Module>(
     let services = e.b.ins().load(I64, mem(), step, so::SERVICES);
     let parallel_for = e.b.ins().load(I64, mem(), services, 0);
     let pool = e.b.ins().load(I64, mem(), services, 8);
-    let slot =
-        e.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 8 * 8, 3));
+    // Kernel arguments: T, past, then input and output pointers.
+    let arg_words = 2 + kernel_refs
+        .iter()
+        .map(|&(id, _)| graph.inputs(id).len() + graph.node(id).ty.elements().len())
+        .max()
+        .unwrap_or(0);
+    let slot = e.b.create_sized_stack_slot(StackSlotData::new(
+        StackSlotKind::ExplicitSlot,
+        (8 * arg_words) as u32,
+        3,
+    ));
     let args = e.b.ins().stack_addr(I64, slot, 0);
 
     let pointer = |e: &mut Emit, loc: Loc| match loc {
@@ -494,9 +506,16 @@ fn build_forward<M: Module>(
             }
             e.b.ins().store(mem(), p, args, (16 + 8 * i) as i32);
         }
-        let out = pointer(&mut e, plan.loc[&id]);
-        e.b.ins()
-            .store(mem(), out, args, (16 + 8 * inputs.len()) as i32);
+        let outs = plan
+            .elements
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| vec![plan.loc[&id]]);
+        for (i, loc) in outs.into_iter().enumerate() {
+            let out = pointer(&mut e, loc);
+            e.b.ins()
+                .store(mem(), out, args, (16 + 8 * (inputs.len() + i)) as i32);
+        }
         let items = work_items(graph, id);
         let n = if items.scales_with_t {
             e.b.ins().imul_imm_u(t, items.count as i64)

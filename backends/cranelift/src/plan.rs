@@ -3,10 +3,13 @@
 //! Activations are laid out `[max_tokens, ...]` in one scratch arena; buffers whose lifetimes do not overlap
 //! share space (first fit over the topological order). Reshapes alias their input, `kv_append` results are
 //! the KV cache itself, and the logits output is written straight into the caller's buffer.
+//!
+//! A tuple (the result of a multi-result fused op) gets one allocation holding its elements side by side,
+//! each a `[max_tokens, ...]` block of its own; a `select` is a view of its element's block, like a reshape.
 
 use std::collections::HashMap;
 
-use q3c_ir::{DType, Dim, Graph, InputKind, KvKind, NodeId, Op};
+use q3c_ir::{DType, Dim, Graph, InputKind, KvKind, NodeId, Op, TensorType};
 
 use crate::BackendError;
 
@@ -31,6 +34,8 @@ pub enum Loc {
 pub struct Plan {
     pub order: Vec<NodeId>,
     pub loc: HashMap<NodeId, Loc>,
+    /// Where each element of a tuple-valued node is.
+    pub elements: HashMap<NodeId, Vec<Loc>>,
     /// Weight table entries: (checkpoint name, shape, checkpoint dtype).
     pub weights: Vec<(String, Vec<usize>, DType)>,
     pub scratch_bytes_per_token: usize,
@@ -40,16 +45,29 @@ pub struct Plan {
 
 /// Bytes per token of a `[T, ...]` activation.
 pub fn bytes_per_token(graph: &Graph, id: NodeId) -> Result<usize, BackendError> {
-    let ty = &graph.node(id).ty;
+    row_bytes(graph.node(id).tensor(), graph.node(id).op.name())
+}
+
+fn row_bytes(ty: &TensorType, op: &str) -> Result<usize, BackendError> {
     let dims = ty.shape.dims();
     if dims.first() != Some(&Dim::Seq) || dims[1..].iter().any(|d| !matches!(d, Dim::Fixed(_))) {
         return Err(BackendError::Unsupported(format!(
-            "{} produces {}: activations must be [T, constant...]",
-            graph.node(id).op.name(),
-            ty
+            "{op} produces {ty}: activations must be [T, constant...]"
         )));
     }
     Ok(ty.shape.resolve(1, 0).iter().product::<usize>() * 4)
+}
+
+/// Per-token offsets of a node's elements in its allocation, and the allocation's per-token size.
+fn layout(graph: &Graph, id: NodeId) -> Result<(Vec<usize>, usize), BackendError> {
+    let node = graph.node(id);
+    let mut offsets = Vec::new();
+    let mut size = 0;
+    for ty in node.ty.elements() {
+        offsets.push(size);
+        size += row_bytes(ty, node.op.name())?.next_multiple_of(64);
+    }
+    Ok((offsets, size))
 }
 
 /// Weight dtype the kernels read: f16 checkpoints are widened to f32 when bound.
@@ -71,11 +89,14 @@ pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, Back
     let mut loc = HashMap::new();
     let mut weights = Vec::new();
     let mut layers = 0;
-    // Root buffer of each node (reshape chains resolve to their source).
+    // Root buffer of each node (views — reshape chains, selects — resolve to their source) and the view's
+    // per-token byte offset in it.
     let mut root: HashMap<NodeId, NodeId> = HashMap::new();
+    let mut view_offset: HashMap<NodeId, usize> = HashMap::new();
     for &id in &order {
         let node = graph.node(id);
         root.insert(id, id);
+        view_offset.insert(id, 0);
         match &node.op {
             Op::Weight { name, ty } => {
                 let dims = ty.shape.resolve(0, 0);
@@ -114,6 +135,15 @@ pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, Back
             Op::Reshape { .. } => {
                 let src = graph.inputs(id)[0];
                 root.insert(id, root[&src]);
+                view_offset.insert(id, view_offset[&src]);
+            }
+            Op::Select { index } => {
+                let src = graph.inputs(id)[0];
+                root.insert(id, root[&src]);
+                view_offset.insert(
+                    id,
+                    view_offset[&src] + layout(graph, src)?.0[*index as usize],
+                );
             }
             _ => {}
         }
@@ -152,7 +182,7 @@ pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, Back
         if loc.contains_key(&id) || root[&id] != id || id == out_id {
             continue;
         }
-        let size = bytes_per_token(graph, id)?.next_multiple_of(64);
+        let size = layout(graph, id)?.1;
         free.sort();
         merge_free(&mut free);
         let offset = match free.iter().position(|&(_, s)| s >= size) {
@@ -177,14 +207,35 @@ pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, Back
         );
     }
     loc.insert(out_id, Loc::Logits);
+    let at = |base: Loc, per_token: usize| match base {
+        Loc::Scratch { offset } => Ok(Loc::Scratch {
+            offset: offset + per_token * max_tokens,
+        }),
+        _ if per_token == 0 => Ok(base),
+        _ => Err(BackendError::Internal(format!(
+            "a view at an offset into {base:?}"
+        ))),
+    };
     for &id in &order {
         if root[&id] != id {
-            loc.insert(id, loc[&root[&id]]);
+            loc.insert(id, at(loc[&root[&id]], view_offset[&id])?);
+        }
+    }
+    let mut elements = HashMap::new();
+    for &id in &order {
+        if graph.node(id).ty.tensor().is_none() {
+            let (offsets, _) = layout(graph, id)?;
+            let locs = offsets
+                .into_iter()
+                .map(|o| at(loc[&id], o))
+                .collect::<Result<Vec<_>, _>>()?;
+            elements.insert(id, locs);
         }
     }
     Ok(Plan {
         order,
         loc,
+        elements,
         weights,
         scratch_bytes_per_token: top,
         max_tokens,

@@ -71,12 +71,12 @@ impl ReferenceModel {
                     weights.insert(id, bind(ckpt, name, &shape)?);
                 }
                 Op::Rope(spec) | Op::NormRope { rope: spec, .. } => {
-                    let d = graph.node(id).ty.shape.resolve(0, 0)[2];
+                    let d = graph.node(id).tensor().shape.resolve(0, 0)[2];
                     inv_freq.insert(id, spec.inv_freq(d));
                 }
                 Op::Embedding => {
                     let table = graph.inputs(id)[0];
-                    vocab = graph.node(table).ty.shape.resolve(0, 0)[0];
+                    vocab = graph.node(table).tensor().shape.resolve(0, 0)[0];
                 }
                 _ => {}
             }
@@ -157,11 +157,13 @@ pub struct ReferenceSession<'m> {
     position: usize,
 }
 
-/// A computed value: f32 or i32 data with its resolved shape, or a borrowed weight.
+/// A computed value: f32 or i32 data with its resolved shape, a borrowed weight, or a tuple of values.
+#[derive(Clone)]
 enum Value<'a> {
     F32(Vec<f32>, Vec<usize>),
     I32(Vec<i32>, Vec<usize>),
     Weight(&'a Weight),
+    Tuple(Vec<Value<'a>>),
 }
 
 impl Value<'_> {
@@ -169,18 +171,26 @@ impl Value<'_> {
         match self {
             Value::F32(d, s) => Ok((d, s)),
             Value::Weight(w) => Ok((&w.data, &w.shape)),
-            Value::I32(..) => Err(RuntimeError::Internal(
-                "expected an f32 value, found i32".into(),
-            )),
+            Value::I32(..) | Value::Tuple(_) => {
+                Err(RuntimeError::Internal("expected an f32 value".into()))
+            }
+        }
+    }
+
+    /// Number of elements (of a tensor value; 0 for a tuple).
+    fn len(&self) -> usize {
+        match self {
+            Value::F32(d, _) => d.len(),
+            Value::I32(d, _) => d.len(),
+            Value::Weight(w) => w.data.len(),
+            Value::Tuple(_) => 0,
         }
     }
 
     fn i32(&self) -> Result<(&[i32], &[usize]), RuntimeError> {
         match self {
             Value::I32(d, s) => Ok((d, s)),
-            _ => Err(RuntimeError::Internal(
-                "expected an i32 value, found f32".into(),
-            )),
+            _ => Err(RuntimeError::Internal("expected an i32 value".into())),
         }
     }
 }
@@ -200,8 +210,15 @@ impl ReferenceSession<'_> {
                     .as_ref()
                     .ok_or_else(|| RuntimeError::Internal("value dropped before use".into()))
             };
-            let shape = node.ty.shape.resolve(t, kv);
+            let shapes: Vec<Vec<usize>> = node
+                .ty
+                .elements()
+                .iter()
+                .map(|e| e.shape.resolve(t, kv))
+                .collect();
+            let shape = shapes[0].clone();
             let f32_out = |data: Vec<f32>| Value::F32(data, shape.clone());
+            let f32_at = |i: usize, data: Vec<f32>| Value::F32(data, shapes[i].clone());
             let value = match &node.op {
                 Op::Input(InputKind::TokenIds) => {
                     Value::I32(ids.iter().map(|&i| i as i32).collect(), shape.clone())
@@ -264,6 +281,41 @@ impl ReferenceSession<'_> {
                     let ((x, _), (w, _)) = (arg(0)?.f32()?, arg(1)?.f32()?);
                     f32_out(kernels::rms_norm(x, w, *eps))
                 }
+                Op::AddRmsNorm { eps } => {
+                    let ((a, _), (b, _), (w, _)) = (arg(0)?.f32()?, arg(1)?.f32()?, arg(2)?.f32()?);
+                    let sum: Vec<f32> = a.iter().zip(b).map(|(x, y)| x + y).collect();
+                    let normed = kernels::rms_norm(&sum, w, *eps);
+                    Value::Tuple(vec![f32_at(0, sum), f32_at(1, normed)])
+                }
+                Op::MoeRoute { k, renorm } => {
+                    let ((x, xs), (w, ws)) = (arg(0)?.f32()?, arg(1)?.f32()?);
+                    let (k, e) = (*k as usize, ws[0]);
+                    let probs = kernels::softmax(&kernels::linear(x, xs[1], w, e), e);
+                    let ids = kernels::top_k(&probs, e, k);
+                    let mut weights = kernels::gather_last(&probs, e, &ids, k);
+                    if *renorm {
+                        for row in weights.chunks_mut(k) {
+                            let sum: f32 = row.iter().sum();
+                            row.iter_mut().for_each(|p| *p /= sum);
+                        }
+                    }
+                    Value::Tuple(vec![Value::I32(ids, shapes[0].clone()), f32_at(1, weights)])
+                }
+                Op::LinearGroup { .. } => {
+                    let (x, xs) = arg(0)?.f32()?;
+                    let k = xs[xs.len() - 1];
+                    let outs = (1..inputs.len())
+                        .map(|i| {
+                            let (w, ws) = arg(i)?.f32()?;
+                            Ok(f32_at(i - 1, kernels::linear(x, k, w, ws[0])))
+                        })
+                        .collect::<Result<Vec<_>, RuntimeError>>()?;
+                    Value::Tuple(outs)
+                }
+                Op::Select { index } => match arg(0)? {
+                    Value::Tuple(elements) => elements[*index as usize].clone(),
+                    _ => return Err(RuntimeError::Internal("select of a non-tuple".into())),
+                },
                 Op::Rope(spec) => {
                     let ((x, xs), (p, _)) = (arg(0)?.f32()?, arg(1)?.i32()?);
                     f32_out(kernels::rope(x, xs[1], xs[2], p, spec, &m.inv_freq[&id]))
@@ -324,14 +376,14 @@ impl ReferenceSession<'_> {
                     ))
                 }
             };
-            let len = match &value {
-                Value::F32(d, _) => d.len(),
-                Value::I32(d, _) => d.len(),
-                Value::Weight(w) => w.data.len(),
+            let lens: Vec<usize> = match &value {
+                Value::Tuple(elements) => elements.iter().map(Value::len).collect(),
+                v => vec![v.len()],
             };
-            if len != shape.iter().product::<usize>() {
+            let want: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+            if lens != want {
                 return Err(RuntimeError::Internal(format!(
-                    "{} produced {len} values for shape {shape:?}",
+                    "{} produced {lens:?} values for shapes {shapes:?}",
                     node.op.name()
                 )));
             }
