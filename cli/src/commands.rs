@@ -122,6 +122,24 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Compile --model (a model directory) under each fusion strategy and compare them in one table:
+        /// kernels per layer, activation bytes per token, compile time, prefill and decode speed.
+        #[arg(long)]
+        compare_fusion: bool,
+        /// With --compare-fusion: a strategy to compare (repeatable; default none, each pass, all).
+        /// The first is the baseline of the ratios.
+        #[arg(
+            long = "strategy",
+            value_name = "STRATEGY",
+            requires = "compare_fusion"
+        )]
+        strategies: Vec<String>,
+        /// With --compare-fusion: also write the table and a chart as an HTML page.
+        #[arg(long, value_name = "FILE", requires = "compare_fusion")]
+        html: Option<PathBuf>,
+        /// With --compare-fusion: also write the chart as SVG.
+        #[arg(long, value_name = "FILE", requires = "compare_fusion")]
+        svg: Option<PathBuf>,
     },
     /// Write a checkpoint of random weights for MODEL (for benchmarks and smoke tests).
     RandomWeights {
@@ -311,22 +329,13 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = ModelSource::parse(&model).config()?;
             let start = std::time::Instant::now();
-            let mut graph = q3c_compiler::lower(&cfg).context("lowering failed (a q3c bug)")?;
             let strategy = Strategy::parse(&fusion)?;
-            q3c_compiler::pipeline::run(&mut graph, &strategy, true, |_, _| {})?;
-            let opts = q3c_backend_cranelift::CompileOptions {
-                target_cpu,
-                max_tokens_per_call: max_tokens,
-                fusion: strategy.name().to_string(),
-            };
-            let compiled =
-                q3c_backend_cranelift::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts)?;
-            q3c_backend_cranelift::link_shared(&compiled.object, &out)?;
+            let (manifest, _) = compile_artifact(&cfg, &strategy, &target_cpu, max_tokens, &out)?;
             eprintln!(
                 "compiled {model} with {backend} into {} ({} kernels, {} weights) in {:.2} s",
                 out.display(),
-                compiled.manifest.kernels,
-                compiled.manifest.weights.len(),
+                manifest.kernels,
+                manifest.weights.len(),
                 start.elapsed().as_secs_f64()
             );
             Ok(())
@@ -405,11 +414,49 @@ pub fn run(cli: Cli) -> Result<()> {
             gen,
             reps,
             json,
+            compare_fusion,
+            strategies,
+            html,
+            svg,
         } => {
             if prompt_len == 0 {
                 bail!("--prompt-len must be at least 1");
             }
             let threads = model.threads.unwrap_or_else(default_threads);
+            if compare_fusion {
+                let strategies = if strategies.is_empty() {
+                    crate::compare::default_strategies()
+                } else {
+                    strategies
+                        .iter()
+                        .map(|s| Strategy::parse(s))
+                        .collect::<Result<_, _>>()?
+                };
+                let settings = crate::compare::Settings {
+                    threads,
+                    prompt_len,
+                    gen,
+                    rounds: reps,
+                    max_tokens: 256,
+                };
+                let work = tempfile::tempdir().context("creating a temporary directory")?;
+                let rows = crate::compare::run(&model.model, &strategies, work.path(), &settings)?;
+                let title = format!("q3c fusion strategies: {}", model.model.display());
+                if let Some(path) = &svg {
+                    write_atomically(path, crate::chart::svg(&rows, &title).as_bytes())?;
+                }
+                if let Some(path) = &html {
+                    write_atomically(
+                        path,
+                        crate::chart::html(&rows, &settings, &title).as_bytes(),
+                    )?;
+                }
+                return if json {
+                    print_stdout(&format!("{}\n", serde_json::to_string(&rows)?))
+                } else {
+                    print_stdout(&crate::compare::table(&rows, &settings))
+                };
+            }
             let (loaded, _) = Loaded::load(&model)?;
             let mut session = loaded.session();
             let vocab = session.vocab_size();
@@ -465,6 +512,27 @@ pub fn run(cli: Cli) -> Result<()> {
             print_stdout(&text)
         }
     }
+}
+
+/// Lowers `cfg`, runs `strategy`'s passes, compiles with Cranelift and links the artifact at `out`.
+/// Returns the artifact's manifest and the fused graph.
+pub(crate) fn compile_artifact(
+    cfg: &q3c_models::Qwen3Config,
+    strategy: &Strategy,
+    target_cpu: &str,
+    max_tokens: usize,
+    out: &Path,
+) -> Result<(q3c_abi::Manifest, q3c_ir::Graph)> {
+    let mut graph = q3c_compiler::lower(cfg).context("lowering failed (a q3c bug)")?;
+    q3c_compiler::pipeline::run(&mut graph, strategy, true, |_, _| {})?;
+    let opts = q3c_backend_cranelift::CompileOptions {
+        target_cpu: target_cpu.to_string(),
+        max_tokens_per_call: max_tokens,
+        fusion: strategy.name().to_string(),
+    };
+    let compiled = q3c_backend_cranelift::compile(&graph, cfg, q3c_compiler::LOGITS, &opts)?;
+    q3c_backend_cranelift::link_shared(&compiled.object, out)?;
+    Ok((compiled.manifest, graph))
 }
 
 /// All cores.

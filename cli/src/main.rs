@@ -1,7 +1,9 @@
 //! `q3c`: the command-line front end.
 
 mod bench;
+mod chart;
 mod commands;
+mod compare;
 mod random_weights;
 
 use std::process::ExitCode;

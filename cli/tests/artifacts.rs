@@ -336,3 +336,97 @@ fn the_so_exports_only_the_abi_and_imports_only_libm() {
         );
     }
 }
+
+#[test]
+fn bench_compare_fusion_prints_the_table_and_writes_the_chart() {
+    let model = fixtures_dir().join("moe");
+    let dir = tempfile::tempdir().unwrap();
+    let (svg, html) = (dir.path().join("f.svg"), dir.path().join("f.html"));
+    let args = [
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--compare-fusion",
+        "--threads",
+        "1",
+        "--prompt-len",
+        "4",
+        "--gen",
+        "2",
+        "--reps",
+        "1",
+    ];
+    let json = ok(&[
+        &args[..],
+        &["--json", "--strategy", "none", "--strategy", "all"],
+    ]
+    .concat());
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let (none, all) = (&rows[0], &rows[1]);
+    assert_eq!(
+        (none["strategy"].as_str(), all["strategy"].as_str()),
+        (Some("none"), Some("all"))
+    );
+    // Figures the IR fixes: fusion removes kernels and activation traffic.
+    let bytes = |r: &serde_json::Value| {
+        r["traffic"]["bytes_written"].as_u64().unwrap()
+            + r["traffic"]["bytes_read"].as_u64().unwrap()
+    };
+    assert!(all["kernels"].as_u64() < none["kernels"].as_u64());
+    assert!(bytes(all) < bytes(none));
+    for r in [none, all] {
+        assert!(
+            r["prefill_tok_s"].as_f64().unwrap() > 0.0 && r["decode_tok_s"].as_f64().unwrap() > 0.0
+        );
+    }
+
+    // The default strategies: none, each pass, all; with the chart files.
+    let table = ok(&[
+        &args[..],
+        &[
+            "--svg",
+            svg.to_str().unwrap(),
+            "--html",
+            html.to_str().unwrap(),
+        ],
+    ]
+    .concat());
+    let names: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        names[..7],
+        [
+            "none",
+            "norm-rope",
+            "swiglu",
+            "residual-norm",
+            "qkv",
+            "moe-route",
+            "all"
+        ]
+    );
+    assert!(table.lines().nth(1).unwrap().contains("(1.00)"));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<rect").count() == 5 * 7);
+    let html = std::fs::read_to_string(&html).unwrap();
+    assert!(html.contains("<table>") && html.contains("<svg") && html.contains("residual-norm"));
+
+    assert_error(
+        &q3c(&[
+            "bench",
+            "--model",
+            "model.so",
+            "--weights",
+            ".",
+            "--compare-fusion",
+        ]),
+        "give --model a model directory",
+    );
+    assert_error(
+        &q3c(&[&args[..], &["--strategy", "quantum"]].concat()),
+        "unknown fusion pass 'quantum'",
+    );
+}

@@ -2,10 +2,12 @@
 //!
 //! - [`lower`]: one parameterised builder for every Qwen3 size.
 //! - [`passes`]: one file per fusion; [`pipeline`]: their order, strategies, and the verifying runner.
+//! - [`metrics`]: kernels and activation traffic per token, read off a graph.
 //!
 //! Code generation lives in `backends/`.
 
 pub mod lower;
+pub mod metrics;
 pub mod passes;
 pub mod pipeline;
 
