@@ -29,7 +29,7 @@ pub fn svg(rows: &[Row], title: &str) -> String {
     );
     let all: Vec<Vec<f64>> = rows.iter().map(|r| ratios(rows, r)).collect();
     let bar_w = WIDTH - LABEL_W - 70.0;
-    for (c, (name, _, lower_better)) in COLUMNS.iter().enumerate() {
+    for (c, column) in COLUMNS.iter().enumerate() {
         let top = 40.0 + c as f64 * (panel_h + PANEL_GAP);
         let max = all
             .iter()
@@ -40,9 +40,13 @@ pub fn svg(rows: &[Row], title: &str) -> String {
             s,
             r#"<text x="10" y="{}" font-weight="bold">{} — ratio to {} ({} is better)</text>"#,
             top + 12.0,
-            escape(name),
+            escape(column.name),
             escape(&rows[0].strategy),
-            if *lower_better { "lower" } else { "higher" }
+            if column.lower_is_better {
+                "lower"
+            } else {
+                "higher"
+            }
         );
         for (i, (row, r)) in rows.iter().zip(&all).enumerate() {
             let y = top + 20.0 + i as f64 * (BAR_H + 4.0);
@@ -96,8 +100,8 @@ pub fn html(rows: &[Row], settings: &Settings, title: &str) -> String {
         settings.threads, settings.prompt_len, settings.gen, settings.rounds, escape(&rows[0].strategy)
     );
     s += "<table><tr><th>strategy</th><th>kernels</th>";
-    for (name, _, _) in COLUMNS {
-        let _ = write!(s, "<th>{}</th>", escape(name));
+    for column in &COLUMNS {
+        let _ = write!(s, "<th>{}</th>", escape(column.name));
     }
     s += "</tr>\n";
     for row in rows {

@@ -118,13 +118,40 @@ pub fn run(
     Ok(rows)
 }
 
-/// The columns of the comparison: name, value of a row, and whether smaller is better.
-pub const COLUMNS: [(&str, fn(&Row) -> f64, bool); 5] = [
-    ("kernels/layer", |r| r.kernels_per_layer, true),
-    ("act. bytes/token", |r| r.traffic.bytes() as f64, true),
-    ("compile s", |r| r.compile_s, true),
-    ("prefill tok/s", |r| r.prefill_tok_s, false),
-    ("decode tok/s", |r| r.decode_tok_s, false),
+/// One figure of the comparison.
+pub struct Column {
+    pub name: &'static str,
+    pub value: fn(&Row) -> f64,
+    pub lower_is_better: bool,
+}
+
+/// The figures compared, in table order.
+pub const COLUMNS: [Column; 5] = [
+    Column {
+        name: "kernels/layer",
+        value: |r| r.kernels_per_layer,
+        lower_is_better: true,
+    },
+    Column {
+        name: "act. bytes/token",
+        value: |r| r.traffic.bytes() as f64,
+        lower_is_better: true,
+    },
+    Column {
+        name: "compile s",
+        value: |r| r.compile_s,
+        lower_is_better: true,
+    },
+    Column {
+        name: "prefill tok/s",
+        value: |r| r.prefill_tok_s,
+        lower_is_better: false,
+    },
+    Column {
+        name: "decode tok/s",
+        value: |r| r.decode_tok_s,
+        lower_is_better: false,
+    },
 ];
 
 /// Each column of `row` as a ratio to the baseline row (the first); speeds as the median of the per-round
@@ -133,7 +160,7 @@ pub fn ratios(rows: &[Row], row: &Row) -> Vec<f64> {
     let base = &rows[0];
     let mut r: Vec<f64> = COLUMNS
         .iter()
-        .map(|(_, value, _)| value(row) / value(base))
+        .map(|c| (c.value)(row) / (c.value)(base))
         .collect();
     r[3] = median_ratio(&row.prefill_rounds, &base.prefill_rounds).unwrap_or(r[3]);
     r[4] = median_ratio(&row.decode_rounds, &base.decode_rounds).unwrap_or(r[4]);
@@ -160,9 +187,9 @@ pub fn table(rows: &[Row], settings: &Settings) -> String {
     let mut s = format!(
         "{:<34}{:>18}{:>22}{:>16}{:>20}{:>20}\n",
         "strategy",
-        COLUMNS[0].0,
-        COLUMNS[1].0,
-        COLUMNS[2].0,
+        COLUMNS[0].name,
+        COLUMNS[1].name,
+        COLUMNS[2].name,
         format!("pp{} tok/s", settings.prompt_len),
         format!("tg{} tok/s", settings.gen)
     );

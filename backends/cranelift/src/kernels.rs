@@ -568,11 +568,12 @@ impl MatMul {
                     .map(|(w0, c)| e.b.ins().iadd_imm_u(w0, (c * w_stride) as i64))
                     .collect();
                 let sums = e.dot_block(xr, x_stride, tile.rows, &cols, dt, k);
-                for (ri, row) in sums.iter().enumerate() {
-                    for ci in 0..per_matrix {
-                        let parts: Vec<Value> =
-                            (0..w.len()).map(|m| row[m * per_matrix + ci]).collect();
-                        let v = epilogue(e, &parts);
+                for ci in 0..per_matrix {
+                    // Column ci of every matrix, one value per row.
+                    let parts: Vec<Vec<Value>> = (0..w.len())
+                        .map(|m| sums.iter().map(|row| row[m * per_matrix + ci]).collect())
+                        .collect();
+                    for (ri, v) in epilogue_rows(e, &parts).into_iter().enumerate() {
                         e.store(v, o, ((ri * n + c0 + ci) * 4) as i32);
                     }
                 }
@@ -736,6 +737,37 @@ fn rope_token(
             e.store(hi, to, (half * 4) as i32);
         });
     });
+}
+
+/// [`epilogue`] over several rows at once: `parts[m][r]` is matrix `m`'s sum for row `r`. Four rows of
+/// SwiGLU are gated as one f32x4 (one inline exp for four outputs).
+fn epilogue_rows(e: &mut Emit, parts: &[Vec<Value>]) -> Vec<Value> {
+    match parts {
+        [gate, up] if gate.len() == 4 => {
+            let pack = |e: &mut Emit, lanes: &[Value]| {
+                let mut v = e.b.ins().splat(F32X4, lanes[0]);
+                for (l, &x) in lanes.iter().enumerate().skip(1) {
+                    v = e.b.ins().insertlane(v, x, l as u8);
+                }
+                v
+            };
+            let (g, u) = (pack(e, gate), pack(e, up));
+            let neg = e.b.ins().fneg(g);
+            let ex = e.exp4(neg);
+            let one = e.fconst(1.0);
+            let one = e.b.ins().splat(F32X4, one);
+            let den = e.b.ins().fadd(one, ex);
+            let act = e.b.ins().fdiv(g, den);
+            let y = e.b.ins().fmul(act, u);
+            (0..4u8).map(|l| e.b.ins().extractlane(y, l)).collect()
+        }
+        _ => (0..parts[0].len())
+            .map(|r| {
+                let row: Vec<Value> = parts.iter().map(|m| m[r]).collect();
+                epilogue(e, &row)
+            })
+            .collect(),
+    }
 }
 
 /// The epilogue of a (grouped) matrix product: the plain dot product, or for SwiGLU `silu(gate) · up`.

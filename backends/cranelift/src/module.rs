@@ -47,7 +47,7 @@ pub struct Compiled {
     pub manifest: Manifest,
 }
 
-fn isa(target_cpu: &str, pic: bool) -> Result<OwnedTargetIsa, BackendError> {
+pub(crate) fn isa(target_cpu: &str, pic: bool) -> Result<OwnedTargetIsa, BackendError> {
     let mut flags = settings::builder();
     let set = |f: &mut settings::Builder, k: &str, v: &str| {
         f.set(k, v)
@@ -205,9 +205,6 @@ fn build<M: Module>(
             .push(AbiParam::new(cranelift_codegen::ir::types::F32));
         s
     };
-    let expf = module
-        .declare_function("expf", Linkage::Import, &libm_sig)
-        .map_err(err)?;
     let cosf = module
         .declare_function("cosf", Linkage::Import, &libm_sig)
         .map_err(err)?;
@@ -261,7 +258,6 @@ fn build<M: Module>(
         ctx.func.signature = kernel_sig.clone();
         ctx.func.name = UserFuncName::user(0, fid.as_u32());
         let libm = Libm {
-            expf: module.declare_func_in_func(expf, &mut ctx.func),
             cosf: module.declare_func_in_func(cosf, &mut ctx.func),
             sinf: module.declare_func_in_func(sinf, &mut ctx.func),
         };
@@ -405,7 +401,6 @@ fn build_forward<M: Module>(
         b: &mut b,
         fma: false,
         libm: Libm {
-            expf: unused,
             cosf: unused,
             sinf: unused,
         },
