@@ -299,7 +299,10 @@ impl Emit<'_, '_> {
         let (hi, lo) = (splat(self, 88.3), splat(self, -87.3));
         let x = self.b.ins().fmin(x, hi);
         let x = self.b.ins().fmax(x, lo);
-        let (log2e, magic) = (splat(self, std::f32::consts::LOG2_E), splat(self, 12_582_912.0));
+        let (log2e, magic) = (
+            splat(self, std::f32::consts::LOG2_E),
+            splat(self, 12_582_912.0),
+        );
         let t = self.madd(x, log2e, magic);
         let n = self.b.ins().fsub(t, magic);
         // r = x − n·ln 2, with ln 2 in two parts for precision.
