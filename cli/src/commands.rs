@@ -7,7 +7,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use q3c_compiler::Strategy;
 use q3c_models::{registry, Checkpoint, ModelSource};
-use q3c_runtime::{generate, CompiledModel, GenerateOptions, ReferenceModel, Session};
+use q3c_runtime::chat::{ChatOptions, Piece};
+use q3c_runtime::text::Tokenizer;
+use q3c_runtime::{
+    generate, CompiledModel, GenerateOptions, ReferenceModel, SamplingParams, Session,
+};
+
+use crate::textgen::{self, SamplingArgs};
+use q3c_runtime::text::TextModel;
 
 /// q3c: an ahead-of-time compiler for Qwen3 models.
 #[derive(Parser)]
@@ -81,28 +88,83 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Continue a prompt of token ids.
+    /// Continue a prompt: token ids, text, or (with --chat) a user message through the chat template.
     Generate {
         #[command(flatten)]
         model: ModelArgs,
         /// Comma-separated token ids, e.g. 1,2,3.
-        #[arg(long, value_name = "IDS")]
-        prompt_ids: String,
+        #[arg(
+            long,
+            value_name = "IDS",
+            required_unless_present = "prompt",
+            conflicts_with = "prompt"
+        )]
+        prompt_ids: Option<String>,
+        /// Text to continue; with --chat, the user's message.
+        #[arg(long, value_name = "TEXT")]
+        prompt: Option<String>,
+        /// Apply the model's chat template to --prompt and decode with Qwen3's thinking block.
+        #[arg(long, requires = "prompt")]
+        chat: bool,
+        /// With --chat: a system prompt.
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        /// With --chat: most tokens generated inside the thinking block (0: no thinking).
+        #[arg(long, value_name = "N")]
+        thinking_budget: Option<usize>,
+        /// With --chat: answer without thinking (enable_thinking false).
+        #[arg(long)]
+        no_thinking: bool,
+        /// Directory with tokenizer.json and tokenizer_config.json (default: the model or weights directory).
+        #[arg(long, value_name = "DIR")]
+        tokenizer: Option<PathBuf>,
+        /// With --chat: stop the answer at this string (repeatable).
+        #[arg(long, requires = "chat")]
+        stop: Vec<String>,
         /// Most tokens to generate.
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
-        /// 0 for greedy decoding; above 0 samples from softmax(logits / temperature).
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Sampler seed (same seed, same output).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Do not stop at the config's end-of-sequence ids.
-        #[arg(long)]
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Do not stop at the config's end-of-sequence ids (raw prompts).
+        #[arg(long, conflicts_with = "chat")]
         ignore_eos: bool,
         /// Print one JSON object ({"ids": [...], ...}) instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Chat with a model in the terminal: streamed answers, thinking shown dimmed, tokens/s per answer.
+    Chat {
+        #[command(flatten)]
+        target: ChatModelArgs,
+        /// A system prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// Most tokens inside each thinking block.
+        #[arg(long, value_name = "N")]
+        thinking_budget: Option<usize>,
+        /// Do not print the thinking.
+        #[arg(long)]
+        hide_thinking: bool,
+        /// Most tokens per answer.
+        #[arg(long, default_value_t = 2048)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models, GET /health).
+    Serve {
+        #[command(flatten)]
+        target: ChatModelArgs,
+        /// Port to listen on (0: any free port, printed at start).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Model name in responses and /v1/models (default: the file or directory name).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// List the released models q3c knows by name.
     Models,
@@ -176,8 +238,44 @@ struct ModelArgs {
     jit: bool,
 }
 
+/// The model a chat surface (`chat`, `serve`) runs: positional, with its tokenizer.
+#[derive(clap::Args)]
+struct ChatModelArgs {
+    /// A compiled `.so` (with --weights) or a model directory.
+    model: PathBuf,
+    /// The weights directory (with tokenizer.json and tokenizer_config.json), for a `.so`.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Threads for a compiled model (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Directory with the tokenizer files (default: the model or weights directory).
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<PathBuf>,
+}
+
+impl ChatModelArgs {
+    /// Loads the tokenizer and chat template, then the model.
+    fn load(self) -> Result<(TextModel, Loaded)> {
+        let dir = textgen::tokenizer_dir(
+            self.tokenizer.as_deref(),
+            &self.model,
+            self.weights.as_deref(),
+        )?;
+        let text = TextModel::load(&dir)?;
+        let args = ModelArgs {
+            model: self.model,
+            weights: self.weights,
+            threads: self.threads,
+            jit: false,
+        };
+        let (loaded, _) = Loaded::load(&args)?;
+        Ok((text, loaded))
+    }
+}
+
 /// A loaded model of either kind.
-enum Loaded {
+pub(crate) enum Loaded {
     Reference(Box<ReferenceModel>),
     Compiled(Box<CompiledModel>),
 }
@@ -255,6 +353,19 @@ impl Loaded {
             Loaded::Reference(m) => Box::new(m.session()),
             Loaded::Compiled(m) => Box::new(m.session()),
         }
+    }
+
+    /// A session whose KV cache holds `tokens` (the reference executor's cache grows as needed).
+    pub(crate) fn session_with_capacity(&self, tokens: usize) -> Box<dyn Session + '_> {
+        match self {
+            Loaded::Reference(m) => Box::new(m.session()),
+            Loaded::Compiled(m) => Box::new(m.session_with_capacity(tokens)),
+        }
+    }
+
+    /// Most tokens a conversation may hold.
+    fn context_limit(&self, cfg_limit: usize) -> usize {
+        cfg_limit.min(q3c_runtime::compiled::DEFAULT_CONTEXT * 8)
     }
 }
 
@@ -369,37 +480,114 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate {
             model,
             prompt_ids,
+            prompt,
+            chat,
+            system,
+            thinking_budget,
+            no_thinking,
+            tokenizer,
+            stop,
             max_new_tokens,
-            temperature,
-            seed,
+            sampling,
             ignore_eos,
             json,
         } => {
-            let ids = parse_ids(&prompt_ids)?;
+            textgen::check_chat_flags(chat, thinking_budget, no_thinking)?;
+            let text_dir = || {
+                textgen::tokenizer_dir(tokenizer.as_deref(), &model.model, model.weights.as_deref())
+            };
+            if chat {
+                let text = TextModel::load(&text_dir()?)?;
+                let mut messages = Vec::new();
+                if let Some(system) = system {
+                    messages.push(serde_json::json!({"role": "system", "content": system}));
+                }
+                let user = prompt.expect("clap: --chat requires --prompt");
+                messages.push(serde_json::json!({"role": "user", "content": user}));
+                let (ids, thinking) = text.prompt(&messages, !no_thinking, thinking_budget)?;
+                let opts = ChatOptions {
+                    max_new_tokens,
+                    sampling: sampling.over(SamplingParams::for_mode(thinking)),
+                    thinking,
+                    thinking_budget,
+                    stop,
+                    cancel: None,
+                };
+                opts.sampling.check()?;
+                let (loaded, _) = Loaded::load(&model)?;
+                let start = std::time::Instant::now();
+                let mut stdout = std::io::stdout();
+                let out = q3c_runtime::chat::decode(
+                    &mut *loaded.session(),
+                    &text.tokenizer,
+                    &ids,
+                    &opts,
+                    |piece| {
+                        if !json {
+                            let _ = match piece {
+                                Piece::Reasoning(t) => write!(std::io::stderr(), "{t}"),
+                                Piece::Content(t) => write!(stdout, "{t}"),
+                            };
+                            let _ = stdout.flush();
+                        }
+                    },
+                )?;
+                let secs = start.elapsed().as_secs_f64();
+                if json {
+                    return print_stdout(&format!("{}\n", textgen::chat_json(&out, secs)));
+                }
+                print_stdout("\n")?;
+                eprintln!(
+                    "[{} thinking + {} answer tokens{} in {secs:.2} s]",
+                    out.thinking_tokens,
+                    out.answer_tokens,
+                    if out.budget_hit { ", budget hit" } else { "" }
+                );
+                return Ok(());
+            }
+            let (ids, tok) = match (prompt_ids, prompt) {
+                (Some(list), _) => (parse_ids(&list)?, None),
+                (None, Some(text)) => {
+                    let tok = Tokenizer::from_dir(&text_dir()?)?;
+                    (tok.encode(&text)?, Some(tok))
+                }
+                (None, None) => bail!("give --prompt-ids or --prompt"),
+            };
+            if ids.is_empty() {
+                bail!("--prompt: the text has no tokens");
+            }
             let (model, eos) = Loaded::load(&model)?;
             let stop_ids = if ignore_eos { vec![] } else { eos };
             let opts = GenerateOptions {
                 max_new_tokens,
-                temperature,
-                seed,
+                sampling: sampling.over(SamplingParams::greedy()),
                 stop_ids,
             };
             let start = std::time::Instant::now();
             let out = generate(&mut *model.session(), &ids, &opts)?;
             let secs = start.elapsed().as_secs_f64();
             let stopped = out.last().is_some_and(|id| opts.stop_ids.contains(id));
+            let text = tok.as_ref().map(|t| t.decode(&out)).transpose()?;
             if json {
-                let obj = serde_json::json!({
+                let mut obj = serde_json::json!({
                     "ids": out,
                     "prompt_tokens": ids.len(),
                     "generated_tokens": out.len(),
                     "finish_reason": if stopped { "stop" } else { "length" },
                     "seconds": secs,
                 });
+                if let Some(text) = text {
+                    obj["text"] = text.into();
+                }
                 print_stdout(&format!("{obj}\n"))
             } else {
-                let list: Vec<String> = out.iter().map(u32::to_string).collect();
-                print_stdout(&format!("{}\n", list.join(" ")))?;
+                match text {
+                    Some(text) => print_stdout(&format!("{text}\n"))?,
+                    None => {
+                        let list: Vec<String> = out.iter().map(u32::to_string).collect();
+                        print_stdout(&format!("{}\n", list.join(" ")))?
+                    }
+                }
                 eprintln!(
                     "{} tokens in {secs:.2} s ({})",
                     out.len(),
@@ -407,6 +595,26 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
                 Ok(())
             }
+        }
+        Command::Chat {
+            target,
+            system,
+            thinking_budget,
+            hide_thinking,
+            max_new_tokens,
+            sampling,
+        } => {
+            let (text, loaded) = target.load()?;
+            let mut session = loaded.session();
+            textgen::repl(
+                &mut *session,
+                &text,
+                &sampling,
+                max_new_tokens,
+                thinking_budget,
+                hide_thinking,
+                system,
+            )
         }
         Command::Bench {
             model,
@@ -483,7 +691,42 @@ pub fn run(cli: Cli) -> Result<()> {
                 "f16" => q3c_models::DType::F16,
                 _ => q3c_models::DType::BF16,
             };
-            crate::random_weights::write(&cfg, dtype, seed, &out, tokenizer.as_deref())
+            Ok(q3c_models::random::write_checkpoint(
+                &cfg,
+                dtype,
+                seed,
+                &out,
+                tokenizer.as_deref(),
+            )?)
+        }
+        Command::Serve {
+            target,
+            port,
+            host,
+            name,
+        } => {
+            let name = name.unwrap_or_else(|| {
+                target
+                    .model
+                    .file_stem()
+                    .map_or("q3c".into(), |s| s.to_string_lossy().into_owned())
+            });
+            let (text, engine) = target.load()?;
+            let cfg_limit = match &engine {
+                Loaded::Reference(_) => usize::MAX,
+                Loaded::Compiled(m) => m.config().max_position_embeddings,
+            };
+            let context = engine.context_limit(cfg_limit);
+            let served = crate::serve::Served {
+                engine,
+                text,
+                name,
+                context,
+            };
+            crate::serve::run(served, &format!("{host}:{port}"), |addr| {
+                println!("q3c serve: listening on http://{addr}");
+                let _ = std::io::stdout().flush();
+            })
         }
         Command::Models => {
             let mut text = String::new();

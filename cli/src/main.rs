@@ -4,7 +4,8 @@ mod bench;
 mod chart;
 mod commands;
 mod compare;
-mod random_weights;
+mod serve;
+mod textgen;
 
 use std::process::ExitCode;
 

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod dtype;
+pub mod random;
 pub mod registry;
 pub mod source;
 pub mod tensors;

@@ -17,8 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = CompiledModel::load(artifact.as_ref(), weights.as_ref(), 2)?;
     let opts = GenerateOptions {
         max_new_tokens: 8,
-        temperature: 0.0,
-        seed: 0,
+        sampling: q3c_runtime::SamplingParams::greedy(),
         stop_ids: model.config().eos_token_ids.clone(),
     };
 

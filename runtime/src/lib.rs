@@ -4,19 +4,25 @@
 //! - [`reference`]: the reference executor, which runs the IR directly in plain f32 Rust. It is the oracle
 //!   every backend and pass is tested against.
 //! - [`compiled`]: loads ahead-of-time compiled artifacts (`model.so`) and runs them on a thread pool.
-//! - [`generate`]: the decoding loop.
+//! - [`generate`]: the plain decoding loop over token ids.
+//! - [`text`]: tokenizer, chat template, streaming detokenisation; [`sampling`]: the token sampler;
+//!   [`chat`]: chat decoding with the thinking block and its budget.
 //!
 //! The runtime never depends on the compiler or on a code generator: it receives a graph (for the
 //! reference executor) or, later, a compiled artifact.
 
+pub mod chat;
 pub mod compiled;
 mod error;
 pub mod generate;
 pub mod reference;
+pub mod sampling;
 mod session;
+pub mod text;
 
 pub use compiled::{CompiledModel, CompiledSession};
 pub use error::RuntimeError;
 pub use generate::{generate, GenerateOptions};
 pub use reference::{ReferenceModel, ReferenceSession};
+pub use sampling::{Sampler, SamplingParams};
 pub use session::{Logits, Session};

@@ -164,8 +164,7 @@ pub fn jit_model(name: &str, threads: usize) -> q3c_runtime::CompiledModel {
 pub fn greedy_continuation(session: &mut dyn q3c_runtime::Session, g: &Golden) -> Vec<u32> {
     let opts = q3c_runtime::GenerateOptions {
         max_new_tokens: g.greedy_ids.len(),
-        temperature: 0.0,
-        seed: 0,
+        sampling: q3c_runtime::SamplingParams::greedy(),
         stop_ids: vec![],
     };
     q3c_runtime::generate(session, &g.prompt_ids, &opts).expect("generation")

@@ -1,22 +1,45 @@
-//! `q3c random-weights`: a checkpoint of random weights for any config, for benchmarks and smoke tests.
+//! Random checkpoints for any config (benchmarks, smoke tests), and the small seeded generator behind them.
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use q3c_models::tensors::expected_tensors;
-use q3c_models::{DType, Qwen3Config};
-use q3c_runtime::generate::SplitMix64;
+use crate::tensors::expected_tensors;
+use crate::{DType, Qwen3Config};
+
+/// A checkpoint could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WriteError(String);
+
+/// A small, fast, seedable generator (Steele et al.'s SplitMix64), shared by samplers, random checkpoints and
+/// tests.
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
 
 /// Writes `config.json` and `model.safetensors` (random weights of `dtype`) into `dir`; with
 /// `tokenizer`, copies `tokenizer.json` and `tokenizer_config.json` from it too.
-pub fn write(
+pub fn write_checkpoint(
     cfg: &Qwen3Config,
     dtype: DType,
     seed: u64,
     dir: &Path,
     tokenizer: Option<&Path>,
-) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+) -> Result<(), WriteError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| WriteError(format!("cannot create {}: {e}", dir.display())))?;
     let mut cfg = cfg.clone();
     cfg.torch_dtype = dtype;
     let mut json = cfg.to_json();
@@ -63,19 +86,19 @@ pub fn write(
             ))
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .context("building tensors")?;
+        .map_err(|e| WriteError(format!("building tensors: {e}")))?;
     let tmp = dir.join(".model.safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp).context("writing model.safetensors")?;
-    std::fs::rename(&tmp, dir.join("model.safetensors")).context("writing model.safetensors")?;
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&json)? + "\n",
-    )
-    .context("writing config.json")?;
+    safetensors::serialize_to_file(views, None, &tmp)
+        .map_err(|e| WriteError(format!("writing model.safetensors: {e}")))?;
+    std::fs::rename(&tmp, dir.join("model.safetensors"))
+        .map_err(|e| WriteError(format!("writing model.safetensors: {e}")))?;
+    let text = serde_json::to_string_pretty(&json).map_err(|e| WriteError(e.to_string()))? + "\n";
+    std::fs::write(dir.join("config.json"), text)
+        .map_err(|e| WriteError(format!("writing config.json: {e}")))?;
     if let Some(tok) = tokenizer {
         for f in ["tokenizer.json", "tokenizer_config.json"] {
             std::fs::copy(tok.join(f), dir.join(f))
-                .with_context(|| format!("copying {f} from {}", tok.display()))?;
+                .map_err(|e| WriteError(format!("copying {f} from {}: {e}", tok.display())))?;
         }
     }
     Ok(())

@@ -1,0 +1,188 @@
+//! `q3c serve`: an OpenAI-compatible HTTP server.
+//!
+//! - `POST /v1/chat/completions`: streaming (SSE, `"stream": true`) or not; `reasoning_content` in messages
+//!   and deltas; `usage` with `completion_tokens_details.reasoning_tokens`; per-request `enable_thinking`
+//!   (also as `chat_template_kwargs.enable_thinking`) and `thinking_budget`.
+//! - `GET /v1/models`, `GET /health`.
+//!
+//! Each request decodes on a blocking thread with its own session (KV cache); requests run concurrently and
+//! interleave token by token on the model's thread pool. Bad requests get a 400 with an OpenAI-style
+//! `{"error": {...}}` body; a client that disconnects from a stream cancels its request.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use q3c_runtime::chat::{self, ChatOutput, ChatRequest, FinishReason, Piece};
+use q3c_runtime::text::TextModel;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::commands::Loaded;
+
+/// What the handlers share.
+pub struct Served {
+    /// The model; each request opens its own session.
+    pub engine: Loaded,
+    pub text: TextModel,
+    /// The model name reported by `/v1/models` and in responses.
+    pub name: String,
+    /// Most tokens a conversation may hold (prompt and answer).
+    pub context: usize,
+}
+
+/// Serves on `addr` until the process is stopped. `ready` is called with the bound address.
+pub fn run(served: Served, addr: &str, ready: impl FnOnce(std::net::SocketAddr)) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        ready(listener.local_addr()?);
+        let app = Router::new()
+            .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+            .route("/v1/models", get(models))
+            .route("/v1/chat/completions", post(completions))
+            .with_state(Arc::new(served));
+        axum::serve(listener, app).await.context("serving")
+    })
+}
+
+async fn models(State(s): State<Arc<Served>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": s.name, "object": "model", "created": 0, "owned_by": "q3c"}],
+    }))
+}
+
+/// An OpenAI-style error response.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let kind = if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message.into(), "type": kind, "code": status.as_u16()}})),
+    )
+        .into_response()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Cancelled => "length",
+    }
+}
+
+fn usage(out: &ChatOutput) -> Value {
+    let completion = out.ids.len();
+    json!({
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": out.prompt_tokens + completion,
+        "completion_tokens_details": {"reasoning_tokens": out.thinking_tokens},
+        "thinking": {"tokens": out.thinking_tokens, "budget_hit": out.budget_hit, "answer_tokens": out.answer_tokens},
+    })
+}
+
+async fn completions(State(s): State<Arc<Served>>, body: Bytes) -> Response {
+    let job = match ChatRequest::parse(&body).and_then(|req| req.plan(&s.text, s.context)) {
+        Ok(job) => job,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let id = format!("chatcmpl-{:x}", now() ^ (body.len() as u64).rotate_left(32));
+    if !job.stream {
+        let served = Arc::clone(&s);
+        let result = tokio::task::spawn_blocking(move || {
+            let mut session = served.engine.session_with_capacity(job.kv_tokens);
+            chat::decode(
+                &mut *session,
+                &served.text.tokenizer,
+                &job.prompt,
+                &job.opts,
+                |_| {},
+            )
+        })
+        .await;
+        return match result {
+            Ok(Ok(out)) => Json(json!({
+                "id": id, "object": "chat.completion", "created": now(), "model": s.name,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": out.content, "reasoning_content": out.reasoning},
+                    "finish_reason": finish_reason(out.finish_reason),
+                }],
+                "usage": usage(&out),
+            }))
+            .into_response(),
+            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("the request failed: {e}")),
+        };
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
+    let served = Arc::clone(&s);
+    let (name, chunk_id) = (s.name.clone(), id.clone());
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        json!({
+            "id": chunk_id, "object": "chat.completion.chunk", "created": now(), "model": name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+    };
+    tokio::task::spawn_blocking(move || {
+        let cancel = job.opts.cancel.clone().expect("set in prepare");
+        let send = |v: Value| {
+            if tx.blocking_send(v).is_err() {
+                // The client went away: stop decoding.
+                cancel.store(true, Ordering::Relaxed);
+            }
+        };
+        send(chunk(json!({"role": "assistant", "content": ""}), None));
+        let mut session = served.engine.session_with_capacity(job.kv_tokens);
+        let result = chat::decode(
+            &mut *session,
+            &served.text.tokenizer,
+            &job.prompt,
+            &job.opts,
+            |p| {
+                send(match p {
+                    Piece::Reasoning(t) => chunk(json!({"reasoning_content": t}), None),
+                    Piece::Content(t) => chunk(json!({"content": t}), None),
+                })
+            },
+        );
+        match result {
+            Ok(out) => {
+                let mut last = chunk(json!({}), Some(finish_reason(out.finish_reason)));
+                last["usage"] = usage(&out);
+                send(last);
+            }
+            Err(e) => send(json!({"error": {"message": e.to_string(), "type": "server_error"}})),
+        }
+    });
+    let events = ReceiverStream::new(rx)
+        .map(|v| Ok::<_, std::convert::Infallible>(Event::default().data(v.to_string())))
+        .chain(tokio_stream::once(Ok(Event::default().data("[DONE]"))));
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,278 @@
+//! `q3c serve` over loopback: the OpenAI-compatible API, streaming, thinking budgets per request, concurrent
+//! requests, and bad requests and disconnecting clients that must not take the server down.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+
+/// A running server, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json!({
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": true, "torch_dtype": "float32", "eos_token_id": [151645, 151643]
+    });
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, config.to_string()).unwrap();
+    let model = dir.path().join("model");
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tokenizer");
+    let bin = env!("CARGO_BIN_EXE_q3c");
+    let st = Command::new(bin)
+        .args([
+            "random-weights",
+            cfg.to_str().unwrap(),
+            "-o",
+            model.to_str().unwrap(),
+        ])
+        .args(["--dtype", "f32", "--tokenizer", tok.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let so = dir.path().join("tiny.so");
+    let st = Command::new(bin)
+        .args([
+            "compile",
+            model.to_str().unwrap(),
+            "-o",
+            so.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut child = Command::new(bin)
+        .args([
+            "serve",
+            so.to_str().unwrap(),
+            "--weights",
+            model.to_str().unwrap(),
+        ])
+        .args(["--port", "0", "--threads", "2", "--name", "tiny"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("q3c serve: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Server {
+        child,
+        url,
+        _dir: dir,
+    }
+}
+
+/// POSTs `body` (any text) and returns (status, JSON body).
+fn post(s: &Server, body: &str) -> (u16, Value) {
+    let r = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .set("Content-Type", "application/json")
+        .send_string(body);
+    let (status, resp) = match r {
+        Ok(resp) => (resp.status(), resp),
+        Err(ureq::Error::Status(code, resp)) => (code, resp),
+        Err(e) => panic!("{e}"),
+    };
+    (
+        status,
+        serde_json::from_str(&resp.into_string().unwrap()).unwrap(),
+    )
+}
+
+fn request(extra: Value) -> Value {
+    let mut r = json!({"model": "tiny", "messages": [{"role": "user", "content": "What is 2+2?"}],
+                       "max_tokens": 12, "temperature": 0});
+    r.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    r
+}
+
+#[test]
+fn the_api_answers_streams_and_survives_bad_clients() {
+    let s = start();
+    let get = |path: &str| -> Value {
+        let body = ureq::get(&format!("{}{path}", s.url))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        serde_json::from_str(&body).unwrap()
+    };
+    let health = get("/health");
+    assert_eq!(health["status"], "ok");
+    let models = get("/v1/models");
+    assert_eq!(models["data"][0]["id"], "tiny");
+
+    // Non-streaming, with a thinking budget: reasoning and content separated, usage reported.
+    let (status, full) = post(&s, &request(json!({"thinking_budget": 3})).to_string());
+    assert_eq!(status, 200, "{full}");
+    let choice = &full["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert!(
+        choice["message"]["content"].is_string()
+            && choice["message"]["reasoning_content"].is_string()
+    );
+    assert_eq!(choice["finish_reason"], "length");
+    let usage = &full["usage"];
+    assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 3);
+    assert_eq!(usage["thinking"]["budget_hit"], true);
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+    // Thinking off per request: no reasoning.
+    let (_, off) = post(
+        &s,
+        &request(json!({"chat_template_kwargs": {"enable_thinking": false}})).to_string(),
+    );
+    assert_eq!(off["choices"][0]["message"]["reasoning_content"], "");
+    assert_eq!(
+        off["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        0
+    );
+
+    // Streaming: the deltas add up to the non-streamed message; the last chunk has the usage; then [DONE].
+    let resp = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .send_string(&request(json!({"thinking_budget": 3, "stream": true})).to_string())
+        .unwrap();
+    assert_eq!(resp.content_type(), "text/event-stream");
+    let body = resp.into_string().unwrap();
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let join = |field: &str| -> String {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"][field].as_str())
+            .collect()
+    };
+    assert_eq!(
+        join("content"),
+        choice["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        join("reasoning_content"),
+        choice["message"]["reasoning_content"].as_str().unwrap()
+    );
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["usage"], full["usage"]);
+
+    // Concurrent requests: each gets the answer it gets alone.
+    let url = s.url.clone();
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let body =
+                    request(json!({"seed": i, "temperature": 0.8, "max_tokens": 8})).to_string();
+                let text = ureq::post(&format!("{url}/v1/chat/completions"))
+                    .send_string(&body)
+                    .unwrap()
+                    .into_string()
+                    .unwrap();
+                let v: Value = serde_json::from_str(&text).unwrap();
+                (i, v["choices"][0]["message"].clone())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (i, message) = h.join().unwrap();
+        let alone = request(json!({"seed": i, "temperature": 0.8, "max_tokens": 8})).to_string();
+        assert_eq!(
+            post(&s, &alone).1["choices"][0]["message"],
+            message,
+            "seed {i}"
+        );
+    }
+
+    // Bad requests: 400 with an OpenAI-style error, never a crash.
+    for (body, want) in [
+        ("{ not json", "invalid request body"),
+        (r#"{"messages": "hi"}"#, "invalid request body"),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#,
+            "invalid request body",
+        ),
+        (r#"{"messages": []}"#, "must not be empty"),
+        (r#"{"messages": [{"content": "x"}]}"#, "role"),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "top_p": 0}"#,
+            "top_p",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}"#,
+            "context",
+        ),
+    ] {
+        let (status, err) = post(&s, body);
+        assert_eq!(status, 400, "{body}");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains(want), "{body}: {message}");
+    }
+    let long = "word ".repeat(400);
+    let (status, err) = post(
+        &s,
+        &json!({"messages": [{"role": "user", "content": long}]}).to_string(),
+    );
+    assert_eq!(status, 400);
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("context"));
+
+    // A client that starts a stream and disconnects: the server carries on.
+    let addr = s.url.strip_prefix("http://").unwrap();
+    let body = request(json!({"stream": true, "max_tokens": 200})).to_string();
+    let mut conn = TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    let _ = conn.read(&mut first).unwrap();
+    drop(conn);
+    // A request cut off mid-body.
+    let mut conn = TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{{\"mess"
+    )
+    .unwrap();
+    drop(conn);
+    let (status, _) = post(&s, &request(json!({})).to_string());
+    assert_eq!(status, 200);
+}
