@@ -166,6 +166,18 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Measure this machine's limits: read memory bandwidth (bounds decode) and f32 FMA peak (bounds prefill).
+    Probe {
+        /// Threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Size of the bandwidth probe's buffer in MiB (well above the last-level cache).
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the released models q3c knows by name.
     Models,
     /// Measure prefill and decode speed (like llama-bench's pp and tg).
@@ -727,6 +739,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("q3c serve: listening on http://{addr}");
                 let _ = std::io::stdout().flush();
             })
+        }
+        Command::Probe { threads, mib, json } => {
+            if mib == 0 {
+                bail!("--mib must be at least 1");
+            }
+            let limits = crate::probe::run(threads.unwrap_or_else(default_threads), mib);
+            if json {
+                print_stdout(&format!("{}\n", serde_json::to_string(&limits)?))
+            } else {
+                print_stdout(&format!(
+                    "read bandwidth: {:.1} GB/s\nf32 FMA peak:   {:.1} GFLOP/s ({})\n({} threads)\n",
+                    limits.read_gb_s, limits.fma_gflop_s, limits.isa, limits.threads
+                ))
+            }
         }
         Command::Models => {
             let mut text = String::new();

@@ -4,6 +4,7 @@ mod bench;
 mod chart;
 mod commands;
 mod compare;
+mod probe;
 mod serve;
 mod textgen;
 

@@ -246,3 +246,46 @@ fn chat_flags_are_checked() {
         "tokenizer.json",
     );
 }
+
+#[test]
+fn the_terminal_chat_streams_answers_and_switches_modes() {
+    let (_tmp, model) = tiny_chat_model();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_q3c"))
+        .args(["chat", model.to_str().unwrap(), "--max-new-tokens", "6"])
+        .args([
+            "--thinking-budget",
+            "2",
+            "--temperature",
+            "1",
+            "--seed",
+            "5",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"Hello\n/no_think\nAgain\n/reset\n/quit\n")
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // One report per answer: the first thought (2 tokens, budget hit), the second did not.
+    assert!(
+        stderr.contains("[2 thinking + 4 answer tokens, budget hit,"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[0 thinking + 6 answer tokens,"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("(thinking off)") && stderr.contains("(conversation cleared)"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Thinking is printed dimmed (ANSI faint), answers plain.
+    assert!(stdout.contains("\x1b[2m"), "{stdout}");
+}

@@ -321,3 +321,13 @@ fn ir_shows_the_graph_after_passes() {
         "unknown fusion pass 'quantum'",
     );
 }
+
+#[test]
+fn probe_reports_the_machine_limits() {
+    let out = ok(&["probe", "--threads", "1", "--mib", "16", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["read_gb_s"].as_f64().unwrap() > 0.1, "{v}");
+    assert!(v["fma_gflop_s"].as_f64().unwrap() > 0.1, "{v}");
+    assert_eq!(v["threads"], 1);
+    assert_error(&q3c(&["probe", "--mib", "0"]), "--mib must be at least 1");
+}

@@ -382,4 +382,27 @@ mod tests {
         assert!(!thinking_enabled(&[user("hi")], false, None));
         assert!(!thinking_enabled(&[user("hi /no_think")], true, Some(5)));
     }
+
+    #[test]
+    fn stop_strings_cut_the_answer_and_partial_matches_are_held_back() {
+        let stop = vec!["STOP".to_string(), "\n\nQ:".to_string()];
+        let mut text = Text::default();
+        let mut streamed = Vec::new();
+        let mut on = |p: Piece| streamed.push(p);
+        assert!(!text.content("\nHello ST", &stop, &mut on));
+        // "ST" could begin "STOP": held back; the leading newline is dropped as the template drops it.
+        assert_eq!(text.content, "Hello ");
+        assert!(!text.content("AR", &stop, &mut on));
+        assert_eq!(text.content, "Hello STAR");
+        assert!(text.content("t\n\nQ: next", &stop, &mut on));
+        assert_eq!(text.content, "Hello STARt");
+        let joined: String = streamed
+            .iter()
+            .map(|p| match p {
+                Piece::Content(t) => t.as_str(),
+                Piece::Reasoning(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(joined, text.content);
+    }
 }
