@@ -165,6 +165,9 @@ enum Command {
         /// Model name in responses and /v1/models (default: the file or directory name).
         #[arg(long)]
         name: Option<String>,
+        /// Requests decoding at once (each holds its own KV cache); more wait in line.
+        #[arg(long, default_value_t = 4)]
+        max_concurrent: usize,
     },
     /// Measure this machine's limits: read memory bandwidth (bounds decode) and f32 FMA peak (bounds prefill).
     Probe {
@@ -716,7 +719,11 @@ pub fn run(cli: Cli) -> Result<()> {
             port,
             host,
             name,
+            max_concurrent,
         } => {
+            if max_concurrent == 0 {
+                bail!("--max-concurrent must be at least 1");
+            }
             let name = name.unwrap_or_else(|| {
                 target
                     .model
@@ -734,6 +741,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 text,
                 name,
                 context,
+                slots: std::sync::Arc::new(tokio::sync::Semaphore::new(max_concurrent)),
             };
             crate::serve::run(served, &format!("{host}:{port}"), |addr| {
                 println!("q3c serve: listening on http://{addr}");

@@ -5,8 +5,8 @@
 //!   (also as `chat_template_kwargs.enable_thinking`) and `thinking_budget`.
 //! - `GET /v1/models`, `GET /health`.
 //!
-//! Each request decodes on a blocking thread with its own session (KV cache); requests run concurrently and
-//! interleave token by token on the model's thread pool. Bad requests get a 400 with an OpenAI-style
+//! Each request decodes on a blocking thread with its own session (KV cache); up to `--max-concurrent`
+//! requests run at once, interleaving token by token on the model's thread pool, and the rest wait in line. Bad requests get a 400 with an OpenAI-style
 //! `{"error": {...}}` body; a client that disconnects from a stream cancels its request.
 
 use std::sync::atomic::Ordering;
@@ -38,6 +38,8 @@ pub struct Served {
     pub name: String,
     /// Most tokens a conversation may hold (prompt and answer).
     pub context: usize,
+    /// Requests decoding at once; more wait in line (each holds a KV cache while it runs).
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves on `addr` until the process is stopped. `ready` is called with the bound address.
@@ -110,10 +112,17 @@ async fn completions(State(s): State<Arc<Served>>, body: Bytes) -> Response {
         Ok(job) => job,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    let Ok(slot) = Arc::clone(&s.slots).acquire_owned().await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        );
+    };
     let id = format!("chatcmpl-{:x}", now() ^ (body.len() as u64).rotate_left(32));
     if !job.stream {
         let served = Arc::clone(&s);
         let result = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let mut session = served.engine.session_with_capacity(job.kv_tokens);
             chat::decode(
                 &mut *session,
@@ -149,6 +158,7 @@ async fn completions(State(s): State<Arc<Served>>, body: Bytes) -> Response {
         })
     };
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let cancel = job.opts.cancel.clone().expect("set in prepare");
         let send = |v: Value| {
             if tx.blocking_send(v).is_err() {

@@ -64,7 +64,16 @@ fn start() -> Server {
             "--weights",
             model.to_str().unwrap(),
         ])
-        .args(["--port", "0", "--threads", "2", "--name", "tiny"])
+        .args([
+            "--port",
+            "0",
+            "--threads",
+            "2",
+            "--name",
+            "tiny",
+            "--max-concurrent",
+            "2",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -189,7 +198,7 @@ fn the_api_answers_streams_and_survives_bad_clients() {
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert_eq!(last["usage"], full["usage"]);
 
-    // Concurrent requests: each gets the answer it gets alone.
+    // Concurrent requests (more than --max-concurrent: one waits in line): each gets the answer it gets alone.
     let url = s.url.clone();
     let handles: Vec<_> = (0..3)
         .map(|i| {
