@@ -120,6 +120,7 @@ async fn completions(State(s): State<Arc<Served>>, body: Bytes) -> Response {
     };
     let id = format!("chatcmpl-{:x}", now() ^ (body.len() as u64).rotate_left(32));
     if !job.stream {
+        let offered_tools = job.tools;
         let served = Arc::clone(&s);
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
@@ -134,18 +135,34 @@ async fn completions(State(s): State<Arc<Served>>, body: Bytes) -> Response {
         })
         .await;
         return match result {
-            Ok(Ok(out)) => Json(json!({
-                "id": id, "object": "chat.completion", "created": now(), "model": s.name,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": out.content, "reasoning_content": out.reasoning},
-                    "finish_reason": finish_reason(out.finish_reason),
-                }],
-                "usage": usage(&out),
-            }))
-            .into_response(),
+            Ok(Ok(out)) => {
+                let mut message = json!({"role": "assistant", "content": out.content, "reasoning_content": out.reasoning});
+                let mut finish = finish_reason(out.finish_reason);
+                // With tools offered, <tool_call> blocks become structured calls.
+                if offered_tools {
+                    let (text, calls) = chat::parse_tool_calls(&out.content);
+                    if !calls.is_empty() {
+                        message["content"] = if text.is_empty() {
+                            Value::Null
+                        } else {
+                            text.into()
+                        };
+                        message["tool_calls"] = calls.into();
+                        finish = "tool_calls";
+                    }
+                }
+                Json(json!({
+                    "id": id, "object": "chat.completion", "created": now(), "model": s.name,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": usage(&out),
+                }))
+                .into_response()
+            }
             Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("the request failed: {e}")),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the request failed: {e}"),
+            ),
         };
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);

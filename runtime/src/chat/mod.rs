@@ -10,8 +10,10 @@
 //! decoder.
 
 mod request;
+mod tools;
 
 pub use request::{ChatRequest, Planned, Stop, TemplateKwargs};
+pub use tools::parse_tool_calls;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -56,6 +56,8 @@ pub struct Planned {
     /// KV-cache capacity the request needs (prompt, answer and the decoder's insertions).
     pub kv_tokens: usize,
     pub stream: bool,
+    /// Whether the request offered tools (so `<tool_call>` blocks in the answer are calls).
+    pub tools: bool,
 }
 
 impl ChatRequest {
@@ -85,6 +87,7 @@ impl ChatRequest {
             .unwrap_or(true);
         let budget = self.thinking_budget;
         let thinking = thinking_enabled(&self.messages, enable, budget);
+        let tools = self.tools.as_ref().is_some_and(|t| !t.is_empty());
         let rendered = text.template.render(
             &self.messages,
             &RenderOptions {
@@ -134,6 +137,7 @@ impl ChatRequest {
                 cancel: Some(Arc::new(AtomicBool::new(false))),
             },
             stream: self.stream,
+            tools,
         })
     }
 }
