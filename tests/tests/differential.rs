@@ -1,5 +1,6 @@
 //! Compiled `.so` vs reference executor on randomly drawn small configs: head ratios, head_dim, experts,
-//! top-k, renormalisation, sparse steps, tied/untied, YaRN, and f32/bf16/f16 weights.
+//! top-k, renormalisation, sparse steps, tied/untied, YaRN, and f32/bf16/f16 weights — each case fully fused
+//! and under one more strategy (none or a single pass, in turn).
 
 use q3c_models::tensors::expected_tensors;
 use q3c_models::{Checkpoint, Qwen3Config};
@@ -115,7 +116,7 @@ fn write_model(dir: &std::path::Path, cfg_json: &serde_json::Value, rng: &mut Rn
 #[test]
 fn compiled_equals_reference_on_random_configs() {
     let mut rng = Rng(SplitMix64(20261122));
-    for case in 0..12 {
+    for case in 0..14 {
         let cfg_json = random_config(&mut rng);
         let dir = tempfile::tempdir().unwrap();
         let cfg = write_model(dir.path(), &cfg_json, &mut rng);
@@ -126,25 +127,37 @@ fn compiled_equals_reference_on_random_configs() {
             q3c_compiler::LOGITS,
         )
         .unwrap();
-        // Alternate strategies: odd cases run fully fused.
-        let fusion = if case % 2 == 1 { "all" } else { "none" };
-        let so = q3c_tests::compile_with(dir.path(), dir.path(), 5, fusion);
-        let compiled = CompiledModel::load(&so, dir.path(), 1 + case % 2).unwrap();
+        // Every case runs fully fused and under one more strategy (none, then each pass alone, in turn).
+        let mut rotation = vec!["none"];
+        rotation.extend(q3c_compiler::pipeline::PASSES.iter().map(|p| p.name));
+        let strategies = [rotation[case % rotation.len()], "all"];
+        let compiled: Vec<CompiledModel> = strategies
+            .iter()
+            .map(|fusion| {
+                let out = dir.path().join(fusion.replace(',', "_"));
+                std::fs::create_dir_all(&out).unwrap();
+                let so = q3c_tests::compile_with(dir.path(), &out, 5, fusion);
+                CompiledModel::load(&so, dir.path(), 1 + case % 2).unwrap()
+            })
+            .collect();
         let prompt: Vec<u32> = (0..9)
             .map(|_| rng.below(cfg.vocab_size as u64) as u32)
             .collect();
-        let (mut r, mut c) = (reference.session(), compiled.session());
+        let mut r = reference.session();
+        let mut sessions: Vec<_> = compiled.iter().map(|m| m.session()).collect();
         // A prefill of 9 tokens (two calls of at most 5), then three single-token decodes.
         let mut steps = vec![prompt];
         steps.extend((0..3).map(|_| vec![rng.below(cfg.vocab_size as u64) as u32]));
         for ids in steps {
-            let (lr, lc) = (r.forward(&ids).unwrap(), c.forward(&ids).unwrap());
+            let lr = r.forward(&ids).unwrap();
             let scale = lr.data.iter().fold(1f32, |m, v| m.max(v.abs()));
-            let diff = max_abs_diff(&lr.data, &lc.data);
-            assert!(
-                diff <= 1e-4 * scale,
-                "case {case} {cfg_json}: compiled vs reference differ by {diff:e} (scale {scale})"
-            );
+            for (fusion, c) in strategies.iter().zip(&mut sessions) {
+                let diff = max_abs_diff(&lr.data, &c.forward(&ids).unwrap().data);
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "case {case} ({fusion}) {cfg_json}: compiled vs reference differ by {diff:e} (scale {scale})"
+                );
+            }
         }
     }
 }
