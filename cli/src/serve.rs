@@ -21,7 +21,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use q3c_runtime::chat::{self, ChatOutput, ChatRequest, FinishReason, Piece};
+use q3c_runtime::chat::{self, ChatOutput, ChatRequest, FinishReason, Piece, ToolCallStream};
 use q3c_runtime::text::TextModel;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
@@ -184,22 +184,49 @@ async fn completions(State(s): State<Arc<Served>>, body: Bytes) -> Response {
             }
         };
         send(chunk(json!({"role": "assistant", "content": ""}), None));
+        // With tools offered, <tool_call> blocks are held back and sent as tool_calls at the end.
+        let mut tool_stream = job.tools.then(ToolCallStream::new);
         let mut session = served.engine.session_with_capacity(job.kv_tokens);
         let result = chat::decode(
             &mut *session,
             &served.text.tokenizer,
             &job.prompt,
             &job.opts,
-            |p| {
-                send(match p {
-                    Piece::Reasoning(t) => chunk(json!({"reasoning_content": t}), None),
-                    Piece::Content(t) => chunk(json!({"content": t}), None),
-                })
+            |p| match p {
+                Piece::Reasoning(t) => send(chunk(json!({"reasoning_content": t}), None)),
+                Piece::Content(t) => {
+                    let shown = match tool_stream.as_mut() {
+                        Some(ts) => ts.push(&t),
+                        None => Some(t),
+                    };
+                    if let Some(t) = shown {
+                        send(chunk(json!({"content": t}), None));
+                    }
+                }
             },
         );
         match result {
             Ok(out) => {
-                let mut last = chunk(json!({}), Some(finish_reason(out.finish_reason)));
+                let mut finish = finish_reason(out.finish_reason);
+                if let Some(ts) = tool_stream {
+                    let (rest, calls) = ts.finish();
+                    if let Some(rest) = rest {
+                        send(chunk(json!({"content": rest}), None));
+                    }
+                    if !calls.is_empty() {
+                        let calls: Vec<Value> = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, mut c)| {
+                                c["index"] = i.into();
+                                c
+                            })
+                            .collect();
+                        send(chunk(json!({"tool_calls": calls}), None));
+                        finish = "tool_calls";
+                    }
+                }
+                let mut last = chunk(json!({}), Some(finish));
                 last["usage"] = usage(&out);
                 send(last);
             }

@@ -198,6 +198,38 @@ fn the_api_answers_streams_and_survives_bad_clients() {
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert_eq!(last["usage"], full["usage"]);
 
+    // With tools offered the stream runs through the tool-call holdback: the same text arrives (a random model
+    // writes no calls).
+    let tool =
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let (_, with_tools) = post(
+        &s,
+        &request(json!({"tools": tool, "thinking_budget": 2})).to_string(),
+    );
+    let body = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .send_string(
+            &request(json!({"tools": tool, "thinking_budget": 2, "stream": true})).to_string(),
+        )
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let streamed: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(
+        streamed,
+        with_tools["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+    );
+
     // Concurrent requests (more than --max-concurrent: one waits in line): each gets the answer it gets alone.
     let url = s.url.clone();
     let handles: Vec<_> = (0..3)

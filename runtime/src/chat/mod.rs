@@ -13,7 +13,7 @@ mod request;
 mod tools;
 
 pub use request::{ChatRequest, Planned, Stop, TemplateKwargs};
-pub use tools::parse_tool_calls;
+pub use tools::{parse_tool_calls, ToolCallStream};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -59,3 +59,97 @@ mod tests {
         assert_eq!(text, "a <tool_call>oops</tool_call> b <tool_call>{");
     }
 }
+
+/// Streams answer text while holding back tool calls: text before the first `<tool_call>` passes through (a
+/// tail that could be the start of the tag is held until it is not); from the tag on, the text is kept for
+/// [`ToolCallStream::finish`], which parses the calls.
+#[derive(Default)]
+pub struct ToolCallStream {
+    /// Everything pushed so far.
+    all: String,
+    /// Bytes of `all` already passed through.
+    sent: usize,
+    /// A `<tool_call>` was seen: nothing more passes through.
+    in_calls: bool,
+}
+
+impl ToolCallStream {
+    pub fn new() -> ToolCallStream {
+        ToolCallStream::default()
+    }
+
+    /// Adds answer text; returns what may be shown now.
+    pub fn push(&mut self, piece: &str) -> Option<String> {
+        self.all.push_str(piece);
+        if self.in_calls {
+            return None;
+        }
+        let pending = &self.all[self.sent..];
+        let upto = match pending.find(OPEN) {
+            Some(at) => {
+                self.in_calls = true;
+                at
+            }
+            None => {
+                // Hold back a tail that may grow into the tag.
+                let keep = (1..OPEN.len())
+                    .rev()
+                    .find(|&n| pending.ends_with(&OPEN[..n]))
+                    .unwrap_or(0);
+                pending.len() - keep
+            }
+        };
+        let out = pending[..upto].to_string();
+        self.sent += upto;
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// The rest of the text to show, and the tool calls.
+    pub fn finish(self) -> (Option<String>, Vec<Value>) {
+        let (_, calls) = parse_tool_calls(&self.all);
+        let rest = &self.all[self.sent..];
+        // Whatever follows the calls (or a tag that never became a call) is text too.
+        let tail = if calls.is_empty() {
+            rest.to_string()
+        } else {
+            let after = rest.rfind(CLOSE).map_or("", |i| &rest[i + CLOSE.len()..]);
+            after.trim().to_string()
+        };
+        ((!tail.is_empty()).then_some(tail), calls)
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    #[test]
+    fn text_streams_and_calls_are_held_for_the_end() {
+        let mut s = ToolCallStream::new();
+        let mut shown = String::new();
+        for piece in [
+            "Let me ",
+            "check.\n<to",
+            "ol_call>\n{\"name\": \"f\", ",
+            "\"arguments\": {}}\n</tool_call>",
+        ] {
+            if let Some(t) = s.push(piece) {
+                shown.push_str(&t);
+            }
+        }
+        assert_eq!(shown, "Let me check.\n");
+        let (rest, calls) = s.finish();
+        assert_eq!(rest, None);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0]["function"]["name"], "f");
+        // "<to" that turns out not to be the tag is shown after all.
+        let mut s = ToolCallStream::new();
+        assert_eq!(s.push("a <to"), Some("a ".into()));
+        assert_eq!(s.push("p"), Some("<top".into()));
+        assert_eq!(s.finish(), (None, vec![]));
+        // A tag that never closes into a call is text.
+        let mut s = ToolCallStream::new();
+        assert_eq!(s.push("x <tool_call> y"), Some("x ".into()));
+        assert_eq!(s.finish(), (Some("<tool_call> y".into()), vec![]));
+    }
+}
