@@ -378,9 +378,14 @@ impl Loaded {
         }
     }
 
-    /// Most tokens a conversation may hold.
-    fn context_limit(&self, cfg_limit: usize) -> usize {
-        cfg_limit.min(q3c_runtime::compiled::DEFAULT_CONTEXT * 8)
+    /// Most tokens a served conversation may hold: a compiled model's `max_position_embeddings` (no limit of
+    /// its own for the reference executor), capped at 8 × the default session context.
+    fn context(&self) -> usize {
+        let limit = match self {
+            Loaded::Reference(_) => usize::MAX,
+            Loaded::Compiled(m) => m.config().max_position_embeddings,
+        };
+        limit.min(q3c_runtime::compiled::DEFAULT_CONTEXT * 8)
     }
 }
 
@@ -519,7 +524,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 let user = prompt.expect("clap: --chat requires --prompt");
                 messages.push(serde_json::json!({"role": "user", "content": user}));
-                let (ids, thinking) = text.prompt(&messages, !no_thinking, thinking_budget)?;
+                let (ids, thinking) =
+                    text.prompt(&messages, None, !no_thinking, thinking_budget)?;
                 let opts = ChatOptions {
                     max_new_tokens,
                     sampling: sampling.over(SamplingParams::for_mode(thinking)),
@@ -731,11 +737,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     .map_or("q3c".into(), |s| s.to_string_lossy().into_owned())
             });
             let (text, engine) = target.load()?;
-            let cfg_limit = match &engine {
-                Loaded::Reference(_) => usize::MAX,
-                Loaded::Compiled(m) => m.config().max_position_embeddings,
-            };
-            let context = engine.context_limit(cfg_limit);
+            let context = engine.context();
             let served = crate::serve::Served {
                 engine,
                 text,

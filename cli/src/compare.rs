@@ -123,6 +123,8 @@ pub struct Column {
     pub name: &'static str,
     pub value: fn(&Row) -> f64,
     pub lower_is_better: bool,
+    /// For measured speeds: the value in each round (the ratio is then the median of per-round ratios).
+    pub rounds: Option<fn(&Row) -> &[f64]>,
 }
 
 /// The figures compared, in table order.
@@ -131,26 +133,31 @@ pub const COLUMNS: [Column; 5] = [
         name: "kernels/layer",
         value: |r| r.kernels_per_layer,
         lower_is_better: true,
+        rounds: None,
     },
     Column {
         name: "act. bytes/token",
         value: |r| r.traffic.bytes() as f64,
         lower_is_better: true,
+        rounds: None,
     },
     Column {
         name: "compile s",
         value: |r| r.compile_s,
         lower_is_better: true,
+        rounds: None,
     },
     Column {
         name: "prefill tok/s",
         value: |r| r.prefill_tok_s,
         lower_is_better: false,
+        rounds: Some(|r| &r.prefill_rounds),
     },
     Column {
         name: "decode tok/s",
         value: |r| r.decode_tok_s,
         lower_is_better: false,
+        rounds: Some(|r| &r.decode_rounds),
     },
 ];
 
@@ -158,13 +165,14 @@ pub const COLUMNS: [Column; 5] = [
 /// ratios.
 pub fn ratios(rows: &[Row], row: &Row) -> Vec<f64> {
     let base = &rows[0];
-    let mut r: Vec<f64> = COLUMNS
+    COLUMNS
         .iter()
-        .map(|c| (c.value)(row) / (c.value)(base))
-        .collect();
-    r[3] = median_ratio(&row.prefill_rounds, &base.prefill_rounds).unwrap_or(r[3]);
-    r[4] = median_ratio(&row.decode_rounds, &base.decode_rounds).unwrap_or(r[4]);
-    r
+        .map(|c| {
+            c.rounds
+                .and_then(|rounds| median_ratio(rounds(row), rounds(base)))
+                .unwrap_or_else(|| (c.value)(row) / (c.value)(base))
+        })
+        .collect()
 }
 
 /// The median of `a[i] / b[i]`, or `None` without rounds.

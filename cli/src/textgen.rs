@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use q3c_runtime::chat::{self, ChatOptions, ChatOutput, Piece};
 use q3c_runtime::text::{Message, TextModel};
-use q3c_runtime::{SamplingParams, Session};
+use q3c_runtime::{SamplingOverrides, SamplingParams, Session};
 
 /// Sampling flags; unset ones take the mode's defaults (Qwen3's recommendations for chat, greedy for raw
 /// prompts).
@@ -39,17 +39,16 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     /// The flags over `defaults`.
     pub fn over(&self, defaults: SamplingParams) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature.unwrap_or(defaults.temperature),
-            top_k: self.top_k.unwrap_or(defaults.top_k),
-            top_p: self.top_p.unwrap_or(defaults.top_p),
-            min_p: self.min_p.unwrap_or(defaults.min_p),
-            presence_penalty: self.presence_penalty.unwrap_or(defaults.presence_penalty),
-            repetition_penalty: self
-                .repetition_penalty
-                .unwrap_or(defaults.repetition_penalty),
-            seed: self.seed,
+        SamplingOverrides {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            presence_penalty: self.presence_penalty,
+            repetition_penalty: self.repetition_penalty,
+            seed: Some(self.seed),
         }
+        .over(defaults)
     }
 }
 
@@ -128,7 +127,7 @@ pub fn repl(
             _ => {}
         }
         messages.push(serde_json::json!({"role": "user", "content": line}));
-        let (ids, thinking) = text.prompt(&messages, enable_thinking, budget)?;
+        let (ids, thinking) = text.prompt(&messages, None, enable_thinking, budget)?;
         // Continue the cache when the new prompt extends it; otherwise start over.
         let feed = if ids.starts_with(&cached) && ids.len() > cached.len() {
             &ids[cached.len()..]

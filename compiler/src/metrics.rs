@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use q3c_ir::{Dim, Graph, NodeId, Op, TensorType};
+use q3c_ir::{Dim, Graph, NodeId, TensorType};
 
 /// What a graph's kernels do per forward call, per token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -27,8 +27,8 @@ impl Traffic {
 
 /// Counts the kernels and the per-token activation traffic of `g`.
 pub fn traffic(g: &Graph) -> Traffic {
-    let is_view = |id: NodeId| matches!(g.node(id).op, Op::Reshape { .. } | Op::Select { .. });
-    let is_leaf = |id: NodeId| matches!(g.node(id).op, Op::Weight { .. } | Op::Input(_));
+    let is_view = |id: NodeId| g.node(id).op.is_view();
+    let is_leaf = |id: NodeId| g.node(id).op.is_leaf();
     // Views resolve to the value they look at (a select to its element, a reshape to its source).
     let mut source: HashMap<NodeId, NodeId> = HashMap::new();
     let order = g.topo_order().unwrap_or_else(|_| g.node_ids());

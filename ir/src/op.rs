@@ -200,6 +200,16 @@ impl Op {
         }
     }
 
+    /// A leaf: a runtime input or a bound weight (no computation).
+    pub fn is_leaf(&self) -> bool {
+        matches!(self, Op::Input(_) | Op::Weight { .. })
+    }
+
+    /// A view of its input's data (`reshape`, `select`): no computation, no copy.
+    pub fn is_view(&self) -> bool {
+        matches!(self, Op::Reshape { .. } | Op::Select { .. })
+    }
+
     /// The KV cache this op appends to, if any (each may be appended to once per graph).
     pub fn cache(&self) -> Option<(u32, KvKind)> {
         match self {

@@ -24,5 +24,5 @@ pub use compiled::{CompiledModel, CompiledSession};
 pub use error::RuntimeError;
 pub use generate::{generate, GenerateOptions};
 pub use reference::{ReferenceModel, ReferenceSession};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Sampler, SamplingOverrides, SamplingParams};
 pub use session::{Logits, Session};

@@ -85,6 +85,36 @@ impl SamplingParams {
     }
 }
 
+/// Sampling settings a user gave; the unset ones come from a mode's defaults ([`SamplingOverrides::over`]).
+/// Field names are those of the OpenAI-style request.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+pub struct SamplingOverrides {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingOverrides {
+    /// These settings over `defaults` (an unset seed is 0).
+    pub fn over(&self, defaults: SamplingParams) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            presence_penalty: self.presence_penalty.unwrap_or(defaults.presence_penalty),
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(defaults.repetition_penalty),
+            seed: self.seed.unwrap_or(0),
+        }
+    }
+}
+
 /// A seeded sampler: the same parameters, seed and logits give the same tokens.
 pub struct Sampler {
     params: SamplingParams,

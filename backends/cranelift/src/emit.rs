@@ -288,6 +288,23 @@ impl Emit<'_, '_> {
         self.b.ins().extractlane(e, 0)
     }
 
+    /// `silu(x) = x / (1 + e^-x)` of an f32, through [`Emit::silu4`].
+    pub fn silu(&mut self, x: Value) -> Value {
+        let v = self.b.ins().splat(F32X4, x);
+        let y = self.silu4(v);
+        self.b.ins().extractlane(y, 0)
+    }
+
+    /// `silu` on f32x4.
+    pub fn silu4(&mut self, x: Value) -> Value {
+        let neg = self.b.ins().fneg(x);
+        let ex = self.exp4(neg);
+        let one = self.fconst(1.0);
+        let one = self.b.ins().splat(F32X4, one);
+        let den = self.b.ins().fadd(one, ex);
+        self.b.ins().fdiv(x, den)
+    }
+
     /// `e^x` on f32x4, inline: Cephes' reduction `x = n·ln 2 + r` with `n` rounded to nearest (the
     /// 1.5·2²³ trick), a degree-6 polynomial for `e^r`, and `2^n` built in the exponent bits. Inputs are
     /// clamped to [-87.3, 88.3]; the relative error is about 2e-7 (checked against `f32::exp` in the tests).

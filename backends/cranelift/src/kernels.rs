@@ -401,11 +401,7 @@ pub fn emit(
                 e.for_n(n, |e, i| {
                     let xi = e.addr(x, i, 4);
                     let v = e.load_f32(xi, 0);
-                    let neg = e.b.ins().fneg(v);
-                    let ex = e.expf(neg);
-                    let one = e.fconst(1.0);
-                    let den = e.b.ins().fadd(one, ex);
-                    let y = e.b.ins().fdiv(v, den);
+                    let y = e.silu(v);
                     let oi = e.addr(o, i, 4);
                     e.store(y, oi, 0);
                 });
@@ -752,12 +748,7 @@ fn epilogue_rows(e: &mut Emit, parts: &[Vec<Value>]) -> Vec<Value> {
                 v
             };
             let (g, u) = (pack(e, gate), pack(e, up));
-            let neg = e.b.ins().fneg(g);
-            let ex = e.exp4(neg);
-            let one = e.fconst(1.0);
-            let one = e.b.ins().splat(F32X4, one);
-            let den = e.b.ins().fadd(one, ex);
-            let act = e.b.ins().fdiv(g, den);
+            let act = e.silu4(g);
             let y = e.b.ins().fmul(act, u);
             (0..4u8).map(|l| e.b.ins().extractlane(y, l)).collect()
         }
@@ -775,11 +766,7 @@ fn epilogue(e: &mut Emit, parts: &[Value]) -> Value {
     match *parts {
         [dot] => dot,
         [gate, up] => {
-            let neg = e.b.ins().fneg(gate);
-            let ex = e.expf(neg);
-            let one = e.fconst(1.0);
-            let den = e.b.ins().fadd(one, ex);
-            let act = e.b.ins().fdiv(gate, den);
+            let act = e.silu(gate);
             e.b.ins().fmul(act, up)
         }
         _ => unreachable!("matrix products combine one or two weight matrices"),

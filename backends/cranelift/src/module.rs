@@ -225,10 +225,7 @@ fn build<M: Module>(
     let mut kernels_built: Vec<(NodeId, FuncId)> = Vec::new();
     for (n, &id) in plan.order.iter().enumerate() {
         let op = &graph.node(id).op;
-        if matches!(
-            op,
-            Op::Weight { .. } | Op::Input(_) | Op::Reshape { .. } | Op::Select { .. }
-        ) {
+        if op.is_leaf() || op.is_view() {
             continue;
         }
         // RoPE frequencies as a local data table.

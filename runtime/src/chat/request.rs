@@ -8,10 +8,10 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{kv_tokens, thinking_enabled, ChatOptions};
+use super::{kv_tokens, ChatOptions};
 use crate::error::RuntimeError;
-use crate::sampling::SamplingParams;
-use crate::text::{RenderOptions, TextModel};
+use crate::sampling::{SamplingOverrides, SamplingParams};
+use crate::text::TextModel;
 
 /// The fields of a chat request q3c reads; others are ignored.
 #[derive(Deserialize, Debug, Clone)]
@@ -21,13 +21,9 @@ pub struct ChatRequest {
     pub stream: bool,
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub min_p: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub seed: Option<u64>,
+    /// `temperature`, `top_p`, `top_k`, `min_p`, `presence_penalty`, `repetition_penalty`, `seed`.
+    #[serde(flatten)]
+    pub sampling: SamplingOverrides,
     pub stop: Option<Stop>,
     pub tools: Option<Vec<Value>>,
     pub enable_thinking: Option<bool>,
@@ -86,17 +82,8 @@ impl ChatRequest {
             .or(self.chat_template_kwargs.and_then(|k| k.enable_thinking))
             .unwrap_or(true);
         let budget = self.thinking_budget;
-        let thinking = thinking_enabled(&self.messages, enable, budget);
         let tools = self.tools.as_ref().is_some_and(|t| !t.is_empty());
-        let rendered = text.template.render(
-            &self.messages,
-            &RenderOptions {
-                tools: self.tools,
-                add_generation_prompt: true,
-                enable_thinking: Some(enable && budget != Some(0)),
-            },
-        )?;
-        let prompt = text.tokenizer.encode(&rendered)?;
+        let (prompt, thinking) = text.prompt(&self.messages, self.tools, enable, budget)?;
         let fixed = kv_tokens(&text.tokenizer, prompt.len(), 0)?;
         let room = context.saturating_sub(fixed);
         let max_new_tokens = self
@@ -109,16 +96,7 @@ impl ChatRequest {
                 prompt.len()
             )));
         }
-        let d = SamplingParams::for_mode(thinking);
-        let sampling = SamplingParams {
-            temperature: self.temperature.unwrap_or(d.temperature),
-            top_k: self.top_k.unwrap_or(d.top_k),
-            top_p: self.top_p.unwrap_or(d.top_p),
-            min_p: self.min_p.unwrap_or(d.min_p),
-            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
-            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
-            seed: self.seed.unwrap_or(0),
-        };
+        let sampling = self.sampling.over(SamplingParams::for_mode(thinking));
         sampling.check()?;
         let stop = match self.stop {
             None => vec![],

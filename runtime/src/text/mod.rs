@@ -26,11 +26,12 @@ impl TextModel {
         })
     }
 
-    /// Renders `messages` for a request and works out whether it thinks. A budget of 0 renders the
-    /// non-thinking prompt, as `enable_thinking: false` does.
+    /// Renders `messages` (with the `tools` offered) for a request and works out whether it thinks. A budget
+    /// of 0 renders the non-thinking prompt, as `enable_thinking: false` does.
     pub fn prompt(
         &self,
         messages: &[Message],
+        tools: Option<Vec<serde_json::Value>>,
         enable_thinking: bool,
         budget: Option<usize>,
     ) -> Result<(Vec<u32>, bool), RuntimeError> {
@@ -38,7 +39,7 @@ impl TextModel {
         let text = self.template.render(
             messages,
             &RenderOptions {
-                tools: None,
+                tools,
                 add_generation_prompt: true,
                 enable_thinking: Some(enable_thinking && budget != Some(0)),
             },
