@@ -19,6 +19,32 @@ pub const SYM_MANIFEST_LEN: &str = "q3c_manifest_len";
 /// Exported symbol: `int32_t q3c_forward(const q3c_step *)`.
 pub const SYM_FORWARD: &str = "q3c_forward";
 
+/// CPU features an artifact may list in `required_cpu_features` (x86-64 names as the runtime checks them).
+pub const CPU_FEATURES: &[&str] = &[
+    "sse3",
+    "ssse3",
+    "sse41",
+    "sse42",
+    "popcnt",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi1",
+    "bmi2",
+    "lzcnt",
+    "cmpxchg16b",
+    "avx512f",
+    "avx512vl",
+    "avx512dq",
+    "avx512bw",
+    "avx512cd",
+    "avx512bitalg",
+    "avx512vbmi",
+    "avx512vnni",
+    "avx512bf16",
+];
+
 /// `q3c_forward` succeeded.
 pub const OK: i32 = 0;
 /// `t` was 0 or above `max_tokens_per_call`.

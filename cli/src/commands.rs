@@ -56,10 +56,16 @@ enum Command {
         /// Output artifact.
         #[arg(short, long, default_value = "model.so")]
         out: PathBuf,
-        /// Code generator.
-        #[arg(long, default_value = "cranelift", value_parser = ["cranelift"])]
+        /// Code generator: cranelift, or llvm (needs a q3c built with `--features llvm`).
+        #[arg(long, default_value = "cranelift", value_parser = crate::codegen::BACKENDS)]
         backend: String,
-        /// CPU to generate code for: native, or a Cranelift CPU name (x86-64-v2, x86-64-v3, ...).
+        /// What to generate: a CPU `.so`, or (LLVM only) a PTX module with every kernel for --gpu.
+        #[arg(long, default_value = "cpu", value_parser = ["cpu", "nvptx"])]
+        target: String,
+        /// With --target nvptx: the GPU architecture (sm_80, sm_90, ...).
+        #[arg(long, default_value = "sm_90")]
+        gpu: String,
+        /// CPU to generate code for: native, or a CPU name (x86-64-v2, x86-64-v3, x86-64-v4, znver4, ...).
         #[arg(long, default_value = "native")]
         target_cpu: String,
         /// Most tokens per forward call (longer prompts run in chunks); sizes the scratch memory.
@@ -211,6 +217,14 @@ enum Command {
             requires = "compare_fusion"
         )]
         strategies: Vec<String>,
+        /// With --compare-fusion: the code generator of every strategy's artifact.
+        #[arg(
+            long,
+            default_value = "cranelift",
+            value_parser = crate::codegen::BACKENDS,
+            requires = "compare_fusion"
+        )]
+        backend: String,
         /// With --compare-fusion: also write the table and a chart as an HTML page.
         #[arg(long, value_name = "FILE", requires = "compare_fusion")]
         html: Option<PathBuf>,
@@ -454,6 +468,8 @@ pub fn run(cli: Cli) -> Result<()> {
             model,
             out,
             backend,
+            target,
+            gpu,
             target_cpu,
             max_tokens,
             fusion,
@@ -461,7 +477,23 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = ModelSource::parse(&model).config()?;
             let start = std::time::Instant::now();
             let strategy = Strategy::parse(&fusion)?;
-            let (manifest, _) = compile_artifact(&cfg, &strategy, &target_cpu, max_tokens, &out)?;
+            if target == "nvptx" {
+                if backend != "llvm" {
+                    bail!("--target nvptx needs --backend llvm");
+                }
+                let graph = fused_graph(&cfg, &strategy)?;
+                let (ptx, kernels) =
+                    crate::codegen::compile_ptx(&graph, &cfg, &gpu, max_tokens, strategy.name())?;
+                write_atomically(&out, ptx.as_bytes())?;
+                eprintln!(
+                    "compiled {model} to PTX for {gpu} into {} ({kernels} kernels) in {:.2} s",
+                    out.display(),
+                    start.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            let (manifest, _) =
+                compile_artifact(&cfg, &strategy, &backend, &target_cpu, max_tokens, &out)?;
             eprintln!(
                 "compiled {model} with {backend} into {} ({} kernels, {} weights) in {:.2} s",
                 out.display(),
@@ -645,6 +677,7 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
             compare_fusion,
             strategies,
+            backend,
             html,
             svg,
         } => {
@@ -667,6 +700,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     gen,
                     rounds: reps,
                     max_tokens: 256,
+                    backend,
                 };
                 let work = tempfile::tempdir().context("creating a temporary directory")?;
                 let rows = crate::compare::run(&model.model, &strategies, work.path(), &settings)?;
@@ -793,25 +827,34 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Lowers `cfg`, runs `strategy`'s passes, compiles with Cranelift and links the artifact at `out`.
+/// `cfg` lowered and rewritten by `strategy`'s passes.
+fn fused_graph(cfg: &q3c_models::Qwen3Config, strategy: &Strategy) -> Result<q3c_ir::Graph> {
+    let mut graph = q3c_compiler::lower(cfg).context("lowering failed (a q3c bug)")?;
+    q3c_compiler::pipeline::run(&mut graph, strategy, true, |_, _| {})?;
+    Ok(graph)
+}
+
+/// Lowers `cfg`, runs `strategy`'s passes, compiles with `backend` and links the artifact at `out`.
 /// Returns the artifact's manifest and the fused graph.
 pub(crate) fn compile_artifact(
     cfg: &q3c_models::Qwen3Config,
     strategy: &Strategy,
+    backend: &str,
     target_cpu: &str,
     max_tokens: usize,
     out: &Path,
 ) -> Result<(q3c_abi::Manifest, q3c_ir::Graph)> {
-    let mut graph = q3c_compiler::lower(cfg).context("lowering failed (a q3c bug)")?;
-    q3c_compiler::pipeline::run(&mut graph, strategy, true, |_, _| {})?;
-    let opts = q3c_backend_cranelift::CompileOptions {
-        target_cpu: target_cpu.to_string(),
-        max_tokens_per_call: max_tokens,
-        fusion: strategy.name().to_string(),
-    };
-    let compiled = q3c_backend_cranelift::compile(&graph, cfg, q3c_compiler::LOGITS, &opts)?;
-    q3c_backend_cranelift::link_shared(&compiled.object, out)?;
-    Ok((compiled.manifest, graph))
+    let graph = fused_graph(cfg, strategy)?;
+    let (object, manifest) = crate::codegen::compile_object(
+        backend,
+        &graph,
+        cfg,
+        target_cpu,
+        max_tokens,
+        strategy.name(),
+    )?;
+    q3c_backend_common::link_shared(&object, out)?;
+    Ok((manifest, graph))
 }
 
 /// All cores.

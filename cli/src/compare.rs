@@ -42,6 +42,8 @@ pub struct Settings {
     pub gen: usize,
     pub rounds: usize,
     pub max_tokens: usize,
+    /// Code generator of the artifacts.
+    pub backend: String,
 }
 
 /// The strategies compared when none are named: `none`, each pass alone, then `all`.
@@ -78,7 +80,14 @@ pub fn run(
         let so = work_dir.join(format!("strategy{i}.so"));
         let start = Instant::now();
         let (manifest, graph) =
-            crate::commands::compile_artifact(&cfg, strategy, "native", settings.max_tokens, &so)?;
+            crate::commands::compile_artifact(
+                &cfg,
+                strategy,
+                &settings.backend,
+                "native",
+                settings.max_tokens,
+                &so,
+            )?;
         let compile_s = start.elapsed().as_secs_f64();
         rows.push(Row {
             strategy: strategy.name().to_string(),

@@ -2,6 +2,7 @@
 
 mod bench;
 mod chart;
+mod codegen;
 mod commands;
 mod compare;
 mod probe;

@@ -8,110 +8,14 @@
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
 use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
+use q3c_backend_common::items::{
+    dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
+};
+use q3c_backend_common::plan::Plan;
 use q3c_ir::{DType, Graph, NodeId, Op};
 
 use crate::emit::{mem, Emit};
-use crate::plan::{Loc, Plan};
 use crate::BackendError;
-
-/// Work items of a node's kernel: `per_token × T` if `scales_with_t`, else `per_token` alone.
-pub struct Items {
-    pub count: usize,
-    pub scales_with_t: bool,
-}
-
-fn dims(graph: &Graph, id: NodeId) -> Vec<usize> {
-    graph.node(id).tensor().shape.resolve(1, 1)
-}
-
-/// Dims of element `i` of a node's value (the value itself for a tensor).
-fn element_dims(graph: &Graph, id: NodeId, i: usize) -> Vec<usize> {
-    graph.node(id).ty.elements()[i].shape.resolve(1, 1)
-}
-
-/// Output features of each matrix of a linear kernel, and the tile every matrix is cut into.
-fn linear_outputs(graph: &Graph, id: NodeId) -> (Vec<usize>, LinearTile) {
-    let n: Vec<usize> = graph
-        .node(id)
-        .ty
-        .elements()
-        .iter()
-        .map(|t| t.shape.resolve(1, 1).last().copied().expect("rank >= 1"))
-        .collect();
-    let common = n.iter().copied().fold(0, gcd);
-    (n, LinearTile::for_width(common))
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
-/// Product of the dims after the leading `T`.
-fn per_token(graph: &Graph, id: NodeId) -> usize {
-    dims(graph, id)[1..].iter().product()
-}
-
-/// How a node's work is split into items.
-pub fn work_items(graph: &Graph, id: NodeId) -> Items {
-    let out = element_dims(graph, id, 0);
-    let by_t = |count| Items {
-        count,
-        scales_with_t: true,
-    };
-    match &graph.node(id).op {
-        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => {
-            let (n, tile) = linear_outputs(graph, id);
-            Items {
-                count: n.iter().sum::<usize>() / tile.width,
-                scales_with_t: false,
-            }
-        }
-        Op::MoeRoute { .. } => by_t(1),
-        Op::ExpertLinear | Op::ExpertSwiGlu => by_t(out[1]),
-        Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Softmax => {
-            by_t(out[1..out.len() - 1].iter().product())
-        }
-        Op::Attention { .. } => by_t(out[1]),
-        Op::TopK { .. } | Op::GatherLast => by_t(out[1..out.len() - 1].iter().product()),
-        _ => by_t(1),
-    }
-}
-
-/// How a linear kernel splits its work: each work item owns `width` output columns (a weight panel that
-/// stays in cache while the activations stream past); rows go through `rows × block_cols` register tiles,
-/// leftover rows (and decode, where T = 1) one column at a time.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LinearTile {
-    pub width: usize,
-    pub rows: usize,
-    pub block_cols: usize,
-}
-
-impl LinearTile {
-    pub fn for_width(n: usize) -> LinearTile {
-        let width = [16, 4, 2, 1]
-            .into_iter()
-            .find(|w| n.is_multiple_of(*w))
-            .expect("1 divides n");
-        LinearTile {
-            width,
-            rows: 4,
-            block_cols: width.min(2),
-        }
-    }
-}
-
-/// The weight dtype of input `i`, or F32 for activations.
-fn in_dtype(plan: &Plan, graph: &Graph, id: NodeId, i: usize) -> DType {
-    match plan.loc[&graph.inputs(id)[i]] {
-        Loc::Weight { dtype, .. } => dtype,
-        _ => DType::F32,
-    }
-}
 
 /// Emits the body of node `id`'s kernel. `rope_table` is the address of the node's inverse frequencies.
 pub fn emit(

@@ -11,13 +11,15 @@ use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataDescription, FuncId, Linkage, Module};
 use cranelift_object::{ObjectBuilder, ObjectModule};
-use q3c_abi::{step_offsets as so, KvGeometry, Manifest, WeightEntry, ABI_VERSION};
+use q3c_abi::{step_offsets as so, Manifest, ABI_VERSION};
 use q3c_ir::{Graph, NodeId, Op};
 use q3c_models::Qwen3Config;
 
 use crate::emit::{mem, Emit, Libm};
-use crate::kernels::{self, work_items};
-use crate::plan::{self, kernel_dtype, Loc};
+use crate::kernels;
+use q3c_backend_common::items::work_items;
+use q3c_backend_common::manifest::{self, ManifestParts};
+use q3c_backend_common::plan::{self, Loc};
 use crate::BackendError;
 
 /// Settings of one compilation.
@@ -293,39 +295,15 @@ fn build<M: Module>(
         cfg.vocab_size,
     )?;
 
-    let weights = plan
-        .weights
-        .iter()
-        .map(|(name, shape, dtype)| WeightEntry {
-            name: name.clone(),
-            shape: shape.clone(),
-            dtype: dtype.name().into(),
-            kernel_dtype: kernel_dtype(*dtype).name().into(),
-            layout: "row-major".into(),
-        })
-        .collect();
-    let manifest = Manifest {
-        abi_version: ABI_VERSION,
-        compiler_version: env!("CARGO_PKG_VERSION").into(),
-        backend: "cranelift".into(),
-        config: cfg.to_json(),
-        vocab_size: cfg.vocab_size,
-        max_position_embeddings: cfg.max_position_embeddings,
-        eos_token_ids: cfg.eos_token_ids.clone(),
-        weights,
-        kv: KvGeometry {
-            layers: plan.layers,
-            kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-            dtype: "f32".into(),
-        },
-        max_tokens_per_call: plan.max_tokens,
-        scratch_bytes_per_token: plan.scratch_bytes_per_token,
-        fusion: opts.fusion.clone(),
-        target_cpu: opts.target_cpu.clone(),
+    let manifest = manifest::build(ManifestParts {
+        cfg,
+        plan: &plan,
+        backend: "cranelift",
+        fusion: &opts.fusion,
+        target_cpu: &opts.target_cpu,
         required_cpu_features: features,
         kernels: kernels_built.len(),
-    };
+    });
     let json = serde_json::to_vec(&manifest).map_err(|e| BackendError::Internal(e.to_string()))?;
     export_data(module, q3c_abi::SYM_MANIFEST, json.clone())?;
     export_data(

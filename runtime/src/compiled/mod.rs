@@ -101,39 +101,60 @@ fn check_library(path: &Path, lib: &libloading::Library) -> Result<Manifest, Run
     Ok(manifest)
 }
 
-/// CPU features the artifact needs that this CPU lacks.
+/// CPU features the artifact needs that this CPU lacks (or that this runtime cannot check).
 fn missing_cpu_features(required: &[String]) -> Vec<String> {
-    required.iter().filter(|f| !cpu_has(f)).cloned().collect()
+    required
+        .iter()
+        .filter(|f| cpu_has(f) != Some(true))
+        .cloned()
+        .collect()
 }
 
+/// Whether this CPU has `feature` (a [`q3c_abi::CPU_FEATURES`] name); `None` for a name it cannot check.
 #[cfg(target_arch = "x86_64")]
-fn cpu_has(feature: &str) -> bool {
-    match feature {
-        "sse3" => std::arch::is_x86_feature_detected!("sse3"),
-        "ssse3" => std::arch::is_x86_feature_detected!("ssse3"),
-        "sse41" => std::arch::is_x86_feature_detected!("sse4.1"),
-        "sse42" => std::arch::is_x86_feature_detected!("sse4.2"),
-        "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
-        "avx" => std::arch::is_x86_feature_detected!("avx"),
-        "avx2" => std::arch::is_x86_feature_detected!("avx2"),
-        "fma" => std::arch::is_x86_feature_detected!("fma"),
-        "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
-        "bmi2" => std::arch::is_x86_feature_detected!("bmi2"),
-        "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
-        "cmpxchg16b" => std::arch::is_x86_feature_detected!("cmpxchg16b"),
-        "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
-        "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
-        "avx512dq" => std::arch::is_x86_feature_detected!("avx512dq"),
-        "avx512bitalg" => std::arch::is_x86_feature_detected!("avx512bitalg"),
-        "avx512vbmi" => std::arch::is_x86_feature_detected!("avx512vbmi"),
-        "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
-        _ => false,
-    }
+fn cpu_has(feature: &str) -> Option<bool> {
+    use std::arch::is_x86_feature_detected as has;
+    Some(match feature {
+        "sse3" => has!("sse3"),
+        "ssse3" => has!("ssse3"),
+        "sse41" => has!("sse4.1"),
+        "sse42" => has!("sse4.2"),
+        "popcnt" => has!("popcnt"),
+        "avx" => has!("avx"),
+        "avx2" => has!("avx2"),
+        "fma" => has!("fma"),
+        "f16c" => has!("f16c"),
+        "bmi1" => has!("bmi1"),
+        "bmi2" => has!("bmi2"),
+        "lzcnt" => has!("lzcnt"),
+        "cmpxchg16b" => has!("cmpxchg16b"),
+        "avx512f" => has!("avx512f"),
+        "avx512vl" => has!("avx512vl"),
+        "avx512dq" => has!("avx512dq"),
+        "avx512bw" => has!("avx512bw"),
+        "avx512cd" => has!("avx512cd"),
+        "avx512bitalg" => has!("avx512bitalg"),
+        "avx512vbmi" => has!("avx512vbmi"),
+        "avx512vnni" => has!("avx512vnni"),
+        "avx512bf16" => has!("avx512bf16"),
+        _ => return None,
+    })
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn cpu_has(_feature: &str) -> bool {
-    false
+fn cpu_has(_feature: &str) -> Option<bool> {
+    None
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod cpu_feature_tests {
+    #[test]
+    fn every_abi_feature_can_be_checked() {
+        for f in q3c_abi::CPU_FEATURES {
+            assert!(super::cpu_has(f).is_some(), "{f}");
+        }
+        assert_eq!(super::cpu_has("no-such-feature"), None);
+    }
 }
 
 impl CompiledModel {

@@ -1,0 +1,64 @@
+//! The manifest every artifact embeds, built the same way by every backend.
+
+use q3c_abi::{KvGeometry, Manifest, WeightEntry, ABI_VERSION};
+use q3c_models::Qwen3Config;
+
+use crate::plan::{kernel_dtype, Plan};
+
+/// What a backend knows about one compilation beyond the plan.
+pub struct ManifestParts<'a> {
+    pub cfg: &'a Qwen3Config,
+    pub plan: &'a Plan,
+    /// `cranelift` or `llvm`.
+    pub backend: &'a str,
+    pub fusion: &'a str,
+    pub target_cpu: &'a str,
+    pub required_cpu_features: Vec<String>,
+    pub kernels: usize,
+}
+
+/// The manifest of an artifact compiled from `parts`.
+pub fn build(parts: ManifestParts) -> Manifest {
+    let ManifestParts {
+        cfg,
+        plan,
+        backend,
+        fusion,
+        target_cpu,
+        required_cpu_features,
+        kernels,
+    } = parts;
+    let weights = plan
+        .weights
+        .iter()
+        .map(|(name, shape, dtype)| WeightEntry {
+            name: name.clone(),
+            shape: shape.clone(),
+            dtype: dtype.name().into(),
+            kernel_dtype: kernel_dtype(*dtype).name().into(),
+            layout: "row-major".into(),
+        })
+        .collect();
+    Manifest {
+        abi_version: ABI_VERSION,
+        compiler_version: env!("CARGO_PKG_VERSION").into(),
+        backend: backend.into(),
+        config: cfg.to_json(),
+        vocab_size: cfg.vocab_size,
+        max_position_embeddings: cfg.max_position_embeddings,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        weights,
+        kv: KvGeometry {
+            layers: plan.layers,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            dtype: "f32".into(),
+        },
+        max_tokens_per_call: plan.max_tokens,
+        scratch_bytes_per_token: plan.scratch_bytes_per_token,
+        fusion: fusion.into(),
+        target_cpu: target_cpu.into(),
+        required_cpu_features,
+        kernels,
+    }
+}

@@ -1,0 +1,27 @@
+//! The LLVM backend: the same graph, plan, manifest and ABI as the Cranelift backend, compiled through
+//! LLVM's O3 pipeline for the target CPU (512-bit vectors and AVX512_BF16 where present), or to PTX.
+//!
+//! Everything here sits behind the `llvm` cargo feature (LLVM 19 through inkwell); without it the crate is
+//! empty and the rest of q3c builds without LLVM installed.
+//!
+//! - [`compile`]: a relocatable object with the kernels, `q3c_forward` and the manifest, linked into a
+//!   `.so` by [`q3c_backend_common::link_shared`].
+//! - [`compile_ptx`]: every kernel of the graph as a PTX entry point (one GPU thread per work item).
+
+#[cfg(feature = "llvm")]
+mod fb;
+#[cfg(feature = "llvm")]
+mod forward;
+#[cfg(feature = "llvm")]
+mod gemm;
+#[cfg(feature = "llvm")]
+mod kernels;
+#[cfg(feature = "llvm")]
+mod module;
+#[cfg(feature = "llvm")]
+mod target;
+
+#[cfg(feature = "llvm")]
+pub use module::{compile, compile_ptx, CompileOptions, Compiled, PtxModule, PtxOptions};
+#[cfg(feature = "llvm")]
+pub use target::host_cpu;

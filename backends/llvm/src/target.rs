@@ -1,0 +1,164 @@
+//! Target machines: the host CPU (or a named x86-64 CPU) with its vector width and features, and NVPTX.
+
+use inkwell::targets::{
+    CodeModel, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple,
+};
+use inkwell::OptimizationLevel;
+use q3c_backend_common::BackendError;
+
+use crate::fb::Flavor;
+
+/// CPU features the runtime can check (`q3c_abi::CPU_FEATURES`), as LLVM spells them.
+fn runtime_name(llvm: &str) -> Option<String> {
+    let name = match llvm {
+        "sse4.1" => "sse41",
+        "sse4.2" => "sse42",
+        other => other,
+    };
+    q3c_abi::CPU_FEATURES
+        .contains(&name)
+        .then(|| name.to_string())
+}
+
+/// A CPU code generation target.
+pub struct CpuTarget {
+    pub machine: TargetMachine,
+    /// LLVM's CPU name (the host's for `native`).
+    pub cpu: String,
+    /// LLVM feature string (`+avx512f,...`), empty for a named CPU (LLVM derives them).
+    pub features: String,
+    pub flavor: Flavor,
+    /// Features the runtime must find on the CPU that loads the code.
+    pub required: Vec<String>,
+}
+
+/// The host CPU as LLVM names it (`znver4`, `sapphirerapids`, ...).
+pub fn host_cpu() -> String {
+    TargetMachine::get_host_cpu_name().to_string()
+}
+
+/// Named CPUs q3c knows the vector width and required features of.
+const NAMED: &[(&str, u32, &[&str])] = &[
+    ("x86-64-v2", 4, &["sse3", "ssse3", "sse41", "sse42", "popcnt"]),
+    (
+        "x86-64-v3",
+        8,
+        &["sse41", "sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2"],
+    ),
+    (
+        "x86-64-v4",
+        16,
+        &["sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"],
+    ),
+    (
+        "haswell",
+        8,
+        &["sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2"],
+    ),
+    (
+        "skylake-avx512",
+        16,
+        &["sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"],
+    ),
+    (
+        "znver4",
+        16,
+        &[
+            "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512bf16",
+            "avx512vnni",
+        ],
+    ),
+    (
+        "sapphirerapids",
+        16,
+        &[
+            "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512bf16",
+            "avx512vnni",
+        ],
+    ),
+];
+
+/// The target for `target_cpu`: `native` (this machine's CPU and features) or one of [`NAMED`].
+pub fn cpu(target_cpu: &str) -> Result<CpuTarget, BackendError> {
+    Target::initialize_x86(&InitializationConfig::default());
+    let triple = TargetMachine::get_default_triple();
+    let target = Target::from_triple(&triple).map_err(|e| BackendError::Target(e.to_string()))?;
+    let (cpu, features, lanes, required) = if target_cpu == "native" {
+        let features = TargetMachine::get_host_cpu_features().to_string();
+        let on: Vec<&str> = features
+            .split(',')
+            .filter_map(|f| f.strip_prefix('+'))
+            .collect();
+        let lanes = if on.contains(&"avx512f") {
+            16
+        } else if on.contains(&"avx2") {
+            8
+        } else {
+            4
+        };
+        let required = on.iter().filter_map(|f| runtime_name(f)).collect();
+        (host_cpu(), features, lanes, required)
+    } else {
+        let (_, lanes, required) = NAMED
+            .iter()
+            .find(|(name, _, _)| *name == target_cpu)
+            .ok_or_else(|| {
+                let names: Vec<&str> = NAMED.iter().map(|n| n.0).collect();
+                BackendError::Target(format!(
+                    "unknown CPU '{target_cpu}' for the LLVM backend (try native, {})",
+                    names.join(", ")
+                ))
+            })?;
+        let required = required.iter().map(|s| s.to_string()).collect();
+        (target_cpu.to_string(), String::new(), *lanes, required)
+    };
+    let machine = target
+        .create_target_machine(
+            &triple,
+            &cpu,
+            &features,
+            OptimizationLevel::Aggressive,
+            RelocMode::PIC,
+            CodeModel::Default,
+        )
+        .ok_or_else(|| BackendError::Target(format!("LLVM cannot target {cpu}")))?;
+    Ok(CpuTarget {
+        machine,
+        cpu,
+        features,
+        flavor: Flavor::Cpu { lanes },
+        required,
+    })
+}
+
+/// An NVPTX target for `gpu` (`sm_80`, `sm_90`, ...), with the PTX ISA version that GPU needs.
+pub fn ptx(gpu: &str) -> Result<TargetMachine, BackendError> {
+    let sm: u32 = gpu
+        .strip_prefix("sm_")
+        .and_then(|s| s.trim_end_matches('a').parse().ok())
+        .ok_or_else(|| BackendError::Target(format!("unknown GPU '{gpu}' (try sm_80, sm_90)")))?;
+    let ptx_isa = match sm {
+        60..=75 => "+ptx64",
+        80 => "+ptx70",
+        86 | 87 => "+ptx74",
+        89 | 90 => "+ptx78",
+        _ => {
+            return Err(BackendError::Target(format!(
+                "unsupported GPU '{gpu}' (sm_60 to sm_90)"
+            )))
+        }
+    };
+    Target::initialize_nvptx(&InitializationConfig::default());
+    let triple = TargetTriple::create("nvptx64-nvidia-cuda");
+    let target = Target::from_triple(&triple).map_err(|e| BackendError::Target(e.to_string()))?;
+    target
+        .create_target_machine(
+            &triple,
+            gpu,
+            ptx_isa,
+            OptimizationLevel::Aggressive,
+            RelocMode::Default,
+            CodeModel::Default,
+        )
+        .ok_or_else(|| BackendError::Target(format!("LLVM cannot target {gpu}")))
+}
