@@ -99,6 +99,15 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     tmp
 }
 
+/// The code generators this build has: `cranelift`, and `llvm` with the `llvm` feature.
+pub fn backends() -> Vec<&'static str> {
+    let mut b = vec!["cranelift"];
+    if cfg!(feature = "llvm") {
+        b.push("llvm");
+    }
+    b
+}
+
 /// Compiles the model in `model_dir` (or a `config.json`) with the Cranelift backend into `out_dir/model.so`.
 pub fn compile_to(
     model_dir: &std::path::Path,
@@ -123,17 +132,45 @@ pub fn compile_with(
     max_tokens: usize,
     fusion: &str,
 ) -> PathBuf {
+    compile_by("cranelift", model_dir, out_dir, max_tokens, fusion)
+}
+
+/// Like [`compile_with`], with the code generator `backend` (one of [`backends`]).
+pub fn compile_by(
+    backend: &str,
+    model_dir: &std::path::Path,
+    out_dir: &std::path::Path,
+    max_tokens: usize,
+    fusion: &str,
+) -> PathBuf {
     let cfg = q3c_models::resolve(model_dir.to_str().expect("utf-8 path")).expect("config");
     let graph = fused_graph(&cfg, fusion);
-    let opts = q3c_backend_cranelift::CompileOptions {
-        max_tokens_per_call: max_tokens,
-        fusion: fusion.into(),
-        ..Default::default()
+    let object = match backend {
+        "cranelift" => {
+            let opts = q3c_backend_cranelift::CompileOptions {
+                max_tokens_per_call: max_tokens,
+                fusion: fusion.into(),
+                ..Default::default()
+            };
+            q3c_backend_cranelift::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts)
+                .expect("compile")
+                .object
+        }
+        #[cfg(feature = "llvm")]
+        "llvm" => {
+            let opts = q3c_backend_llvm::CompileOptions {
+                max_tokens_per_call: max_tokens,
+                fusion: fusion.into(),
+                ..Default::default()
+            };
+            q3c_backend_llvm::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts)
+                .expect("compile")
+                .object
+        }
+        other => panic!("backend {other} is not in this build"),
     };
-    let compiled =
-        q3c_backend_cranelift::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts).expect("compile");
-    let so = out_dir.join("model.so");
-    q3c_backend_cranelift::link_shared(&compiled.object, &so).expect("link");
+    let so = out_dir.join(format!("model-{backend}.so"));
+    q3c_backend_common::link_shared(&object, &so).expect("link");
     so
 }
 

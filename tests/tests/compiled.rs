@@ -1,4 +1,4 @@
-//! The Cranelift-compiled `.so` against transformers and the reference executor, on 1 and 2 threads.
+//! The compiled `.so` (every backend in the build) against transformers and the reference executor, on 1 and 2 threads.
 
 use q3c_runtime::{CompiledModel, Session};
 use q3c_tests::*;
@@ -8,28 +8,31 @@ fn every_fixture_matches_transformers_through_the_compiled_so() {
     for name in FIXTURES {
         let g = golden(name);
         let tmp = tempfile::tempdir().unwrap();
-        let so = compile_to(&g.dir, tmp.path(), 64);
         let reference = reference_model(name)
             .session()
             .forward(&g.prompt_ids)
             .unwrap();
-        for threads in [1, 2] {
+        for (backend, threads) in backends()
+            .into_iter()
+            .flat_map(|b| [(b, 1), (b, 2)])
+        {
+            let so = compile_by(backend, &g.dir, tmp.path(), 64, "none");
             let model = CompiledModel::load(&so, &g.dir, threads).unwrap();
             let logits = model.session().forward(&g.prompt_ids).unwrap();
             let vs_hf = max_abs_diff(&logits.data, &g.logits);
             let vs_ref = max_abs_diff(&logits.data, &reference.data);
             assert!(
                 vs_hf <= LOGIT_TOLERANCE,
-                "{name}, {threads} threads: max |dlogit| vs transformers {vs_hf:e}"
+                "{name}, {backend}, {threads} threads: max |dlogit| vs transformers {vs_hf:e}"
             );
             assert!(
                 vs_ref <= 1e-4,
-                "{name}, {threads} threads: max |dlogit| vs reference {vs_ref:e}"
+                "{name}, {backend}, {threads} threads: max |dlogit| vs reference {vs_ref:e}"
             );
             let ids = greedy_continuation(&mut model.session(), &g);
-            assert_eq!(ids, g.greedy_ids, "{name}, {threads} threads");
+            assert_eq!(ids, g.greedy_ids, "{name}, {backend}, {threads} threads");
             eprintln!(
-                "{name}, {threads} threads: vs transformers {vs_hf:.2e}, vs reference {vs_ref:.2e}"
+                "{name}, {backend}, {threads} threads: vs transformers {vs_hf:.2e}, vs reference {vs_ref:.2e}"
             );
         }
     }

@@ -130,13 +130,17 @@ fn compiled_equals_reference_on_random_configs() {
         // Every case runs fully fused and under one more strategy (none, then each pass alone, in turn).
         let mut rotation = vec!["none"];
         rotation.extend(q3c_compiler::pipeline::PASSES.iter().map(|p| p.name));
-        let strategies = [rotation[case % rotation.len()], "all"];
+        // ... through every backend in the build.
+        let strategies: Vec<(&str, &str)> = q3c_tests::backends()
+            .into_iter()
+            .flat_map(|b| [(b, rotation[case % rotation.len()]), (b, "all")])
+            .collect();
         let compiled: Vec<CompiledModel> = strategies
             .iter()
-            .map(|fusion| {
+            .map(|(backend, fusion)| {
                 let out = dir.path().join(fusion.replace(',', "_"));
                 std::fs::create_dir_all(&out).unwrap();
-                let so = q3c_tests::compile_with(dir.path(), &out, 5, fusion);
+                let so = q3c_tests::compile_by(backend, dir.path(), &out, 5, fusion);
                 CompiledModel::load(&so, dir.path(), 1 + case % 2).unwrap()
             })
             .collect();
@@ -151,11 +155,11 @@ fn compiled_equals_reference_on_random_configs() {
         for ids in steps {
             let lr = r.forward(&ids).unwrap();
             let scale = lr.data.iter().fold(1f32, |m, v| m.max(v.abs()));
-            for (fusion, c) in strategies.iter().zip(&mut sessions) {
+            for ((backend, fusion), c) in strategies.iter().zip(&mut sessions) {
                 let diff = max_abs_diff(&lr.data, &c.forward(&ids).unwrap().data);
                 assert!(
                     diff <= 1e-4 * scale,
-                    "case {case} ({fusion}) {cfg_json}: compiled vs reference differ by {diff:e} (scale {scale})"
+                    "case {case} ({backend}, {fusion}) {cfg_json}: compiled vs reference differ by {diff:e} (scale {scale})"
                 );
             }
         }

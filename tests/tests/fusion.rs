@@ -1,5 +1,5 @@
 //! Every fusion strategy gives the logits of `none` (within 1e-4) on every golden fixture, through the
-//! reference executor and through the compiled `.so`, and still matches transformers.
+//! reference executor and through the `.so` of every backend in the build, and still matches transformers.
 
 use q3c_compiler::pipeline::PASSES;
 use q3c_runtime::{CompiledModel, ReferenceModel, Session};
@@ -35,25 +35,28 @@ fn every_strategy_equals_none_on_every_fixture() {
                 "{name} {fusion}: reference on the fused graph"
             );
 
-            let dir = tempfile::tempdir().unwrap();
-            let so = compile_with(&g.dir, dir.path(), 16, &fusion);
-            let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
-            assert_eq!(model.manifest().fusion, fusion);
-            let fused = model.session().forward(&g.prompt_ids).unwrap();
-            let diff = max_abs_diff(&fused.data, &none.data);
-            assert!(
-                diff <= 1e-4,
-                "{name} {fusion}: compiled fused vs none differ by {diff:e}"
-            );
-            assert!(
-                max_abs_diff(&fused.data, &g.logits) <= LOGIT_TOLERANCE,
-                "{name} {fusion}: vs transformers"
-            );
-            assert_eq!(
-                greedy_continuation(&mut model.session(), &g),
-                g.greedy_ids,
-                "{name} {fusion}"
-            );
+            for backend in backends() {
+                let dir = tempfile::tempdir().unwrap();
+                let so = compile_by(backend, &g.dir, dir.path(), 16, &fusion);
+                let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+                assert_eq!(model.manifest().fusion, fusion);
+                assert_eq!(model.manifest().backend, backend);
+                let fused = model.session().forward(&g.prompt_ids).unwrap();
+                let diff = max_abs_diff(&fused.data, &none.data);
+                assert!(
+                    diff <= 1e-4,
+                    "{name} {fusion} {backend}: compiled fused vs none differ by {diff:e}"
+                );
+                assert!(
+                    max_abs_diff(&fused.data, &g.logits) <= LOGIT_TOLERANCE,
+                    "{name} {fusion} {backend}: vs transformers"
+                );
+                assert_eq!(
+                    greedy_continuation(&mut model.session(), &g),
+                    g.greedy_ids,
+                    "{name} {fusion} {backend}"
+                );
+            }
         }
     }
 }

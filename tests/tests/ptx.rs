@@ -1,0 +1,90 @@
+//! The LLVM backend's PTX: every kernel of every fixture's graph (unfused and fully fused) becomes a PTX
+//! entry point, and NVIDIA's `ptxas` assembles the module for sm_80 and sm_90.
+//!
+//! Needs `ptxas` (PyPI `nvidia-cuda-nvcc-cu12`) on `PATH` or named by `$PTXAS`; `.ci/run` installs it.
+#![cfg(feature = "llvm")]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use q3c_tests::*;
+
+fn ptxas() -> PathBuf {
+    let path = std::env::var_os("PTXAS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("ptxas"));
+    match Command::new(&path).arg("--version").output() {
+        Ok(o) if o.status.success() => path,
+        _ => panic!(
+            "ptxas not found ({}): pip install nvidia-cuda-nvcc-cu12 and put its nvidia/cuda_nvcc/bin on PATH, \
+             or set PTXAS",
+            path.display()
+        ),
+    }
+}
+
+#[test]
+fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
+    let ptxas = ptxas();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let (cfg, _) = open_fixture(name);
+        for fusion in ["none", "all"] {
+            let graph = fused_graph(&cfg, fusion);
+            let kernels = graph
+                .topo_order()
+                .unwrap()
+                .into_iter()
+                .filter(|&id| !graph.node(id).op.is_leaf() && !graph.node(id).op.is_view())
+                .count();
+            for gpu in ["sm_80", "sm_90"] {
+                let opts = q3c_backend_llvm::PtxOptions {
+                    gpu: gpu.into(),
+                    max_tokens_per_call: 16,
+                    fusion: fusion.into(),
+                };
+                let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
+                    .unwrap();
+                assert_eq!(m.kernels.len(), kernels, "{name} {fusion}");
+                assert_eq!(
+                    m.ptx.matches(".visible .entry ").count(),
+                    kernels,
+                    "{name} {fusion} {gpu}: one entry point per kernel"
+                );
+                assert!(m.ptx.contains(&format!(".target {gpu}")));
+                let file = tmp.path().join(format!("{name}-{fusion}-{gpu}.ptx"));
+                std::fs::write(&file, &m.ptx).unwrap();
+                let out = Command::new(&ptxas)
+                    .arg(format!("-arch={gpu}"))
+                    .arg(&file)
+                    .arg("-o")
+                    .arg(file.with_extension("cubin"))
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{name} {fusion} {gpu}: ptxas failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(std::fs::metadata(file.with_extension("cubin")).unwrap().len() > 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn unknown_gpus_are_refused() {
+    let (cfg, _) = open_fixture("dense_gqa");
+    let graph = fused_graph(&cfg, "none");
+    for gpu in ["sm_9000", "gfx90a", ""] {
+        let opts = q3c_backend_llvm::PtxOptions {
+            gpu: gpu.into(),
+            max_tokens_per_call: 16,
+            fusion: "none".into(),
+        };
+        let err = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("GPU"), "{gpu}: {err}");
+    }
+}
