@@ -133,11 +133,18 @@ pub struct Manifest {
     pub max_tokens_per_call: usize,
     pub scratch_bytes_per_token: usize,
     pub fusion: String,
+    /// `f32`, or `bf16` where prefill matrix products round activations to bf16 (AVX512_BF16 dot products).
+    #[serde(default = "f32_name")]
+    pub matmul_activations: String,
     pub target_cpu: String,
     /// CPU features the code uses (e.g. `sse4.1`, `fma`); the runtime refuses a CPU without them.
     pub required_cpu_features: Vec<String>,
     /// Kernels (work items dispatched) per forward call, for inspection.
     pub kernels: usize,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 #[cfg(test)]

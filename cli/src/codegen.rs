@@ -5,15 +5,32 @@ use anyhow::{bail, Result};
 /// The code generators `q3c compile --backend` offers.
 pub const BACKENDS: [&str; 2] = ["cranelift", "llvm"];
 
-/// Compiles a fused graph into an object file with `backend`, for `target_cpu`.
+/// How to generate CPU code.
+pub struct CpuCodegen<'a> {
+    /// `cranelift` or `llvm`.
+    pub backend: &'a str,
+    pub target_cpu: &'a str,
+    pub max_tokens: usize,
+    /// LLVM only: AVX512_BF16 dot products with bf16-rounded activations in prefill.
+    pub bf16_activations: bool,
+}
+
+/// Compiles a fused graph into an object file.
 pub fn compile_object(
-    backend: &str,
     graph: &q3c_ir::Graph,
     cfg: &q3c_models::Qwen3Config,
-    target_cpu: &str,
-    max_tokens: usize,
     fusion: &str,
+    how: &CpuCodegen,
 ) -> Result<(Vec<u8>, q3c_abi::Manifest)> {
+    let &CpuCodegen {
+        backend,
+        target_cpu,
+        max_tokens,
+        bf16_activations,
+    } = how;
+    if bf16_activations && backend != "llvm" {
+        bail!("--bf16-activations needs --backend llvm");
+    }
     match backend {
         "cranelift" => {
             let opts = q3c_backend_cranelift::CompileOptions {
@@ -24,7 +41,7 @@ pub fn compile_object(
             let c = q3c_backend_cranelift::compile(graph, cfg, q3c_compiler::LOGITS, &opts)?;
             Ok((c.object, c.manifest))
         }
-        "llvm" => llvm_object(graph, cfg, target_cpu, max_tokens, fusion),
+        "llvm" => llvm_object(graph, cfg, fusion, how),
         other => bail!("unknown backend '{other}' (one of {})", BACKENDS.join(", ")),
     }
 }
@@ -33,14 +50,14 @@ pub fn compile_object(
 fn llvm_object(
     graph: &q3c_ir::Graph,
     cfg: &q3c_models::Qwen3Config,
-    target_cpu: &str,
-    max_tokens: usize,
     fusion: &str,
+    how: &CpuCodegen,
 ) -> Result<(Vec<u8>, q3c_abi::Manifest)> {
     let opts = q3c_backend_llvm::CompileOptions {
-        target_cpu: target_cpu.to_string(),
-        max_tokens_per_call: max_tokens,
+        target_cpu: how.target_cpu.to_string(),
+        max_tokens_per_call: how.max_tokens,
         fusion: fusion.to_string(),
+        bf16_activations: how.bf16_activations,
     };
     let c = q3c_backend_llvm::compile(graph, cfg, q3c_compiler::LOGITS, &opts)?;
     Ok((c.object, c.manifest))
@@ -51,8 +68,7 @@ fn llvm_object(
     _: &q3c_ir::Graph,
     _: &q3c_models::Qwen3Config,
     _: &str,
-    _: usize,
-    _: &str,
+    _: &CpuCodegen,
 ) -> Result<(Vec<u8>, q3c_abi::Manifest)> {
     bail!(NO_LLVM)
 }

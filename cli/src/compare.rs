@@ -79,15 +79,17 @@ pub fn run(
     for (i, strategy) in strategies.iter().enumerate() {
         let so = work_dir.join(format!("strategy{i}.so"));
         let start = Instant::now();
-        let (manifest, graph) =
-            crate::commands::compile_artifact(
-                &cfg,
-                strategy,
-                &settings.backend,
-                "native",
-                settings.max_tokens,
-                &so,
-            )?;
+        let (manifest, graph) = crate::commands::compile_artifact(
+            &cfg,
+            strategy,
+            &crate::codegen::CpuCodegen {
+                backend: &settings.backend,
+                target_cpu: "native",
+                max_tokens: settings.max_tokens,
+                bf16_activations: false,
+            },
+            &so,
+        )?;
         let compile_s = start.elapsed().as_secs_f64();
         rows.push(Row {
             strategy: strategy.name().to_string(),

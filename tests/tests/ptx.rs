@@ -66,7 +66,12 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                     "{name} {fusion} {gpu}: ptxas failed: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                assert!(std::fs::metadata(file.with_extension("cubin")).unwrap().len() > 0);
+                assert!(
+                    std::fs::metadata(file.with_extension("cubin"))
+                        .unwrap()
+                        .len()
+                        > 0
+                );
             }
         }
     }

@@ -12,6 +12,8 @@ pub struct ManifestParts<'a> {
     /// `cranelift` or `llvm`.
     pub backend: &'a str,
     pub fusion: &'a str,
+    /// `f32`, or `bf16` where prefill products round activations to bf16.
+    pub matmul_activations: &'a str,
     pub target_cpu: &'a str,
     pub required_cpu_features: Vec<String>,
     pub kernels: usize,
@@ -24,6 +26,7 @@ pub fn build(parts: ManifestParts) -> Manifest {
         plan,
         backend,
         fusion,
+        matmul_activations,
         target_cpu,
         required_cpu_features,
         kernels,
@@ -57,6 +60,7 @@ pub fn build(parts: ManifestParts) -> Manifest {
         max_tokens_per_call: plan.max_tokens,
         scratch_bytes_per_token: plan.scratch_bytes_per_token,
         fusion: fusion.into(),
+        matmul_activations: matmul_activations.into(),
         target_cpu: target_cpu.into(),
         required_cpu_features,
         kernels,

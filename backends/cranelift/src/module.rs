@@ -17,10 +17,10 @@ use q3c_models::Qwen3Config;
 
 use crate::emit::{mem, Emit, Libm};
 use crate::kernels;
+use crate::BackendError;
 use q3c_backend_common::items::work_items;
 use q3c_backend_common::manifest::{self, ManifestParts};
 use q3c_backend_common::plan::{self, Loc};
-use crate::BackendError;
 
 /// Settings of one compilation.
 #[derive(Clone, Debug)]
@@ -300,6 +300,7 @@ fn build<M: Module>(
         plan: &plan,
         backend: "cranelift",
         fusion: &opts.fusion,
+        matmul_activations: "f32",
         target_cpu: &opts.target_cpu,
         required_cpu_features: features,
         kernels: kernels_built.len(),

@@ -24,17 +24,23 @@ pub const BUG: &str = "LLVM builder without an insertion point (a q3c bug)";
 /// What kind of machine the code is for: decides the vector width and how `sin`/`cos` are computed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Flavor {
-    /// A CPU with f32 vectors of `lanes` (16 with AVX-512, 8 with AVX2, else 4).
-    Cpu { lanes: u32 },
+    /// A CPU with f32 vectors of `lanes` (16 with AVX-512, 8 with AVX2, else 4); `bf16_dot`: prefill
+    /// tiles over bf16 weights round the activations to bf16 and use AVX512_BF16 dot products.
+    Cpu { lanes: u32, bf16_dot: bool },
     /// An NVIDIA GPU through NVPTX.
     Gpu,
 }
 
 impl Flavor {
+    /// Whether bf16 prefill tiles use AVX512_BF16 dot products.
+    pub fn bf16_dot(self) -> bool {
+        matches!(self, Flavor::Cpu { bf16_dot: true, .. })
+    }
+
     /// f32 lanes per vector.
     pub fn lanes(self) -> u32 {
         match self {
-            Flavor::Cpu { lanes } => lanes,
+            Flavor::Cpu { lanes, .. } => lanes,
             Flavor::Gpu => 4,
         }
     }
@@ -61,7 +67,12 @@ pub struct Fb<'a, 'ctx> {
 
 impl<'a, 'ctx> Fb<'a, 'ctx> {
     /// Starts the body of `f`; call [`Fb::finish`] after the last instruction.
-    pub fn new(cx: &'ctx Context, m: &'a Module<'ctx>, f: FunctionValue<'ctx>, flavor: Flavor) -> Self {
+    pub fn new(
+        cx: &'ctx Context,
+        m: &'a Module<'ctx>,
+        f: FunctionValue<'ctx>,
+        flavor: Flavor,
+    ) -> Self {
         let entry = cx.append_basic_block(f, "entry");
         let body = cx.append_basic_block(f, "body");
         let entry_b = cx.create_builder();
@@ -183,7 +194,12 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
 
     // ---- memory
 
-    fn load_aligned(&self, ty: impl BasicType<'ctx>, p: PointerValue<'ctx>, align: u32) -> BasicValueEnum<'ctx> {
+    fn load_aligned(
+        &self,
+        ty: impl BasicType<'ctx>,
+        p: PointerValue<'ctx>,
+        align: u32,
+    ) -> BasicValueEnum<'ctx> {
         let v = self.b.build_load(ty, p, "").expect(BUG);
         if let Some(i) = v.as_instruction_value() {
             i.set_alignment(align).expect(BUG);
@@ -240,7 +256,10 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
                     .into_vector_value();
                 let w = self.b.build_int_z_extend(h, i32v, "").expect(BUG);
                 let sixteen =
-                    VectorType::const_vector(&vec![self.cx.i32_type().const_int(16, false); lanes as usize]);
+                    VectorType::const_vector(&vec![
+                        self.cx.i32_type().const_int(16, false);
+                        lanes as usize
+                    ]);
                 let w = self.b.build_left_shift(w, sixteen, "").expect(BUG);
                 self.b
                     .build_bit_cast(w, self.vt(), "")
@@ -365,12 +384,34 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             .unwrap_or_else(|| panic!("LLVM has no intrinsic {name} (a q3c bug)"));
         self.call(f, args)
     }
+    /// Calls the non-overloaded intrinsic `name`.
+    pub fn named_intrinsic(
+        &self,
+        name: &str,
+        args: &[BasicValueEnum<'ctx>],
+    ) -> BasicValueEnum<'ctx> {
+        let f = Intrinsic::find(name)
+            .and_then(|i| i.get_declaration(self.m, &[]))
+            .unwrap_or_else(|| panic!("LLVM has no intrinsic {name} (a q3c bug)"));
+        self.call(f, args)
+    }
     /// Calls a function returning a value.
-    pub fn call(&self, f: FunctionValue<'ctx>, args: &[BasicValueEnum<'ctx>]) -> BasicValueEnum<'ctx> {
+    pub fn call(
+        &self,
+        f: FunctionValue<'ctx>,
+        args: &[BasicValueEnum<'ctx>],
+    ) -> BasicValueEnum<'ctx> {
         let args: Vec<BasicMetadataValueEnum> = args.iter().map(|&a| a.into()).collect();
-        match self.b.build_call(f, &args, "").expect(BUG).try_as_basic_value() {
+        match self
+            .b
+            .build_call(f, &args, "")
+            .expect(BUG)
+            .try_as_basic_value()
+        {
             inkwell::values::ValueKind::Basic(v) => v,
-            inkwell::values::ValueKind::Instruction(_) => panic!("{} returns nothing", f.get_name().to_string_lossy()),
+            inkwell::values::ValueKind::Instruction(_) => {
+                panic!("{} returns nothing", f.get_name().to_string_lossy())
+            }
         }
     }
     /// `a · b + c`, fused.
@@ -457,10 +498,18 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         let n_lanes = x.get_type().get_size();
         let c = |v: f32| self.vsplat_c_n(v, n_lanes);
         let x = self
-            .intrinsic("llvm.minnum", x.get_type().into(), &[x.into(), c(88.3).into()])
+            .intrinsic(
+                "llvm.minnum",
+                x.get_type().into(),
+                &[x.into(), c(88.3).into()],
+            )
             .into_vector_value();
         let x = self
-            .intrinsic("llvm.maxnum", x.get_type().into(), &[x.into(), c(-87.3).into()])
+            .intrinsic(
+                "llvm.maxnum",
+                x.get_type().into(),
+                &[x.into(), c(-87.3).into()],
+            )
             .into_vector_value();
         let magic = c(12_582_912.0);
         let t = self.vfma(x, c(std::f32::consts::LOG2_E), magic);
@@ -479,7 +528,10 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         let i32v = self.cx.i32_type().vec_type(n_lanes);
         let ni = self.b.build_float_to_signed_int(n, i32v, "").expect(BUG);
         let splat_i = |v: u64| {
-            VectorType::const_vector(&vec![self.cx.i32_type().const_int(v, false); n_lanes as usize])
+            VectorType::const_vector(&vec![
+                self.cx.i32_type().const_int(v, false);
+                n_lanes as usize
+            ])
         };
         let ni = self.b.build_int_add(ni, splat_i(127), "").expect(BUG);
         let bits = self.b.build_left_shift(ni, splat_i(23), "").expect(BUG);

@@ -32,7 +32,15 @@ pub fn build<'ctx>(
         Some(Linkage::External),
     );
     nounwind(cx, f);
-    let fb = Fb::new(cx, m, f, Flavor::Cpu { lanes: 4 });
+    let fb = Fb::new(
+        cx,
+        m,
+        f,
+        Flavor::Cpu {
+            lanes: 4,
+            bf16_dot: false,
+        },
+    );
     let step = f.get_nth_param(0).expect("1 param").into_pointer_value();
     let field = |off: i32| fb.off(step, off as usize);
     let fail_if = |cond: IntValue<'ctx>, code: i32| {
@@ -59,7 +67,9 @@ pub fn build<'ctx>(
     fb.for_range(fb.i64c(0), t, 1, |fb, i| {
         let id = fb.load_i32_as_i64(fb.addr(ids, i, 4));
         let out = fb.icmp(IntPredicate::UGE, id, fb.i64c(vocab));
-        let any = fb.b.build_or(fb.get(bad).into_int_value(), out, "").expect(BUG);
+        let any =
+            fb.b.build_or(fb.get(bad).into_int_value(), out, "")
+                .expect(BUG);
         fb.set(bad, any);
     });
     fail_if(fb.get(bad).into_int_value(), q3c_abi::ERR_TOKEN_ID);
@@ -78,10 +88,9 @@ pub fn build<'ctx>(
         .max()
         .unwrap_or(0);
     let args = fb.stack_f32(2 * words);
-    let pf_type = cx.void_type().fn_type(
-        &[ptr.into(), ptr.into(), ptr.into(), i64t.into()],
-        false,
-    );
+    let pf_type = cx
+        .void_type()
+        .fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into()], false);
 
     let pointer = |loc: Loc| -> PointerValue<'ctx> {
         match loc {
@@ -97,16 +106,14 @@ pub fn build<'ctx>(
     // With last_logits_only, the logits kernel sees one row: the last one of its input.
     let last_only = fb.load_i64(field(so::LAST_LOGITS_ONLY));
     let last_only = fb.icmp(IntPredicate::NE, last_only, fb.i64c(0));
-    let t_logits = fb
-        .b
-        .build_select(last_only, fb.i64c(1), t, "")
-        .expect(BUG)
-        .into_int_value();
-    let skipped_rows = fb
-        .b
-        .build_select(last_only, t_minus_1, fb.i64c(0), "")
-        .expect(BUG)
-        .into_int_value();
+    let t_logits =
+        fb.b.build_select(last_only, fb.i64c(1), t, "")
+            .expect(BUG)
+            .into_int_value();
+    let skipped_rows =
+        fb.b.build_select(last_only, t_minus_1, fb.i64c(0), "")
+            .expect(BUG)
+            .into_int_value();
     let expert_stack = |n: NodeId| {
         matches!(&graph.node(n).op, Op::Weight { name, .. }
             if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER))
@@ -162,8 +169,7 @@ pub fn export_manifest<'ctx>(
     m: &Module<'ctx>,
     manifest: &Manifest,
 ) -> Result<(), BackendError> {
-    let json =
-        serde_json::to_vec(manifest).map_err(|e| BackendError::Internal(e.to_string()))?;
+    let json = serde_json::to_vec(manifest).map_err(|e| BackendError::Internal(e.to_string()))?;
     let bytes = cx.const_string(&json, false);
     let g = m.add_global(bytes.get_type(), None, q3c_abi::SYM_MANIFEST);
     g.set_initializer(&bytes);

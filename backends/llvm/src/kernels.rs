@@ -78,10 +78,7 @@ pub fn emit<'ctx>(
                         let hi = fb.icmp(IntPredicate::ULT, item, fb.i64c(first + items));
                         let inside = fb.b.build_and(lo, hi, "").expect(BUG);
                         fb.when(inside, |fb| {
-                            let local = fb
-                                .b
-                                .build_int_sub(item, fb.i64c(first), "")
-                                .expect(BUG);
+                            let local = fb.b.build_int_sub(item, fb.i64c(first), "").expect(BUG);
                             mm.columns(fb, ptr[0], &[ptr[1 + m]], outs[m], nm, local);
                         });
                         first += items;
@@ -161,10 +158,9 @@ pub fn emit<'ctx>(
                     None => src,
                 };
                 let p = fb.add(past, tok);
-                let pf = fb
-                    .b
-                    .build_unsigned_int_to_float(p, fb.f32t(), "")
-                    .expect(BUG);
+                let pf =
+                    fb.b.build_unsigned_int_to_float(p, fb.f32t(), "")
+                        .expect(BUG);
                 rope_token(fb, src, dst, heads, d, pf, table, scale);
             });
         }
@@ -192,7 +188,10 @@ pub fn emit<'ctx>(
                 let q = fb.addr(ptr[0], item, d * 4);
                 let o = fb.addr(out, item, dv * 4);
                 let len = fb.add_c(fb.add(past, tok), 1);
-                let key = |fb: &Fb<'_, 'ctx>, base: PointerValue<'ctx>, j: IntValue<'ctx>, width: usize| {
+                let key = |fb: &Fb<'_, 'ctx>,
+                           base: PointerValue<'ctx>,
+                           j: IntValue<'ctx>,
+                           width: usize| {
                     let row = fb.add(fb.mul_c(j, hkv), g);
                     fb.addr(base, row, width * 4)
                 };
@@ -295,7 +294,13 @@ pub fn emit<'ctx>(
             let n = *dims(graph, graph.inputs(id)[0]).last().expect("rank");
             let k = *k as usize;
             fb.for_range(start, end, 1, |fb, row| {
-                top_k_row(fb, fb.addr(ptr[0], row, n * 4), n, fb.addr(out, row, k * 4), k);
+                top_k_row(
+                    fb,
+                    fb.addr(ptr[0], row, n * 4),
+                    n,
+                    fb.addr(out, row, k * 4),
+                    k,
+                );
             });
         }
         Op::GatherLast => {
@@ -303,7 +308,13 @@ pub fn emit<'ctx>(
             let k = *dims(graph, id).last().expect("rank");
             fb.for_range(start, end, 1, |fb, row| {
                 let x = fb.addr(ptr[0], row, n * 4);
-                gather_row(fb, x, fb.addr(ptr[1], row, k * 4), fb.addr(out, row, k * 4), k);
+                gather_row(
+                    fb,
+                    x,
+                    fb.addr(ptr[1], row, k * 4),
+                    fb.addr(out, row, k * 4),
+                    k,
+                );
             });
         }
         Op::AddRmsNorm { eps } => {
@@ -337,7 +348,9 @@ pub fn emit<'ctx>(
                 top_k_row(fb, probs, experts, ids, k);
                 gather_row(fb, probs, ids, weights, k);
                 if renorm {
-                    let w: Vec<_> = (0..k).map(|j| fb.load_f32(fb.off(weights, j * 4))).collect();
+                    let w: Vec<_> = (0..k)
+                        .map(|j| fb.load_f32(fb.off(weights, j * 4)))
+                        .collect();
                     let sum = w[1..].iter().fold(w[0], |s, &v| fb.fadd(s, v));
                     for (j, &v) in w.iter().enumerate() {
                         fb.store(fb.fdiv(v, sum), fb.off(weights, j * 4));
@@ -356,7 +369,13 @@ pub fn emit<'ctx>(
 }
 
 /// `o[c] += p · v[c]` for `n` f32.
-fn axpy<'ctx>(fb: &Fb<'_, 'ctx>, p: FloatValue<'ctx>, v: PointerValue<'ctx>, o: PointerValue<'ctx>, n: usize) {
+fn axpy<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    p: FloatValue<'ctx>,
+    v: PointerValue<'ctx>,
+    o: PointerValue<'ctx>,
+    n: usize,
+) {
     let lanes = fb.lanes();
     let pv = fb.vsplat(p);
     for c in (0..n / lanes).map(|c| c * lanes * 4) {
@@ -364,7 +383,11 @@ fn axpy<'ctx>(fb: &Fb<'_, 'ctx>, p: FloatValue<'ctx>, v: PointerValue<'ctx>, o: 
         fb.store(y, fb.off(o, c));
     }
     for c in (n / lanes) * lanes..n {
-        let y = fb.fma(p, fb.load_f32(fb.off(v, c * 4)), fb.load_f32(fb.off(o, c * 4)));
+        let y = fb.fma(
+            p,
+            fb.load_f32(fb.off(v, c * 4)),
+            fb.load_f32(fb.off(o, c * 4)),
+        );
         fb.store(y, fb.off(o, c * 4));
     }
 }
@@ -390,7 +413,13 @@ fn softmax_row<'ctx>(fb: &Fb<'_, 'ctx>, x: PointerValue<'ctx>, o: PointerValue<'
 }
 
 /// Indices (i32) of the `k` largest of `n` f32 at `x` into `o`, largest first, ties to the lower index.
-fn top_k_row<'ctx>(fb: &Fb<'_, 'ctx>, x: PointerValue<'ctx>, n: usize, o: PointerValue<'ctx>, k: usize) {
+fn top_k_row<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    x: PointerValue<'ctx>,
+    n: usize,
+    o: PointerValue<'ctx>,
+    k: usize,
+) {
     let i32t = fb.cx.i32_type();
     for slot in 0..k {
         // The largest value not already chosen; strict '>' keeps the lower index on ties.
@@ -414,10 +443,9 @@ fn top_k_row<'ctx>(fb: &Fb<'_, 'ctx>, x: PointerValue<'ctx>, n: usize, o: Pointe
             let bv = fb.getf(best_v);
             fb.set(best_v, fb.b.build_select(pick, v, bv, "").expect(BUG));
         });
-        let bi = fb
-            .b
-            .build_int_truncate(fb.get(best).into_int_value(), i32t, "")
-            .expect(BUG);
+        let bi =
+            fb.b.build_int_truncate(fb.get(best).into_int_value(), i32t, "")
+                .expect(BUG);
         fb.store(bi, fb.off(o, slot * 4));
     }
 }
@@ -494,8 +522,10 @@ fn cos_sin<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> (FloatValue<'ctx>, F
     let f32t = fb.f32t().into();
     match fb.flavor {
         Flavor::Cpu { .. } => (
-            fb.intrinsic("llvm.cos", f32t, &[x.into()]).into_float_value(),
-            fb.intrinsic("llvm.sin", f32t, &[x.into()]).into_float_value(),
+            fb.intrinsic("llvm.cos", f32t, &[x.into()])
+                .into_float_value(),
+            fb.intrinsic("llvm.sin", f32t, &[x.into()])
+                .into_float_value(),
         ),
         Flavor::Gpu => {
             let f64t = fb.cx.f64_type();
@@ -513,7 +543,10 @@ fn cos_sin<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> (FloatValue<'ctx>, F
                 });
                 fb.call(f, &[r.into()]).into_float_value()
             };
-            (call("llvm.nvvm.cos.approx.f"), call("llvm.nvvm.sin.approx.f"))
+            (
+                call("llvm.nvvm.cos.approx.f"),
+                call("llvm.nvvm.sin.approx.f"),
+            )
         }
     }
 }

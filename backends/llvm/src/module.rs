@@ -28,6 +28,9 @@ pub struct CompileOptions {
     pub max_tokens_per_call: usize,
     /// The fusion strategy the graph was built with (recorded in the manifest).
     pub fusion: String,
+    /// Prefill matrix products over bf16 weights round the activations to bf16 and use AVX512_BF16 dot
+    /// products (twice the f32 FMA rate; llama.cpp does the same for bf16 models). Off: f32 activations.
+    pub bf16_activations: bool,
 }
 
 impl Default for CompileOptions {
@@ -36,6 +39,7 @@ impl Default for CompileOptions {
             target_cpu: "native".into(),
             max_tokens_per_call: 256,
             fusion: "none".into(),
+            bf16_activations: false,
         }
     }
 }
@@ -169,7 +173,7 @@ pub fn compile(
     opts: &CompileOptions,
 ) -> Result<Compiled, BackendError> {
     check(graph, opts.max_tokens_per_call)?;
-    let target = target::cpu(&opts.target_cpu)?;
+    let target = target::cpu(&opts.target_cpu, opts.bf16_activations)?;
     let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_model");
@@ -196,6 +200,7 @@ pub fn compile(
         plan: &plan,
         backend: "llvm",
         fusion: &opts.fusion,
+        matmul_activations: if opts.bf16_activations { "bf16" } else { "f32" },
         target_cpu: &target.cpu,
         required_cpu_features: target.required.clone(),
         kernels: kernels_built.len(),
@@ -233,7 +238,15 @@ pub fn compile_ptx(
     };
     let mut names = Vec::new();
     for (id, name) in kernel_nodes(graph, &plan) {
-        let body = kernel_body(&cx, &m, graph, &plan, id, &format!("{name}_body"), Flavor::Gpu)?;
+        let body = kernel_body(
+            &cx,
+            &m,
+            graph,
+            &plan,
+            id,
+            &format!("{name}_body"),
+            Flavor::Gpu,
+        )?;
         let inline = Attribute::get_named_enum_kind_id("alwaysinline");
         body.add_attribute(AttributeLoc::Function, cx.create_enum_attribute(inline, 0));
         let entry = m.add_function(
@@ -256,8 +269,7 @@ pub fn compile_ptx(
         let args = entry.get_nth_param(0).expect("2 params");
         fb.when(inside, |fb| {
             let next = fb.add_c(item, 1);
-            fb.b
-                .build_call(body, &[args.into(), item.into(), next.into()], "")
+            fb.b.build_call(body, &[args.into(), item.into(), next.into()], "")
                 .expect(BUG);
         });
         fb.b.build_return(None).expect(BUG);
@@ -274,7 +286,9 @@ pub fn compile_ptx(
     optimise(&m, &machine)?;
     let ptx = machine
         .write_to_memory_buffer(&m, FileType::Assembly)
-        .map_err(|e| BackendError::Internal(format!("LLVM PTX codegen: {}", e.to_string_lossy())))?;
+        .map_err(|e| {
+            BackendError::Internal(format!("LLVM PTX codegen: {}", e.to_string_lossy()))
+        })?;
     let ptx = String::from_utf8_lossy(ptx.as_slice())
         .trim_end_matches('\0')
         .to_string();
@@ -283,6 +297,7 @@ pub fn compile_ptx(
         plan: &plan,
         backend: "llvm-nvptx",
         fusion: &opts.fusion,
+        matmul_activations: "f32",
         target_cpu: &opts.gpu,
         required_cpu_features: Vec::new(),
         kernels: names.len(),

@@ -39,16 +39,24 @@ pub fn host_cpu() -> String {
 
 /// Named CPUs q3c knows the vector width and required features of.
 const NAMED: &[(&str, u32, &[&str])] = &[
-    ("x86-64-v2", 4, &["sse3", "ssse3", "sse41", "sse42", "popcnt"]),
+    (
+        "x86-64-v2",
+        4,
+        &["sse3", "ssse3", "sse41", "sse42", "popcnt"],
+    ),
     (
         "x86-64-v3",
         8,
-        &["sse41", "sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2"],
+        &[
+            "sse41", "sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2",
+        ],
     ),
     (
         "x86-64-v4",
         16,
-        &["sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"],
+        &[
+            "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+        ],
     ),
     (
         "haswell",
@@ -58,13 +66,22 @@ const NAMED: &[(&str, u32, &[&str])] = &[
     (
         "skylake-avx512",
         16,
-        &["sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"],
+        &[
+            "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+        ],
     ),
     (
         "znver4",
         16,
         &[
-            "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512bf16",
+            "sse42",
+            "avx2",
+            "fma",
+            "avx512f",
+            "avx512bw",
+            "avx512dq",
+            "avx512vl",
+            "avx512bf16",
             "avx512vnni",
         ],
     ),
@@ -72,14 +89,23 @@ const NAMED: &[(&str, u32, &[&str])] = &[
         "sapphirerapids",
         16,
         &[
-            "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512bf16",
+            "sse42",
+            "avx2",
+            "fma",
+            "avx512f",
+            "avx512bw",
+            "avx512dq",
+            "avx512vl",
+            "avx512bf16",
             "avx512vnni",
         ],
     ),
 ];
 
 /// The target for `target_cpu`: `native` (this machine's CPU and features) or one of [`NAMED`].
-pub fn cpu(target_cpu: &str) -> Result<CpuTarget, BackendError> {
+///
+/// With `bf16_activations`, prefill tiles over bf16 weights use AVX512_BF16 (refused if the CPU lacks it).
+pub fn cpu(target_cpu: &str, bf16_activations: bool) -> Result<CpuTarget, BackendError> {
     Target::initialize_x86(&InitializationConfig::default());
     let triple = TargetMachine::get_default_triple();
     let target = Target::from_triple(&triple).map_err(|e| BackendError::Target(e.to_string()))?;
@@ -96,7 +122,7 @@ pub fn cpu(target_cpu: &str) -> Result<CpuTarget, BackendError> {
         } else {
             4
         };
-        let required = on.iter().filter_map(|f| runtime_name(f)).collect();
+        let required: Vec<String> = on.iter().filter_map(|f| runtime_name(f)).collect();
         (host_cpu(), features, lanes, required)
     } else {
         let (_, lanes, required) = NAMED
@@ -112,6 +138,12 @@ pub fn cpu(target_cpu: &str) -> Result<CpuTarget, BackendError> {
         let required = required.iter().map(|s| s.to_string()).collect();
         (target_cpu.to_string(), String::new(), *lanes, required)
     };
+    let has_bf16 = required.iter().any(|f: &String| f == "avx512bf16");
+    if bf16_activations && !(has_bf16 && lanes == 16) {
+        return Err(BackendError::Target(format!(
+            "bf16 activations need AVX512_BF16, which {cpu} lacks"
+        )));
+    }
     let machine = target
         .create_target_machine(
             &triple,
@@ -126,7 +158,10 @@ pub fn cpu(target_cpu: &str) -> Result<CpuTarget, BackendError> {
         machine,
         cpu,
         features,
-        flavor: Flavor::Cpu { lanes },
+        flavor: Flavor::Cpu {
+            lanes,
+            bf16_dot: bf16_activations,
+        },
         required,
     })
 }
