@@ -52,8 +52,8 @@ pub fn dot_block<'ctx>(
         }
     };
     // bf16 weights in a prefill tile, where AVX512_BF16 is enabled: pairs of bf16 products per f32 lane.
-    if fb.flavor.bf16_dot() && dt == DType::BF16 && rows.len() > 1 && lanes == 16 {
-        return dot_block_bf16(fb, rows, cols, k, &accs[0]);
+    if fb.flavor.bf16_dot() && dt == DType::BF16 && lanes == 16 {
+        return dot_block_bf16(fb, rows, cols, k, &accs);
     }
     // Main loop: `unroll` vectors per trip.
     let per_trip = unroll * lanes;
@@ -98,13 +98,14 @@ pub fn dot_block<'ctx>(
 }
 
 /// [`dot_block`] for bf16 weights with `vdpbf16ps`: 32 elements per step, the activations rounded to bf16
-/// (round to nearest even, as llama.cpp does for bf16 models); whole f32 vectors and scalars finish the tail.
+/// (round to nearest even, as llama.cpp does for bf16 models); scalars finish the tail. `accs[u][r][c]`:
+/// `u` independent chains per pair, taking turns step by step.
 fn dot_block_bf16<'ctx>(
     fb: &Fb<'_, 'ctx>,
     rows: &[PointerValue<'ctx>],
     cols: &[PointerValue<'ctx>],
     k: usize,
-    accs: &[Vec<crate::fb::Var<'ctx>>],
+    accs: &[Vec<Vec<crate::fb::Var<'ctx>>>],
 ) -> Vec<Vec<FloatValue<'ctx>>> {
     let bf32 = fb.cx.bf16_type().vec_type(32);
     let cvt = |lo: inkwell::values::VectorValue<'ctx>, hi: inkwell::values::VectorValue<'ctx>| {
@@ -115,7 +116,7 @@ fn dot_block_bf16<'ctx>(
         )
         .into_vector_value()
     };
-    let step = |at: &dyn Fn(PointerValue<'ctx>, usize) -> PointerValue<'ctx>| {
+    let step = |u: usize, at: &dyn Fn(PointerValue<'ctx>, usize) -> PointerValue<'ctx>| {
         let xs: Vec<_> = rows
             .iter()
             .map(|&r| cvt(fb.vload(at(r, 4)), fb.vload(fb.off(at(r, 4), 64))))
@@ -132,18 +133,30 @@ fn dot_block_bf16<'ctx>(
             .collect();
         for (r, x) in xs.iter().enumerate() {
             for (c, w) in wv.iter().enumerate() {
-                let a = fb.getv(accs[r][c]);
+                let a = fb.getv(accs[u][r][c]);
                 let y = fb.named_intrinsic(
                     "llvm.x86.avx512bf16.dpbf16ps.512",
                     &[a.into(), (*x).into(), (*w).into()],
                 );
-                fb.set(accs[r][c], y);
+                fb.set(accs[u][r][c], y);
             }
         }
     };
-    let trips = k / 32;
-    fb.for_n(trips, |_, j| step(&|p, eb| fb.addr(p, j, 32 * eb)));
-    let done = trips * 32;
+    let unroll = accs.len();
+    let per_trip = 32 * unroll;
+    let trips = k / per_trip;
+    fb.for_n(trips, |_, j| {
+        for u in 0..unroll {
+            step(u, &|p, eb| fb.off(fb.addr(p, j, per_trip * eb), 32 * u * eb));
+        }
+    });
+    let mut done = trips * per_trip;
+    let mut u = 0;
+    while done + 32 <= k {
+        step(u, &|p, eb| fb.off(p, done * eb));
+        done += 32;
+        u = (u + 1) % unroll;
+    }
     // The rest (k not a multiple of 32) through the f32 path on the same accumulators.
     rows.iter()
         .enumerate()
@@ -151,7 +164,11 @@ fn dot_block_bf16<'ctx>(
             cols.iter()
                 .enumerate()
                 .map(|(c, &col)| {
-                    let mut s = fb.hsum(fb.getv(accs[r][c]));
+                    let mut v = fb.getv(accs[0][r][c]);
+                    for chain in &accs[1..] {
+                        v = fb.fadd(v, fb.getv(chain[r][c]));
+                    }
+                    let mut s = fb.hsum(v);
                     for i in done..k {
                         let x = fb.load_f32(fb.off(row, i * 4));
                         let w = fb.load_weight(DType::BF16, fb.off(col, i * 2));
