@@ -16,11 +16,24 @@ pub struct BenchResult {
     pub prefill_tok_s: f64,
     /// Generated tokens per second, one token per forward call (best of the repetitions).
     pub decode_tok_s: f64,
+    /// Mean and standard deviation over the repetitions (what llama-bench reports).
+    pub prefill_mean_tok_s: f64,
+    pub prefill_std_tok_s: f64,
+    pub decode_mean_tok_s: f64,
+    pub decode_std_tok_s: f64,
 }
 
-/// Runs `reps` times: a prefill of `prompt_len` pseudo-random ids in a fresh session, then `gen`
+/// Mean and (sample) standard deviation.
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+/// After one warm-up pass, runs `reps` times: a prefill of `prompt_len` pseudo-random ids in a fresh session, then `gen`
 /// single-token decodes after it. Like llama-bench, only the last row's logits are computed.
-/// Reports the best rate of each.
+/// Reports the best rate of each, and their mean and spread.
 pub fn run(
     session: &mut dyn Session,
     vocab: usize,
@@ -32,26 +45,36 @@ pub fn run(
     let prompt: Vec<u32> = (0..prompt_len)
         .map(|i| ((i as u64 * 2654435761) % vocab as u64) as u32)
         .collect();
-    let (mut best_pp, mut best_tg) = (0f64, 0f64);
+    // One untimed warm-up, as llama-bench does: the first pass pays for faulting in the mapped weights.
+    session.reset();
+    session.forward_last(&prompt)?;
+    session.forward_last(&[1])?;
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
     for _ in 0..reps.max(1) {
         session.reset();
         let t0 = Instant::now();
         session.forward_last(&prompt)?;
-        best_pp = best_pp.max(prompt_len as f64 / t0.elapsed().as_secs_f64());
+        pp.push(prompt_len as f64 / t0.elapsed().as_secs_f64());
         let mut next = 1u32;
         let t0 = Instant::now();
         for _ in 0..gen {
             let logits = session.forward_last(&[next])?;
             next = q3c_runtime::generate::argmax(&logits);
         }
-        best_tg = best_tg.max(gen as f64 / t0.elapsed().as_secs_f64());
+        tg.push(gen as f64 / t0.elapsed().as_secs_f64());
     }
+    let best = |xs: &[f64]| xs.iter().copied().fold(0f64, f64::max);
+    let ((pp_mean, pp_std), (tg_mean, tg_std)) = (mean_std(&pp), mean_std(&tg));
     Ok(BenchResult {
         prompt_len,
         gen,
         threads,
         repetitions: reps.max(1),
-        prefill_tok_s: best_pp,
-        decode_tok_s: best_tg,
+        prefill_tok_s: best(&pp),
+        decode_tok_s: best(&tg),
+        prefill_mean_tok_s: pp_mean,
+        prefill_std_tok_s: pp_std,
+        decode_mean_tok_s: tg_mean,
+        decode_std_tok_s: tg_std,
     })
 }

@@ -738,8 +738,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_stdout(&format!("{}\n", serde_json::to_string(&r)?))
             } else {
                 print_stdout(&format!(
-                    "pp{prompt_len}: {:.2} tok/s\ntg{gen}: {:.2} tok/s\n({} threads, best of {})\n",
-                    r.prefill_tok_s, r.decode_tok_s, r.threads, r.repetitions
+                    "pp{prompt_len}: {:.2} tok/s (mean {:.2} ± {:.2})\ntg{gen}: {:.2} tok/s (mean {:.2} ± {:.2})\n\
+                     ({} threads, best of {})\n",
+                    r.prefill_tok_s,
+                    r.prefill_mean_tok_s,
+                    r.prefill_std_tok_s,
+                    r.decode_tok_s,
+                    r.decode_mean_tok_s,
+                    r.decode_std_tok_s,
+                    r.threads,
+                    r.repetitions
                 ))
             }
         }

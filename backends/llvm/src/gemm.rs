@@ -147,7 +147,9 @@ fn dot_block_bf16<'ctx>(
     let trips = k / per_trip;
     fb.for_n(trips, |_, j| {
         for u in 0..unroll {
-            step(u, &|p, eb| fb.off(fb.addr(p, j, per_trip * eb), 32 * u * eb));
+            step(u, &|p, eb| {
+                fb.off(fb.addr(p, j, per_trip * eb), 32 * u * eb)
+            });
         }
     });
     let mut done = trips * per_trip;
