@@ -9,7 +9,7 @@ use inkwell::targets::{FileType, TargetMachine};
 use inkwell::values::{FunctionValue, PointerValue};
 use inkwell::AddressSpace;
 use q3c_abi::Manifest;
-use q3c_backend_common::items::{dims, work_items};
+use q3c_backend_common::items::dims;
 use q3c_backend_common::manifest::{self, ManifestParts};
 use q3c_backend_common::plan::{self, Plan};
 use q3c_backend_common::BackendError;
@@ -302,7 +302,6 @@ pub fn compile_ptx(
         required_cpu_features: Vec::new(),
         kernels: names.len(),
     });
-    let _ = work_items;
     Ok(PtxModule {
         ptx,
         kernels: names,
