@@ -41,6 +41,18 @@ pub fn per_token(graph: &Graph, id: NodeId) -> usize {
     dims(graph, id)[1..].iter().product()
 }
 
+/// Element strides of a broadcasting binary op's operand of dims `s` for an output of dims `out`
+/// (0 where the operand broadcasts along a dim).
+pub fn broadcast_strides(s: &[usize], out: &[usize]) -> Vec<usize> {
+    let mut st = vec![0; s.len()];
+    let mut acc = 1;
+    for i in (0..s.len()).rev() {
+        st[i] = if s[i] == 1 && out[i] != 1 { 0 } else { acc };
+        acc *= s[i];
+    }
+    st
+}
+
 /// The weight dtype of input `i`, or F32 for activations.
 pub fn in_dtype(plan: &Plan, graph: &Graph, id: NodeId, i: usize) -> DType {
     match plan.loc[&graph.inputs(id)[i]] {

@@ -9,7 +9,7 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I64};
 use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Value};
 use q3c_backend_common::items::{
-    dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
+    broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
 };
 use q3c_backend_common::plan::Plan;
 use q3c_ir::{DType, Graph, NodeId, Op};
@@ -279,16 +279,7 @@ pub fn emit(
             let od = dims(graph, id);
             let ad = dims(graph, graph.inputs(id)[0]);
             let bd = dims(graph, graph.inputs(id)[1]);
-            let strides = |s: &[usize]| -> Vec<usize> {
-                let mut st = vec![0; s.len()];
-                let mut acc = 1;
-                for i in (0..s.len()).rev() {
-                    st[i] = if s[i] == 1 && od[i] != 1 { 0 } else { acc };
-                    acc *= s[i];
-                }
-                st
-            };
-            let (sa, sb) = (strides(&ad), strides(&bd));
+            let (sa, sb) = (broadcast_strides(&ad, &od), broadcast_strides(&bd, &od));
             let op = node.op.clone();
             e.for_range(start, end, 1, |e, tok| {
                 let a0 = e.addr(ptr[0], tok, sa[0] * 4);

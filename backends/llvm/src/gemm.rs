@@ -73,7 +73,19 @@ pub fn dot_block<'ctx>(
         done += lanes;
         u = (u + 1) % unroll;
     }
-    // Reduce the chains and the lanes, then the scalar tail.
+    finish(fb, rows, cols, dt, &accs, done, k)
+}
+
+/// The sums of [`dot_block`]: each pair's chains added, its lanes reduced, then elements `done..k` as scalars.
+fn finish<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    rows: &[PointerValue<'ctx>],
+    cols: &[PointerValue<'ctx>],
+    dt: DType,
+    accs: &[Vec<Vec<crate::fb::Var<'ctx>>>],
+    done: usize,
+    k: usize,
+) -> Vec<Vec<FloatValue<'ctx>>> {
     rows.iter()
         .enumerate()
         .map(|(r, &row)| {
@@ -87,7 +99,7 @@ pub fn dot_block<'ctx>(
                     let mut s = fb.hsum(v);
                     for i in done..k {
                         let x = fb.load_f32(fb.off(row, i * 4));
-                        let w = fb.load_weight(dt, fb.off(col, i * ws));
+                        let w = fb.load_weight(dt, fb.off(col, i * dt.size()));
                         s = fb.fma(x, w, s).into_float_value();
                     }
                     s
@@ -159,28 +171,8 @@ fn dot_block_bf16<'ctx>(
         done += 32;
         u = (u + 1) % unroll;
     }
-    // The rest (k not a multiple of 32) through the f32 path on the same accumulators.
-    rows.iter()
-        .enumerate()
-        .map(|(r, &row)| {
-            cols.iter()
-                .enumerate()
-                .map(|(c, &col)| {
-                    let mut v = fb.getv(accs[0][r][c]);
-                    for chain in &accs[1..] {
-                        v = fb.fadd(v, fb.getv(chain[r][c]));
-                    }
-                    let mut s = fb.hsum(v);
-                    for i in done..k {
-                        let x = fb.load_f32(fb.off(row, i * 4));
-                        let w = fb.load_weight(DType::BF16, fb.off(col, i * 2));
-                        s = fb.fma(x, w, s).into_float_value();
-                    }
-                    s
-                })
-                .collect()
-        })
-        .collect()
+    // The rest (k not a multiple of 32) as f32 scalars.
+    finish(fb, rows, cols, DType::BF16, accs, done, k)
 }
 
 /// The shape of a linear kernel: `rows` activation rows of `k` (f32), weights of `dt`, cut into `tile`s.

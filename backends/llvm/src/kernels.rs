@@ -7,7 +7,7 @@
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 use inkwell::IntPredicate;
 use q3c_backend_common::items::{
-    dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
+    broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
 };
 use q3c_backend_common::plan::Plan;
 use q3c_backend_common::BackendError;
@@ -227,16 +227,7 @@ pub fn emit<'ctx>(
             let od = dims(graph, id);
             let ad = dims(graph, graph.inputs(id)[0]);
             let bd = dims(graph, graph.inputs(id)[1]);
-            let strides = |s: &[usize]| -> Vec<usize> {
-                let mut st = vec![0; s.len()];
-                let mut acc = 1;
-                for i in (0..s.len()).rev() {
-                    st[i] = if s[i] == 1 && od[i] != 1 { 0 } else { acc };
-                    acc *= s[i];
-                }
-                st
-            };
-            let (sa, sb) = (strides(&ad), strides(&bd));
+            let (sa, sb) = (broadcast_strides(&ad, &od), broadcast_strides(&bd, &od));
             let op = node.op.clone();
             fb.for_range(start, end, 1, |fb, tok| {
                 let a0 = fb.addr(ptr[0], tok, sa[0] * 4);
