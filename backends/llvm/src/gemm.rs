@@ -9,7 +9,7 @@ use inkwell::values::{BasicValue, FloatValue, IntValue, PointerValue};
 use q3c_backend_common::items::LinearTile;
 use q3c_ir::DType;
 
-use crate::fb::Fb;
+use crate::fb::{Fb, Var};
 
 /// Rows of a register tile in prefill.
 pub const TILE_ROWS: usize = 4;
@@ -27,16 +27,8 @@ pub fn dot_block<'ctx>(
 ) -> Vec<Vec<FloatValue<'ctx>>> {
     let lanes = fb.lanes();
     let ws = dt.size();
-    // Independent accumulator chains: at least four, to hide the FMA latency.
-    let unroll = (4 / (rows.len() * cols.len())).max(1);
-    let zero = fb.vsplat_c(0.0);
-    let accs: Vec<Vec<Vec<_>>> = (0..unroll)
-        .map(|_| {
-            rows.iter()
-                .map(|_| cols.iter().map(|_| fb.var(zero)).collect())
-                .collect()
-        })
-        .collect();
+    let accs = accumulators(fb, rows.len(), cols.len());
+    let unroll = accs.len();
     // One vector step of every (row, col) pair; `at(p, elem_bytes)` is the step's operand address.
     let step = |u: usize, at: &dyn Fn(PointerValue<'ctx>, usize) -> PointerValue<'ctx>| {
         let xs: Vec<_> = rows.iter().map(|&r| fb.vload(at(r, 4))).collect();
@@ -53,7 +45,7 @@ pub fn dot_block<'ctx>(
     };
     // bf16 weights in a prefill tile, where AVX512_BF16 is enabled: pairs of bf16 products per f32 lane.
     if fb.flavor.bf16_dot() && dt == DType::BF16 && lanes == 16 {
-        return dot_block_bf16(fb, rows, cols, k, &accs);
+        return dot_block_bf16(fb, rows, false, cols, k, &accs);
     }
     // Main loop: `unroll` vectors per trip.
     let per_trip = unroll * lanes;
@@ -76,13 +68,27 @@ pub fn dot_block<'ctx>(
     finish(fb, rows, cols, dt, &accs, done, k)
 }
 
+/// Zeroed vector accumulators `[chain][row][col]`: at least four independent chains in all, to hide the
+/// FMA latency.
+fn accumulators<'ctx>(fb: &Fb<'_, 'ctx>, rows: usize, cols: usize) -> Vec<Vec<Vec<Var<'ctx>>>> {
+    let unroll = (4 / (rows * cols)).max(1);
+    let zero = fb.vsplat_c(0.0);
+    (0..unroll)
+        .map(|_| {
+            (0..rows)
+                .map(|_| (0..cols).map(|_| fb.var(zero)).collect())
+                .collect()
+        })
+        .collect()
+}
+
 /// The sums of [`dot_block`]: each pair's chains added, its lanes reduced, then elements `done..k` as scalars.
 fn finish<'ctx>(
     fb: &Fb<'_, 'ctx>,
     rows: &[PointerValue<'ctx>],
     cols: &[PointerValue<'ctx>],
     dt: DType,
-    accs: &[Vec<Vec<crate::fb::Var<'ctx>>>],
+    accs: &[Vec<Vec<Var<'ctx>>>],
     done: usize,
     k: usize,
 ) -> Vec<Vec<FloatValue<'ctx>>> {
@@ -109,40 +115,86 @@ fn finish<'ctx>(
         .collect()
 }
 
-/// [`dot_block`] for bf16 weights with `vdpbf16ps`: 32 elements per step, the activations rounded to bf16
-/// (round to nearest even, as llama.cpp does for bf16 models); scalars finish the tail. `accs[u][r][c]`:
-/// `u` independent chains per pair, taking turns step by step.
-fn dot_block_bf16<'ctx>(
+/// [`dot_block`] over rows already rounded to bf16 (see [`round_rows_bf16`]) and bf16 weights.
+fn dot_block_prepared<'ctx>(
     fb: &Fb<'_, 'ctx>,
     rows: &[PointerValue<'ctx>],
     cols: &[PointerValue<'ctx>],
     k: usize,
-    accs: &[Vec<Vec<crate::fb::Var<'ctx>>>],
+) -> Vec<Vec<FloatValue<'ctx>>> {
+    let accs = accumulators(fb, rows.len(), cols.len());
+    dot_block_bf16(fb, rows, true, cols, k, &accs)
+}
+
+/// Whether products over weights of `dt` run on `vdpbf16ps` with rows rounded once into a bf16 buffer.
+fn bf16_prepared(fb: &Fb, dt: DType, k: usize) -> bool {
+    fb.flavor.bf16_dot() && dt == DType::BF16 && fb.lanes() == 16 && k.is_multiple_of(32)
+}
+
+/// Rounds `n` rows of `k` f32 at `x` (row stride `k·4`) to bf16 into `dst` (row stride `k·2`).
+fn round_rows_bf16<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    x: PointerValue<'ctx>,
+    n: usize,
+    k: usize,
+    dst: PointerValue<'ctx>,
+) {
+    for i in 0..n {
+        let (src, to) = (fb.off(x, i * k * 4), fb.off(dst, i * k * 2));
+        fb.for_n(k / 32, |fb, j| {
+            let p = fb.addr(src, j, 128);
+            let v = cvt_bf16(fb, fb.vload(p), fb.vload(fb.off(p, 64)));
+            fb.store(v, fb.addr(to, j, 64));
+        });
+    }
+}
+
+/// 32 f32 (two vectors) rounded to bf16, to nearest even.
+fn cvt_bf16<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    lo: inkwell::values::VectorValue<'ctx>,
+    hi: inkwell::values::VectorValue<'ctx>,
+) -> inkwell::values::VectorValue<'ctx> {
+    // cvtne2ps2bf16(a, b) puts b in the low half.
+    fb.named_intrinsic(
+        "llvm.x86.avx512bf16.cvtne2ps2bf16.512",
+        &[hi.into(), lo.into()],
+    )
+    .into_vector_value()
+}
+
+/// [`dot_block`] for bf16 weights with `vdpbf16ps`: 32 elements per step, the activations rounded to bf16
+/// (round to nearest even, as llama.cpp does for bf16 models) as they are loaded, or already rounded
+/// (`rows_bf16`: rows of bf16); scalars finish the tail (f32 rows only). `accs[u][r][c]`: `u` independent
+/// chains per pair, taking turns step by step.
+fn dot_block_bf16<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    rows: &[PointerValue<'ctx>],
+    rows_bf16: bool,
+    cols: &[PointerValue<'ctx>],
+    k: usize,
+    accs: &[Vec<Vec<Var<'ctx>>>],
 ) -> Vec<Vec<FloatValue<'ctx>>> {
     let bf32 = fb.cx.bf16_type().vec_type(32);
-    let cvt = |lo: inkwell::values::VectorValue<'ctx>, hi: inkwell::values::VectorValue<'ctx>| {
-        // cvtne2ps2bf16(a, b) puts b in the low half.
-        fb.named_intrinsic(
-            "llvm.x86.avx512bf16.cvtne2ps2bf16.512",
-            &[hi.into(), lo.into()],
-        )
-        .into_vector_value()
+    let load_bf16 = |p: PointerValue<'ctx>| {
+        let raw = fb.b.build_load(bf32, p, "").expect(crate::fb::BUG);
+        if let Some(i) = raw.as_instruction_value() {
+            i.set_alignment(2).expect(crate::fb::BUG);
+        }
+        raw.into_vector_value()
     };
     let step = |u: usize, at: &dyn Fn(PointerValue<'ctx>, usize) -> PointerValue<'ctx>| {
         let xs: Vec<_> = rows
             .iter()
-            .map(|&r| cvt(fb.vload(at(r, 4)), fb.vload(fb.off(at(r, 4), 64))))
-            .collect();
-        let wv: Vec<_> = cols
-            .iter()
-            .map(|&c| {
-                let raw = fb.b.build_load(bf32, at(c, 2), "").expect(crate::fb::BUG);
-                if let Some(i) = raw.as_instruction_value() {
-                    i.set_alignment(2).expect(crate::fb::BUG);
+            .map(|&r| {
+                if rows_bf16 {
+                    load_bf16(at(r, 2))
+                } else {
+                    cvt_bf16(fb, fb.vload(at(r, 4)), fb.vload(fb.off(at(r, 4), 64)))
                 }
-                raw.into_vector_value()
             })
             .collect();
+        let wv: Vec<_> = cols.iter().map(|&c| load_bf16(at(c, 2))).collect();
         for (r, x) in xs.iter().enumerate() {
             for (c, w) in wv.iter().enumerate() {
                 let a = fb.getv(accs[u][r][c]);
@@ -172,6 +224,7 @@ fn dot_block_bf16<'ctx>(
         u = (u + 1) % unroll;
     }
     // The rest (k not a multiple of 32) as f32 scalars.
+    assert!(!rows_bf16 || done == k, "bf16 rows need k divisible by 32");
     finish(fb, rows, cols, DType::BF16, accs, done, k)
 }
 
@@ -203,13 +256,20 @@ impl<'ctx> MatMul<'ctx> {
         let col0 = fb.mul_c(item, tile.width);
         let w0: Vec<_> = w.iter().map(|&m| fb.addr(m, col0, w_stride)).collect();
         let o0 = fb.addr(out, col0, 4);
+        // With bf16 dot products, each block's rows are rounded to bf16 once, not once per column group.
+        let prepared = bf16_prepared(fb, dt, k).then(|| fb.stack_f32(TILE_ROWS * k / 2));
         let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
             // A single row streams one weight row at a time: sequential reads, which the prefetcher follows
             // (four interleaved rows measured 1.6× slower in decode), with four accumulator chains.
             let per_matrix = if nrows == 1 { 1 } else { per_matrix };
-            let xr: Vec<_> = (0..nrows)
-                .map(|i| fb.addr(x, fb.add_c(r, i), x_stride))
-                .collect();
+            let x_block = fb.addr(x, r, x_stride);
+            let xr: Vec<_> = match prepared {
+                Some(buf) => {
+                    round_rows_bf16(fb, x_block, nrows, k, buf);
+                    (0..nrows).map(|i| fb.off(buf, i * k * 2)).collect()
+                }
+                None => (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect(),
+            };
             let o = fb.addr(o0, r, n * 4);
             // Column groups as a loop, not unrolled: one tile's code, whatever the panel width.
             fb.for_n(tile.width / per_matrix, |fb, group| {
@@ -219,7 +279,10 @@ impl<'ctx> MatMul<'ctx> {
                     .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c)))
                     .map(|(w0, c)| fb.off(fb.addr(w0, c0, w_stride), c * w_stride))
                     .collect();
-                let sums = dot_block(fb, &xr, &cols, dt, k);
+                let sums = match prepared {
+                    Some(_) => dot_block_prepared(fb, &xr, &cols, k),
+                    None => dot_block(fb, &xr, &cols, dt, k),
+                };
                 let oc = fb.addr(o, c0, 4);
                 for ci in 0..per_matrix {
                     // Column ci of every matrix, one value per row.
