@@ -1,0 +1,132 @@
+//! `q3c compile --backend llvm` from the CLI: the `.so` it writes runs like Cranelift's and reproduces
+//! transformers' greedy ids, `--target nvptx` writes PTX, and misuse gets one clear error.
+
+use std::path::Path;
+
+mod common;
+use common::*;
+
+use q3c_tests::{fixtures_dir, golden};
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn misuse_of_backend_flags_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moe = fixtures_dir().join("moe");
+    let out = tmp.path().join("x.ptx");
+    assert_error(
+        &q3c(&["compile", path(&moe), "--target", "nvptx", "-o", path(&out)]),
+        "--target nvptx needs --backend llvm",
+    );
+    assert_error(
+        &q3c(&[
+            "compile",
+            path(&moe),
+            "--bf16-activations",
+            "-o",
+            path(&out),
+        ]),
+        "--bf16-activations needs --backend llvm",
+    );
+    assert_error(
+        &q3c(&["compile", path(&moe), "--backend", "gcc", "-o", path(&out)]),
+        "gcc",
+    );
+    if !cfg!(feature = "llvm") {
+        assert_error(
+            &q3c(&["compile", path(&moe), "--backend", "llvm", "-o", path(&out)]),
+            "--features llvm",
+        );
+    }
+    assert!(!out.exists(), "nothing written on failure");
+}
+
+#[cfg(feature = "llvm")]
+#[test]
+fn llvm_so_generates_transformers_greedy_ids_and_ptx_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moe = fixtures_dir().join("moe");
+    let so = tmp.path().join("moe.so");
+    ok(&[
+        "compile",
+        path(&moe),
+        "--backend",
+        "llvm",
+        "--fusion",
+        "all",
+        "-o",
+        path(&so),
+    ]);
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", path(&so), "--json"])).unwrap();
+    assert_eq!(json["backend"], "llvm");
+    assert_eq!(json["fusion"], "all");
+    assert_eq!(json["matmul_activations"], "f32");
+    let g = golden("moe");
+    let out = ok(&[
+        "generate",
+        "--model",
+        path(&so),
+        "--weights",
+        path(&moe),
+        "--threads",
+        "2",
+        "--prompt-ids",
+        &ids_arg(&g.prompt_ids),
+        "--max-new-tokens",
+        "24",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(json_ids(&out), g.greedy_ids);
+
+    let ptx = tmp.path().join("moe.ptx");
+    ok(&[
+        "compile",
+        path(&moe),
+        "--backend",
+        "llvm",
+        "--target",
+        "nvptx",
+        "--gpu",
+        "sm_80",
+        "-o",
+        path(&ptx),
+    ]);
+    let text = std::fs::read_to_string(&ptx).unwrap();
+    assert!(text.contains(".target sm_80") && text.contains(".visible .entry q3c_k"));
+
+    let bad = tmp.path().join("bad.so");
+    assert_error(
+        &q3c(&[
+            "compile",
+            path(&moe),
+            "--backend",
+            "llvm",
+            "--target-cpu",
+            "pentium2",
+            "-o",
+            path(&bad),
+        ]),
+        "unknown CPU 'pentium2'",
+    );
+    assert_error(
+        &q3c(&[
+            "compile",
+            path(&moe),
+            "--backend",
+            "llvm",
+            "--target",
+            "nvptx",
+            "--gpu",
+            "sm_9000",
+            "-o",
+            path(&bad),
+        ]),
+        "GPU 'sm_9000'",
+    );
+    assert!(!bad.exists());
+}
