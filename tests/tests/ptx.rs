@@ -46,11 +46,19 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                 let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
                     .unwrap();
                 assert_eq!(m.kernels.len(), kernels, "{name} {fusion}");
+                let distinct: std::collections::BTreeSet<&String> = m.kernels.iter().collect();
                 assert_eq!(
                     m.ptx.matches(".visible .entry ").count(),
-                    kernels,
-                    "{name} {fusion} {gpu}: one entry point per kernel"
+                    distinct.len(),
+                    "{name} {fusion} {gpu}: one entry point per distinct kernel"
                 );
+                assert!(
+                    distinct.len() < kernels,
+                    "{name} {fusion}: the layers' identical kernels are shared"
+                );
+                for k in distinct {
+                    assert!(m.ptx.contains(&format!(".visible .entry {k}(")), "{k}");
+                }
                 assert!(m.ptx.contains(&format!(".target {gpu}")));
                 let file = tmp.path().join(format!("{name}-{fusion}-{gpu}.ptx"));
                 std::fs::write(&file, &m.ptx).unwrap();

@@ -9,7 +9,9 @@ use inkwell::targets::{FileType, TargetMachine};
 use inkwell::values::{FunctionValue, PointerValue};
 use inkwell::AddressSpace;
 use q3c_abi::Manifest;
-use q3c_backend_common::items::dims;
+use std::collections::HashMap;
+
+use q3c_backend_common::items::{dims, in_dtype};
 use q3c_backend_common::manifest::{self, ManifestParts};
 use q3c_backend_common::plan::{self, Plan};
 use q3c_backend_common::BackendError;
@@ -59,10 +61,11 @@ pub struct PtxOptions {
     pub fusion: String,
 }
 
-/// A PTX module: one `.entry` per kernel, in the order a forward call runs them.
+/// A PTX module: one `.entry` per distinct kernel.
 pub struct PtxModule {
     pub ptx: String,
-    /// Entry point names, in dispatch order.
+    /// The entry point each kernel dispatch of a forward call launches, in order (names repeat where nodes
+    /// share a kernel).
     pub kernels: Vec<String>,
     /// The manifest a CPU artifact of the same graph would carry (weights, KV geometry, scratch size).
     pub manifest: Manifest,
@@ -78,8 +81,11 @@ fn check(graph: &Graph, max_tokens: usize) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// Nodes that get a kernel, with their kernel names.
+/// Nodes that get a kernel, in dispatch order, with the name of the kernel each runs. Nodes whose code
+/// would be identical share one kernel (every layer's, typically): compile time and code size grow with
+/// the distinct shapes, not with the number of layers.
 fn kernel_nodes(graph: &Graph, plan: &Plan) -> Vec<(NodeId, String)> {
+    let mut names: HashMap<String, String> = HashMap::new();
     plan.order
         .iter()
         .enumerate()
@@ -87,8 +93,34 @@ fn kernel_nodes(graph: &Graph, plan: &Plan) -> Vec<(NodeId, String)> {
             let op = &graph.node(id).op;
             !op.is_leaf() && !op.is_view()
         })
-        .map(|(n, &id)| (id, format!("q3c_k{n}_{}", graph.node(id).op.name())))
+        .map(|(n, &id)| {
+            let name = names
+                .entry(kernel_key(graph, plan, id))
+                .or_insert_with(|| format!("q3c_k{n}_{}", graph.node(id).op.name()));
+            (id, name.clone())
+        })
         .collect()
+}
+
+/// Everything a kernel's code depends on: the op (a cache write's layer erased: the cache arrives as a
+/// pointer), the types of its inputs and result, and the dtype each input is read in.
+fn kernel_key(graph: &Graph, plan: &Plan, id: NodeId) -> String {
+    let mut op = graph.node(id).op.clone();
+    match &mut op {
+        Op::KvAppend { layer, .. }
+        | Op::NormRope {
+            cache: Some((layer, _)),
+            ..
+        } => *layer = 0,
+        _ => {}
+    }
+    let inputs: Vec<String> = graph
+        .inputs(id)
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| format!("{} as {:?}", graph.node(n).ty, in_dtype(plan, graph, id, i)))
+        .collect();
+    format!("{op:?} ({}) -> {}", inputs.join(", "), graph.node(id).ty)
 }
 
 /// The RoPE inverse frequencies of a rope node, as a private constant table.
@@ -178,12 +210,20 @@ pub fn compile(
     let cx = Context::create();
     let m = cx.create_module("q3c_model");
     let mut kernels_built = Vec::new();
+    let mut functions: HashMap<String, FunctionValue> = HashMap::new();
     for (id, name) in kernel_nodes(graph, &plan) {
-        let f = kernel_body(&cx, &m, graph, &plan, id, &name, target.flavor)?;
+        let f = match functions.get(&name) {
+            Some(&f) => f,
+            None => {
+                let f = kernel_body(&cx, &m, graph, &plan, id, &name, target.flavor)?;
+                functions.insert(name, f);
+                f
+            }
+        };
         kernels_built.push((id, f));
     }
     let forward_fn = forward::build(&cx, &m, graph, &plan, &kernels_built, cfg.vocab_size)?;
-    for f in kernels_built.iter().map(|k| k.1).chain([forward_fn]) {
+    for f in functions.values().copied().chain([forward_fn]) {
         f.add_attribute(
             AttributeLoc::Function,
             cx.create_string_attribute("target-cpu", &target.cpu),
@@ -236,8 +276,12 @@ pub fn compile_ptx(
         m.get_function(name)
             .unwrap_or_else(|| m.add_function(name, i32t.fn_type(&[], false), None))
     };
-    let mut names = Vec::new();
+    let mut names: Vec<String> = Vec::new();
     for (id, name) in kernel_nodes(graph, &plan) {
+        if names.contains(&name) {
+            names.push(name);
+            continue;
+        }
         let body = kernel_body(
             &cx,
             &m,
