@@ -94,6 +94,13 @@ pub mod step_offsets {
 /// `int32_t q3c_forward(const q3c_step *)`.
 pub type Forward = unsafe extern "C" fn(step: *const Step) -> i32;
 
+/// `kernel_dtype` of a weight the runtime quantizes to 8 bits when binding it.
+///
+/// A `[n, k]` matrix (k a multiple of 32) becomes `n·k` signed bytes `q` (row-major), followed by `n·k/32`
+/// little-endian f32 scales `d` (row-major over groups), so that `w[i][j] ≈ d[i][j/32] · q[i][j]`, where
+/// `d = max|w| / 127` over the group and `q = round(w / d)` (to nearest, ties to even).
+pub const Q8_LAYOUT: &str = "q8";
+
 /// How the runtime must lay out one bound weight.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WeightEntry {

@@ -13,6 +13,8 @@ pub struct CpuCodegen<'a> {
     pub max_tokens: usize,
     /// LLVM only: AVX512_BF16 dot products with bf16-rounded activations in prefill.
     pub bf16_activations: bool,
+    /// LLVM only: linear matrices bound as 8-bit groups (`q8`), multiplied with VNNI.
+    pub weights_q8: bool,
 }
 
 /// Compiles a fused graph into an object file.
@@ -27,9 +29,13 @@ pub fn compile_object(
         target_cpu,
         max_tokens,
         bf16_activations,
+        weights_q8,
     } = how;
     if bf16_activations && backend != "llvm" {
         bail!("--bf16-activations needs --backend llvm");
+    }
+    if weights_q8 && backend != "llvm" {
+        bail!("--quantize q8 needs --backend llvm");
     }
     match backend {
         "cranelift" => {
@@ -58,6 +64,7 @@ fn llvm_object(
         max_tokens_per_call: how.max_tokens,
         fusion: fusion.to_string(),
         bf16_activations: how.bf16_activations,
+        weights_q8: how.weights_q8,
     };
     let c = q3c_backend_llvm::compile(graph, cfg, q3c_compiler::LOGITS, &opts)?;
     Ok((c.object, c.manifest))

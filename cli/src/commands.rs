@@ -72,6 +72,10 @@ enum Command {
         /// dot products (about 2x the f32 rate; what llama.cpp does for bf16 models).
         #[arg(long)]
         bf16_activations: bool,
+        /// LLVM: bind the linear matrices as 8-bit groups of 32 with an f32 scale each (quantized at load)
+        /// and multiply them with AVX512-VNNI on activations quantized the same way (like llama.cpp's Q8_0).
+        #[arg(long, default_value = "none", value_parser = ["none", "q8"])]
+        quantize: String,
         /// Most tokens per forward call (longer prompts run in chunks); sizes the scratch memory.
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
@@ -476,6 +480,7 @@ pub fn run(cli: Cli) -> Result<()> {
             gpu,
             target_cpu,
             bf16_activations,
+            quantize,
             max_tokens,
             fusion,
         } => {
@@ -502,6 +507,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 target_cpu: &target_cpu,
                 max_tokens,
                 bf16_activations,
+                weights_q8: quantize == "q8",
             };
             let (manifest, _) = compile_artifact(&cfg, &strategy, &how, &out)?;
             eprintln!(

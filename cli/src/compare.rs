@@ -87,6 +87,7 @@ pub fn run(
                 target_cpu: "native",
                 max_tokens: settings.max_tokens,
                 bf16_activations: false,
+                weights_q8: false,
             },
             &so,
         )?;

@@ -6,7 +6,7 @@ use std::path::Path;
 mod common;
 use common::*;
 
-use q3c_tests::{fixtures_dir, golden};
+use q3c_tests::fixtures_dir;
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -30,6 +30,10 @@ fn misuse_of_backend_flags_is_refused() {
             path(&out),
         ]),
         "--bf16-activations needs --backend llvm",
+    );
+    assert_error(
+        &q3c(&["compile", path(&moe), "--quantize", "q8", "-o", path(&out)]),
+        "--quantize q8 needs --backend llvm",
     );
     assert_error(
         &q3c(&["compile", path(&moe), "--backend", "gcc", "-o", path(&out)]),
@@ -65,7 +69,7 @@ fn llvm_so_generates_transformers_greedy_ids_and_ptx_is_written() {
     assert_eq!(json["backend"], "llvm");
     assert_eq!(json["fusion"], "all");
     assert_eq!(json["matmul_activations"], "f32");
-    let g = golden("moe");
+    let g = q3c_tests::golden("moe");
     let out = ok(&[
         "generate",
         "--model",

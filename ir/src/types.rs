@@ -10,7 +10,13 @@ pub enum DType {
     F16,
     /// Token ids, positions and expert indices.
     I32,
+    /// Not a tensor type: the storage format of weights a backend asked the runtime to quantize (8-bit
+    /// groups of [`Q8_GROUP`] along the last axis, one f32 scale each; layout in `q3c_abi::Q8_LAYOUT`).
+    Q8,
 }
+
+/// Elements per scale of [`DType::Q8`] weights.
+pub const Q8_GROUP: usize = 32;
 
 impl DType {
     /// Every dtype, in text-form order.
@@ -23,6 +29,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::F16 => "f16",
             DType::I32 => "i32",
+            DType::Q8 => "q8",
         }
     }
 
@@ -36,12 +43,13 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::BF16 | DType::F16 => 2,
+            DType::Q8 => 1,
         }
     }
 
     /// True for the floating-point types weights may be stored in.
     pub fn is_float(self) -> bool {
-        !matches!(self, DType::I32)
+        !matches!(self, DType::I32 | DType::Q8)
     }
 }
 

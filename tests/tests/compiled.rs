@@ -140,3 +140,52 @@ fn bf16_activations_stay_within_bf16_rounding_of_transformers() {
         "bf16 activations: {diff:e} vs transformers (scale {scale})"
     );
 }
+
+/// `--quantize q8` (LLVM, AVX512-VNNI): linear matrices in 8-bit groups of 32, activations quantized the same
+/// way. Each weight and activation then carries an error of at most half a step (1/254 of its group's largest
+/// magnitude); the test holds every fixture to 1/16 of the logits' scale — far looser than 1e-3, because this
+/// is a lossy format — and requires that the result differs from the exact path (the q8 kernels ran).
+#[cfg(feature = "llvm")]
+#[test]
+fn q8_weights_stay_within_quantization_error_of_transformers() {
+    if !std::arch::is_x86_feature_detected!("avx512vnni") {
+        eprintln!("skipped: this CPU has no AVX512-VNNI");
+        return;
+    }
+    for name in FIXTURES {
+        let g = golden(name);
+        let cfg = q3c_models::resolve(g.dir.to_str().unwrap()).unwrap();
+        let graph = fused_graph(&cfg, "all");
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = q3c_backend_llvm::CompileOptions {
+            max_tokens_per_call: 64,
+            fusion: "all".into(),
+            weights_q8: true,
+            ..Default::default()
+        };
+        let compiled =
+            q3c_backend_llvm::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts).unwrap();
+        let so = tmp.path().join("q8.so");
+        q3c_backend_common::link_shared(&compiled.object, &so).unwrap();
+        let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+        let quantized = model
+            .manifest()
+            .weights
+            .iter()
+            .filter(|w| w.kernel_dtype == "q8")
+            .count();
+        assert!(quantized > 0, "{name}: no weight bound as q8");
+        let logits = model.session().forward(&g.prompt_ids).unwrap();
+        let scale = g.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&logits.data, &g.logits);
+        eprintln!("{name}: q8 ({quantized} weights) max |dlogit| {diff:e}, logit scale {scale}");
+        assert!(
+            diff > 1e-5,
+            "{name}: identical to f32: the q8 kernels did not run"
+        );
+        assert!(
+            diff <= scale / 16.0,
+            "{name}: q8 {diff:e} vs transformers (scale {scale})"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 use q3c_abi::{KvGeometry, Manifest, WeightEntry, ABI_VERSION};
 use q3c_models::Qwen3Config;
 
-use crate::plan::{kernel_dtype, Plan};
+use crate::plan::Plan;
 
 /// What a backend knows about one compilation beyond the plan.
 pub struct ManifestParts<'a> {
@@ -34,11 +34,11 @@ pub fn build(parts: ManifestParts) -> Manifest {
     let weights = plan
         .weights
         .iter()
-        .map(|(name, shape, dtype)| WeightEntry {
+        .map(|(name, shape, dtype, read_as)| WeightEntry {
             name: name.clone(),
             shape: shape.clone(),
             dtype: dtype.name().into(),
-            kernel_dtype: kernel_dtype(*dtype).name().into(),
+            kernel_dtype: read_as.name().into(),
             layout: "row-major".into(),
         })
         .collect();

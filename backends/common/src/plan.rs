@@ -36,8 +36,8 @@ pub struct Plan {
     pub loc: HashMap<NodeId, Loc>,
     /// Where each element of a tuple-valued node is.
     pub elements: HashMap<NodeId, Vec<Loc>>,
-    /// Weight table entries: (checkpoint name, shape, checkpoint dtype).
-    pub weights: Vec<(String, Vec<usize>, DType)>,
+    /// Weight table entries: (checkpoint name, shape, checkpoint dtype, dtype the kernels read).
+    pub weights: Vec<(String, Vec<usize>, DType, DType)>,
     pub scratch_bytes_per_token: usize,
     pub max_tokens: usize,
     pub layers: usize,
@@ -79,7 +79,38 @@ pub fn kernel_dtype(stored: DType) -> DType {
     }
 }
 
+/// Whether weight node `id` can be bound as [`DType::Q8`]: a `[n, k]` matrix (k a multiple of the group)
+/// read only as the matrix of linear-type kernels (not an expert stack, not the embedding table).
+fn quantizable(graph: &Graph, id: NodeId) -> bool {
+    let dims = graph.node(id).tensor().shape.resolve(0, 0);
+    let Op::Weight { name, .. } = &graph.node(id).op else {
+        return false;
+    };
+    let users = graph.users(id);
+    dims.len() == 2
+        && dims[1].is_multiple_of(q3c_ir::Q8_GROUP)
+        && !name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER)
+        && !users.is_empty()
+        && users.iter().all(|&u| {
+            matches!(
+                graph.node(u).op,
+                Op::Linear | Op::SwiGlu | Op::LinearGroup { .. }
+            ) && graph.inputs(u)[0] != id
+        })
+}
+
+/// The memory plan of `graph` with f32/bf16 weights read as stored (f16 widened).
 pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, BackendError> {
+    plan_with(graph, output, max_tokens, false)
+}
+
+/// [`plan`], where `quantize_q8` binds every matrix of a linear kernel that allows it as [`DType::Q8`].
+pub fn plan_with(
+    graph: &Graph,
+    output: &str,
+    max_tokens: usize,
+    quantize_q8: bool,
+) -> Result<Plan, BackendError> {
     let order = graph
         .topo_order()
         .map_err(|_| BackendError::Internal("graph has a cycle".into()))?;
@@ -101,22 +132,28 @@ pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, Back
             Op::Weight { name, ty } => {
                 let dims = ty.shape.resolve(0, 0);
                 let index = weights.len();
+                let read_as = if quantize_q8 && quantizable(graph, id) {
+                    DType::Q8
+                } else {
+                    kernel_dtype(ty.dtype)
+                };
                 if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER) {
                     for e in 0..dims[0] {
                         weights.push((
                             q3c_models::tensors::expert_tensor(name, e),
                             dims[1..].to_vec(),
                             ty.dtype,
+                            read_as,
                         ));
                     }
                 } else {
-                    weights.push((name.clone(), dims, ty.dtype));
+                    weights.push((name.clone(), dims, ty.dtype, read_as));
                 }
                 loc.insert(
                     id,
                     Loc::Weight {
                         index,
-                        dtype: kernel_dtype(ty.dtype),
+                        dtype: read_as,
                     },
                 );
             }

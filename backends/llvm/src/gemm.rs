@@ -10,6 +10,7 @@ use q3c_backend_common::items::LinearTile;
 use q3c_ir::DType;
 
 use crate::fb::{Fb, Var};
+use crate::q8;
 
 /// Rows of a register tile in prefill.
 pub const TILE_ROWS: usize = 4;
@@ -256,19 +257,33 @@ impl<'ctx> MatMul<'ctx> {
         let col0 = fb.mul_c(item, tile.width);
         let w0: Vec<_> = w.iter().map(|&m| fb.addr(m, col0, w_stride)).collect();
         let o0 = fb.addr(out, col0, 4);
-        // With bf16 dot products, each block's rows are rounded to bf16 once, not once per column group.
+        // With bf16 dot products, each block's rows are rounded to bf16 once, not once per column group;
+        // with q8 weights, quantized once.
         let prepared = bf16_prepared(fb, dt, k).then(|| fb.stack_f32(TILE_ROWS * k / 2));
+        let q8 = (dt == DType::Q8).then(|| fb.stack_f32(TILE_ROWS * q8::row_bytes(k) / 4));
+        // q8 scales: after the matrix's n·k bytes, k/32 f32 per row.
+        let group_bytes = k / q3c_ir::Q8_GROUP * 4;
+        let s0: Vec<_> = w
+            .iter()
+            .map(|&m| fb.addr(fb.off(m, n * k), col0, group_bytes))
+            .collect();
         let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
             // A single row streams one weight row at a time: sequential reads, which the prefetcher follows
             // (four interleaved rows measured 1.6× slower in decode), with four accumulator chains.
             let per_matrix = if nrows == 1 { 1 } else { per_matrix };
             let x_block = fb.addr(x, r, x_stride);
-            let xr: Vec<_> = match prepared {
-                Some(buf) => {
+            let xr: Vec<_> = match (prepared, q8) {
+                (Some(buf), _) => {
                     round_rows_bf16(fb, x_block, nrows, k, buf);
                     (0..nrows).map(|i| fb.off(buf, i * k * 2)).collect()
                 }
-                None => (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect(),
+                (_, Some(buf)) => {
+                    q8::quantize_rows(fb, x_block, nrows, k, buf);
+                    (0..nrows)
+                        .map(|i| fb.off(buf, i * q8::row_bytes(k)))
+                        .collect()
+                }
+                _ => (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect(),
             };
             let o = fb.addr(o0, r, n * 4);
             // Column groups as a loop, not unrolled: one tile's code, whatever the panel width.
@@ -279,9 +294,17 @@ impl<'ctx> MatMul<'ctx> {
                     .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c)))
                     .map(|(w0, c)| fb.off(fb.addr(w0, c0, w_stride), c * w_stride))
                     .collect();
-                let sums = match prepared {
-                    Some(_) => dot_block_prepared(fb, &xr, &cols, k),
-                    None => dot_block(fb, &xr, &cols, dt, k),
+                let sums = match (prepared, q8) {
+                    (Some(_), _) => dot_block_prepared(fb, &xr, &cols, k),
+                    (_, Some(_)) => {
+                        let scales = s0
+                            .iter()
+                            .flat_map(|&s0| (0..per_matrix).map(move |c| (s0, c)))
+                            .map(|(s0, c)| fb.off(fb.addr(s0, c0, group_bytes), c * group_bytes));
+                        let pairs: Vec<_> = cols.iter().copied().zip(scales).collect();
+                        q8::dot_block(fb, &xr, &pairs, k)
+                    }
+                    _ => dot_block(fb, &xr, &cols, dt, k),
                 };
                 let oc = fb.addr(o, c0, 4);
                 for ci in 0..per_matrix {

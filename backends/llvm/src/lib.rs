@@ -19,6 +19,8 @@ mod kernels;
 #[cfg(feature = "llvm")]
 mod module;
 #[cfg(feature = "llvm")]
+mod q8;
+#[cfg(feature = "llvm")]
 mod target;
 
 #[cfg(feature = "llvm")]

@@ -33,6 +33,9 @@ pub struct CompileOptions {
     /// Prefill matrix products over bf16 weights round the activations to bf16 and use AVX512_BF16 dot
     /// products (twice the f32 FMA rate; llama.cpp does the same for bf16 models). Off: f32 activations.
     pub bf16_activations: bool,
+    /// Bind the matrices of linear kernels as `q8` (8-bit groups of 32, quantized by the runtime at load)
+    /// and multiply them with AVX512-VNNI on activations quantized the same way.
+    pub weights_q8: bool,
 }
 
 impl Default for CompileOptions {
@@ -42,6 +45,7 @@ impl Default for CompileOptions {
             max_tokens_per_call: 256,
             fusion: "none".into(),
             bf16_activations: false,
+            weights_q8: false,
         }
     }
 }
@@ -206,7 +210,13 @@ pub fn compile(
 ) -> Result<Compiled, BackendError> {
     check(graph, opts.max_tokens_per_call)?;
     let target = target::cpu(&opts.target_cpu, opts.bf16_activations)?;
-    let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    if opts.weights_q8 && !target.vnni() {
+        return Err(BackendError::Target(format!(
+            "q8 weights need AVX512-VNNI, which {} lacks",
+            target.cpu
+        )));
+    }
+    let plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.weights_q8)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_model");
     let mut kernels_built = Vec::new();

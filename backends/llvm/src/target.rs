@@ -32,6 +32,14 @@ pub struct CpuTarget {
     pub required: Vec<String>,
 }
 
+impl CpuTarget {
+    /// Whether the code may use 256-bit AVX512-VNNI (`vpdpbusd`) next to 512-bit vectors.
+    pub fn vnni(&self) -> bool {
+        let has = |f: &str| self.required.iter().any(|r| r == f);
+        self.flavor.lanes() == 16 && has("avx512vnni") && has("avx512vl")
+    }
+}
+
 /// The host CPU as LLVM names it (`znver4`, `sapphirerapids`, ...).
 pub fn host_cpu() -> String {
     TargetMachine::get_host_cpu_name().to_string()

@@ -6,6 +6,7 @@
 
 mod elf;
 mod pool;
+mod quant;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -265,7 +266,20 @@ impl CompiledModel {
             if w.kernel_dtype == w.dtype {
                 weight_ptrs.push(t.bytes.as_ptr());
             } else {
-                let data = t.to_f32();
+                let data = match w.kernel_dtype.as_str() {
+                    "f32" => t.to_f32(),
+                    q3c_abi::Q8_LAYOUT
+                        if w.shape.len() == 2 && w.shape[1] % q3c_ir::Q8_GROUP == 0 =>
+                    {
+                        quant::quantize_q8(&t.to_f32())
+                    }
+                    other => {
+                        return Err(artifact_err(
+                            artifact,
+                            format!("weight {} has an unknown kernel dtype {other}", w.name),
+                        ))
+                    }
+                };
                 weight_ptrs.push(data.as_ptr() as *const u8);
                 widened.push(data);
             }
