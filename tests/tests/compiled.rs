@@ -101,6 +101,26 @@ fn jit_compiled_code_matches_transformers_too() {
     }
 }
 
+/// A fixture compiled fully fused by the LLVM backend with `opts` (64 tokens per call), loaded on 2 threads.
+#[cfg(feature = "llvm")]
+fn llvm_model(
+    g: &Golden,
+    opts: q3c_backend_llvm::CompileOptions,
+) -> (CompiledModel, tempfile::TempDir) {
+    let cfg = q3c_models::resolve(g.dir.to_str().unwrap()).unwrap();
+    let opts = q3c_backend_llvm::CompileOptions {
+        max_tokens_per_call: 64,
+        fusion: "all".into(),
+        ..opts
+    };
+    let graph = fused_graph(&cfg, &opts.fusion);
+    let compiled = q3c_backend_llvm::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let so = tmp.path().join("model.so");
+    q3c_backend_common::link_shared(&compiled.object, &so).unwrap();
+    (CompiledModel::load(&so, &g.dir, 2).unwrap(), tmp)
+}
+
 /// `--bf16-activations` (LLVM, AVX512_BF16): prefill products over bf16 weights round the activations to bf16.
 /// That is a different computation, so it is held to the error bf16 rounding explains, not to 1e-3: each
 /// activation carries a relative error of at most 2⁻⁹, and the test allows 2⁻⁷ of the logits' scale after
@@ -113,19 +133,13 @@ fn bf16_activations_stay_within_bf16_rounding_of_transformers() {
         return;
     }
     let g = golden("tied_bf16");
-    let cfg = q3c_models::resolve(g.dir.to_str().unwrap()).unwrap();
-    let graph = fused_graph(&cfg, "all");
-    let tmp = tempfile::tempdir().unwrap();
-    let opts = q3c_backend_llvm::CompileOptions {
-        max_tokens_per_call: 64,
-        fusion: "all".into(),
-        bf16_activations: true,
-        ..Default::default()
-    };
-    let compiled = q3c_backend_llvm::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts).unwrap();
-    let so = tmp.path().join("bf16.so");
-    q3c_backend_common::link_shared(&compiled.object, &so).unwrap();
-    let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+    let (model, _dir) = llvm_model(
+        &g,
+        q3c_backend_llvm::CompileOptions {
+            bf16_activations: true,
+            ..Default::default()
+        },
+    );
     assert_eq!(model.manifest().matmul_activations, "bf16");
     let logits = model.session().forward(&g.prompt_ids).unwrap();
     let scale = g.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -154,20 +168,13 @@ fn q8_weights_stay_within_quantization_error_of_transformers() {
     }
     for name in FIXTURES {
         let g = golden(name);
-        let cfg = q3c_models::resolve(g.dir.to_str().unwrap()).unwrap();
-        let graph = fused_graph(&cfg, "all");
-        let tmp = tempfile::tempdir().unwrap();
-        let opts = q3c_backend_llvm::CompileOptions {
-            max_tokens_per_call: 64,
-            fusion: "all".into(),
-            weights_q8: true,
-            ..Default::default()
-        };
-        let compiled =
-            q3c_backend_llvm::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts).unwrap();
-        let so = tmp.path().join("q8.so");
-        q3c_backend_common::link_shared(&compiled.object, &so).unwrap();
-        let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+        let (model, _dir) = llvm_model(
+            &g,
+            q3c_backend_llvm::CompileOptions {
+                weights_q8: true,
+                ..Default::default()
+            },
+        );
         let quantized = model
             .manifest()
             .weights
