@@ -301,13 +301,30 @@ fn jit_runs_the_same_code_in_process() {
 
 #[test]
 fn the_so_exports_only_the_abi_and_imports_only_libm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let so = tmp.path().join("m.so");
-    compile(&fixtures_dir().join("moe"), &so);
+    for backend in q3c_tests::backends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let so = tmp.path().join("m.so");
+        let moe = fixtures_dir().join("moe");
+        ok(&[
+            "compile",
+            moe.to_str().unwrap(),
+            "--backend",
+            backend,
+            "--fusion",
+            "all",
+            "-o",
+            so.to_str().unwrap(),
+        ]);
+        check_symbols(&so, backend);
+    }
+}
+
+/// The artifact at `so` exports exactly the ABI's four symbols and imports nothing beyond libm.
+fn check_symbols(so: &Path, backend: &str) {
     let nm = |flag: &str| {
         let out = Command::new("nm")
             .args(["-D", flag])
-            .arg(&so)
+            .arg(so)
             .output()
             .expect("nm (binutils) runs");
         assert!(out.status.success());
@@ -326,13 +343,14 @@ fn the_so_exports_only_the_abi_and_imports_only_libm() {
             "q3c_forward",
             "q3c_manifest",
             "q3c_manifest_len"
-        ]
+        ],
+        "{backend}"
     );
     for sym in nm("--undefined-only") {
         let name = sym.split('@').next().unwrap();
         assert!(
-            ["expf", "cosf", "sinf", "fmaf"].contains(&name),
-            "unexpected import {sym}"
+            ["expf", "cosf", "sinf", "sincosf", "fmaf"].contains(&name),
+            "{backend}: unexpected import {sym}"
         );
     }
 }
