@@ -140,7 +140,7 @@ pub struct Manifest {
     pub max_tokens_per_call: usize,
     pub scratch_bytes_per_token: usize,
     pub fusion: String,
-    /// `f32`, or `bf16` where prefill matrix products round activations to bf16 (AVX512_BF16 dot products).
+    /// `f32`, or `bf16` where matrix products over bf16 weights round activations to bf16 (AVX512_BF16).
     #[serde(default = "f32_name")]
     pub matmul_activations: String,
     pub target_cpu: String,

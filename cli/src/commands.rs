@@ -68,7 +68,7 @@ enum Command {
         /// CPU to generate code for: native, or a CPU name (x86-64-v2, x86-64-v3, x86-64-v4, znver4, ...).
         #[arg(long, default_value = "native")]
         target_cpu: String,
-        /// LLVM: prefill matrix products over bf16 weights round activations to bf16 and use AVX512_BF16
+        /// LLVM: matrix products over bf16 weights round activations to bf16 and use AVX512_BF16
         /// dot products (about 2x the f32 rate; what llama.cpp does for bf16 models).
         #[arg(long)]
         bf16_activations: bool,

@@ -12,7 +12,7 @@ pub struct ManifestParts<'a> {
     /// `cranelift` or `llvm`.
     pub backend: &'a str,
     pub fusion: &'a str,
-    /// `f32`, or `bf16` where prefill products round activations to bf16.
+    /// `f32`, or `bf16` where products over bf16 weights round activations to bf16.
     pub matmul_activations: &'a str,
     pub target_cpu: &'a str,
     pub required_cpu_features: Vec<String>,

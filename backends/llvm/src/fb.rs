@@ -24,15 +24,15 @@ pub const BUG: &str = "LLVM builder without an insertion point (a q3c bug)";
 /// What kind of machine the code is for: decides the vector width and how `sin`/`cos` are computed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Flavor {
-    /// A CPU with f32 vectors of `lanes` (16 with AVX-512, 8 with AVX2, else 4); `bf16_dot`: prefill
-    /// tiles over bf16 weights round the activations to bf16 and use AVX512_BF16 dot products.
+    /// A CPU with f32 vectors of `lanes` (16 with AVX-512, 8 with AVX2, else 4); `bf16_dot`: products
+    /// over bf16 weights round the activations to bf16 and use AVX512_BF16 dot products.
     Cpu { lanes: u32, bf16_dot: bool },
     /// An NVIDIA GPU through NVPTX.
     Gpu,
 }
 
 impl Flavor {
-    /// Whether bf16 prefill tiles use AVX512_BF16 dot products.
+    /// Whether products over bf16 weights use AVX512_BF16 dot products.
     pub fn bf16_dot(self) -> bool {
         matches!(self, Flavor::Cpu { bf16_dot: true, .. })
     }
@@ -296,11 +296,11 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     pub fn set(&self, v: Var<'ctx>, x: impl BasicValue<'ctx>) {
         self.b.build_store(v.ptr, x).expect(BUG);
     }
-    /// A stack buffer of `n` f32.
-    pub fn stack_f32(&self, n: usize) -> PointerValue<'ctx> {
+    /// A 64-byte aligned stack buffer of `bytes` (rounded up to whole f32).
+    pub fn stack(&self, bytes: usize) -> PointerValue<'ctx> {
         let p = self
             .entry_b
-            .build_alloca(self.f32t().array_type(n as u32), "")
+            .build_alloca(self.f32t().array_type(bytes.div_ceil(4) as u32), "")
             .expect(BUG);
         if let Some(i) = p.as_instruction_value() {
             i.set_alignment(64).expect(BUG);

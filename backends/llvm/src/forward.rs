@@ -87,7 +87,7 @@ pub fn build<'ctx>(
         .map(|&(id, _)| graph.inputs(id).len() + graph.node(id).ty.elements().len())
         .max()
         .unwrap_or(0);
-    let args = fb.stack_f32(2 * words);
+    let args = fb.stack(8 * words);
     let pf_type = cx
         .void_type()
         .fn_type(&[ptr.into(), ptr.into(), ptr.into(), i64t.into()], false);

@@ -44,7 +44,7 @@ pub fn dot_block<'ctx>(
             }
         }
     };
-    // bf16 weights in a prefill tile, where AVX512_BF16 is enabled: pairs of bf16 products per f32 lane.
+    // bf16 weights where AVX512_BF16 is enabled: pairs of bf16 products per f32 lane.
     if fb.flavor.bf16_dot() && dt == DType::BF16 && lanes == 16 {
         return dot_block_bf16(fb, rows, false, cols, k, &accs);
     }
@@ -259,25 +259,29 @@ impl<'ctx> MatMul<'ctx> {
         let o0 = fb.addr(out, col0, 4);
         // With bf16 dot products, each block's rows are rounded to bf16 once, not once per column group;
         // with q8 weights, quantized once.
-        let prepared = bf16_prepared(fb, dt, k).then(|| fb.stack_f32(TILE_ROWS * k / 2));
-        let q8 = (dt == DType::Q8).then(|| fb.stack_f32(TILE_ROWS * q8::row_bytes(k) / 4));
-        // q8 scales: after the matrix's n·k bytes, k/32 f32 per row.
+        let prepared = bf16_prepared(fb, dt, k).then(|| fb.stack(TILE_ROWS * k * 2));
+        // q8: the quantized row block, and each matrix's scales for this panel (after the matrix's n·k
+        // bytes, k/32 f32 per row).
         let group_bytes = k / q3c_ir::Q8_GROUP * 4;
-        let s0: Vec<_> = w
-            .iter()
-            .map(|&m| fb.addr(fb.off(m, n * k), col0, group_bytes))
-            .collect();
+        let q8 = (dt == DType::Q8).then(|| {
+            let scales: Vec<_> = w
+                .iter()
+                .map(|&m| fb.addr(fb.off(m, n * k), col0, group_bytes))
+                .collect();
+            (fb.stack(TILE_ROWS * q8::row_bytes(k)), scales)
+        });
         let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
             // A single row streams one weight row at a time: sequential reads, which the prefetcher follows
             // (four interleaved rows measured 1.6× slower in decode), with four accumulator chains.
             let per_matrix = if nrows == 1 { 1 } else { per_matrix };
             let x_block = fb.addr(x, r, x_stride);
-            let xr: Vec<_> = match (prepared, q8) {
+            let xr: Vec<_> = match (prepared, &q8) {
                 (Some(buf), _) => {
                     round_rows_bf16(fb, x_block, nrows, k, buf);
                     (0..nrows).map(|i| fb.off(buf, i * k * 2)).collect()
                 }
-                (_, Some(buf)) => {
+                (_, Some((buf, _))) => {
+                    let buf = *buf;
                     q8::quantize_rows(fb, x_block, nrows, k, buf);
                     (0..nrows)
                         .map(|i| fb.off(buf, i * q8::row_bytes(k)))
@@ -294,9 +298,9 @@ impl<'ctx> MatMul<'ctx> {
                     .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c)))
                     .map(|(w0, c)| fb.off(fb.addr(w0, c0, w_stride), c * w_stride))
                     .collect();
-                let sums = match (prepared, q8) {
+                let sums = match (prepared, &q8) {
                     (Some(_), _) => dot_block_prepared(fb, &xr, &cols, k),
-                    (_, Some(_)) => {
+                    (_, Some((_, s0))) => {
                         let scales = s0
                             .iter()
                             .flat_map(|&s0| (0..per_matrix).map(move |c| (s0, c)))

@@ -7,14 +7,14 @@
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 use inkwell::IntPredicate;
 use q3c_backend_common::items::{
-    broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
+    broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token,
 };
 use q3c_backend_common::plan::Plan;
 use q3c_backend_common::BackendError;
 use q3c_ir::{DType, Graph, NodeId, Op};
 
 use crate::fb::{Fb, Flavor, BUG};
-use crate::gemm::{epilogue, MatMul, TILE_COLS};
+use crate::gemm::{epilogue, MatMul};
 
 /// Emits the body of node `id`'s kernel. `rope_table` is the address of the node's inverse frequencies.
 pub fn emit<'ctx>(
@@ -60,10 +60,6 @@ pub fn emit<'ctx>(
             let rows = fb.mul_c(t, rows_per_token);
             let dt = in_dtype(plan, graph, id, 1);
             let (n, tile) = linear_outputs(graph, id);
-            let tile = LinearTile {
-                block_cols: tile.width.min(TILE_COLS),
-                ..tile
-            };
             let mm = MatMul { k, dt, rows, tile };
             fb.for_range(start, end, 1, |fb, item| match node.op {
                 // Gate and up (inputs 1, 2), combined per output element by the SwiGLU epilogue.
@@ -326,7 +322,7 @@ pub fn emit<'ctx>(
             let dt = in_dtype(plan, graph, id, 1);
             let (k, renorm) = (*k as usize, *renorm);
             // The token's router probabilities live on the kernel's stack.
-            let probs = fb.stack_f32(experts);
+            let probs = fb.stack(4 * experts);
             fb.for_range(start, end, 1, |fb, tok| {
                 let x = fb.addr(ptr[0], tok, h * 4);
                 fb.for_n(experts, |fb, j| {

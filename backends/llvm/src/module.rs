@@ -30,7 +30,7 @@ pub struct CompileOptions {
     pub max_tokens_per_call: usize,
     /// The fusion strategy the graph was built with (recorded in the manifest).
     pub fusion: String,
-    /// Prefill matrix products over bf16 weights round the activations to bf16 and use AVX512_BF16 dot
+    /// Matrix products over bf16 weights round the activations to bf16 and use AVX512_BF16 dot
     /// products (twice the f32 FMA rate; llama.cpp does the same for bf16 models). Off: f32 activations.
     pub bf16_activations: bool,
     /// Bind the matrices of linear kernels as `q8` (8-bit groups of 32, quantized by the runtime at load)
@@ -287,8 +287,9 @@ pub fn compile_ptx(
             .unwrap_or_else(|| m.add_function(name, i32t.fn_type(&[], false), None))
     };
     let mut names: Vec<String> = Vec::new();
+    let mut built: std::collections::HashSet<String> = std::collections::HashSet::new();
     for (id, name) in kernel_nodes(graph, &plan) {
-        if names.contains(&name) {
+        if !built.insert(name.clone()) {
             names.push(name);
             continue;
         }

@@ -45,6 +45,22 @@ pub fn host_cpu() -> String {
     TargetMachine::get_host_cpu_name().to_string()
 }
 
+/// x86-64-v4's AVX-512 subset, and that with the BF16 and VNNI extensions.
+const AVX512: &[&str] = &[
+    "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+];
+const AVX512_BF16_VNNI: &[&str] = &[
+    "sse42",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512dq",
+    "avx512vl",
+    "avx512bf16",
+    "avx512vnni",
+];
+
 /// Named CPUs q3c knows the vector width and required features of.
 const NAMED: &[(&str, u32, &[&str])] = &[
     (
@@ -59,60 +75,20 @@ const NAMED: &[(&str, u32, &[&str])] = &[
             "sse41", "sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2",
         ],
     ),
-    (
-        "x86-64-v4",
-        16,
-        &[
-            "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
-        ],
-    ),
+    ("x86-64-v4", 16, AVX512),
     (
         "haswell",
         8,
         &["sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2"],
     ),
-    (
-        "skylake-avx512",
-        16,
-        &[
-            "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
-        ],
-    ),
-    (
-        "znver4",
-        16,
-        &[
-            "sse42",
-            "avx2",
-            "fma",
-            "avx512f",
-            "avx512bw",
-            "avx512dq",
-            "avx512vl",
-            "avx512bf16",
-            "avx512vnni",
-        ],
-    ),
-    (
-        "sapphirerapids",
-        16,
-        &[
-            "sse42",
-            "avx2",
-            "fma",
-            "avx512f",
-            "avx512bw",
-            "avx512dq",
-            "avx512vl",
-            "avx512bf16",
-            "avx512vnni",
-        ],
-    ),
+    ("skylake-avx512", 16, AVX512),
+    ("znver4", 16, AVX512_BF16_VNNI),
+    ("sapphirerapids", 16, AVX512_BF16_VNNI),
 ];
 
 /// The target for `target_cpu`: `native` (this machine's CPU and features) or one of [`NAMED`].
 ///
-/// With `bf16_activations`, prefill tiles over bf16 weights use AVX512_BF16 (refused if the CPU lacks it).
+/// With `bf16_activations`, products over bf16 weights use AVX512_BF16 (refused if the CPU lacks it).
 pub fn cpu(target_cpu: &str, bf16_activations: bool) -> Result<CpuTarget, BackendError> {
     Target::initialize_x86(&InitializationConfig::default());
     let triple = TargetMachine::get_default_triple();

@@ -273,6 +273,17 @@ impl CompiledModel {
                     {
                         quant::quantize_q8(&t.to_f32())
                     }
+                    q3c_abi::Q8_LAYOUT => {
+                        return Err(artifact_err(
+                            artifact,
+                            format!(
+                                "weight {} {:?} cannot be bound as q8 (it needs [n, k], k a multiple of {})",
+                                w.name,
+                                w.shape,
+                                q3c_ir::Q8_GROUP
+                            ),
+                        ))
+                    }
                     other => {
                         return Err(artifact_err(
                             artifact,
