@@ -10,7 +10,7 @@ use q3c_models::{registry, Checkpoint, ModelSource};
 use q3c_runtime::chat::{ChatOptions, Piece};
 use q3c_runtime::text::Tokenizer;
 use q3c_runtime::{
-    generate, CompiledModel, GenerateOptions, ReferenceModel, SamplingParams, Session,
+    generate, CompiledModel, GenerateOptions, ReferenceModel, Residency, SamplingParams, Session,
 };
 
 use crate::textgen::{self, SamplingArgs};
@@ -273,6 +273,10 @@ struct ModelArgs {
     /// Compile --model (a model directory) in process with cranelift-jit and run that code.
     #[arg(long)]
     jit: bool,
+    /// Read a compiled model's weights in place from the memory-mapped checkpoint instead of copying them
+    /// into huge-page memory: quicker load and no second copy, slower decode.
+    #[arg(long)]
+    mmap_weights: bool,
 }
 
 /// The model a chat surface (`chat`, `serve`) runs: positional, with its tokenizer.
@@ -289,6 +293,10 @@ struct ChatModelArgs {
     /// Directory with the tokenizer files (default: the model or weights directory).
     #[arg(long, value_name = "DIR")]
     tokenizer: Option<PathBuf>,
+    /// Read a compiled model's weights in place from the memory-mapped checkpoint instead of copying them
+    /// into huge-page memory: quicker load and no second copy, slower decode.
+    #[arg(long)]
+    mmap_weights: bool,
 }
 
 impl ChatModelArgs {
@@ -305,6 +313,7 @@ impl ChatModelArgs {
             weights: self.weights,
             threads: self.threads,
             jit: false,
+            mmap_weights: self.mmap_weights,
         };
         let (loaded, _) = Loaded::load(&args)?;
         Ok((text, loaded))
@@ -317,6 +326,16 @@ pub(crate) enum Loaded {
     Compiled(Box<CompiledModel>),
 }
 
+impl ModelArgs {
+    fn residency(&self) -> Residency {
+        if self.mmap_weights {
+            Residency::Mapped
+        } else {
+            Residency::Copied
+        }
+    }
+}
+
 impl Loaded {
     fn load(args: &ModelArgs) -> Result<(Loaded, Vec<u32>)> {
         if args.jit {
@@ -326,6 +345,12 @@ impl Loaded {
             if args.weights.is_some() {
                 bail!(
                     "--weights is only for a compiled --model .so; {} is a model directory",
+                    args.model.display()
+                );
+            }
+            if args.mmap_weights {
+                bail!(
+                    "--mmap-weights is only for a compiled --model .so (or --jit); {} runs on the reference executor",
                     args.model.display()
                 );
             }
@@ -350,7 +375,7 @@ impl Loaded {
         if threads == 0 {
             bail!("--threads must be at least 1");
         }
-        let model = CompiledModel::load(&args.model, weights, threads)?;
+        let model = CompiledModel::load_with(&args.model, weights, threads, args.residency())?;
         let eos = model.config().eos_token_ids.clone();
         Ok((Loaded::Compiled(Box::new(model)), eos))
     }
@@ -380,6 +405,7 @@ impl Loaded {
                 Box::new(jit.code),
                 weights,
                 threads,
+                args.residency(),
             )?
         };
         Ok((Loaded::Compiled(Box::new(model)), cfg.eos_token_ids))

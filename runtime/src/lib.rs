@@ -20,7 +20,7 @@ pub mod sampling;
 mod session;
 pub mod text;
 
-pub use compiled::{CompiledModel, CompiledSession};
+pub use compiled::{CompiledModel, CompiledSession, Residency};
 pub use error::RuntimeError;
 pub use generate::{generate, GenerateOptions};
 pub use reference::{ReferenceModel, ReferenceSession};

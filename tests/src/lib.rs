@@ -192,6 +192,7 @@ pub fn jit_model(name: &str, threads: usize) -> q3c_runtime::CompiledModel {
             Box::new(jit.code),
             &fixtures_dir().join(name),
             threads,
+            q3c_runtime::Residency::default(),
         )
     }
     .expect("binding weights")

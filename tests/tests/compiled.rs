@@ -1,6 +1,6 @@
 //! The compiled `.so` (every backend in the build) against transformers and the reference executor, on 1 and 2 threads.
 
-use q3c_runtime::{CompiledModel, Session};
+use q3c_runtime::{CompiledModel, Residency, Session};
 use q3c_tests::*;
 
 #[test]
@@ -32,6 +32,25 @@ fn every_fixture_matches_transformers_through_the_compiled_so() {
                 "{name}, {backend}, {threads} threads: vs transformers {vs_hf:.2e}, vs reference {vs_ref:.2e}"
             );
         }
+    }
+}
+
+#[test]
+fn weights_copied_or_read_in_place_give_identical_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let g = golden(name);
+        let so = compile_by(backends()[0], &g.dir, tmp.path(), 64, "none");
+        let [copied, mapped] = [Residency::Copied, Residency::Mapped].map(|r| {
+            let model = CompiledModel::load_with(&so, &g.dir, 2, r).unwrap();
+            let logits = model.session().forward(&g.prompt_ids).unwrap().data;
+            logits
+        });
+        assert!(
+            max_abs_diff(&copied, &g.logits) <= LOGIT_TOLERANCE,
+            "{name}"
+        );
+        assert_eq!(copied, mapped, "{name}");
     }
 }
 

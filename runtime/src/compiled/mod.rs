@@ -4,6 +4,7 @@
 //! q3c symbols, its ABI version is ours, its manifest parses, this CPU has the features it was compiled
 //! for, and the checkpoint holds exactly the weights the manifest lists (names, shapes, dtypes).
 
+mod arena;
 mod elf;
 mod pool;
 mod quant;
@@ -14,6 +15,8 @@ use std::sync::Mutex;
 use q3c_abi::{Forward, Manifest, Services, Step, ABI_VERSION};
 use q3c_models::{Checkpoint, Qwen3Config};
 
+use arena::Arena;
+pub use arena::Residency;
 pub use pool::ThreadPool;
 
 use crate::error::RuntimeError;
@@ -27,10 +30,11 @@ pub struct CompiledModel {
     manifest: Manifest,
     config: Qwen3Config,
     forward: Forward,
-    /// Pointer per manifest weight: into the memory-mapped checkpoint, or into `widened`.
+    /// Pointer per manifest weight: into `arena`, or into the memory-mapped checkpoint.
     weight_ptrs: Vec<*const u8>,
-    _widened: Vec<Vec<f32>>,
-    _checkpoint: Checkpoint,
+    _arena: Arena,
+    /// Kept only while weights are read from it in place (`Residency::Mapped`).
+    _checkpoint: Option<Checkpoint>,
     pool: Mutex<Box<ThreadPool>>,
     /// What keeps the code alive: the loaded library, or in-process JIT memory.
     _code: Box<dyn std::any::Any + Send + Sync>,
@@ -159,11 +163,22 @@ mod cpu_feature_tests {
 }
 
 impl CompiledModel {
-    /// Loads `artifact`, checks it, and binds the weights in `weights_dir` with a pool of `threads` threads.
+    /// Loads `artifact`, checks it, and binds the weights in `weights_dir` with a pool of `threads` threads
+    /// (weights copied into huge-page memory: [`Residency::Copied`]).
     pub fn load(
         artifact: &Path,
         weights_dir: &Path,
         threads: usize,
+    ) -> Result<CompiledModel, RuntimeError> {
+        Self::load_with(artifact, weights_dir, threads, Residency::default())
+    }
+
+    /// [`CompiledModel::load`], saying where the weights the kernels read unchanged live.
+    pub fn load_with(
+        artifact: &Path,
+        weights_dir: &Path,
+        threads: usize,
+        residency: Residency,
     ) -> Result<CompiledModel, RuntimeError> {
         let library = open_library(artifact)?;
         let manifest = check_library(artifact, &library)?;
@@ -188,6 +203,7 @@ impl CompiledModel {
             Box::new(library),
             weights_dir,
             threads,
+            residency,
         )
     }
 
@@ -202,6 +218,7 @@ impl CompiledModel {
         code: Box<dyn std::any::Any + Send + Sync>,
         weights_dir: &Path,
         threads: usize,
+        residency: Residency,
     ) -> Result<CompiledModel, RuntimeError> {
         if manifest.abi_version != ABI_VERSION {
             return Err(RuntimeError::Internal(format!(
@@ -216,6 +233,7 @@ impl CompiledModel {
             code,
             weights_dir,
             threads,
+            residency,
         )
     }
 
@@ -226,6 +244,7 @@ impl CompiledModel {
         code: Box<dyn std::any::Any + Send + Sync>,
         weights_dir: &Path,
         threads: usize,
+        residency: Residency,
     ) -> Result<CompiledModel, RuntimeError> {
         let config = Qwen3Config::from_json(&manifest.config.to_string())
             .map_err(|e| artifact_err(artifact, format!("manifest config: {e}")))?;
@@ -239,8 +258,9 @@ impl CompiledModel {
                     artifact.display()
                 ),
             })?;
-        let mut weight_ptrs = Vec::with_capacity(manifest.weights.len());
-        let mut widened = Vec::new();
+        // Check every weight and size its slot in the arena before filling anything.
+        let mut tensors = Vec::with_capacity(manifest.weights.len());
+        let mut sizes = Vec::with_capacity(manifest.weights.len());
         for w in &manifest.weights {
             let t = checkpoint
                 .get(&w.name)
@@ -263,44 +283,72 @@ impl CompiledModel {
                     message: format!("is {} in the checkpoint, the artifact was compiled for {}; recompile for these weights", t.dtype, w.dtype),
                 });
             }
-            if w.kernel_dtype == w.dtype {
-                weight_ptrs.push(t.bytes.as_ptr());
-            } else {
-                let data = match w.kernel_dtype.as_str() {
-                    "f32" => t.to_f32(),
-                    q3c_abi::Q8_LAYOUT
-                        if w.shape.len() == 2 && w.shape[1] % q3c_ir::Q8_GROUP == 0 =>
-                    {
-                        quant::quantize_q8(&t.to_f32())
-                    }
-                    q3c_abi::Q8_LAYOUT => {
-                        return Err(artifact_err(
-                            artifact,
-                            format!(
-                                "weight {} {:?} cannot be bound as q8 (it needs [n, k], k a multiple of {})",
-                                w.name,
-                                w.shape,
-                                q3c_ir::Q8_GROUP
-                            ),
-                        ))
-                    }
-                    other => {
-                        return Err(artifact_err(
-                            artifact,
-                            format!("weight {} has an unknown kernel dtype {other}", w.name),
-                        ))
-                    }
-                };
-                weight_ptrs.push(data.as_ptr() as *const u8);
-                widened.push(data);
-            }
+            let elements: usize = w.shape.iter().product();
+            let size = match w.kernel_dtype.as_str() {
+                k if k == w.dtype => match residency {
+                    Residency::Copied => t.bytes.len(),
+                    Residency::Mapped => 0,
+                },
+                "f32" => elements * 4,
+                q3c_abi::Q8_LAYOUT
+                    if w.shape.len() == 2 && w.shape[1] % q3c_ir::Q8_GROUP == 0 =>
+                {
+                    quant::q8_bytes(elements)
+                }
+                q3c_abi::Q8_LAYOUT => {
+                    return Err(artifact_err(
+                        artifact,
+                        format!(
+                            "weight {} {:?} cannot be bound as q8 (it needs [n, k], k a multiple of {})",
+                            w.name,
+                            w.shape,
+                            q3c_ir::Q8_GROUP
+                        ),
+                    ))
+                }
+                other => {
+                    return Err(artifact_err(
+                        artifact,
+                        format!("weight {} has an unknown kernel dtype {other}", w.name),
+                    ))
+                }
+            };
+            tensors.push(t);
+            sizes.push(size);
         }
+        let mut arena = Arena::with_sizes(sizes.iter().copied()).map_err(|e| {
+            RuntimeError::Internal(format!("cannot allocate memory for the weights: {e}"))
+        })?;
+        let mut weight_ptrs = Vec::with_capacity(manifest.weights.len());
+        for ((w, t), size) in manifest.weights.iter().zip(&tensors).zip(sizes) {
+            if w.kernel_dtype == w.dtype && size == 0 {
+                weight_ptrs.push(t.bytes.as_ptr());
+                continue;
+            }
+            let slot = arena.slot(size);
+            match w.kernel_dtype.as_str() {
+                k if k == w.dtype => slot.copy_from_slice(t.bytes),
+                "f32" => {
+                    for (d, v) in slot.chunks_exact_mut(4).zip(t.to_f32()) {
+                        d.copy_from_slice(&v.to_ne_bytes());
+                    }
+                }
+                _ => quant::quantize_q8(&t.to_f32(), slot),
+            }
+            weight_ptrs.push(slot.as_ptr());
+        }
+        drop(tensors);
+        // Copied weights no longer need the file mapping.
+        let checkpoint = match residency {
+            Residency::Mapped => Some(checkpoint),
+            Residency::Copied => None,
+        };
         Ok(CompiledModel {
             manifest,
             config,
             forward,
             weight_ptrs,
-            _widened: widened,
+            _arena: arena,
             _checkpoint: checkpoint,
             pool: Mutex::new(Box::new(ThreadPool::new(threads))),
             _code: code,

@@ -10,6 +10,11 @@ use q3c_abi::Kernel;
 /// microseconds during a forward pass, and a futex wake-up costs more than the wait.
 const SPINS: u32 = 20_000;
 
+/// Each job is cut into this many chunks per thread, claimed in turn by whichever thread is free: the two
+/// threads of one core do not run at the same speed, and with one half each the faster waited for the slower
+/// (10% of decode spent spinning; 3% with eight chunks per thread).
+const CHUNKS_PER_THREAD: u64 = 8;
+
 #[derive(Clone, Copy)]
 struct Job {
     kernel: Kernel,
@@ -23,6 +28,8 @@ struct Shared {
     job: Mutex<Option<Job>>,
     /// Workers still running the current job.
     remaining: AtomicUsize,
+    /// The next unclaimed chunk of the current job.
+    next: AtomicU64,
     shutdown: AtomicBool,
     /// Parked workers wait here; `parked` guards against lost wake-ups.
     parked: Mutex<usize>,
@@ -36,10 +43,9 @@ pub struct ThreadPool {
     workers: Vec<JoinHandle<()>>,
 }
 
-/// The range thread `i` of `threads` takes out of `n` items.
-fn chunk(n: u64, i: usize, threads: usize) -> (u64, u64) {
-    let (i, t) = (i as u64, threads as u64);
-    (n * i / t, n * (i + 1) / t)
+/// Chunk `i` of `chunks` of `n` items.
+fn chunk(n: u64, i: u64, chunks: u64) -> (u64, u64) {
+    (n * i / chunks, n * (i + 1) / chunks)
 }
 
 impl ThreadPool {
@@ -50,6 +56,7 @@ impl ThreadPool {
             generation: AtomicU64::new(0),
             job: Mutex::new(None),
             remaining: AtomicUsize::new(0),
+            next: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             parked: Mutex::new(0),
             wake: Condvar::new(),
@@ -60,7 +67,7 @@ impl ThreadPool {
                 let shared = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name(format!("q3c-worker-{i}"))
-                    .spawn(move || worker(&shared, i))
+                    .spawn(move || worker(&shared))
                     .expect("spawning a worker thread")
             })
             .collect();
@@ -88,14 +95,12 @@ impl ThreadPool {
             n,
         });
         sh.remaining.store(sh.threads - 1, Ordering::Release);
+        sh.next.store(0, Ordering::Release);
         sh.generation.fetch_add(1, Ordering::AcqRel);
         if *sh.parked.lock().expect("pool lock") > 0 {
             sh.wake.notify_all();
         }
-        let (s, e) = chunk(n, 0, sh.threads);
-        if s < e {
-            kernel(args, s, e);
-        }
+        run_chunks(sh, kernel, args as usize, n);
         let mut spins = 0u32;
         while sh.remaining.load(Ordering::Acquire) > 0 {
             spins += 1;
@@ -108,7 +113,20 @@ impl ThreadPool {
     }
 }
 
-fn worker(sh: &Shared, index: usize) {
+/// Claims chunks of the current job until none are left and runs them.
+unsafe fn run_chunks(sh: &Shared, kernel: Kernel, args: usize, n: u64) {
+    let chunks = (sh.threads as u64 * CHUNKS_PER_THREAD).min(n);
+    loop {
+        let c = sh.next.fetch_add(1, Ordering::AcqRel);
+        if c >= chunks {
+            return;
+        }
+        let (s, e) = chunk(n, c, chunks);
+        kernel(args as *const u64, s, e);
+    }
+}
+
+fn worker(sh: &Shared) {
     let mut seen = 0u64;
     loop {
         // Wait for a new generation: spin first, then park.
@@ -140,11 +158,8 @@ fn worker(sh: &Shared, index: usize) {
             .lock()
             .expect("pool lock")
             .expect("a job comes with a new generation");
-        let (s, e) = chunk(job.n, index, sh.threads);
-        if s < e {
-            // SAFETY: the caller of `run` keeps the kernel and args valid until every worker is done.
-            unsafe { (job.kernel)(job.args as *const u64, s, e) };
-        }
+        // SAFETY: the caller of `run` keeps the kernel and args valid until every worker is done.
+        unsafe { run_chunks(sh, job.kernel, job.args, job.n) };
         sh.remaining.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -2,37 +2,45 @@
 
 use q3c_ir::Q8_GROUP;
 
-/// Quantizes a row-major `[n, k]` matrix (`k` a multiple of 32) into the `q8` layout: `n·k` i8, then `n·k/32`
-/// f32 scales. Returned as f32 words so the scales are aligned; the i8 part fills the first `n·k/4` words.
-pub fn quantize_q8(w: &[f32]) -> Vec<f32> {
+/// Bytes of the `q8` form of `len` values: `len` i8, then `len / 32` f32 scales.
+pub fn q8_bytes(len: usize) -> usize {
+    len + len / Q8_GROUP * 4
+}
+
+/// Quantizes a row-major `[n, k]` matrix (`k` a multiple of 32) into the `q8` layout in `out`
+/// (`q8_bytes(w.len())` bytes, 4-byte aligned): `n·k` i8, then `n·k/32` f32 scales.
+pub fn quantize_q8(w: &[f32], out: &mut [u8]) {
     debug_assert!(w.len().is_multiple_of(Q8_GROUP));
-    let groups = w.len() / Q8_GROUP;
-    let mut q = vec![0u8; w.len()];
-    let mut scales = Vec::with_capacity(groups);
-    for (g, chunk) in w.chunks_exact(Q8_GROUP).enumerate() {
+    let (q, scales) = out.split_at_mut(w.len());
+    for ((chunk, q), scale) in w
+        .chunks_exact(Q8_GROUP)
+        .zip(q.chunks_exact_mut(Q8_GROUP))
+        .zip(scales.chunks_exact_mut(4))
+    {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        for (i, v) in chunk.iter().enumerate() {
-            q[g * Q8_GROUP + i] = ((v * inv).round_ties_even() as i8) as u8;
+        for (q, v) in q.iter_mut().zip(chunk) {
+            *q = ((v * inv).round_ties_even() as i8) as u8;
         }
-        scales.push(d);
+        scale.copy_from_slice(&d.to_ne_bytes());
     }
-    let mut words: Vec<f32> = q
-        .chunks_exact(4)
-        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    words.extend(scales);
-    words
 }
 
 #[cfg(test)]
 /// The value `quantize_q8` stores for element `i` (for tests).
-pub fn dequantize_q8(words: &[f32], len: usize, i: usize) -> f32 {
-    let bytes = words[i / 4].to_ne_bytes();
-    let q = bytes[i % 4] as i8;
-    let d = words[len / 4 + i / Q8_GROUP];
+pub fn dequantize_q8(bytes: &[u8], len: usize, i: usize) -> f32 {
+    let q = bytes[i] as i8;
+    let s = len + i / Q8_GROUP * 4;
+    let d = f32::from_ne_bytes(bytes[s..s + 4].try_into().expect("4 bytes"));
     d * f32::from(q)
+}
+
+#[cfg(test)]
+fn quantized(w: &[f32]) -> Vec<u8> {
+    let mut out = vec![0; q8_bytes(w.len())];
+    quantize_q8(w, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -44,8 +52,8 @@ mod tests {
         let w: Vec<f32> = (0..128)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();
-        let q = quantize_q8(&w);
-        assert_eq!(q.len(), 128 / 4 + 128 / 32);
+        let q = quantized(&w);
+        assert_eq!(q.len(), 128 + 128 / 32 * 4);
         for g in 0..4 {
             let amax = w[g * 32..(g + 1) * 32]
                 .iter()
@@ -56,7 +64,7 @@ mod tests {
             }
         }
         // The largest magnitude of a group is exact (±127 steps).
-        let all_zero = quantize_q8(&[0.0; 32]);
+        let all_zero = quantized(&[0.0; 32]);
         assert_eq!(dequantize_q8(&all_zero, 32, 5), 0.0);
     }
 }
