@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the contract below; an artifact with another version is refused.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The C header describing the ABI (shipped for services written in other languages).
 pub const HEADER: &str = include_str!("../q3c_abi.h");
@@ -96,10 +96,19 @@ pub type Forward = unsafe extern "C" fn(step: *const Step) -> i32;
 
 /// `kernel_dtype` of a weight the runtime quantizes to 8 bits when binding it.
 ///
-/// A `[n, k]` matrix (k a multiple of 32) becomes `n·k` signed bytes `q` (row-major), followed by `n·k/32`
-/// little-endian f32 scales `d` (row-major over groups), so that `w[i][j] ≈ d[i][j/32] · q[i][j]`, where
-/// `d = max|w| / 127` over the group and `q = round(w / d)` (to nearest, ties to even).
+/// Each group of 32 elements of a row gets a scale `d = max|w| / 127` and values `q = round(w / d)` (to
+/// nearest, ties to even), so that `w[i][j] ≈ d[i][j/32] · q[i][j]`. A `[n, k]` matrix (n a multiple of 16,
+/// k of 32) is stored in panels of 16 rows: panel `p`, group `g` is 512 bytes, where the 4 bytes at
+/// `(p·k/32 + g)·512 + s·64 + r·4` are `q[16p + r][32g + 4s .. 32g + 4s + 4]` plus 128 (unsigned), for
+/// step `s` in 0..8 and row `r` in 0..16 — so one 64-byte load feeds a 512-bit `vpdpbusd` with four
+/// elements of each of the panel's 16 rows. After the `n·k` bytes come the `n·k/32` scales as f32, the
+/// 16 of panel `p`, group `g` at `(p·k/32 + g)·16 + r`.
 pub const Q8_LAYOUT: &str = "q8";
+
+/// `layout` of a weight bound as stored (or widened): the checkpoint's row-major order.
+pub const LAYOUT_ROW_MAJOR: &str = "row-major";
+/// `layout` of a [`Q8_LAYOUT`] weight: panels of 16 rows, as described there.
+pub const LAYOUT_Q8_PANELS: &str = "panels-16";
 
 /// How the runtime must lay out one bound weight.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +120,7 @@ pub struct WeightEntry {
     pub dtype: String,
     /// Dtype the kernels read (`f16` checkpoints are widened to `f32` at load time).
     pub kernel_dtype: String,
-    /// Always `row-major` in ABI 1.
+    /// [`LAYOUT_ROW_MAJOR`], or [`LAYOUT_Q8_PANELS`] for `q8` weights.
     pub layout: String,
 }
 

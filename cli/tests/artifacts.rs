@@ -37,7 +37,7 @@ fn compile_inspect_and_generate_from_the_so() {
     let so = tmp.path().join("moe.so");
     compile(&fixtures_dir().join("moe"), &so);
     let text = ok(&["inspect", so.to_str().unwrap()]);
-    assert!(text.contains("q3c artifact (ABI 1"), "{text}");
+    assert!(text.contains("q3c artifact (ABI 2"), "{text}");
     assert!(
         text.contains("3 layers, hidden 64, heads 4/2 x 16, vocab 512, MoE 8 experts top-2"),
         "{text}"
@@ -139,7 +139,7 @@ fn bad_artifacts_and_mismatched_weights_are_refused() {
     let so = cc_shared(other.path(), "const unsigned q3c_abi_version = 99;\n");
     assert_error(
         &run(&so, w),
-        "built for q3c ABI version 99, this runtime speaks version 1",
+        "built for q3c ABI version 99, this runtime speaks version 2",
     );
     assert_error(&q3c(&["inspect", so.to_str().unwrap()]), "ABI version 99");
     // A shared library that is not q3c's.

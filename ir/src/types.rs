@@ -17,6 +17,9 @@ pub enum DType {
 
 /// Elements per scale of [`DType::Q8`] weights.
 pub const Q8_GROUP: usize = 32;
+/// Rows of a [`DType::Q8`] matrix interleaved into one panel (one 512-bit VNNI product covers 4 elements
+/// of each of 16 rows).
+pub const Q8_PANEL: usize = 16;
 
 impl DType {
     /// Every dtype, in text-form order.

@@ -215,3 +215,52 @@ fn q8_weights_stay_within_quantization_error_of_transformers() {
         );
     }
 }
+
+/// A manifest asking for a weight form the runtime cannot produce is refused with one precise error, before
+/// any code runs.
+#[test]
+fn weights_the_runtime_cannot_bind_as_asked_are_refused() {
+    let (cfg, _) = open_fixture("dense_gqa");
+    let dir = fixtures_dir().join("dense_gqa");
+    let graph = q3c_compiler::lower(&cfg).unwrap();
+    let opts = q3c_backend_cranelift::CompileOptions::default();
+    let jit =
+        q3c_backend_cranelift::compile_jit(&graph, &cfg, q3c_compiler::LOGITS, &opts).unwrap();
+    let matrix = jit
+        .manifest
+        .weights
+        .iter()
+        .position(|w| w.name.ends_with("mlp.down_proj.weight"))
+        .unwrap();
+    let norm = jit
+        .manifest
+        .weights
+        .iter()
+        .position(|w| w.shape.len() == 1)
+        .unwrap();
+    let cases: [(usize, &str, &str, &str); 3] = [
+        (matrix, "q8", "row-major", "is laid out as \"row-major\""),
+        (norm, "q8", "panels-16", "cannot be bound as q8"),
+        (matrix, "f8", "row-major", "unknown kernel dtype f8"),
+    ];
+    for (i, kernel_dtype, layout, expected) in cases {
+        let mut manifest = jit.manifest.clone();
+        manifest.weights[i].kernel_dtype = kernel_dtype.into();
+        manifest.weights[i].layout = layout.into();
+        // SAFETY: binding fails before `forward` could run.
+        let err = unsafe {
+            CompiledModel::from_code(
+                jit.forward,
+                manifest,
+                Box::new(()),
+                &dir,
+                1,
+                Residency::Copied,
+            )
+        }
+        .err()
+        .expect("binding must fail")
+        .to_string();
+        assert!(err.contains(expected), "{kernel_dtype}/{layout}: {err}");
+    }
+}

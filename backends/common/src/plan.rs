@@ -79,7 +79,8 @@ pub fn kernel_dtype(stored: DType) -> DType {
     }
 }
 
-/// Whether weight node `id` can be bound as [`DType::Q8`]: a `[n, k]` matrix (k a multiple of the group)
+/// Whether weight node `id` can be bound as [`DType::Q8`]: a `[n, k]` matrix (n a multiple of the panel, k of
+/// the group)
 /// read only as the matrix of linear-type kernels (not an expert stack, not the embedding table).
 fn quantizable(graph: &Graph, id: NodeId) -> bool {
     let dims = graph.node(id).tensor().shape.resolve(0, 0);
@@ -88,6 +89,7 @@ fn quantizable(graph: &Graph, id: NodeId) -> bool {
     };
     let users = graph.users(id);
     dims.len() == 2
+        && dims[0].is_multiple_of(q3c_ir::Q8_PANEL)
         && dims[1].is_multiple_of(q3c_ir::Q8_GROUP)
         && !name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER)
         && !users.is_empty()

@@ -12,15 +12,17 @@ use q3c_ir::{Graph, NodeId, Op};
 
 use crate::fb::{Fb, Flavor, BUG};
 use crate::module::nounwind;
+use crate::q8::Staging;
 
 /// Builds `int32_t q3c_forward(const q3c_step *step)`: checks the step, then dispatches every kernel in
-/// order through the runtime's `parallel_for`.
+/// order through the runtime's `parallel_for` (a q8 product after the dispatch that stages its
+/// activations).
 pub fn build<'ctx>(
     cx: &'ctx Context,
     m: &Module<'ctx>,
     graph: &Graph,
     plan: &Plan,
-    kernels: &[(NodeId, FunctionValue<'ctx>)],
+    kernels: &[(NodeId, FunctionValue<'ctx>, Option<Staging<'ctx>>)],
     vocab: usize,
 ) -> Result<FunctionValue<'ctx>, BackendError> {
     let i32t = cx.i32_type();
@@ -84,7 +86,7 @@ pub fn build<'ctx>(
     // Kernel arguments: T, past, then input and output pointers.
     let words = 2 + kernels
         .iter()
-        .map(|&(id, _)| graph.inputs(id).len() + graph.node(id).ty.elements().len())
+        .map(|&(id, _, _)| graph.inputs(id).len() + graph.node(id).ty.elements().len())
         .max()
         .unwrap_or(0);
     let args = fb.stack(8 * words);
@@ -118,11 +120,21 @@ pub fn build<'ctx>(
         matches!(&graph.node(n).op, Op::Weight { name, .. }
             if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER))
     };
-    for &(id, kernel) in kernels {
+    let dispatch = |kernel: FunctionValue<'ctx>, n: IntValue<'ctx>| {
+        let kernel_ptr = kernel.as_global_value().as_pointer_value();
+        fb.b.build_indirect_call(
+            pf_type,
+            parallel_for,
+            &[pool.into(), kernel_ptr.into(), args.into(), n.into()],
+            "",
+        )
+        .expect(BUG);
+    };
+    for &(id, kernel, staging) in kernels {
         let is_logits = plan.loc[&id] == Loc::Logits;
-        fb.store(if is_logits { t_logits } else { t }, args);
-        fb.store(past, fb.off(args, 8));
+        let t_node = if is_logits { t_logits } else { t };
         let inputs = graph.inputs(id);
+        let mut pointers = Vec::with_capacity(inputs.len());
         for (i, &input) in inputs.iter().enumerate() {
             let loc = plan.loc[&input];
             let mut p = pointer(loc);
@@ -132,6 +144,19 @@ pub fn build<'ctx>(
             if is_logits && i == 0 {
                 p = fb.addr(p, skipped_rows, plan::bytes_per_token(graph, input)?);
             }
+            pointers.push(p);
+        }
+        fb.store(t_node, args);
+        fb.store(past, fb.off(args, 8));
+        if let Some(st) = staging {
+            // Quantize the activations into the staging area; the product reads them from there.
+            let staged = fb.off(scratch, st.offset);
+            fb.store(pointers[0], fb.off(args, 16));
+            fb.store(staged, fb.off(args, 24));
+            dispatch(st.quantize, fb.mul_c(t_node, st.rows_per_token));
+            pointers[0] = staged;
+        }
+        for (i, p) in pointers.into_iter().enumerate() {
             fb.store(p, fb.off(args, 16 + 8 * i));
         }
         let outs = plan
@@ -148,14 +173,7 @@ pub fn build<'ctx>(
         } else {
             fb.i64c(items.count)
         };
-        let kernel_ptr = kernel.as_global_value().as_pointer_value();
-        fb.b.build_indirect_call(
-            pf_type,
-            parallel_for,
-            &[pool.into(), kernel_ptr.into(), args.into(), n.into()],
-            "",
-        )
-        .expect(BUG);
+        dispatch(kernel, n);
     }
     fb.b.build_return(Some(&i32t.const_int(q3c_abi::OK as u64, true)))
         .expect(BUG);

@@ -5,9 +5,9 @@
 //! along `k`: a tile keeps `rows × cols` vector accumulators, loads each activation and weight vector once
 //! per step, and reduces the lanes at the end.
 
-use inkwell::values::{BasicValue, FloatValue, IntValue, PointerValue};
+use inkwell::values::{BasicValue, FloatValue, IntValue, PointerValue, VectorValue};
 use q3c_backend_common::items::LinearTile;
-use q3c_ir::DType;
+use q3c_ir::{DType, Q8_GROUP, Q8_PANEL};
 
 use crate::fb::{Fb, Var};
 use crate::q8;
@@ -251,43 +251,28 @@ impl<'ctx> MatMul<'ctx> {
         item: IntValue<'ctx>,
     ) {
         let MatMul { k, dt, rows, tile } = *self;
+        if dt == DType::Q8 {
+            return self.q8_columns(fb, x, w, out, n, item);
+        }
         let (x_stride, w_stride) = (k * 4, k * dt.size());
         // Two matrices: a tile takes half its columns from each, so gate and up share every x load.
         let per_matrix = (TILE_COLS / w.len()).clamp(1, tile.width);
         let col0 = fb.mul_c(item, tile.width);
         let w0: Vec<_> = w.iter().map(|&m| fb.addr(m, col0, w_stride)).collect();
         let o0 = fb.addr(out, col0, 4);
-        // With bf16 dot products, each block's rows are rounded to bf16 once, not once per column group;
-        // with q8 weights, quantized once.
+        // With bf16 dot products, each block's rows are rounded to bf16 once, not once per column group.
         let prepared = bf16_prepared(fb, dt, k).then(|| fb.stack(TILE_ROWS * k * 2));
-        // q8: the quantized row block, and each matrix's scales for this panel (after the matrix's n·k
-        // bytes, k/32 f32 per row).
-        let group_bytes = k / q3c_ir::Q8_GROUP * 4;
-        let q8 = (dt == DType::Q8).then(|| {
-            let scales: Vec<_> = w
-                .iter()
-                .map(|&m| fb.addr(fb.off(m, n * k), col0, group_bytes))
-                .collect();
-            (fb.stack(TILE_ROWS * q8::row_bytes(k)), scales)
-        });
         let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
             // A single row streams one weight row at a time: sequential reads, which the prefetcher follows
             // (four interleaved rows measured 1.6× slower in decode), with four accumulator chains.
             let per_matrix = if nrows == 1 { 1 } else { per_matrix };
             let x_block = fb.addr(x, r, x_stride);
-            let xr: Vec<_> = match (prepared, &q8) {
-                (Some(buf), _) => {
+            let xr: Vec<_> = match prepared {
+                Some(buf) => {
                     round_rows_bf16(fb, x_block, nrows, k, buf);
                     (0..nrows).map(|i| fb.off(buf, i * k * 2)).collect()
                 }
-                (_, Some((buf, _))) => {
-                    let buf = *buf;
-                    q8::quantize_rows(fb, x_block, nrows, k, buf);
-                    (0..nrows)
-                        .map(|i| fb.off(buf, i * q8::row_bytes(k)))
-                        .collect()
-                }
-                _ => (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect(),
+                None => (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect(),
             };
             let o = fb.addr(o0, r, n * 4);
             // Column groups as a loop, not unrolled: one tile's code, whatever the panel width.
@@ -298,17 +283,9 @@ impl<'ctx> MatMul<'ctx> {
                     .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c)))
                     .map(|(w0, c)| fb.off(fb.addr(w0, c0, w_stride), c * w_stride))
                     .collect();
-                let sums = match (prepared, &q8) {
-                    (Some(_), _) => dot_block_prepared(fb, &xr, &cols, k),
-                    (_, Some((_, s0))) => {
-                        let scales = s0
-                            .iter()
-                            .flat_map(|&s0| (0..per_matrix).map(move |c| (s0, c)))
-                            .map(|(s0, c)| fb.off(fb.addr(s0, c0, group_bytes), c * group_bytes));
-                        let pairs: Vec<_> = cols.iter().copied().zip(scales).collect();
-                        q8::dot_block(fb, &xr, &pairs, k)
-                    }
-                    _ => dot_block(fb, &xr, &cols, dt, k),
+                let sums = match prepared {
+                    Some(_) => dot_block_prepared(fb, &xr, &cols, k),
+                    None => dot_block(fb, &xr, &cols, dt, k),
                 };
                 let oc = fb.addr(o, c0, 4);
                 for ci in 0..per_matrix {
@@ -322,11 +299,56 @@ impl<'ctx> MatMul<'ctx> {
                 }
             });
         };
-        // Rows in blocks of TILE_ROWS, then one at a time (all of decode).
-        let full = fb.mul_c(fb.udiv_c(rows, TILE_ROWS), TILE_ROWS);
-        fb.for_range(fb.i64c(0), full, TILE_ROWS, |fb, r| block(fb, r, TILE_ROWS));
-        fb.for_range(full, rows, 1, |fb, r| block(fb, r, 1));
+        row_blocks(fb, rows, block);
     }
+
+    /// [`MatMul::columns`] over `q8` weights: the work item is one panel of 16 columns of every matrix, `x`
+    /// the activation rows as the quantize kernel staged them (see [`q8::row_bytes`]).
+    fn q8_columns(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        x: PointerValue<'ctx>,
+        w: &[PointerValue<'ctx>],
+        out: PointerValue<'ctx>,
+        n: usize,
+        item: IntValue<'ctx>,
+    ) {
+        let MatMul { k, rows, tile, .. } = *self;
+        assert_eq!(tile.width, Q8_PANEL, "q8 weights come in panels of 16 rows");
+        let panel_bytes = Q8_PANEL * k;
+        let scale_bytes = k / Q8_GROUP * Q8_PANEL * 4;
+        let mats: Vec<_> = w
+            .iter()
+            .map(|&m| {
+                let scales = fb.off(m, n * k);
+                (
+                    fb.addr(m, item, panel_bytes),
+                    fb.addr(scales, item, scale_bytes),
+                )
+            })
+            .collect();
+        let o0 = fb.addr(out, item, Q8_PANEL * 4);
+        let row = q8::row_bytes(k);
+        row_blocks(fb, rows, |fb, r, nrows| {
+            let x_block = fb.addr(x, r, row);
+            let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * row)).collect();
+            let o = fb.addr(o0, r, n * 4);
+            for (ri, per_matrix) in q8::panel(fb, &xr, &mats, k).iter().enumerate() {
+                fb.store(combine(fb, per_matrix), fb.off(o, ri * n * 4));
+            }
+        });
+    }
+}
+
+/// `block(r, rows)` over `rows` activation rows: blocks of TILE_ROWS, then one at a time (all of decode).
+fn row_blocks<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    rows: IntValue<'ctx>,
+    block: impl Fn(&Fb<'_, 'ctx>, IntValue<'ctx>, usize),
+) {
+    let full = fb.mul_c(fb.udiv_c(rows, TILE_ROWS), TILE_ROWS);
+    fb.for_range(fb.i64c(0), full, TILE_ROWS, |fb, r| block(fb, r, TILE_ROWS));
+    fb.for_range(full, rows, 1, |fb, r| block(fb, r, 1));
 }
 
 /// The epilogue of a (grouped) matrix product over several rows: `parts[m][r]` is matrix `m`'s sum for
@@ -334,11 +356,18 @@ impl<'ctx> MatMul<'ctx> {
 pub fn epilogue<'ctx>(fb: &Fb<'_, 'ctx>, parts: &[Vec<FloatValue<'ctx>>]) -> Vec<FloatValue<'ctx>> {
     match parts {
         [dot] => dot.clone(),
-        [gate, up] => {
-            let (g, u) = (fb.pack(gate), fb.pack(up));
-            let y = fb.fmul(fb.vsilu(g), u);
-            fb.unpack(y)
+        _ => {
+            let packed: Vec<_> = parts.iter().map(|p| fb.pack(p)).collect();
+            fb.unpack(combine(fb, &packed))
         }
+    }
+}
+
+/// The epilogue over vectors of sums (one per matrix): the sums, or `silu(gate) · up`.
+fn combine<'ctx>(fb: &Fb<'_, 'ctx>, parts: &[VectorValue<'ctx>]) -> VectorValue<'ctx> {
+    match parts {
+        [dot] => *dot,
+        [gate, up] => fb.fmul(fb.vsilu(*gate), *up),
         _ => unreachable!("matrix products combine one or two weight matrices"),
     }
 }

@@ -19,7 +19,7 @@ use q3c_ir::{Graph, NodeId, Op};
 use q3c_models::Qwen3Config;
 
 use crate::fb::{Fb, Flavor, BUG};
-use crate::{forward, kernels, target};
+use crate::{forward, kernels, q8, target};
 
 /// Settings of one CPU compilation.
 #[derive(Clone, Debug)]
@@ -127,6 +127,19 @@ fn kernel_key(graph: &Graph, plan: &Plan, id: NodeId) -> String {
     format!("{op:?} ({}) -> {}", inputs.join(", "), graph.node(id).ty)
 }
 
+/// `(k, rows per token)` of node `id` if it is a matrix product over q8 weights.
+fn q8_product(graph: &Graph, plan: &Plan, id: NodeId) -> Option<(usize, usize)> {
+    let linear = matches!(
+        graph.node(id).op,
+        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. }
+    );
+    if !linear || in_dtype(plan, graph, id, 1) != q3c_ir::DType::Q8 {
+        return None;
+    }
+    let x = dims(graph, graph.inputs(id)[0]);
+    Some((*x.last().expect("rank"), x[1..x.len() - 1].iter().product()))
+}
+
 /// The RoPE inverse frequencies of a rope node, as a private constant table.
 fn rope_table<'ctx>(
     cx: &'ctx Context,
@@ -216,11 +229,14 @@ pub fn compile(
             target.cpu
         )));
     }
-    let plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.weights_q8)?;
+    let mut plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.weights_q8)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_model");
     let mut kernels_built = Vec::new();
     let mut functions: HashMap<String, FunctionValue> = HashMap::new();
+    // q8 products stage their quantized activations after every other scratch buffer.
+    let staging_offset = plan.scratch_bytes_per_token * plan.max_tokens;
+    let mut staging_per_token = 0;
     for (id, name) in kernel_nodes(graph, &plan) {
         let f = match functions.get(&name) {
             Some(&f) => f,
@@ -230,8 +246,20 @@ pub fn compile(
                 f
             }
         };
-        kernels_built.push((id, f));
+        let staging = q8_product(graph, &plan, id).map(|(k, rows_per_token)| {
+            staging_per_token = staging_per_token.max(rows_per_token * q8::row_bytes(k));
+            let quantize = *functions
+                .entry(format!("q3c_q8_quantize_{k}"))
+                .or_insert_with(|| q8::quantize_kernel(&cx, &m, k, target.flavor));
+            q8::Staging {
+                quantize,
+                offset: staging_offset,
+                rows_per_token,
+            }
+        });
+        kernels_built.push((id, f, staging));
     }
+    plan.scratch_bytes_per_token += staging_per_token;
     let forward_fn = forward::build(&cx, &m, graph, &plan, &kernels_built, cfg.vocab_size)?;
     for f in functions.values().copied().chain([forward_fn]) {
         f.add_attribute(

@@ -1,179 +1,222 @@
-//! Products over `q8` weights (`q3c_abi::Q8_LAYOUT`: i8 in groups of 32, one f32 scale each) with
-//! AVX512-VNNI: the activations are quantized the same way (per row, per group of 32) into a stack buffer,
-//! and each group's product is one `vpdpbusd` — `|x|` (unsigned) against `w` carrying `x`'s sign
-//! (`vpsignb`), as llama.cpp's Q8_0 kernels do — scaled by `d_x · d_w` into f32 accumulators.
+//! Products over `q8` weights (`q3c_abi::Q8_LAYOUT`: i8 in groups of 32 with one f32 scale each, stored
+//! offset by 128 in panels of 16 rows) with 512-bit AVX512-VNNI `vpdpbusd`.
+//!
+//! The activations of a q8 product are quantized the same way (per row, per group of 32) by a kernel of
+//! their own, dispatched just before the product, into a staging area of the scratch arena: once per
+//! dispatch, not once per work item. One `vpdpbusd` multiplies a 64-byte step of a panel (four elements of
+//! each of its 16 rows, unsigned) by four activation bytes broadcast to every lane (signed); the offset of
+//! 128 is taken back by starting each group's sum at `-128 · Σ x_q`. Each lane then holds one output
+//! column, so the group's sums are scaled by `d_w · d_x` with one vector multiply-add and no horizontal
+//! reduction.
 
+use inkwell::context::Context;
+use inkwell::module::{Linkage, Module};
 use inkwell::types::VectorType;
-use inkwell::values::{BasicValue, FloatValue, IntValue, PointerValue, VectorValue};
-use q3c_ir::Q8_GROUP;
+use inkwell::values::{BasicValue, FunctionValue, IntValue, PointerValue, VectorValue};
+use inkwell::AddressSpace;
+use q3c_ir::{Q8_GROUP, Q8_PANEL};
 
-use crate::fb::{Fb, BUG};
+use crate::fb::{Fb, Flavor, BUG};
+use crate::module::nounwind;
 
-/// Bytes of one quantized activation row of `k`: the i8 values, their magnitudes, then one f32 per group.
+/// Bytes of one quantized activation row of `k`: the i8 values, one f32 scale per group, then one i32
+/// `-128 · Σ q` per group.
 pub fn row_bytes(k: usize) -> usize {
-    2 * k + k / Q8_GROUP * 4
+    k + k / Q8_GROUP * 8
 }
 
-/// Quantizes `n` rows of `k` f32 at `x` (row stride `k·4`) into `dst` (row stride [`row_bytes`]).
-pub fn quantize_rows<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    x: PointerValue<'ctx>,
-    n: usize,
+/// Bytes of one group of a panel (32 elements of 16 rows).
+const BLOCK: usize = Q8_GROUP * Q8_PANEL;
+/// Bytes of one `vpdpbusd` step of a panel.
+const STEP: usize = 4 * Q8_PANEL;
+
+/// Where a q8 product's activations are quantized to, and the kernel that does it.
+#[derive(Clone, Copy)]
+pub struct Staging<'ctx> {
+    /// `quantize(args = [T, past, x, dst], start, end)`: rows `start..end` of `x` (f32, `k` each) into
+    /// `dst` ([`row_bytes`] each).
+    pub quantize: FunctionValue<'ctx>,
+    /// Byte offset of the staging area in the scratch arena.
+    pub offset: usize,
+    /// Activation rows per token (the items of the quantize dispatch).
+    pub rows_per_token: usize,
+}
+
+/// Defines the quantize kernel for rows of `k`.
+pub fn quantize_kernel<'ctx>(
+    cx: &'ctx Context,
+    m: &Module<'ctx>,
     k: usize,
+    flavor: Flavor,
+) -> FunctionValue<'ctx> {
+    let i64t = cx.i64_type();
+    let ptr = cx.ptr_type(AddressSpace::default());
+    let ty = cx
+        .void_type()
+        .fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
+    let f = m.add_function(&format!("q3c_q8_quantize_{k}"), ty, Some(Linkage::Internal));
+    nounwind(cx, f);
+    let fb = Fb::new(cx, m, f, flavor);
+    let param = |i| f.get_nth_param(i).expect("3 params");
+    let args = param(0).into_pointer_value();
+    let (start, end) = (param(1).into_int_value(), param(2).into_int_value());
+    let (x, dst) = (fb.load_ptr(fb.off(args, 16)), fb.load_ptr(fb.off(args, 24)));
+    fb.for_range(start, end, 1, |fb, row| {
+        quantize_row(
+            fb,
+            fb.addr(x, row, k * 4),
+            fb.addr(dst, row, row_bytes(k)),
+            k,
+        );
+    });
+    fb.b.build_return(None).expect(BUG);
+    fb.finish();
+    f
+}
+
+/// Quantizes one row of `k` f32 at `src` into `dst` (see [`row_bytes`]).
+fn quantize_row<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    src: PointerValue<'ctx>,
     dst: PointerValue<'ctx>,
+    k: usize,
 ) {
     let i32t = fb.cx.i32_type();
-    for i in 0..n {
-        let (src, to) = (fb.off(x, i * k * 4), fb.off(dst, i * row_bytes(k)));
-        fb.for_n(k / Q8_GROUP, |fb, g| {
-            let p = fb.addr(src, g, Q8_GROUP * 4);
-            let (lo, hi) = (fb.vload(p), fb.vload(fb.off(p, 64)));
-            let both = concat(fb, lo, hi);
-            let abs = fb
-                .intrinsic("llvm.fabs", both.get_type().into(), &[both.into()])
-                .into_vector_value();
-            let amax = fb
-                .intrinsic(
-                    "llvm.vector.reduce.fmax",
-                    both.get_type().into(),
-                    &[abs.into()],
-                )
+    let groups = k / Q8_GROUP;
+    fb.for_n(groups, |fb, g| {
+        let p = fb.addr(src, g, Q8_GROUP * 4);
+        let both =
+            fb.b.build_load(fb.f32t().vec_type(Q8_GROUP as u32), p, "")
+                .expect(BUG);
+        if let Some(i) = both.as_instruction_value() {
+            i.set_alignment(4).expect(BUG);
+        }
+        let both = both.into_vector_value();
+        let abs = fb
+            .intrinsic("llvm.fabs", both.get_type().into(), &[both.into()])
+            .into_vector_value();
+        let amax = fb
+            .intrinsic(
+                "llvm.vector.reduce.fmax",
+                both.get_type().into(),
+                &[abs.into()],
+            )
+            .into_float_value();
+        let d = fb.fmul(amax, fb.f32c(1.0 / 127.0));
+        let positive = fb.fgt(d, fb.f32c(0.0));
+        let inv = fb.fdiv(fb.f32c(1.0), d);
+        let inv =
+            fb.b.build_select(positive, inv, fb.f32c(0.0), "")
+                .expect(BUG)
                 .into_float_value();
-            let d = fb.fmul(amax, fb.f32c(1.0 / 127.0));
-            let positive = fb.fgt(d, fb.f32c(0.0));
-            let inv = fb.fdiv(fb.f32c(1.0), d);
-            let inv =
-                fb.b.build_select(positive, inv, fb.f32c(0.0), "")
-                    .expect(BUG)
-                    .into_float_value();
-            let splat = fb.pack(&[inv; Q8_GROUP]);
-            let scaled = fb.fmul(both, splat);
-            let rounded = fb
-                .intrinsic("llvm.roundeven", scaled.get_type().into(), &[scaled.into()])
-                .into_vector_value();
-            let q32 =
-                fb.b.build_float_to_signed_int(rounded, i32t.vec_type(Q8_GROUP as u32), "")
-                    .expect(BUG);
-            let q =
-                fb.b.build_int_truncate(q32, fb.cx.i8_type().vec_type(Q8_GROUP as u32), "")
-                    .expect(BUG);
-            let a = fb
-                .intrinsic(
-                    "llvm.abs",
-                    q.get_type().into(),
-                    &[q.into(), fb.cx.bool_type().const_zero().into()],
-                )
-                .into_vector_value();
-            fb.store(q, fb.addr(to, g, Q8_GROUP));
-            fb.store(a, fb.off(fb.addr(to, g, Q8_GROUP), k));
-            fb.store(d, fb.off(fb.addr(to, g, 4), 2 * k));
-        });
-    }
+        let scaled = fb.fmul(both, fb.pack(&[inv; Q8_GROUP]));
+        let rounded = fb
+            .intrinsic("llvm.roundeven", scaled.get_type().into(), &[scaled.into()])
+            .into_vector_value();
+        let q32 =
+            fb.b.build_float_to_signed_int(rounded, i32t.vec_type(Q8_GROUP as u32), "")
+                .expect(BUG);
+        let sum = fb
+            .intrinsic(
+                "llvm.vector.reduce.add",
+                q32.get_type().into(),
+                &[q32.into()],
+            )
+            .into_int_value();
+        let correction =
+            fb.b.build_int_mul(sum, i32t.const_int((-128i64) as u64, true), "")
+                .expect(BUG);
+        let q =
+            fb.b.build_int_truncate(q32, fb.cx.i8_type().vec_type(Q8_GROUP as u32), "")
+                .expect(BUG);
+        fb.store(q, fb.addr(dst, g, Q8_GROUP));
+        fb.store(d, fb.off(fb.addr(dst, g, 4), k));
+        fb.store(correction, fb.off(fb.addr(dst, g, 4), k + groups * 4));
+    });
 }
 
-/// Two vectors as one of twice the lanes.
-fn concat<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    a: VectorValue<'ctx>,
-    b: VectorValue<'ctx>,
-) -> VectorValue<'ctx> {
-    let n = a.get_type().get_size();
-    let mask: Vec<IntValue> = (0..2 * n)
-        .map(|i| fb.cx.i32_type().const_int(u64::from(i), false))
-        .collect();
-    fb.b.build_shuffle_vector(a, b, VectorType::const_vector(&mask), "")
+/// `v` in each of `lanes` lanes.
+fn splat<'ctx>(fb: &Fb<'_, 'ctx>, v: inkwell::values::BasicValueEnum<'ctx>) -> VectorValue<'ctx> {
+    let ty = match v {
+        inkwell::values::BasicValueEnum::IntValue(i) => i.get_type().vec_type(Q8_PANEL as u32),
+        other => other
+            .into_float_value()
+            .get_type()
+            .vec_type(Q8_PANEL as u32),
+    };
+    let zero = fb.cx.i32_type().const_zero();
+    let one =
+        fb.b.build_insert_element(ty.get_poison(), v, zero, "")
+            .expect(BUG);
+    let mask = VectorType::const_vector(&[zero; Q8_PANEL]);
+    fb.b.build_shuffle_vector(one, ty.get_poison(), mask, "")
         .expect(BUG)
 }
 
-/// `sums[r][c]` over `k`: quantized rows at `rows` (see [`quantize_rows`]) against q8 weight rows at
-/// `cols` (i8) with their group scales at `scales`.
-pub fn dot_block<'ctx>(
+/// One panel's products: for every quantized row at `rows` (see [`row_bytes`]) and every matrix
+/// `(panel, scales)` (the panel's 16·k bytes and 16·k/32 scales), a vector of its 16 output columns.
+pub fn panel<'ctx>(
     fb: &Fb<'_, 'ctx>,
     rows: &[PointerValue<'ctx>],
-    cols: &[(PointerValue<'ctx>, PointerValue<'ctx>)],
+    mats: &[(PointerValue<'ctx>, PointerValue<'ctx>)],
     k: usize,
-) -> Vec<Vec<FloatValue<'ctx>>> {
-    let i8v = fb.cx.i8_type().vec_type(Q8_GROUP as u32);
-    let i32v = fb.cx.i32_type().vec_type(8);
-    let f8 = fb.f32t().vec_type(8);
-    // Independent chains per pair (at least four in all), taking turns group by group.
-    let chains = (4 / (rows.len() * cols.len())).max(1);
-    let accs: Vec<Vec<Vec<_>>> = (0..chains)
-        .map(|_| {
-            rows.iter()
-                .map(|_| cols.iter().map(|_| fb.var(f8.const_zero())).collect())
-                .collect()
-        })
+) -> Vec<Vec<VectorValue<'ctx>>> {
+    let i32t = fb.cx.i32_type();
+    let i32v = i32t.vec_type(Q8_PANEL as u32);
+    let f32v = fb.f32t().vec_type(Q8_PANEL as u32);
+    let groups = k / Q8_GROUP;
+    let accs: Vec<Vec<_>> = rows
+        .iter()
+        .map(|_| mats.iter().map(|_| fb.var(f32v.const_zero())).collect())
         .collect();
-    let load = |p: PointerValue<'ctx>| {
-        let v = fb.b.build_load(i8v, p, "").expect(BUG);
+    let load = |ty: inkwell::types::BasicTypeEnum<'ctx>, p: PointerValue<'ctx>| {
+        let v = fb.b.build_load(ty, p, "").expect(BUG);
         if let Some(i) = v.as_instruction_value() {
-            i.set_alignment(1).expect(BUG);
+            i.set_alignment(4).expect(BUG);
         }
-        v.into_vector_value()
+        v
     };
-    let as_i32 = |v: VectorValue<'ctx>| {
-        fb.b.build_bit_cast(v, i32v, "")
-            .expect(BUG)
-            .into_vector_value()
-    };
-    // One group (32 elements) of every pair into chain `u`.
-    let group = |g: IntValue<'ctx>, u: usize| {
-        let xs: Vec<_> = rows
+    fb.for_n(groups, |fb, g: IntValue<'ctx>| {
+        let xs: Vec<_> = rows.iter().map(|&r| fb.addr(r, g, Q8_GROUP)).collect();
+        let mut dots: Vec<Vec<VectorValue>> = rows
             .iter()
             .map(|&r| {
-                let q = load(fb.addr(r, g, Q8_GROUP));
-                let a = load(fb.off(fb.addr(r, g, Q8_GROUP), k));
-                let d = fb.load_f32(fb.off(fb.addr(r, g, 4), 2 * k));
-                (q, a, d)
+                let c = load(i32t.into(), fb.off(fb.addr(r, g, 4), k + groups * 4));
+                let c = splat(fb, c);
+                mats.iter().map(|_| c).collect()
             })
             .collect();
-        for (c, &(w, s)) in cols.iter().enumerate() {
-            let wq = load(fb.addr(w, g, Q8_GROUP));
-            let dw = fb.load_f32(fb.addr(s, g, 4));
-            for (r, &(xq, xa, dx)) in xs.iter().enumerate() {
-                let signed = fb
-                    .named_intrinsic("llvm.x86.avx2.psign.b", &[wq.into(), xq.into()])
-                    .into_vector_value();
-                let dp = fb
-                    .named_intrinsic(
-                        "llvm.x86.avx512.vpdpbusd.256",
-                        &[
-                            i32v.const_zero().into(),
-                            as_i32(xa).into(),
-                            as_i32(signed).into(),
-                        ],
-                    )
-                    .into_vector_value();
-                let f = fb.b.build_signed_int_to_float(dp, f8, "").expect(BUG);
-                let scale = fb.fmul(dx, dw);
-                let acc = fb.getv(accs[u][r][c]);
-                let y = fb.vfma(f, fb.pack(&[scale; 8]), acc);
-                fb.set(accs[u][r][c], y.as_basic_value_enum());
+        for s in 0..Q8_GROUP / 4 {
+            let ws: Vec<_> = mats
+                .iter()
+                .map(|&(w, _)| load(i32v.into(), fb.off(fb.addr(w, g, BLOCK), s * STEP)))
+                .collect();
+            for (r, &x) in xs.iter().enumerate() {
+                let xb = splat(fb, load(i32t.into(), fb.off(x, 4 * s)));
+                for (m, w) in ws.iter().enumerate() {
+                    dots[r][m] = fb
+                        .named_intrinsic(
+                            "llvm.x86.avx512.vpdpbusd.512",
+                            &[dots[r][m].into(), *w, xb.into()],
+                        )
+                        .into_vector_value();
+                }
             }
         }
-    };
-    let groups = k / Q8_GROUP;
-    let trips = groups / chains;
-    fb.for_n(trips, |fb, j| {
-        for u in 0..chains {
-            group(fb.add_c(fb.mul_c(j, chains), u), u);
+        for (m, &(_, scales)) in mats.iter().enumerate() {
+            let dw = load(f32v.into(), fb.addr(scales, g, Q8_PANEL * 4)).into_vector_value();
+            for (r, &row) in rows.iter().enumerate() {
+                let dx = load(fb.f32t().into(), fb.off(fb.addr(row, g, 4), k));
+                let scale = fb.fmul(dw, splat(fb, dx));
+                let f =
+                    fb.b.build_signed_int_to_float(dots[r][m], f32v, "")
+                        .expect(BUG);
+                let y = fb.vfma(f, scale, fb.getv(accs[r][m]));
+                fb.set(accs[r][m], y);
+            }
         }
     });
-    for (u, g) in (trips * chains..groups).enumerate() {
-        group(fb.i64c(g), u);
-    }
-    (0..rows.len())
-        .map(|r| {
-            (0..cols.len())
-                .map(|c| {
-                    let mut v = fb.getv(accs[0][r][c]);
-                    for chain in &accs[1..] {
-                        v = fb.fadd(v, fb.getv(chain[r][c]));
-                    }
-                    fb.hsum(v)
-                })
-                .collect()
-        })
+    accs.iter()
+        .map(|row| row.iter().map(|&a| fb.getv(a)).collect())
         .collect()
 }

@@ -283,6 +283,20 @@ impl CompiledModel {
                     message: format!("is {} in the checkpoint, the artifact was compiled for {}; recompile for these weights", t.dtype, w.dtype),
                 });
             }
+            let layout = if w.kernel_dtype == q3c_abi::Q8_LAYOUT {
+                q3c_abi::LAYOUT_Q8_PANELS
+            } else {
+                q3c_abi::LAYOUT_ROW_MAJOR
+            };
+            if w.layout != layout {
+                return Err(artifact_err(
+                    artifact,
+                    format!(
+                        "weight {} is laid out as {:?}; this runtime binds {} weights as {layout:?}",
+                        w.name, w.layout, w.kernel_dtype
+                    ),
+                ));
+            }
             let elements: usize = w.shape.iter().product();
             let size = match w.kernel_dtype.as_str() {
                 k if k == w.dtype => match residency {
@@ -291,7 +305,9 @@ impl CompiledModel {
                 },
                 "f32" => elements * 4,
                 q3c_abi::Q8_LAYOUT
-                    if w.shape.len() == 2 && w.shape[1] % q3c_ir::Q8_GROUP == 0 =>
+                    if w.shape.len() == 2
+                        && w.shape[0] % q3c_ir::Q8_PANEL == 0
+                        && w.shape[1] % q3c_ir::Q8_GROUP == 0 =>
                 {
                     quant::q8_bytes(elements)
                 }
@@ -299,9 +315,10 @@ impl CompiledModel {
                     return Err(artifact_err(
                         artifact,
                         format!(
-                            "weight {} {:?} cannot be bound as q8 (it needs [n, k], k a multiple of {})",
+                            "weight {} {:?} cannot be bound as q8 (it needs [n, k], n a multiple of {}, k of {})",
                             w.name,
                             w.shape,
+                            q3c_ir::Q8_PANEL,
                             q3c_ir::Q8_GROUP
                         ),
                     ))
@@ -333,7 +350,7 @@ impl CompiledModel {
                         d.copy_from_slice(&v.to_ne_bytes());
                     }
                 }
-                _ => quant::quantize_q8(&t.to_f32(), slot),
+                _ => quant::quantize_q8(&t.to_f32(), w.shape[1], slot),
             }
             weight_ptrs.push(slot.as_ptr());
         }

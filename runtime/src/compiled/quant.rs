@@ -1,70 +1,93 @@
-//! Binding weights as `q8` (`q3c_abi::Q8_LAYOUT`): 8-bit values in groups of 32 with one f32 scale each.
+//! Binding weights as `q8` (`q3c_abi::Q8_LAYOUT`): 8-bit values in groups of 32 with one f32 scale each,
+//! interleaved in panels of 16 rows for 512-bit VNNI products.
 
-use q3c_ir::Q8_GROUP;
+use q3c_ir::{Q8_GROUP, Q8_PANEL};
 
-/// Bytes of the `q8` form of `len` values: `len` i8, then `len / 32` f32 scales.
+/// Bytes of the `q8` form of `len` values: `len` bytes, then `len / 32` f32 scales.
 pub fn q8_bytes(len: usize) -> usize {
     len + len / Q8_GROUP * 4
 }
 
-/// Quantizes a row-major `[n, k]` matrix (`k` a multiple of 32) into the `q8` layout in `out`
-/// (`q8_bytes(w.len())` bytes, 4-byte aligned): `n·k` i8, then `n·k/32` f32 scales.
-pub fn quantize_q8(w: &[f32], out: &mut [u8]) {
-    debug_assert!(w.len().is_multiple_of(Q8_GROUP));
+/// Bytes of one step of a panel: four elements of each of its rows.
+const STEP: usize = 4 * Q8_PANEL;
+
+/// Quantizes a row-major `[n, k]` matrix (`n` a multiple of 16, `k` of 32) into the `q8` layout in `out`
+/// (`q8_bytes(n·k)` bytes, 4-byte aligned).
+pub fn quantize_q8(w: &[f32], k: usize, out: &mut [u8]) {
+    debug_assert!(k.is_multiple_of(Q8_GROUP) && w.len().is_multiple_of(k * Q8_PANEL));
+    let groups = k / Q8_GROUP;
     let (q, scales) = out.split_at_mut(w.len());
-    for ((chunk, q), scale) in w
-        .chunks_exact(Q8_GROUP)
-        .zip(q.chunks_exact_mut(Q8_GROUP))
-        .zip(scales.chunks_exact_mut(4))
-    {
-        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        for (q, v) in q.iter_mut().zip(chunk) {
-            *q = ((v * inv).round_ties_even() as i8) as u8;
+    for (i, row) in w.chunks_exact(k).enumerate() {
+        let (panel, r) = (i / Q8_PANEL, i % Q8_PANEL);
+        for (g, chunk) in row.chunks_exact(Q8_GROUP).enumerate() {
+            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let block = (panel * groups + g) * Q8_GROUP * Q8_PANEL;
+            for (j, v) in chunk.iter().enumerate() {
+                let at = block + j / 4 * STEP + r * 4 + j % 4;
+                q[at] = (round_even(v * inv) as i32 + 128) as u8;
+            }
+            let s = ((panel * groups + g) * Q8_PANEL + r) * 4;
+            scales[s..s + 4].copy_from_slice(&d.to_ne_bytes());
         }
-        scale.copy_from_slice(&d.to_ne_bytes());
     }
 }
 
-#[cfg(test)]
-/// The value `quantize_q8` stores for element `i` (for tests).
-pub fn dequantize_q8(bytes: &[u8], len: usize, i: usize) -> f32 {
-    let q = bytes[i] as i8;
-    let s = len + i / Q8_GROUP * 4;
-    let d = f32::from_ne_bytes(bytes[s..s + 4].try_into().expect("4 bytes"));
-    d * f32::from(q)
-}
-
-#[cfg(test)]
-fn quantized(w: &[f32]) -> Vec<u8> {
-    let mut out = vec![0; q8_bytes(w.len())];
-    quantize_q8(w, &mut out);
-    out
+/// `x` rounded to the nearest integer, ties to even, for |x| ≤ 2^22 (without a libm call).
+fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it leaves no fraction bits
+    (x + MAGIC) - MAGIC
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Element `[i][j]` of an `[n, k]` matrix stored by [`quantize_q8`], decoded as `q3c_abi::Q8_LAYOUT` says.
+    fn element(bytes: &[u8], n: usize, k: usize, i: usize, j: usize) -> f32 {
+        let (p, r, g, s) = (i / 16, i % 16, j / 32, j % 32 / 4);
+        let block = p * k / 32 + g;
+        let q = i32::from(bytes[block * 512 + s * 64 + r * 4 + j % 4]) - 128;
+        let at = n * k + (block * 16 + r) * 4;
+        let d = f32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap());
+        d * q as f32
+    }
+
     #[test]
     fn round_trip_error_is_within_half_a_step_of_each_group() {
-        let w: Vec<f32> = (0..128)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+        let (n, k) = (32, 64);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 * (1 + i / 640) as f32)
             .collect();
-        let q = quantized(&w);
-        assert_eq!(q.len(), 128 + 128 / 32 * 4);
-        for g in 0..4 {
-            let amax = w[g * 32..(g + 1) * 32]
-                .iter()
-                .fold(0f32, |m, v| m.max(v.abs()));
-            for (i, &v) in w.iter().enumerate().skip(g * 32).take(32) {
-                let err = (dequantize_q8(&q, 128, i) - v).abs();
-                assert!(err <= amax / 127.0 / 2.0 + 1e-6, "{i}: {err}");
+        let mut q = vec![0; q8_bytes(w.len())];
+        quantize_q8(&w, k, &mut q);
+        assert_eq!(q.len(), n * k + n * k / 32 * 4);
+        for i in 0..n {
+            for g in 0..k / 32 {
+                let group = &w[i * k + g * 32..i * k + g * 32 + 32];
+                let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for j in g * 32..g * 32 + 32 {
+                    let err = (element(&q, n, k, i, j) - w[i * k + j]).abs();
+                    assert!(err <= amax / 127.0 / 2.0 + 1e-5, "[{i}][{j}]: {err}");
+                    // The largest magnitude of a group is exact (±127 steps).
+                    if w[i * k + j].abs() == amax {
+                        assert!(err <= 1e-5 * amax, "[{i}][{j}]");
+                    }
+                }
             }
         }
-        // The largest magnitude of a group is exact (±127 steps).
-        let all_zero = quantized(&[0.0; 32]);
-        assert_eq!(dequantize_q8(&all_zero, 32, 5), 0.0);
+        let mut zero = vec![1; q8_bytes(16 * 32)];
+        quantize_q8(&[0.0; 16 * 32], 32, &mut zero);
+        assert!(zero[..512].iter().all(|&b| b == 128));
+        assert_eq!(element(&zero, 16, 32, 5, 7), 0.0);
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(
+            [0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -127.0, 3.49].map(round_even),
+            [0.0, 2.0, 2.0, 0.0, -2.0, 126.0, -127.0, 3.0]
+        );
     }
 }
