@@ -153,22 +153,26 @@ impl TensorRef<'_> {
 
     /// The elements widened to f32 (exact for all supported dtypes).
     pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        self.widen_into(0, &mut out);
+        out
+    }
+
+    /// Elements `start .. start + out.len()` widened to f32 into `out`.
+    pub fn widen_into(&self, start: usize, out: &mut [f32]) {
+        let size = self.dtype.size();
+        let bytes = &self.bytes[start * size..(start + out.len()) * size];
+        let pairs = out.iter_mut().zip(bytes.chunks_exact(size));
         match self.dtype {
-            DType::F32 => self
-                .bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::BF16 => self
-                .bytes
-                .chunks_exact(2)
-                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
-                .collect(),
-            DType::F16 => self
-                .bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            DType::F32 => {
+                pairs.for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            }
+            DType::BF16 => pairs.for_each(|(o, c)| {
+                *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)
+            }),
+            DType::F16 => {
+                pairs.for_each(|(o, c)| *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            }
         }
     }
 }

@@ -55,7 +55,7 @@ pub fn broadcast_strides(s: &[usize], out: &[usize]) -> Vec<usize> {
 
 /// The weight dtype of input `i`, or F32 for activations.
 pub fn in_dtype(plan: &Plan, graph: &Graph, id: NodeId, i: usize) -> DType {
-    match plan.loc[&graph.inputs(id)[i]] {
+    match plan.input_loc(graph, id, i) {
         Loc::Weight { dtype, .. } => dtype,
         _ => DType::F32,
     }

@@ -36,11 +36,24 @@ pub struct Plan {
     pub loc: HashMap<NodeId, Loc>,
     /// Where each element of a tuple-valued node is.
     pub elements: HashMap<NodeId, Vec<Loc>>,
-    /// Weight table entries: (checkpoint name, shape, checkpoint dtype, dtype the kernels read).
+    /// Weight table entries: (checkpoint name, shape, checkpoint dtype, dtype the kernels read). A tensor
+    /// read in two forms (the tied embedding: a bf16 table and a q8 matrix) has two entries.
     pub weights: Vec<(String, Vec<usize>, DType, DType)>,
+    /// Inputs that read a weight in another form than `loc` says, by (node, input index).
+    pub uses: HashMap<(NodeId, usize), Loc>,
     pub scratch_bytes_per_token: usize,
     pub max_tokens: usize,
     pub layers: usize,
+}
+
+impl Plan {
+    /// Where input `i` of node `id` is read from.
+    pub fn input_loc(&self, graph: &Graph, id: NodeId, i: usize) -> Loc {
+        self.uses
+            .get(&(id, i))
+            .copied()
+            .unwrap_or_else(|| self.loc[&graph.inputs(id)[i]])
+    }
 }
 
 /// Bytes per token of a `[T, ...]` activation.
@@ -83,22 +96,28 @@ pub fn kernel_dtype(stored: DType) -> DType {
 /// the group)
 /// read only as the matrix of linear-type kernels (not an expert stack, not the embedding table).
 fn quantizable(graph: &Graph, id: NodeId) -> bool {
+    let users = graph.users(id);
+    q8_shape(graph, id) && !users.is_empty() && users.iter().all(|&u| matrix_use(graph, u, id))
+}
+
+/// A `[n, k]` matrix (n a multiple of the q8 panel, k of the group) that is not an expert stack.
+fn q8_shape(graph: &Graph, id: NodeId) -> bool {
     let dims = graph.node(id).tensor().shape.resolve(0, 0);
     let Op::Weight { name, .. } = &graph.node(id).op else {
         return false;
     };
-    let users = graph.users(id);
     dims.len() == 2
         && dims[0].is_multiple_of(q3c_ir::Q8_PANEL)
         && dims[1].is_multiple_of(q3c_ir::Q8_GROUP)
         && !name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER)
-        && !users.is_empty()
-        && users.iter().all(|&u| {
-            matches!(
-                graph.node(u).op,
-                Op::Linear | Op::SwiGlu | Op::LinearGroup { .. }
-            ) && graph.inputs(u)[0] != id
-        })
+}
+
+/// Whether node `user` reads weight `id` only as the matrix of a linear-type kernel.
+fn matrix_use(graph: &Graph, user: NodeId, id: NodeId) -> bool {
+    matches!(
+        graph.node(user).op,
+        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. }
+    ) && graph.inputs(user)[0] != id
 }
 
 /// The memory plan of `graph` with f32/bf16 weights read as stored (f16 widened).
@@ -121,6 +140,7 @@ pub fn plan_with(
         .ok_or_else(|| BackendError::Internal(format!("no output {output}")))?;
     let mut loc = HashMap::new();
     let mut weights = Vec::new();
+    let mut uses = HashMap::new();
     let mut layers = 0;
     // Root buffer of each node (views — reshape chains, selects — resolve to their source) and the view's
     // per-token byte offset in it.
@@ -149,7 +169,29 @@ pub fn plan_with(
                         ));
                     }
                 } else {
-                    weights.push((name.clone(), dims, ty.dtype, read_as));
+                    weights.push((name.clone(), dims.clone(), ty.dtype, read_as));
+                }
+                // A matrix also read otherwise (the tied embedding table): its products read a q8 copy.
+                if quantize_q8 && read_as != DType::Q8 && q8_shape(graph, id) {
+                    let products: Vec<_> = graph
+                        .users(id)
+                        .into_iter()
+                        .filter(|&u| matrix_use(graph, u, id))
+                        .collect();
+                    if !products.is_empty() {
+                        let copy = Loc::Weight {
+                            index: weights.len(),
+                            dtype: DType::Q8,
+                        };
+                        weights.push((name.clone(), dims, ty.dtype, DType::Q8));
+                        for u in products {
+                            for (i, _) in
+                                graph.inputs(u).iter().enumerate().filter(|(_, &n)| n == id)
+                            {
+                                uses.insert((u, i), copy);
+                            }
+                        }
+                    }
                 }
                 loc.insert(
                     id,
@@ -276,6 +318,7 @@ pub fn plan_with(
         loc,
         elements,
         weights,
+        uses,
         scratch_bytes_per_token: top,
         max_tokens,
         layers,
@@ -291,4 +334,60 @@ fn merge_free(free: &mut Vec<(usize, usize)>) {
         }
     }
     *free = merged;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use q3c_models::registry::lookup;
+
+    fn q8_plan(model: &str) -> (Graph, Plan) {
+        let graph = q3c_compiler::lower(&lookup(model).unwrap()).unwrap();
+        let plan = plan_with(&graph, q3c_compiler::LOGITS, 4, true).unwrap();
+        (graph, plan)
+    }
+
+    fn forms<'p>(plan: &'p Plan, name: &str) -> Vec<DType> {
+        plan.weights
+            .iter()
+            .filter(|w| w.0 == name)
+            .map(|w| w.3)
+            .collect()
+    }
+
+    #[test]
+    fn q8_binds_layer_matrices_and_a_q8_copy_of_the_tied_embedding_for_the_logits() {
+        let (graph, plan) = q8_plan("Qwen3-0.6B");
+        let embed = "model.embed_tokens.weight";
+        assert_eq!(forms(&plan, embed), [DType::BF16, DType::Q8]);
+        assert_eq!(
+            forms(&plan, "model.layers.0.mlp.down_proj.weight"),
+            [DType::Q8]
+        );
+        assert_eq!(
+            forms(&plan, "model.layers.0.input_layernorm.weight"),
+            [DType::BF16]
+        );
+        let logits = graph.output(q3c_compiler::LOGITS).unwrap();
+        let read = |id, i| match plan.input_loc(&graph, id, i) {
+            Loc::Weight { index, dtype } => (plan.weights[index].0.clone(), dtype),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(read(logits, 1), (embed.to_string(), DType::Q8));
+        let table = plan
+            .order
+            .iter()
+            .copied()
+            .find(|&id| graph.node(id).op == Op::Embedding)
+            .unwrap();
+        assert_eq!(read(table, 0), (embed.to_string(), DType::BF16));
+    }
+
+    #[test]
+    fn an_untied_head_is_one_q8_matrix_and_the_embedding_stays_as_stored() {
+        let (_, plan) = q8_plan("Qwen3-8B");
+        assert_eq!(forms(&plan, "lm_head.weight"), [DType::Q8]);
+        assert_eq!(forms(&plan, "model.embed_tokens.weight"), [DType::BF16]);
+        assert!(plan.uses.is_empty());
+    }
 }

@@ -466,7 +466,7 @@ fn build_forward<M: Module>(
         let inputs = graph.inputs(id);
         let stack_weight = |n: NodeId| matches!(&graph.node(n).op, Op::Weight { name, .. } if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER));
         for (i, &input) in inputs.iter().enumerate() {
-            let loc = plan.loc[&input];
+            let loc = plan.input_loc(graph, id, i);
             let mut p = pointer(&mut e, loc);
             if matches!(loc, Loc::Weight { .. }) && !stack_weight(input) {
                 p = e.b.ins().load(I64, mem(), p, 0);

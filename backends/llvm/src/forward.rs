@@ -136,7 +136,7 @@ pub fn build<'ctx>(
         let inputs = graph.inputs(id);
         let mut pointers = Vec::with_capacity(inputs.len());
         for (i, &input) in inputs.iter().enumerate() {
-            let loc = plan.loc[&input];
+            let loc = plan.input_loc(graph, id, i);
             let mut p = pointer(loc);
             if matches!(loc, Loc::Weight { .. }) && !expert_stack(input) {
                 p = fb.load_ptr(p);

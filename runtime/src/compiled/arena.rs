@@ -24,15 +24,15 @@ const ALIGN: usize = 64;
 /// A fixed-size region cut into weight slots; filled once, read-only afterwards.
 pub struct Arena {
     map: Option<MmapMut>,
-    used: usize,
+    sizes: Vec<usize>,
 }
 
 impl Arena {
-    /// An arena for slots of the given byte sizes (each rounded up to a cache line).
-    pub fn with_sizes(sizes: impl IntoIterator<Item = usize>) -> std::io::Result<Arena> {
-        let total: usize = sizes.into_iter().map(|s| s.next_multiple_of(ALIGN)).sum();
+    /// An arena for slots of the given byte sizes (each starting on a cache line).
+    pub fn with_sizes(sizes: Vec<usize>) -> std::io::Result<Arena> {
+        let total: usize = sizes.iter().map(|s| s.next_multiple_of(ALIGN)).sum();
         if total == 0 {
-            return Ok(Arena { map: None, used: 0 });
+            return Ok(Arena { map: None, sizes });
         }
         let map = MmapMut::map_anon(total)?;
         #[cfg(target_os = "linux")]
@@ -42,21 +42,23 @@ impl Arena {
         }
         Ok(Arena {
             map: Some(map),
-            used: 0,
+            sizes,
         })
     }
 
-    /// The next `len` bytes, zeroed. Panics if the sizes given at creation are exceeded.
-    pub fn slot(&mut self, len: usize) -> &mut [u8] {
-        let start = self.used;
-        self.used += len.next_multiple_of(ALIGN);
-        match &mut self.map {
-            Some(map) => &mut map[start..start + len],
-            None => {
-                assert_eq!(len, 0, "arena slot beyond its sizes");
-                &mut []
-            }
+    /// Every slot, zeroed, in the order of the sizes given at creation.
+    pub fn slots(&mut self) -> Vec<&mut [u8]> {
+        let mut rest: &mut [u8] = match &mut self.map {
+            Some(map) => &mut map[..],
+            None => &mut [],
+        };
+        let mut slots = Vec::with_capacity(self.sizes.len());
+        for &size in &self.sizes {
+            let (slot, tail) = std::mem::take(&mut rest).split_at_mut(size.next_multiple_of(ALIGN));
+            slots.push(&mut slot[..size]);
+            rest = tail;
         }
+        slots
     }
 }
 
@@ -66,21 +68,25 @@ mod tests {
 
     #[test]
     fn slots_are_aligned_disjoint_and_sized() {
-        let mut a = Arena::with_sizes([3, 64, 100]).unwrap();
-        let p: Vec<(usize, usize)> = [3, 64, 100]
-            .iter()
-            .map(|&n| {
-                let s = a.slot(n);
+        let sizes = vec![3, 0, 64, 100];
+        let mut a = Arena::with_sizes(sizes.clone()).unwrap();
+        let slots: Vec<(usize, usize)> = a
+            .slots()
+            .into_iter()
+            .map(|s| {
                 s.fill(0xab);
                 (s.as_ptr() as usize, s.len())
             })
             .collect();
-        for (addr, _) in &p {
-            assert_eq!(addr % ALIGN, 0);
+        assert_eq!(slots.iter().map(|s| s.1).collect::<Vec<_>>(), sizes);
+        for w in slots.windows(2) {
+            assert_eq!(w[0].0 % ALIGN, 0);
+            assert!(w[0].0 + w[0].1 <= w[1].0);
         }
-        assert_eq!(p.iter().map(|x| x.1).collect::<Vec<_>>(), [3, 64, 100]);
-        assert!(p[0].0 + 3 <= p[1].0 && p[1].0 + 64 <= p[2].0);
-        let empty = Arena::with_sizes([]).unwrap().slot(0).len();
-        assert_eq!(empty, 0);
+        assert!(Arena::with_sizes(vec![0, 0])
+            .unwrap()
+            .slots()
+            .iter()
+            .all(|s| s.is_empty()));
     }
 }

@@ -333,27 +333,50 @@ impl CompiledModel {
             tensors.push(t);
             sizes.push(size);
         }
-        let mut arena = Arena::with_sizes(sizes.iter().copied()).map_err(|e| {
+        let mut arena = Arena::with_sizes(sizes.clone()).map_err(|e| {
             RuntimeError::Internal(format!("cannot allocate memory for the weights: {e}"))
         })?;
         let mut weight_ptrs = Vec::with_capacity(manifest.weights.len());
-        for ((w, t), size) in manifest.weights.iter().zip(&tensors).zip(sizes) {
+        let mut fills = Vec::new();
+        for (((w, t), size), slot) in manifest
+            .weights
+            .iter()
+            .zip(&tensors)
+            .zip(sizes)
+            .zip(arena.slots())
+        {
             if w.kernel_dtype == w.dtype && size == 0 {
                 weight_ptrs.push(t.bytes.as_ptr());
-                continue;
+            } else {
+                weight_ptrs.push(slot.as_ptr());
+                fills.push((w, t, slot));
             }
-            let slot = arena.slot(size);
-            match w.kernel_dtype.as_str() {
-                k if k == w.dtype => slot.copy_from_slice(t.bytes),
-                "f32" => {
-                    for (d, v) in slot.chunks_exact_mut(4).zip(t.to_f32()) {
-                        d.copy_from_slice(&v.to_ne_bytes());
-                    }
-                }
-                _ => quant::quantize_q8(&t.to_f32(), w.shape[1], slot),
-            }
-            weight_ptrs.push(slot.as_ptr());
         }
+        // Copying, widening and quantizing on every thread the model gets.
+        let fills = Mutex::new(fills.into_iter());
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| loop {
+                    let next = fills.lock().map(|mut it| it.next());
+                    let Ok(Some((w, t, slot))) = next else {
+                        return;
+                    };
+                    match w.kernel_dtype.as_str() {
+                        k if k == w.dtype => slot.copy_from_slice(t.bytes),
+                        "f32" => {
+                            for (d, v) in slot.chunks_exact_mut(4).zip(t.to_f32()) {
+                                d.copy_from_slice(&v.to_ne_bytes());
+                            }
+                        }
+                        _ => {
+                            let k = w.shape[1];
+                            let row = |i, buf: &mut [f32]| t.widen_into(i * k, buf);
+                            quant::quantize_q8(w.shape[0], k, row, slot)
+                        }
+                    }
+                });
+            }
+        });
         drop(tensors);
         // Copied weights no longer need the file mapping.
         let checkpoint = match residency {

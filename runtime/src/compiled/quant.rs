@@ -12,21 +12,27 @@ pub fn q8_bytes(len: usize) -> usize {
 const STEP: usize = 4 * Q8_PANEL;
 
 /// Quantizes a row-major `[n, k]` matrix (`n` a multiple of 16, `k` of 32) into the `q8` layout in `out`
-/// (`q8_bytes(n·k)` bytes, 4-byte aligned).
-pub fn quantize_q8(w: &[f32], k: usize, out: &mut [u8]) {
-    debug_assert!(k.is_multiple_of(Q8_GROUP) && w.len().is_multiple_of(k * Q8_PANEL));
+/// (`q8_bytes(n·k)` bytes, 4-byte aligned); `row(i, buf)` writes row `i` into `buf` as f32.
+pub fn quantize_q8(n: usize, k: usize, row: impl Fn(usize, &mut [f32]), out: &mut [u8]) {
+    debug_assert!(k.is_multiple_of(Q8_GROUP) && n.is_multiple_of(Q8_PANEL));
     let groups = k / Q8_GROUP;
-    let (q, scales) = out.split_at_mut(w.len());
-    for (i, row) in w.chunks_exact(k).enumerate() {
+    let (q, scales) = out.split_at_mut(n * k);
+    let mut buf = vec![0f32; k];
+    for i in 0..n {
+        row(i, &mut buf);
+        let row = &buf;
         let (panel, r) = (i / Q8_PANEL, i % Q8_PANEL);
         for (g, chunk) in row.chunks_exact(Q8_GROUP).enumerate() {
             let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let block = (panel * groups + g) * Q8_GROUP * Q8_PANEL;
-            for (j, v) in chunk.iter().enumerate() {
-                let at = block + j / 4 * STEP + r * 4 + j % 4;
-                q[at] = (round_even(v * inv) as i32 + 128) as u8;
+            let mut bytes = [0u8; Q8_GROUP];
+            for (b, v) in bytes.iter_mut().zip(chunk) {
+                *b = offset_byte(v * inv);
+            }
+            let block = (panel * groups + g) * Q8_GROUP * Q8_PANEL + r * 4;
+            for (s, four) in bytes.chunks_exact(4).enumerate() {
+                q[block + s * STEP..block + s * STEP + 4].copy_from_slice(four);
             }
             let s = ((panel * groups + g) * Q8_PANEL + r) * 4;
             scales[s..s + 4].copy_from_slice(&d.to_ne_bytes());
@@ -34,10 +40,19 @@ pub fn quantize_q8(w: &[f32], k: usize, out: &mut [u8]) {
     }
 }
 
-/// `x` rounded to the nearest integer, ties to even, for |x| ≤ 2^22 (without a libm call).
+/// 1.5 · 2^23: adding it to |x| < 2^22 leaves no fraction bits, rounding x to nearest, ties to even.
+const MAGIC: f32 = 12_582_912.0;
+
+/// `x` rounded to the nearest integer, ties to even, for |x| < 2^22 (without a libm call).
+#[cfg(test)]
 fn round_even(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it leaves no fraction bits
     (x + MAGIC) - MAGIC
+}
+
+/// `round_even(x) + 128` as a byte, for |x| ≤ 127.5: the low byte of `x + MAGIC`'s bits is `round_even(x)`
+/// in two's complement; flipping its top bit adds 128. Branch-free, so the loop vectorises.
+fn offset_byte(x: f32) -> u8 {
+    ((x + MAGIC).to_bits() as u8) ^ 0x80
 }
 
 #[cfg(test)]
@@ -61,7 +76,12 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 * (1 + i / 640) as f32)
             .collect();
         let mut q = vec![0; q8_bytes(w.len())];
-        quantize_q8(&w, k, &mut q);
+        quantize_q8(
+            n,
+            k,
+            |i, buf| buf.copy_from_slice(&w[i * k..(i + 1) * k]),
+            &mut q,
+        );
         assert_eq!(q.len(), n * k + n * k / 32 * 4);
         for i in 0..n {
             for g in 0..k / 32 {
@@ -78,9 +98,16 @@ mod tests {
             }
         }
         let mut zero = vec![1; q8_bytes(16 * 32)];
-        quantize_q8(&[0.0; 16 * 32], 32, &mut zero);
+        quantize_q8(16, 32, |_, buf| buf.fill(0.0), &mut zero);
         assert!(zero[..512].iter().all(|&b| b == 128));
         assert_eq!(element(&zero, 16, 32, 5, 7), 0.0);
+    }
+
+    #[test]
+    fn offset_bytes_are_rounded_values_plus_128() {
+        for x in [-127.0, -126.5, -0.5, 0.0, 0.49, 0.5, 1.5, 126.5, 127.0] {
+            assert_eq!(i32::from(offset_byte(x)), round_even(x) as i32 + 128, "{x}");
+        }
     }
 
     #[test]
