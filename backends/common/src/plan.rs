@@ -347,7 +347,7 @@ mod tests {
         (graph, plan)
     }
 
-    fn forms<'p>(plan: &'p Plan, name: &str) -> Vec<DType> {
+    fn forms(plan: &Plan, name: &str) -> Vec<DType> {
         plan.weights
             .iter()
             .filter(|w| w.0 == name)
