@@ -12,10 +12,10 @@ use q3c_ir::{Graph, NodeId, Op};
 
 use crate::fb::{Fb, Flavor, BUG};
 use crate::module::nounwind;
-use crate::q8::Staging;
+use crate::staging::Staging;
 
 /// Builds `int32_t q3c_forward(const q3c_step *step)`: checks the step, then dispatches every kernel in
-/// order through the runtime's `parallel_for` (a q8 product after the dispatch that stages its
+/// order through the runtime's `parallel_for` (a staged product after the dispatch that prepares its
 /// activations).
 pub fn build<'ctx>(
     cx: &'ctx Context,
@@ -149,11 +149,11 @@ pub fn build<'ctx>(
         fb.store(t_node, args);
         fb.store(past, fb.off(args, 8));
         if let Some(st) = staging {
-            // Quantize the activations into the staging area; the product reads them from there.
+            // Prepare the activations in the staging area; the product reads them from there.
             let staged = fb.off(scratch, st.offset);
             fb.store(pointers[0], fb.off(args, 16));
             fb.store(staged, fb.off(args, 24));
-            dispatch(st.quantize, fb.mul_c(t_node, st.rows_per_token));
+            dispatch(st.kernel, fb.mul_c(t_node, st.rows_per_token));
             pointers[0] = staged;
         }
         for (i, p) in pointers.into_iter().enumerate() {

@@ -9,7 +9,7 @@ use inkwell::values::{BasicValue, FloatValue, IntValue, PointerValue, VectorValu
 use q3c_backend_common::items::LinearTile;
 use q3c_ir::{DType, Q8_GROUP, Q8_PANEL};
 
-use crate::fb::{Fb, Var};
+use crate::fb::{Fb, Flavor, Var};
 use crate::q8;
 
 /// Rows of a register tile in prefill.
@@ -127,13 +127,14 @@ fn dot_block_prepared<'ctx>(
     dot_block_bf16(fb, rows, true, cols, k, &accs)
 }
 
-/// Whether products over weights of `dt` run on `vdpbf16ps` with rows rounded once into a bf16 buffer.
-fn bf16_prepared(fb: &Fb, dt: DType, k: usize) -> bool {
-    fb.flavor.bf16_dot() && dt == DType::BF16 && fb.lanes() == 16 && k.is_multiple_of(32)
+/// Whether products over weights of `dt` run on `vdpbf16ps` over activations staged as bf16 rows
+/// (`staging.rs`).
+pub fn bf16_staged(flavor: Flavor, dt: DType, k: usize) -> bool {
+    flavor.bf16_dot() && dt == DType::BF16 && flavor.lanes() == 16 && k.is_multiple_of(32)
 }
 
 /// Rounds `n` rows of `k` f32 at `x` (row stride `k·4`) to bf16 into `dst` (row stride `k·2`).
-fn round_rows_bf16<'ctx>(
+pub fn round_rows_bf16<'ctx>(
     fb: &Fb<'_, 'ctx>,
     x: PointerValue<'ctx>,
     n: usize,
@@ -260,20 +261,15 @@ impl<'ctx> MatMul<'ctx> {
         let col0 = fb.mul_c(item, tile.width);
         let w0: Vec<_> = w.iter().map(|&m| fb.addr(m, col0, w_stride)).collect();
         let o0 = fb.addr(out, col0, 4);
-        // With bf16 dot products, each block's rows are rounded to bf16 once, not once per column group.
-        let prepared = bf16_prepared(fb, dt, k).then(|| fb.stack(TILE_ROWS * k * 2));
+        // With bf16 dot products, `x` holds the rows already rounded to bf16 (staged by the dispatch before).
+        let staged = bf16_staged(fb.flavor, dt, k);
+        let x_stride = if staged { k * 2 } else { x_stride };
         let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
             // A single row streams one weight row at a time: sequential reads, which the prefetcher follows
             // (four interleaved rows measured 1.6× slower in decode), with four accumulator chains.
             let per_matrix = if nrows == 1 { 1 } else { per_matrix };
             let x_block = fb.addr(x, r, x_stride);
-            let xr: Vec<_> = match prepared {
-                Some(buf) => {
-                    round_rows_bf16(fb, x_block, nrows, k, buf);
-                    (0..nrows).map(|i| fb.off(buf, i * k * 2)).collect()
-                }
-                None => (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect(),
-            };
+            let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect();
             let o = fb.addr(o0, r, n * 4);
             // Column groups as a loop, not unrolled: one tile's code, whatever the panel width.
             fb.for_n(tile.width / per_matrix, |fb, group| {
@@ -283,9 +279,10 @@ impl<'ctx> MatMul<'ctx> {
                     .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c)))
                     .map(|(w0, c)| fb.off(fb.addr(w0, c0, w_stride), c * w_stride))
                     .collect();
-                let sums = match prepared {
-                    Some(_) => dot_block_prepared(fb, &xr, &cols, k),
-                    None => dot_block(fb, &xr, &cols, dt, k),
+                let sums = if staged {
+                    dot_block_prepared(fb, &xr, &cols, k)
+                } else {
+                    dot_block(fb, &xr, &cols, dt, k)
                 };
                 let oc = fb.addr(o, c0, 4);
                 for ci in 0..per_matrix {

@@ -21,6 +21,8 @@ mod module;
 #[cfg(feature = "llvm")]
 mod q8;
 #[cfg(feature = "llvm")]
+mod staging;
+#[cfg(feature = "llvm")]
 mod target;
 
 #[cfg(feature = "llvm")]

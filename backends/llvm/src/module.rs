@@ -19,7 +19,7 @@ use q3c_ir::{Graph, NodeId, Op};
 use q3c_models::Qwen3Config;
 
 use crate::fb::{Fb, Flavor, BUG};
-use crate::{forward, kernels, q8, target};
+use crate::{forward, kernels, staging, target};
 
 /// Settings of one CPU compilation.
 #[derive(Clone, Debug)]
@@ -127,19 +127,6 @@ fn kernel_key(graph: &Graph, plan: &Plan, id: NodeId) -> String {
     format!("{op:?} ({}) -> {}", inputs.join(", "), graph.node(id).ty)
 }
 
-/// `(k, rows per token)` of node `id` if it is a matrix product over q8 weights.
-fn q8_product(graph: &Graph, plan: &Plan, id: NodeId) -> Option<(usize, usize)> {
-    let linear = matches!(
-        graph.node(id).op,
-        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. }
-    );
-    if !linear || in_dtype(plan, graph, id, 1) != q3c_ir::DType::Q8 {
-        return None;
-    }
-    let x = dims(graph, graph.inputs(id)[0]);
-    Some((*x.last().expect("rank"), x[1..x.len() - 1].iter().product()))
-}
-
 /// The RoPE inverse frequencies of a rope node, as a private constant table.
 fn rope_table<'ctx>(
     cx: &'ctx Context,
@@ -234,7 +221,7 @@ pub fn compile(
     let m = cx.create_module("q3c_model");
     let mut kernels_built = Vec::new();
     let mut functions: HashMap<String, FunctionValue> = HashMap::new();
-    // q8 products stage their quantized activations after every other scratch buffer.
+    // Staged products (q8, bf16 activations) prepare their activations after every other scratch buffer.
     let staging_offset = plan.scratch_bytes_per_token * plan.max_tokens;
     let mut staging_per_token = 0;
     for (id, name) in kernel_nodes(graph, &plan) {
@@ -246,17 +233,18 @@ pub fn compile(
                 f
             }
         };
-        let staging = q8_product(graph, &plan, id).map(|(k, rows_per_token)| {
-            staging_per_token = staging_per_token.max(rows_per_token * q8::row_bytes(k));
-            let quantize = *functions
-                .entry(format!("q3c_q8_quantize_{k}"))
-                .or_insert_with(|| q8::quantize_kernel(&cx, &m, k, target.flavor));
-            q8::Staging {
-                quantize,
-                offset: staging_offset,
-                rows_per_token,
-            }
-        });
+        let staging =
+            staging::of(graph, &plan, id, target.flavor).map(|(prep, k, rows_per_token)| {
+                staging_per_token = staging_per_token.max(rows_per_token * prep.row_bytes(k));
+                let kernel = *functions
+                    .entry(staging::name(prep, k))
+                    .or_insert_with(|| staging::kernel(&cx, &m, prep, k, target.flavor));
+                staging::Staging {
+                    kernel,
+                    offset: staging_offset,
+                    rows_per_token,
+                }
+            });
         kernels_built.push((id, f, staging));
     }
     plan.scratch_bytes_per_token += staging_per_token;

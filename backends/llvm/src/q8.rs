@@ -1,23 +1,18 @@
 //! Products over `q8` weights (`q3c_abi::Q8_LAYOUT`: i8 in groups of 32 with one f32 scale each, stored
 //! offset by 128 in panels of 16 rows) with 512-bit AVX512-VNNI `vpdpbusd`.
 //!
-//! The activations of a q8 product are quantized the same way (per row, per group of 32) by a kernel of
-//! their own, dispatched just before the product, into a staging area of the scratch arena: once per
-//! dispatch, not once per work item. One `vpdpbusd` multiplies a 64-byte step of a panel (four elements of
+//! The activations of a q8 product are quantized the same way (per row, per group of 32) once per dispatch
+//! by a staging kernel (`staging.rs`). One `vpdpbusd` multiplies a 64-byte step of a panel (four elements of
 //! each of its 16 rows, unsigned) by four activation bytes broadcast to every lane (signed); the offset of
 //! 128 is taken back by starting each group's sum at `-128 · Σ x_q`. Each lane then holds one output
 //! column, so the group's sums are scaled by `d_w · d_x` with one vector multiply-add and no horizontal
 //! reduction.
 
-use inkwell::context::Context;
-use inkwell::module::{Linkage, Module};
 use inkwell::types::VectorType;
-use inkwell::values::{BasicValue, FunctionValue, IntValue, PointerValue, VectorValue};
-use inkwell::AddressSpace;
+use inkwell::values::{BasicValue, IntValue, PointerValue, VectorValue};
 use q3c_ir::{Q8_GROUP, Q8_PANEL};
 
-use crate::fb::{Fb, Flavor, BUG};
-use crate::module::nounwind;
+use crate::fb::{Fb, BUG};
 
 /// Bytes of one quantized activation row of `k`: the i8 values, one f32 scale per group, then one i32
 /// `-128 · Σ q` per group.
@@ -30,52 +25,8 @@ const BLOCK: usize = Q8_GROUP * Q8_PANEL;
 /// Bytes of one `vpdpbusd` step of a panel.
 const STEP: usize = 4 * Q8_PANEL;
 
-/// Where a q8 product's activations are quantized to, and the kernel that does it.
-#[derive(Clone, Copy)]
-pub struct Staging<'ctx> {
-    /// `quantize(args = [T, past, x, dst], start, end)`: rows `start..end` of `x` (f32, `k` each) into
-    /// `dst` ([`row_bytes`] each).
-    pub quantize: FunctionValue<'ctx>,
-    /// Byte offset of the staging area in the scratch arena.
-    pub offset: usize,
-    /// Activation rows per token (the items of the quantize dispatch).
-    pub rows_per_token: usize,
-}
-
-/// Defines the quantize kernel for rows of `k`.
-pub fn quantize_kernel<'ctx>(
-    cx: &'ctx Context,
-    m: &Module<'ctx>,
-    k: usize,
-    flavor: Flavor,
-) -> FunctionValue<'ctx> {
-    let i64t = cx.i64_type();
-    let ptr = cx.ptr_type(AddressSpace::default());
-    let ty = cx
-        .void_type()
-        .fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
-    let f = m.add_function(&format!("q3c_q8_quantize_{k}"), ty, Some(Linkage::Internal));
-    nounwind(cx, f);
-    let fb = Fb::new(cx, m, f, flavor);
-    let param = |i| f.get_nth_param(i).expect("3 params");
-    let args = param(0).into_pointer_value();
-    let (start, end) = (param(1).into_int_value(), param(2).into_int_value());
-    let (x, dst) = (fb.load_ptr(fb.off(args, 16)), fb.load_ptr(fb.off(args, 24)));
-    fb.for_range(start, end, 1, |fb, row| {
-        quantize_row(
-            fb,
-            fb.addr(x, row, k * 4),
-            fb.addr(dst, row, row_bytes(k)),
-            k,
-        );
-    });
-    fb.b.build_return(None).expect(BUG);
-    fb.finish();
-    f
-}
-
 /// Quantizes one row of `k` f32 at `src` into `dst` (see [`row_bytes`]).
-fn quantize_row<'ctx>(
+pub fn quantize_row<'ctx>(
     fb: &Fb<'_, 'ctx>,
     src: PointerValue<'ctx>,
     dst: PointerValue<'ctx>,

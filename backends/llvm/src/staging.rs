@@ -1,0 +1,108 @@
+//! Activations prepared once per dispatch for the matrix product that follows: quantized to q8, or rounded
+//! to bf16 for `vdpbf16ps`. Each prepared product gets a staging dispatch before it that writes its rows
+//! into a staging area after every other scratch buffer; the product reads them from there. Done inside
+//! the product kernel instead, it ran once per work item (a panel of 16 columns): for decode, as often as
+//! there are panels.
+
+use inkwell::context::Context;
+use inkwell::module::{Linkage, Module};
+use inkwell::values::FunctionValue;
+use inkwell::AddressSpace;
+use q3c_backend_common::items::{dims, in_dtype};
+use q3c_backend_common::plan::Plan;
+use q3c_ir::{DType, Graph, NodeId, Op};
+
+use crate::fb::{Fb, Flavor, BUG};
+use crate::gemm::{bf16_staged, round_rows_bf16};
+use crate::module::nounwind;
+use crate::q8;
+
+/// What a staging kernel makes of a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prep {
+    /// [`q8::row_bytes`]: i8 values, group scales and corrections.
+    Q8,
+    /// `k` bf16.
+    Bf16,
+}
+
+impl Prep {
+    /// Bytes of one prepared row of `k`.
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            Prep::Q8 => q8::row_bytes(k),
+            Prep::Bf16 => 2 * k,
+        }
+    }
+}
+
+/// A product's staging dispatch.
+#[derive(Clone, Copy)]
+pub struct Staging<'ctx> {
+    /// `kernel(args = [T, past, x, dst], start, end)`: prepares rows `start..end` of `x` (f32) into `dst`.
+    pub kernel: FunctionValue<'ctx>,
+    /// Byte offset of the staging area in the scratch arena.
+    pub offset: usize,
+    /// Activation rows per token (the items of the staging dispatch).
+    pub rows_per_token: usize,
+}
+
+/// `(prep, k, rows per token)` of node `id` if it is a matrix product whose activations are staged.
+pub fn of(graph: &Graph, plan: &Plan, id: NodeId, flavor: Flavor) -> Option<(Prep, usize, usize)> {
+    let linear = matches!(
+        graph.node(id).op,
+        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. }
+    );
+    if !linear {
+        return None;
+    }
+    let x = dims(graph, graph.inputs(id)[0]);
+    let k = *x.last().expect("rank");
+    let prep = match in_dtype(plan, graph, id, 1) {
+        DType::Q8 => Prep::Q8,
+        dt if bf16_staged(flavor, dt, k) => Prep::Bf16,
+        _ => return None,
+    };
+    Some((prep, k, x[1..x.len() - 1].iter().product()))
+}
+
+/// Defines the staging kernel for rows of `k`.
+pub fn kernel<'ctx>(
+    cx: &'ctx Context,
+    m: &Module<'ctx>,
+    prep: Prep,
+    k: usize,
+    flavor: Flavor,
+) -> FunctionValue<'ctx> {
+    let i64t = cx.i64_type();
+    let ptr = cx.ptr_type(AddressSpace::default());
+    let ty = cx
+        .void_type()
+        .fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
+    let f = m.add_function(&name(prep, k), ty, Some(Linkage::Internal));
+    nounwind(cx, f);
+    let fb = Fb::new(cx, m, f, flavor);
+    let param = |i| f.get_nth_param(i).expect("3 params");
+    let args = param(0).into_pointer_value();
+    let (start, end) = (param(1).into_int_value(), param(2).into_int_value());
+    let (x, dst) = (fb.load_ptr(fb.off(args, 16)), fb.load_ptr(fb.off(args, 24)));
+    fb.for_range(start, end, 1, |fb, row| {
+        let (src, to) = (fb.addr(x, row, k * 4), fb.addr(dst, row, prep.row_bytes(k)));
+        match prep {
+            Prep::Q8 => q8::quantize_row(fb, src, to, k),
+            Prep::Bf16 => round_rows_bf16(fb, src, 1, k, to),
+        }
+    });
+    fb.b.build_return(None).expect(BUG);
+    fb.finish();
+    f
+}
+
+/// The staging kernel's symbol.
+pub fn name(prep: Prep, k: usize) -> String {
+    let what = match prep {
+        Prep::Q8 => "q8",
+        Prep::Bf16 => "bf16",
+    };
+    format!("q3c_stage_{what}_{k}")
+}
