@@ -300,7 +300,7 @@ impl<'ctx> MatMul<'ctx> {
     }
 
     /// [`MatMul::columns`] over `q8` weights: the work item is one panel of 16 columns of every matrix, `x`
-    /// the activation rows as the quantize kernel staged them (see [`q8::row_bytes`]).
+    /// the activation rows as the staging kernel quantized them (see [`q8::row_bytes`]).
     fn q8_columns(
         &self,
         fb: &Fb<'_, 'ctx>,
