@@ -196,27 +196,41 @@ pub fn emit<'ctx>(
                     let s = fb.dot(q, key(fb, ptr[1], j, d), DType::F32, d);
                     fb.fmul(s, fb.f32c(scale))
                 };
-                // Pass 1: the largest score.
+                // One pass (online softmax): the running max, the running sum of exponentials and the
+                // weighted values, kept in registers and rescaled by e^(max_old - max_new) as the max grows.
+                let lanes = fb.lanes();
+                let full = dv / lanes;
+                let acc_v: Vec<_> = (0..full).map(|_| fb.var(fb.vsplat_c(0.0))).collect();
+                let acc_s: Vec<_> = (full * lanes..dv).map(|_| fb.var(fb.f32c(0.0))).collect();
                 let max = fb.var(fb.f32c(f32::NEG_INFINITY));
-                fb.for_range(fb.i64c(0), len, 1, |fb, j| {
-                    let s = score(fb, j);
-                    fb.set(max, fb.fmax(fb.getf(max), s));
-                });
-                // Pass 2: exponentials, their sum, and the weighted values accumulated into the output.
-                fb.for_n(dv, |fb, c| fb.store(fb.f32c(0.0), fb.addr(o, c, 4)));
                 let total = fb.var(fb.f32c(0.0));
                 fb.for_range(fb.i64c(0), len, 1, |fb, j| {
-                    let s = fb.fsub(score(fb, j), fb.getf(max));
-                    let p = fb.exp(s);
-                    fb.set(total, fb.fadd(fb.getf(total), p));
+                    let s = score(fb, j);
+                    let old = fb.getf(max);
+                    let new = fb.fmax(old, s);
+                    let e = fb.unpack(fb.vexp(fb.pack(&[fb.fsub(old, new), fb.fsub(s, new)])));
+                    let (c, p) = (e[0], e[1]);
+                    fb.set(total, fb.fma(fb.getf(total), c, p));
+                    fb.set(max, new);
                     let vj = key(fb, ptr[2], j, dv);
-                    axpy(fb, p, vj, o, dv);
+                    let (cv, pv) = (fb.vsplat(c), fb.vsplat(p));
+                    for (i, &a) in acc_v.iter().enumerate() {
+                        let v = fb.vload(fb.off(vj, i * lanes * 4));
+                        fb.set(a, fb.vfma(pv, v, fb.fmul(fb.getv(a), cv)));
+                    }
+                    for (i, &a) in acc_s.iter().enumerate() {
+                        let v = fb.load_f32(fb.off(vj, (full * lanes + i) * 4));
+                        fb.set(a, fb.fma(p, v, fb.fmul(fb.getf(a), c)));
+                    }
                 });
                 let inv = fb.fdiv(fb.f32c(1.0), fb.getf(total));
-                fb.for_n(dv, |fb, c| {
-                    let oc = fb.addr(o, c, 4);
-                    fb.store(fb.fmul(fb.load_f32(oc), inv), oc);
-                });
+                for (i, &a) in acc_v.iter().enumerate() {
+                    let y = fb.fmul(fb.getv(a), fb.vsplat(inv));
+                    fb.store(y, fb.off(o, i * lanes * 4));
+                }
+                for (i, &a) in acc_s.iter().enumerate() {
+                    fb.store(fb.fmul(fb.getf(a), inv), fb.off(o, (full * lanes + i) * 4));
+                }
             });
         }
         Op::Add | Op::Mul | Op::Div => {
@@ -353,30 +367,6 @@ pub fn emit<'ctx>(
         }
     }
     Ok(())
-}
-
-/// `o[c] += p · v[c]` for `n` f32.
-fn axpy<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    p: FloatValue<'ctx>,
-    v: PointerValue<'ctx>,
-    o: PointerValue<'ctx>,
-    n: usize,
-) {
-    let lanes = fb.lanes();
-    let pv = fb.vsplat(p);
-    for c in (0..n / lanes).map(|c| c * lanes * 4) {
-        let y = fb.vfma(pv, fb.vload(fb.off(v, c)), fb.vload(fb.off(o, c)));
-        fb.store(y, fb.off(o, c));
-    }
-    for c in (n / lanes) * lanes..n {
-        let y = fb.fma(
-            p,
-            fb.load_f32(fb.off(v, c * 4)),
-            fb.load_f32(fb.off(o, c * 4)),
-        );
-        fb.store(y, fb.off(o, c * 4));
-    }
 }
 
 /// Softmax of `n` f32 at `x` into `o` (which may equal `x`).
