@@ -110,6 +110,15 @@ pub const LAYOUT_ROW_MAJOR: &str = "row-major";
 /// `layout` of a [`Q8_LAYOUT`] weight: panels of 16 rows, as described there.
 pub const LAYOUT_Q8_PANELS: &str = "panels-16";
 
+/// The `layout` of a weight the kernels read as `kernel_dtype`.
+pub fn layout_for(kernel_dtype: &str) -> &'static str {
+    if kernel_dtype == Q8_LAYOUT {
+        LAYOUT_Q8_PANELS
+    } else {
+        LAYOUT_ROW_MAJOR
+    }
+}
+
 /// How the runtime must lay out one bound weight.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WeightEntry {

@@ -1,7 +1,6 @@
 //! The manifest every artifact embeds, built the same way by every backend.
 
 use q3c_abi::{KvGeometry, Manifest, WeightEntry, ABI_VERSION};
-use q3c_ir::DType;
 use q3c_models::Qwen3Config;
 
 use crate::plan::Plan;
@@ -40,12 +39,7 @@ pub fn build(parts: ManifestParts) -> Manifest {
             shape: shape.clone(),
             dtype: dtype.name().into(),
             kernel_dtype: read_as.name().into(),
-            layout: if *read_as == DType::Q8 {
-                q3c_abi::LAYOUT_Q8_PANELS
-            } else {
-                q3c_abi::LAYOUT_ROW_MAJOR
-            }
-            .into(),
+            layout: q3c_abi::layout_for(read_as.name()).into(),
         })
         .collect();
     Manifest {

@@ -130,13 +130,20 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
     /// A vector of the runtime value `v` in every lane.
     pub fn vsplat(&self, v: FloatValue<'ctx>) -> VectorValue<'ctx> {
-        let ty = self.vt();
+        self.splat(v.into(), self.flavor.lanes())
+    }
+    /// A vector of `lanes` copies of the runtime value `v` (an integer or a float).
+    pub fn splat(&self, v: BasicValueEnum<'ctx>, lanes: u32) -> VectorValue<'ctx> {
+        let ty = match v {
+            BasicValueEnum::IntValue(i) => i.get_type().vec_type(lanes),
+            other => other.into_float_value().get_type().vec_type(lanes),
+        };
         let zero = self.cx.i32_type().const_zero();
         let one = self
             .b
             .build_insert_element(ty.get_poison(), v, zero, "")
             .expect(BUG);
-        let mask = VectorType::const_vector(&vec![zero; self.lanes()]);
+        let mask = VectorType::const_vector(&vec![zero; lanes as usize]);
         self.b
             .build_shuffle_vector(one, ty.get_poison(), mask, "")
             .expect(BUG)
@@ -194,7 +201,8 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
 
     // ---- memory
 
-    fn load_aligned(
+    /// A load of `ty` at `p`, assuming `align` bytes of alignment.
+    pub fn load_aligned(
         &self,
         ty: impl BasicType<'ctx>,
         p: PointerValue<'ctx>,

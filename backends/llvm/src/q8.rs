@@ -8,8 +8,7 @@
 //! column, so the group's sums are scaled by `d_w · d_x` with one vector multiply-add and no horizontal
 //! reduction.
 
-use inkwell::types::VectorType;
-use inkwell::values::{BasicValue, IntValue, PointerValue, VectorValue};
+use inkwell::values::{IntValue, PointerValue, VectorValue};
 use q3c_ir::{Q8_GROUP, Q8_PANEL};
 
 use crate::fb::{Fb, BUG};
@@ -36,13 +35,9 @@ pub fn quantize_row<'ctx>(
     let groups = k / Q8_GROUP;
     fb.for_n(groups, |fb, g| {
         let p = fb.addr(src, g, Q8_GROUP * 4);
-        let both =
-            fb.b.build_load(fb.f32t().vec_type(Q8_GROUP as u32), p, "")
-                .expect(BUG);
-        if let Some(i) = both.as_instruction_value() {
-            i.set_alignment(4).expect(BUG);
-        }
-        let both = both.into_vector_value();
+        let both = fb
+            .load_aligned(fb.f32t().vec_type(Q8_GROUP as u32), p, 4)
+            .into_vector_value();
         let abs = fb
             .intrinsic("llvm.fabs", both.get_type().into(), &[both.into()])
             .into_vector_value();
@@ -86,24 +81,6 @@ pub fn quantize_row<'ctx>(
     });
 }
 
-/// `v` in each of `lanes` lanes.
-fn splat<'ctx>(fb: &Fb<'_, 'ctx>, v: inkwell::values::BasicValueEnum<'ctx>) -> VectorValue<'ctx> {
-    let ty = match v {
-        inkwell::values::BasicValueEnum::IntValue(i) => i.get_type().vec_type(Q8_PANEL as u32),
-        other => other
-            .into_float_value()
-            .get_type()
-            .vec_type(Q8_PANEL as u32),
-    };
-    let zero = fb.cx.i32_type().const_zero();
-    let one =
-        fb.b.build_insert_element(ty.get_poison(), v, zero, "")
-            .expect(BUG);
-    let mask = VectorType::const_vector(&[zero; Q8_PANEL]);
-    fb.b.build_shuffle_vector(one, ty.get_poison(), mask, "")
-        .expect(BUG)
-}
-
 /// One panel's products: for every quantized row at `rows` (see [`row_bytes`]) and every matrix
 /// `(panel, scales)` (the panel's 16·k bytes and 16·k/32 scales), a vector of its 16 output columns.
 pub fn panel<'ctx>(
@@ -120,20 +97,15 @@ pub fn panel<'ctx>(
         .iter()
         .map(|_| mats.iter().map(|_| fb.var(f32v.const_zero())).collect())
         .collect();
-    let load = |ty: inkwell::types::BasicTypeEnum<'ctx>, p: PointerValue<'ctx>| {
-        let v = fb.b.build_load(ty, p, "").expect(BUG);
-        if let Some(i) = v.as_instruction_value() {
-            i.set_alignment(4).expect(BUG);
-        }
-        v
-    };
+    let load = |ty: inkwell::types::BasicTypeEnum<'ctx>, p| fb.load_aligned(ty, p, 4);
+    let splat = |v| fb.splat(v, Q8_PANEL as u32);
     fb.for_n(groups, |fb, g: IntValue<'ctx>| {
         let xs: Vec<_> = rows.iter().map(|&r| fb.addr(r, g, Q8_GROUP)).collect();
         let mut dots: Vec<Vec<VectorValue>> = rows
             .iter()
             .map(|&r| {
                 let c = load(i32t.into(), fb.off(fb.addr(r, g, 4), k + groups * 4));
-                let c = splat(fb, c);
+                let c = splat(c);
                 mats.iter().map(|_| c).collect()
             })
             .collect();
@@ -143,7 +115,7 @@ pub fn panel<'ctx>(
                 .map(|&(w, _)| load(i32v.into(), fb.off(fb.addr(w, g, BLOCK), s * STEP)))
                 .collect();
             for (r, &x) in xs.iter().enumerate() {
-                let xb = splat(fb, load(i32t.into(), fb.off(x, 4 * s)));
+                let xb = splat(load(i32t.into(), fb.off(x, 4 * s)));
                 for (m, w) in ws.iter().enumerate() {
                     dots[r][m] = fb
                         .named_intrinsic(
@@ -158,7 +130,7 @@ pub fn panel<'ctx>(
             let dw = load(f32v.into(), fb.addr(scales, g, Q8_PANEL * 4)).into_vector_value();
             for (r, &row) in rows.iter().enumerate() {
                 let dx = load(fb.f32t().into(), fb.off(fb.addr(row, g, 4), k));
-                let scale = fb.fmul(dw, splat(fb, dx));
+                let scale = fb.fmul(dw, splat(dx));
                 let f =
                     fb.b.build_signed_int_to_float(dots[r][m], f32v, "")
                         .expect(BUG);

@@ -283,11 +283,7 @@ impl CompiledModel {
                     message: format!("is {} in the checkpoint, the artifact was compiled for {}; recompile for these weights", t.dtype, w.dtype),
                 });
             }
-            let layout = if w.kernel_dtype == q3c_abi::Q8_LAYOUT {
-                q3c_abi::LAYOUT_Q8_PANELS
-            } else {
-                q3c_abi::LAYOUT_ROW_MAJOR
-            };
+            let layout = q3c_abi::layout_for(&w.kernel_dtype);
             if w.layout != layout {
                 return Err(artifact_err(
                     artifact,
@@ -333,19 +329,13 @@ impl CompiledModel {
             tensors.push(t);
             sizes.push(size);
         }
-        let mut arena = Arena::with_sizes(sizes.clone()).map_err(|e| {
+        let mut arena = Arena::with_sizes(sizes).map_err(|e| {
             RuntimeError::Internal(format!("cannot allocate memory for the weights: {e}"))
         })?;
         let mut weight_ptrs = Vec::with_capacity(manifest.weights.len());
         let mut fills = Vec::new();
-        for (((w, t), size), slot) in manifest
-            .weights
-            .iter()
-            .zip(&tensors)
-            .zip(sizes)
-            .zip(arena.slots())
-        {
-            if w.kernel_dtype == w.dtype && size == 0 {
+        for ((w, t), slot) in manifest.weights.iter().zip(&tensors).zip(arena.slots()) {
+            if w.kernel_dtype == w.dtype && residency == Residency::Mapped {
                 weight_ptrs.push(t.bytes.as_ptr());
             } else {
                 weight_ptrs.push(slot.as_ptr());
