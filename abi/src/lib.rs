@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod launch;
+
 /// Version of the contract below; an artifact with another version is refused.
 pub const ABI_VERSION: u32 = 2;
 
@@ -43,6 +45,7 @@ pub const CPU_FEATURES: &[&str] = &[
     "avx512vbmi",
     "avx512vnni",
     "avx512bf16",
+    "avxvnni",
 ];
 
 /// `q3c_forward` succeeded.
@@ -166,6 +169,10 @@ pub struct Manifest {
     pub required_cpu_features: Vec<String>,
     /// Kernels (work items dispatched) per forward call, for inspection.
     pub kernels: usize,
+    /// Present in artifacts without `q3c_forward`, whose kernels the runtime launches itself (the GPU
+    /// flavour compiled for the CPU): every dispatch of a forward call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<launch::LaunchPlan>,
 }
 
 fn f32_name() -> String {

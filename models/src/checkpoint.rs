@@ -10,7 +10,7 @@ use safetensors::SafeTensors;
 
 use crate::config::Qwen3Config;
 use crate::dtype::DType;
-use crate::tensors::{expected_tensors, LM_HEAD};
+use crate::tensors::{expected_tensors, TensorSpec, LM_HEAD};
 
 /// The single-file checkpoint name.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -292,9 +292,19 @@ impl Checkpoint {
     /// Checks that the checkpoint holds exactly the tensors `cfg` implies, with the right shapes.
     /// A tied checkpoint may still carry `lm_head.weight`; it is ignored.
     pub fn check(&self, cfg: &Qwen3Config) -> Result<(), CheckpointError> {
-        let expected = expected_tensors(cfg);
+        let tied = cfg.tie_word_embeddings;
+        self.check_tensors(&expected_tensors(cfg), |name| tied && name == LM_HEAD)
+    }
+
+    /// Checks that the checkpoint holds exactly the tensors `expected` (names and shapes), apart from
+    /// extra tensors `ignored` accepts; lists every missing, mis-shaped and unexpected tensor.
+    pub fn check_tensors(
+        &self,
+        expected: &[TensorSpec],
+        ignored: impl Fn(&str) -> bool,
+    ) -> Result<(), CheckpointError> {
         let mut problems = Vec::new();
-        for spec in &expected {
+        for spec in expected {
             match self.tensors.get(&spec.name) {
                 None => problems.push(Problem::Missing {
                     name: spec.name.clone(),
@@ -311,8 +321,7 @@ impl Checkpoint {
         let known: std::collections::HashSet<&str> =
             expected.iter().map(|s| s.name.as_str()).collect();
         for (name, e) in &self.tensors {
-            let ignored = cfg.tie_word_embeddings && name == LM_HEAD;
-            if !known.contains(name.as_str()) && !ignored {
+            if !known.contains(name.as_str()) && !ignored(name) {
                 problems.push(Problem::Extra {
                     name: name.clone(),
                     found: e.shape.clone(),

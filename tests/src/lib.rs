@@ -145,6 +145,19 @@ pub fn compile_by(
 ) -> PathBuf {
     let cfg = q3c_models::resolve(model_dir.to_str().expect("utf-8 path")).expect("config");
     let graph = fused_graph(&cfg, fusion);
+    compile_graph(backend, &graph, &cfg, out_dir, max_tokens, fusion)
+}
+
+/// Compiles `graph` (its output [`q3c_compiler::LOGITS`]; `cfg` goes into the manifest) with the code
+/// generator `backend` into `out_dir/model-BACKEND.so`.
+pub fn compile_graph(
+    backend: &str,
+    graph: &q3c_ir::Graph,
+    cfg: &Qwen3Config,
+    out_dir: &std::path::Path,
+    max_tokens: usize,
+    fusion: &str,
+) -> PathBuf {
     let object = match backend {
         "cranelift" => {
             let opts = q3c_backend_cranelift::CompileOptions {
@@ -152,7 +165,7 @@ pub fn compile_by(
                 fusion: fusion.into(),
                 ..Default::default()
             };
-            q3c_backend_cranelift::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts)
+            q3c_backend_cranelift::compile(graph, cfg, q3c_compiler::LOGITS, &opts)
                 .expect("compile")
                 .object
         }
@@ -163,7 +176,7 @@ pub fn compile_by(
                 fusion: fusion.into(),
                 ..Default::default()
             };
-            q3c_backend_llvm::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts)
+            q3c_backend_llvm::compile(graph, cfg, q3c_compiler::LOGITS, &opts)
                 .expect("compile")
                 .object
         }
@@ -174,28 +187,39 @@ pub fn compile_by(
     so
 }
 
-/// Compiles a fixture in process with cranelift-jit and binds its weights.
-pub fn jit_model(name: &str, threads: usize) -> q3c_runtime::CompiledModel {
-    let (cfg, _) = open_fixture(name);
-    let graph = q3c_compiler::lower(&cfg).expect("lowering");
+/// Compiles `graph` in process with cranelift-jit and binds the weights in `weights_dir`.
+pub fn jit_graph(
+    graph: &q3c_ir::Graph,
+    cfg: &Qwen3Config,
+    weights_dir: &std::path::Path,
+    max_tokens: usize,
+    threads: usize,
+) -> q3c_runtime::CompiledModel {
     let opts = q3c_backend_cranelift::CompileOptions {
-        max_tokens_per_call: 8,
+        max_tokens_per_call: max_tokens,
         ..Default::default()
     };
     let jit =
-        q3c_backend_cranelift::compile_jit(&graph, &cfg, q3c_compiler::LOGITS, &opts).expect("jit");
+        q3c_backend_cranelift::compile_jit(graph, cfg, q3c_compiler::LOGITS, &opts).expect("jit");
     // SAFETY: forward and manifest come from the same compilation, kept alive by `code`.
     unsafe {
         q3c_runtime::CompiledModel::from_code(
             jit.forward,
             jit.manifest,
             Box::new(jit.code),
-            &fixtures_dir().join(name),
+            weights_dir,
             threads,
             q3c_runtime::Residency::default(),
         )
     }
     .expect("binding weights")
+}
+
+/// Compiles a fixture in process with cranelift-jit and binds its weights.
+pub fn jit_model(name: &str, threads: usize) -> q3c_runtime::CompiledModel {
+    let (cfg, _) = open_fixture(name);
+    let graph = q3c_compiler::lower(&cfg).expect("lowering");
+    jit_graph(&graph, &cfg, &fixtures_dir().join(name), 8, threads)
 }
 
 /// The 24-token greedy continuation of a fixture's prompt (EOS ignored), as transformers recorded it.
@@ -208,11 +232,35 @@ pub fn greedy_continuation(session: &mut dyn q3c_runtime::Session, g: &Golden) -
     q3c_runtime::generate(session, &g.prompt_ids, &opts).expect("generation")
 }
 
-/// Largest absolute difference between two equally long slices.
+/// Largest absolute difference between two equally long slices; infinite if either holds a NaN or an
+/// infinity (a plain `f32::max` fold would count a NaN as no difference at all).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).fold(0.0, |worst, (x, y)| {
+        if !x.is_finite() || !y.is_finite() {
+            f32::INFINITY
+        } else {
+            worst.max((x - y).abs())
+        }
+    })
+}
+
+/// Whether this CPU has `feature` (as `is_x86_feature_detected!` names it). Without it the caller skips,
+/// and this says so on stderr; with `Q3C_REQUIRE_FEATURES=1` a missing feature fails the test instead.
+pub fn cpu_feature(feature: &str, what: &str) -> bool {
+    let has = match feature {
+        "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
+        "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+        "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+        "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+        other => panic!("no check for CPU feature {other}"),
+    };
+    if !has {
+        assert!(
+            std::env::var("Q3C_REQUIRE_FEATURES").as_deref() != Ok("1"),
+            "{what}: this CPU lacks {feature} and Q3C_REQUIRE_FEATURES=1"
+        );
+        eprintln!("skipped: {what} needs {feature}, which this CPU lacks");
+    }
+    has
 }

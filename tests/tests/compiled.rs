@@ -147,8 +147,7 @@ fn llvm_model(
 #[cfg(feature = "llvm")]
 #[test]
 fn bf16_activations_stay_within_bf16_rounding_of_transformers() {
-    if !std::arch::is_x86_feature_detected!("avx512bf16") {
-        eprintln!("skipped: this CPU has no AVX512_BF16");
+    if !q3c_tests::cpu_feature("avx512bf16", "bf16 activations") {
         return;
     }
     let g = golden("tied_bf16");
@@ -181,8 +180,7 @@ fn bf16_activations_stay_within_bf16_rounding_of_transformers() {
 #[cfg(feature = "llvm")]
 #[test]
 fn q8_weights_stay_within_quantization_error_of_transformers() {
-    if !std::arch::is_x86_feature_detected!("avx512vnni") {
-        eprintln!("skipped: this CPU has no AVX512-VNNI");
+    if !q3c_tests::cpu_feature("avx512vnni", "q8 weights") {
         return;
     }
     for name in FIXTURES {

@@ -1,7 +1,8 @@
-//! What q3c's code generators share: the memory plan of a graph ([`plan`]), the manifest built from it
-//! ([`manifest`]), and linking an object file into the artifact `.so` ([`link_shared`]).
+//! What q3c's code generators share: the memory plan of a graph ([`plan`]), the dispatches of a forward
+//! call ([`launch`]), the manifest built from them ([`manifest`]), and linking an object file into the artifact `.so` ([`link_shared`]).
 
 pub mod items;
+pub mod launch;
 pub mod manifest;
 pub mod plan;
 

@@ -64,5 +64,6 @@ pub fn build(parts: ManifestParts) -> Manifest {
         target_cpu: target_cpu.into(),
         required_cpu_features,
         kernels,
+        launch: None,
     }
 }

@@ -1,11 +1,17 @@
-//! Cranelift building blocks shared by the kernels: counted loops, weight loads with widening,
-//! SIMD dot products and libm calls.
+//! Cranelift's implementation of [`KernelBuilder`] and [`EntryBuilder`]: 128-bit vectors (f32x4), bf16
+//! widened by `uload16x4` and a shift, `e^x` inline, libm for `sin`/`cos`. The matrix products are in
+//! `gemm.rs`.
 
-use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
-use cranelift_codegen::ir::{FuncRef, InstBuilder, MemFlagsData, Value};
-use cranelift_frontend::FunctionBuilder;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8};
+use cranelift_codegen::ir::{
+    Block, FuncRef, InstBuilder, MemFlagsData, SigRef, StackSlotData, StackSlotKind, Value,
+};
+use cranelift_frontend::{FunctionBuilder, Variable};
 use q3c_ir::DType;
+use q3c_kernels::{EntryBuilder, KernelBuilder, MatMul};
+
+use crate::gemm;
 
 /// Imported libm functions, declared in the function being built.
 #[derive(Clone, Copy)]
@@ -17,8 +23,12 @@ pub struct Libm {
 /// A function under construction plus what every kernel needs.
 pub struct Emit<'a, 'b> {
     pub b: &'a mut FunctionBuilder<'b>,
+    /// The CPU has fused multiply-add.
     pub fma: bool,
-    pub libm: Libm,
+    /// `cosf`/`sinf` (kernels that rotate); `None` in `q3c_forward`.
+    pub libm: Option<Libm>,
+    /// The signature of the runtime's `parallel_for` (in `q3c_forward` only).
+    pub parallel_for: Option<SigRef>,
 }
 
 /// Loads that may be unaligned and never trap (pointers come from the runtime, already checked).
@@ -26,104 +36,32 @@ pub fn mem() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }
 
+/// A loop opened by [`KernelBuilder::loop_begin`].
+pub struct Loop {
+    var: Variable,
+    i: Value,
+    header: Block,
+    exit: Block,
+}
+
 impl Emit<'_, '_> {
-    pub fn iconst(&mut self, v: usize) -> Value {
-        self.b.ins().iconst(I64, v as i64)
-    }
-
-    pub fn fconst(&mut self, v: f32) -> Value {
-        self.b.ins().f32const(v)
-    }
-
-    /// `base + index * scale` (byte address arithmetic).
-    pub fn addr(&mut self, base: Value, index: Value, scale: usize) -> Value {
-        let off = self.b.ins().imul_imm_u(index, scale as i64);
-        self.b.ins().iadd(base, off)
-    }
-
-    /// `for i in (start..end).step_by(step) { body(i) }`.
-    pub fn for_range(
-        &mut self,
-        start: Value,
-        end: Value,
-        step: usize,
-        mut body: impl FnMut(&mut Self, Value),
-    ) {
-        let header = self.b.create_block();
-        let body_blk = self.b.create_block();
-        let exit = self.b.create_block();
-        let var = self.b.declare_var(I64);
-        self.b.def_var(var, start);
-        self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(header);
-        let i = self.b.use_var(var);
-        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, i, end);
-        self.b.ins().brif(more, body_blk, &[], exit, &[]);
-        self.b.switch_to_block(body_blk);
-        body(self, i);
-        let next = self.b.ins().iadd_imm_s(i, step as i64);
-        self.b.def_var(var, next);
-        self.b.ins().jump(header, &[]);
-        self.b.switch_to_block(exit);
-    }
-
-    /// Splits `index` over consecutive ranges ending at `ends` (increasing constants): runs `arm(r, local)`
-    /// for the range `r` holding `index`, with `local` its position in that range. Beyond the last range
-    /// nothing runs.
-    pub fn ranges(
-        &mut self,
-        index: Value,
-        ends: &[usize],
-        mut arm: impl FnMut(&mut Self, usize, Value),
-    ) {
-        let done = self.b.create_block();
-        let mut begin = 0;
-        for (r, &end) in ends.iter().enumerate() {
-            let (body, next) = (self.b.create_block(), self.b.create_block());
-            let inside = self
-                .b
-                .ins()
-                .icmp_imm_u(IntCC::UnsignedLessThan, index, end as i64);
-            self.b.ins().brif(inside, body, &[], next, &[]);
-            self.b.switch_to_block(body);
-            let local = self.b.ins().iadd_imm_s(index, -(begin as i64));
-            arm(self, r, local);
-            self.b.ins().jump(done, &[]);
-            self.b.switch_to_block(next);
-            begin = end;
-        }
-        self.b.ins().jump(done, &[]);
-        self.b.switch_to_block(done);
-    }
-
-    /// `for i in 0..n` with a constant bound.
-    pub fn for_n(&mut self, n: usize, body: impl FnMut(&mut Self, Value)) {
-        let (zero, end) = (self.iconst(0), self.iconst(n));
-        self.for_range(zero, end, 1, body);
-    }
-
-    pub fn load_f32(&mut self, ptr: Value, offset: i32) -> Value {
+    pub fn load_f32_at(&mut self, ptr: Value, offset: i32) -> Value {
         self.b.ins().load(F32, mem(), ptr, offset)
     }
 
-    pub fn store(&mut self, v: Value, ptr: Value, offset: i32) {
+    pub fn store_at(&mut self, v: Value, ptr: Value, offset: i32) {
         self.b.ins().store(mem(), v, ptr, offset);
     }
 
-    pub fn load_i32_as_i64(&mut self, ptr: Value, offset: i32) -> Value {
-        let v = self.b.ins().load(I32, mem(), ptr, offset);
-        self.b.ins().sextend(I64, v)
-    }
-
-    /// One weight element at `ptr` (its byte address), widened to f32.
-    pub fn load_weight(&mut self, dtype: DType, ptr: Value, offset: i32) -> Value {
+    /// One weight element at `ptr + offset`, widened to f32.
+    pub fn load_weight_at(&mut self, dtype: DType, ptr: Value, offset: i32) -> Value {
         match dtype {
             DType::BF16 => {
                 let bits = self.b.ins().uload16(I32, mem(), ptr, offset);
                 let bits = self.b.ins().ishl_imm_u(bits, 16);
                 self.b.ins().bitcast(F32, MemFlagsData::new(), bits)
             }
-            _ => self.load_f32(ptr, offset),
+            _ => self.load_f32_at(ptr, offset),
         }
     }
 
@@ -143,7 +81,7 @@ impl Emit<'_, '_> {
         }
     }
 
-    /// `a * b + c` on f32x4 (a fused multiply-add where the CPU has one).
+    /// `a * b + c` on f32 or f32x4 (a fused multiply-add where the CPU has one).
     pub fn madd(&mut self, a: Value, b: Value, c: Value) -> Value {
         if self.fma {
             self.b.ins().fma(a, b, c)
@@ -160,122 +98,6 @@ impl Emit<'_, '_> {
         self.b.ins().fadd(a, c)
     }
 
-    /// `Σ_k x[k] · w[k]` over `k` constant elements: f32 activations at `x`, weights of `dtype` at `w`.
-    /// Four f32x4 accumulators over blocks of 16, then 4-wide and scalar tails, all unrolled.
-    pub fn dot(&mut self, x: Value, w: Value, dtype: DType, k: usize) -> Value {
-        let ws = if dtype == DType::BF16 { 2 } else { 4 };
-        let zero4 = {
-            let z = self.fconst(0.0);
-            self.b.ins().splat(F32X4, z)
-        };
-        let accs: Vec<_> = (0..4).map(|_| self.b.declare_var(F32X4)).collect();
-        for &a in &accs {
-            self.b.def_var(a, zero4);
-        }
-        let blocks = k / 16;
-        if blocks > 0 {
-            let accs2 = accs.clone();
-            self.for_n(blocks, |e, j| {
-                let xb = e.addr(x, j, 64);
-                let wb = e.addr(w, j, 16 * ws);
-                for (u, &a) in accs2.iter().enumerate() {
-                    let xv = e.b.ins().load(F32X4, mem(), xb, (16 * u) as i32);
-                    let wv = e.load_weight4(dtype, wb, (u * 4 * ws) as i32);
-                    let acc = e.b.use_var(a);
-                    let acc = e.madd(xv, wv, acc);
-                    e.b.def_var(a, acc);
-                }
-            });
-        }
-        let mut done = blocks * 16;
-        let mut acc = {
-            let a0 = self.b.use_var(accs[0]);
-            let a1 = self.b.use_var(accs[1]);
-            let a2 = self.b.use_var(accs[2]);
-            let a3 = self.b.use_var(accs[3]);
-            let s = self.b.ins().fadd(a0, a1);
-            let t = self.b.ins().fadd(a2, a3);
-            self.b.ins().fadd(s, t)
-        };
-        while done + 4 <= k {
-            let xv = self.b.ins().load(F32X4, mem(), x, (done * 4) as i32);
-            let wv = self.load_weight4(dtype, w, (done * ws) as i32);
-            acc = self.madd(xv, wv, acc);
-            done += 4;
-        }
-        let mut sum = self.hsum(acc);
-        while done < k {
-            let xv = self.load_f32(x, (done * 4) as i32);
-            let wv = self.load_weight(dtype, w, (done * ws) as i32);
-            let p = self.b.ins().fmul(xv, wv);
-            sum = self.b.ins().fadd(sum, p);
-            done += 1;
-        }
-        sum
-    }
-
-    /// Register-blocked dot products: `out[r][c] = Σ_k x[r][k] · w_c[k]` where row `r` of x starts at
-    /// `x + r·x_stride` bytes (f32) and column `c` at `cols[c]` (`dtype`; the columns may come from different
-    /// matrices). Each 4-wide step of k loads `rows + cols` vectors and issues `rows · cols` independent FMAs;
-    /// a k that is not a multiple of 4 finishes scalar.
-    pub fn dot_block(
-        &mut self,
-        x: Value,
-        x_stride: usize,
-        rows: usize,
-        cols: &[Value],
-        dtype: DType,
-        k: usize,
-    ) -> Vec<Vec<Value>> {
-        let ws = if dtype == DType::BF16 { 2 } else { 4 };
-        let zero4 = {
-            let z = self.fconst(0.0);
-            self.b.ins().splat(F32X4, z)
-        };
-        let accs: Vec<Vec<_>> = (0..rows)
-            .map(|_| cols.iter().map(|_| self.b.declare_var(F32X4)).collect())
-            .collect();
-        for a in accs.iter().flatten() {
-            self.b.def_var(*a, zero4);
-        }
-        let steps = k / 4;
-        if steps > 0 {
-            self.for_n(steps, |e, j| {
-                let xb = e.addr(x, j, 16);
-                let w_off = e.b.ins().imul_imm_u(j, (4 * ws) as i64);
-                let xv: Vec<Value> = (0..rows)
-                    .map(|r| e.b.ins().load(F32X4, mem(), xb, (r * x_stride) as i32))
-                    .collect();
-                for (c, &col) in cols.iter().enumerate() {
-                    let wb = e.b.ins().iadd(col, w_off);
-                    let wv = e.load_weight4(dtype, wb, 0);
-                    for (row_accs, &xr) in accs.iter().zip(&xv) {
-                        let acc = e.b.use_var(row_accs[c]);
-                        let acc = e.madd(xr, wv, acc);
-                        e.b.def_var(row_accs[c], acc);
-                    }
-                }
-            });
-        }
-        let mut out = Vec::with_capacity(rows);
-        for (r, row_accs) in accs.iter().enumerate() {
-            let mut row = Vec::with_capacity(cols.len());
-            for (&a, &col) in row_accs.iter().zip(cols) {
-                let acc = self.b.use_var(a);
-                let mut sum = self.hsum(acc);
-                for kk in steps * 4..k {
-                    let xv = self.load_f32(x, (r * x_stride + kk * 4) as i32);
-                    let wv = self.load_weight(dtype, col, (kk * ws) as i32);
-                    let p = self.b.ins().fmul(xv, wv);
-                    sum = self.b.ins().fadd(sum, p);
-                }
-                row.push(sum);
-            }
-            out.push(row);
-        }
-        out
-    }
-
     pub fn call1(&mut self, f: FuncRef, x: Value) -> Value {
         let call = self.b.ins().call(f, &[x]);
         self.b.inst_results(call)[0]
@@ -289,7 +111,7 @@ impl Emit<'_, '_> {
     }
 
     /// `silu(x) = x / (1 + e^-x)` of an f32, through [`Emit::silu4`].
-    pub fn silu(&mut self, x: Value) -> Value {
+    pub fn silu1(&mut self, x: Value) -> Value {
         let v = self.b.ins().splat(F32X4, x);
         let y = self.silu4(v);
         self.b.ins().extractlane(y, 0)
@@ -299,7 +121,7 @@ impl Emit<'_, '_> {
     pub fn silu4(&mut self, x: Value) -> Value {
         let neg = self.b.ins().fneg(x);
         let ex = self.exp4(neg);
-        let one = self.fconst(1.0);
+        let one = self.b.ins().f32const(1.0);
         let one = self.b.ins().splat(F32X4, one);
         let den = self.b.ins().fadd(one, ex);
         self.b.ins().fdiv(x, den)
@@ -310,7 +132,7 @@ impl Emit<'_, '_> {
     /// clamped to [-87.3, 88.3]; the relative error is about 2e-7 (checked against `f32::exp` in the tests).
     pub fn exp4(&mut self, x: Value) -> Value {
         let splat = |e: &mut Self, c: f32| {
-            let s = e.fconst(c);
+            let s = e.b.ins().f32const(c);
             e.b.ins().splat(F32X4, s)
         };
         let (hi, lo) = (splat(self, 88.3), splat(self, -87.3));
@@ -348,13 +170,308 @@ impl Emit<'_, '_> {
         );
         self.b.ins().fmul(y, pow2)
     }
+}
 
-    /// An f32 stack accumulator: declare, set, read, write through `Variable`s.
-    pub fn var_f32(&mut self, init: f32) -> cranelift_frontend::Variable {
-        let v = self.b.declare_var(F32);
-        let c = self.fconst(init);
-        self.b.def_var(v, c);
+impl KernelBuilder for Emit<'_, '_> {
+    type Int = Value;
+    type Bool = Value;
+    type Ptr = Value;
+    type F32 = Value;
+    type Vec = Value;
+    type Var = Variable;
+    type Loop = Loop;
+    type If = Block;
+
+    fn lanes(&self) -> usize {
+        4
+    }
+
+    fn iconst(&mut self, v: usize) -> Value {
+        self.b.ins().iconst(I64, v as i64)
+    }
+    fn add(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().iadd(a, b)
+    }
+    fn sub(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().isub(a, b)
+    }
+    fn mul_c(&mut self, a: Value, c: usize) -> Value {
+        self.b.ins().imul_imm_u(a, c as i64)
+    }
+    fn udiv_c(&mut self, a: Value, c: usize) -> Value {
+        let c = self.iconst(c);
+        self.b.ins().udiv(a, c)
+    }
+    fn urem_c(&mut self, a: Value, c: usize) -> Value {
+        let c = self.iconst(c);
+        self.b.ins().urem(a, c)
+    }
+    fn ult(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().icmp(IntCC::UnsignedLessThan, a, b)
+    }
+    fn ieq(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().icmp(IntCC::Equal, a, b)
+    }
+    fn fgt(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fcmp(FloatCC::GreaterThan, a, b)
+    }
+    fn and(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().band(a, b)
+    }
+    fn or(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().bor(a, b)
+    }
+    fn not(&mut self, a: Value) -> Value {
+        // Comparisons give 0 or 1.
+        self.b.ins().bxor_imm_u(a, 1)
+    }
+    fn false_(&mut self) -> Value {
+        self.b.ins().iconst(I8, 0)
+    }
+    fn select_int(&mut self, c: Value, a: Value, b: Value) -> Value {
+        self.b.ins().select(c, a, b)
+    }
+    fn select_f32(&mut self, c: Value, a: Value, b: Value) -> Value {
+        self.b.ins().select(c, a, b)
+    }
+    fn int_to_f32(&mut self, a: Value) -> Value {
+        self.b.ins().fcvt_from_uint(F32, a)
+    }
+    fn off(&mut self, base: Value, bytes: usize) -> Value {
+        if bytes == 0 {
+            return base;
+        }
+        self.b.ins().iadd_imm_u(base, bytes as i64)
+    }
+    fn addr(&mut self, base: Value, index: Value, stride: usize) -> Value {
+        let off = self.b.ins().imul_imm_u(index, stride as i64);
+        self.b.ins().iadd(base, off)
+    }
+
+    fn load_i64(&mut self, p: Value) -> Value {
+        self.b.ins().load(I64, mem(), p, 0)
+    }
+    fn load_ptr(&mut self, p: Value) -> Value {
+        self.b.ins().load(I64, mem(), p, 0)
+    }
+    fn load_i32(&mut self, p: Value) -> Value {
+        let v = self.b.ins().load(I32, mem(), p, 0);
+        self.b.ins().sextend(I64, v)
+    }
+    fn load_f32(&mut self, p: Value) -> Value {
+        self.load_f32_at(p, 0)
+    }
+    fn load_weight(&mut self, dt: DType, p: Value) -> Value {
+        self.load_weight_at(dt, p, 0)
+    }
+    fn store_f32(&mut self, v: Value, p: Value) {
+        self.store_at(v, p, 0);
+    }
+    fn store_i32(&mut self, v: Value, p: Value) {
+        let v = self.b.ins().ireduce(I32, v);
+        self.store_at(v, p, 0);
+    }
+    fn store_i64(&mut self, v: Value, p: Value) {
+        self.store_at(v, p, 0);
+    }
+    fn store_ptr(&mut self, v: Value, p: Value) {
+        self.store_at(v, p, 0);
+    }
+    fn vload(&mut self, p: Value) -> Value {
+        self.b.ins().load(F32X4, mem(), p, 0)
+    }
+    fn vload_weight(&mut self, dt: DType, p: Value) -> Value {
+        self.load_weight4(dt, p, 0)
+    }
+    fn vstore(&mut self, v: Value, p: Value) {
+        self.store_at(v, p, 0);
+    }
+    fn stack(&mut self, bytes: usize) -> Value {
+        let slot = self.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            bytes.next_multiple_of(64) as u32,
+            6,
+        ));
+        self.b.ins().stack_addr(I64, slot, 0)
+    }
+
+    fn var_int(&mut self, init: Value) -> Variable {
+        let v = self.b.declare_var(I64);
+        self.b.def_var(v, init);
         v
+    }
+    fn var_f32(&mut self, init: Value) -> Variable {
+        let v = self.b.declare_var(F32);
+        self.b.def_var(v, init);
+        v
+    }
+    fn var_vec(&mut self, init: Value) -> Variable {
+        let v = self.b.declare_var(F32X4);
+        self.b.def_var(v, init);
+        v
+    }
+    fn get_int(&mut self, v: Variable) -> Value {
+        self.b.use_var(v)
+    }
+    fn get_f32(&mut self, v: Variable) -> Value {
+        self.b.use_var(v)
+    }
+    fn get_vec(&mut self, v: Variable) -> Value {
+        self.b.use_var(v)
+    }
+    fn set_int(&mut self, v: Variable, x: Value) {
+        self.b.def_var(v, x);
+    }
+    fn set_f32(&mut self, v: Variable, x: Value) {
+        self.b.def_var(v, x);
+    }
+    fn set_vec(&mut self, v: Variable, x: Value) {
+        self.b.def_var(v, x);
+    }
+
+    fn loop_begin(&mut self, start: Value, end: Value) -> (Value, Loop) {
+        let (header, body, exit) = (
+            self.b.create_block(),
+            self.b.create_block(),
+            self.b.create_block(),
+        );
+        let var = self.b.declare_var(I64);
+        self.b.def_var(var, start);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(var);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, i, end);
+        self.b.ins().brif(more, body, &[], exit, &[]);
+        self.b.switch_to_block(body);
+        (
+            i,
+            Loop {
+                var,
+                i,
+                header,
+                exit,
+            },
+        )
+    }
+    fn loop_end(&mut self, l: Loop, step: usize) {
+        let next = self.b.ins().iadd_imm_s(l.i, step as i64);
+        self.b.def_var(l.var, next);
+        self.b.ins().jump(l.header, &[]);
+        self.b.switch_to_block(l.exit);
+    }
+    fn if_begin(&mut self, cond: Value) -> Block {
+        let (then, done) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(cond, then, &[], done, &[]);
+        self.b.switch_to_block(then);
+        done
+    }
+    fn if_end(&mut self, done: Block) {
+        self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(done);
+    }
+
+    fn fconst(&mut self, v: f32) -> Value {
+        self.b.ins().f32const(v)
+    }
+    fn fadd(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fadd(a, b)
+    }
+    fn fsub(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fsub(a, b)
+    }
+    fn fmul(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fmul(a, b)
+    }
+    fn fdiv(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fdiv(a, b)
+    }
+    fn fmax(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fmax(a, b)
+    }
+    fn fma(&mut self, a: Value, b: Value, c: Value) -> Value {
+        self.madd(a, b, c)
+    }
+    fn sqrt(&mut self, a: Value) -> Value {
+        self.b.ins().sqrt(a)
+    }
+    fn exp(&mut self, x: Value) -> Value {
+        self.expf(x)
+    }
+    fn exp_pair(&mut self, a: Value, b: Value) -> (Value, Value) {
+        // Both in one f32x4 exponential.
+        let v = self.b.ins().splat(F32X4, a);
+        let v = self.b.ins().insertlane(v, b, 1);
+        let e = self.exp4(v);
+        (
+            self.b.ins().extractlane(e, 0),
+            self.b.ins().extractlane(e, 1),
+        )
+    }
+    fn silu(&mut self, x: Value) -> Value {
+        self.silu1(x)
+    }
+    fn cos_sin(&mut self, x: Value) -> (Value, Value) {
+        let libm = self.libm.expect("a rotating kernel is built with libm");
+        (self.call1(libm.cosf, x), self.call1(libm.sinf, x))
+    }
+
+    fn vsplat(&mut self, v: Value) -> Value {
+        self.b.ins().splat(F32X4, v)
+    }
+    fn vadd(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fadd(a, b)
+    }
+    fn vmul(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fmul(a, b)
+    }
+    fn vdiv(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fdiv(a, b)
+    }
+    fn vfma(&mut self, a: Value, b: Value, c: Value) -> Value {
+        self.madd(a, b, c)
+    }
+    fn vsilu(&mut self, x: Value) -> Value {
+        self.silu4(x)
+    }
+
+    fn dot(&mut self, x: Value, w: Value, dt: DType, k: usize) -> Value {
+        gemm::dot(self, x, w, dt, k)
+    }
+    fn matmul_columns(
+        &mut self,
+        mm: MatMul<Value>,
+        x: Value,
+        w: &[Value],
+        out: Value,
+        n: usize,
+        item: Value,
+    ) {
+        gemm::columns(self, mm, x, w, out, n, item)
+    }
+}
+
+impl EntryBuilder for Emit<'_, '_> {
+    type Func = FuncRef;
+
+    fn return_if(&mut self, cond: Value, code: i32) {
+        let (fail, go_on) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(cond, fail, &[], go_on, &[]);
+        self.b.switch_to_block(fail);
+        self.return_(code);
+        self.b.switch_to_block(go_on);
+    }
+    fn return_(&mut self, code: i32) {
+        let c = self.b.ins().iconst(I32, i64::from(code));
+        self.b.ins().return_(&[c]);
+    }
+    fn parallel_for(&mut self, pf: Value, pool: Value, kernel: FuncRef, args: Value, n: Value) {
+        let sig = self
+            .parallel_for
+            .expect("q3c_forward is built with parallel_for's signature");
+        let kernel = self.b.ins().func_addr(I64, kernel);
+        self.b
+            .ins()
+            .call_indirect(sig, pf, &[pool, kernel, args, n]);
     }
 }
 
@@ -398,10 +515,11 @@ mod tests {
         let mut e = Emit {
             b: &mut b,
             fma,
-            libm: Libm {
+            libm: Some(Libm {
                 cosf: cos,
                 sinf: cos,
-            },
+            }),
+            parallel_for: None,
         };
         let y = e.expf(x);
         b.ins().return_(&[y]);

@@ -6,7 +6,7 @@
 //! The contract with the runtime is `q3c_abi` (ABI version, manifest, step struct).
 
 mod emit;
-mod kernels;
+mod gemm;
 mod module;
 
 pub use module::{compile, compile_jit, CompileOptions, Compiled, JitCode, JitCompiled};

@@ -1,26 +1,24 @@
 //! Building the object: kernels, the `q3c_forward` entry point, the manifest and the ABI version symbol.
 
-use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{I32, I64};
-use cranelift_codegen::ir::{
-    AbiParam, InstBuilder, Signature, StackSlotData, StackSlotKind, UserFuncName,
-};
+use cranelift_codegen::ir::types::{F32, I32, I64};
+use cranelift_codegen::ir::{AbiParam, InstBuilder, Signature, UserFuncName};
 use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{DataDescription, FuncId, Linkage, Module};
 use cranelift_object::{ObjectBuilder, ObjectModule};
-use q3c_abi::{step_offsets as so, Manifest, ABI_VERSION};
-use q3c_ir::{Graph, NodeId, Op};
+use q3c_abi::launch::LaunchPlan;
+use q3c_abi::{Manifest, ABI_VERSION};
+use q3c_backend_common::launch::{self, Body};
+use q3c_backend_common::manifest::{self, ManifestParts};
+use q3c_backend_common::plan;
+use q3c_ir::Graph;
+use q3c_kernels::ops::Params;
 use q3c_models::Qwen3Config;
 
-use crate::emit::{mem, Emit, Libm};
-use crate::kernels;
+use crate::emit::{Emit, Libm};
 use crate::BackendError;
-use q3c_backend_common::items::work_items;
-use q3c_backend_common::manifest::{self, ManifestParts};
-use q3c_backend_common::plan::{self, Loc};
 
 /// Settings of one compilation.
 #[derive(Clone, Debug)]
@@ -88,12 +86,13 @@ fn target_lexicon_host() -> target_lexicon::Triple {
     target_lexicon::Triple::host()
 }
 
-/// CPU features the compiled code may use, as the runtime names them.
+/// CPU features the compiled code may use, as the runtime names them ([`q3c_abi::CPU_FEATURES`]:
+/// Cranelift's `has_avx_vnni` is `avxvnni`).
 fn required_features(isa: &dyn cranelift_codegen::isa::TargetIsa) -> Vec<String> {
     isa.isa_flags()
         .iter()
         .filter(|f| f.as_bool() == Some(true))
-        .filter_map(|f| f.name.strip_prefix("has_").map(|n| n.replace('_', ".")))
+        .filter_map(|f| f.name.strip_prefix("has_").map(|n| n.replace('_', "")))
         .collect()
 }
 
@@ -167,13 +166,7 @@ pub fn compile_jit(
 }
 
 fn check(graph: &Graph, opts: &CompileOptions) -> Result<(), BackendError> {
-    q3c_ir::verify(graph).map_err(|e| BackendError::Internal(e.to_string()))?;
-    if opts.max_tokens_per_call == 0 {
-        return Err(BackendError::Unsupported(
-            "max tokens per call must be at least 1".into(),
-        ));
-    }
-    Ok(())
+    launch::check(graph, opts.max_tokens_per_call)
 }
 
 /// What [`build`] defined in a module.
@@ -182,7 +175,8 @@ struct Built {
     forward: FuncId,
 }
 
-/// Defines every kernel, `q3c_forward`, the manifest and the ABI version symbol in `module`.
+/// Defines every kernel of the launch plan, `q3c_forward`, the manifest and the ABI version symbol in
+/// `module`.
 fn build<M: Module>(
     module: &mut M,
     graph: &Graph,
@@ -197,14 +191,13 @@ fn build<M: Module>(
         .any(|f| f.name == "has_fma" && f.as_bool() == Some(true));
     let features = required_features(isa);
     let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    let launch = launch::build(graph, &plan)?;
     let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
 
     let libm_sig = {
         let mut s = module.make_signature();
-        s.params
-            .push(AbiParam::new(cranelift_codegen::ir::types::F32));
-        s.returns
-            .push(AbiParam::new(cranelift_codegen::ir::types::F32));
+        s.params.push(AbiParam::new(F32));
+        s.returns.push(AbiParam::new(F32));
         s
     };
     let cosf = module
@@ -224,23 +217,19 @@ fn build<M: Module>(
     let tcfg = module.target_config();
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
-    let mut kernels_built: Vec<(NodeId, FuncId)> = Vec::new();
-    for (n, &id) in plan.order.iter().enumerate() {
-        let op = &graph.node(id).op;
-        if op.is_leaf() || op.is_view() {
-            continue;
-        }
+    let mut kernels: Vec<FuncId> = Vec::new();
+    for (name, body) in launch.plan.kernels.iter().zip(&launch.bodies) {
+        let Body::Node(id) = *body else {
+            return Err(BackendError::Internal(format!(
+                "the Cranelift backend has no staging kernel ({name})"
+            )));
+        };
         // RoPE frequencies as a local data table.
-        let rope_data = match op {
-            Op::Rope(spec) | Op::NormRope { rope: spec, .. } => {
-                let d = graph.node(id).tensor().shape.resolve(1, 1)[2];
-                let bytes: Vec<u8> = spec
-                    .inv_freq(d)
-                    .iter()
-                    .flat_map(|f| f.to_le_bytes())
-                    .collect();
+        let rope_data = match q3c_kernels::rope_table(graph, id) {
+            Some(freqs) => {
+                let bytes: Vec<u8> = freqs.iter().flat_map(|f| f.to_le_bytes()).collect();
                 let data = module
-                    .declare_data(&format!("q3c_rope_{n}"), Linkage::Local, false, false)
+                    .declare_data(&format!("{name}_inv_freq"), Linkage::Local, false, false)
                     .map_err(err)?;
                 let mut desc = DataDescription::new();
                 desc.define(bytes.into_boxed_slice());
@@ -248,11 +237,10 @@ fn build<M: Module>(
                 module.define_data(data, &desc).map_err(err)?;
                 Some(data)
             }
-            _ => None,
+            None => None,
         };
-        let name = format!("q3c_k{n}_{}", op.name());
         let fid = module
-            .declare_function(&name, Linkage::Local, &kernel_sig)
+            .declare_function(name, Linkage::Local, &kernel_sig)
             .map_err(err)?;
         ctx.func.signature = kernel_sig.clone();
         ctx.func.name = UserFuncName::user(0, fid.as_u32());
@@ -271,9 +259,15 @@ fn build<M: Module>(
             let mut e = Emit {
                 b: &mut b,
                 fma,
-                libm,
+                libm: Some(libm),
+                parallel_for: None,
             };
-            kernels::emit(&mut e, graph, &plan, id, [p[0], p[1], p[2]], table)?;
+            let params = Params {
+                args: p[0],
+                start: p[1],
+                end: p[2],
+            };
+            q3c_kernels::ops::emit(&mut e, graph, &plan, id, params, table)?;
             b.ins().return_(&[]);
             b.seal_all_blocks();
             b.finalize(tcfg);
@@ -282,16 +276,16 @@ fn build<M: Module>(
             .define_function(fid, &mut ctx)
             .map_err(|e| BackendError::Internal(format!("{name}: {e:?}")))?;
         module.clear_context(&mut ctx);
-        kernels_built.push((id, fid));
+        kernels.push(fid);
     }
 
     let forward = build_forward(
         module,
         &mut ctx,
         &mut fctx,
-        graph,
-        &plan,
-        &kernels_built,
+        &launch.plan,
+        &kernels,
+        plan.max_tokens,
         cfg.vocab_size,
     )?;
 
@@ -303,7 +297,7 @@ fn build<M: Module>(
         matmul_activations: "f32",
         target_cpu: &opts.target_cpu,
         required_cpu_features: features,
-        kernels: kernels_built.len(),
+        kernels: launch.plan.dispatches.len(),
     });
     let json = serde_json::to_vec(&manifest).map_err(|e| BackendError::Internal(e.to_string()))?;
     export_data(module, q3c_abi::SYM_MANIFEST, json.clone())?;
@@ -331,15 +325,14 @@ fn export_data<M: Module>(module: &mut M, name: &str, bytes: Vec<u8>) -> Result<
     module.define_data(id, &desc).map_err(err)
 }
 
-/// `int32_t q3c_forward(const q3c_step *step)`: checks the step, then dispatches every kernel in order.
-#[allow(clippy::too_many_arguments)]
+/// `int32_t q3c_forward(const q3c_step *step)` ([`q3c_kernels::forward`]).
 fn build_forward<M: Module>(
     module: &mut M,
     ctx: &mut Context,
     fctx: &mut FunctionBuilderContext,
-    graph: &Graph,
-    plan: &plan::Plan,
-    kernels_built: &[(NodeId, FuncId)],
+    launch: &LaunchPlan,
+    kernels: &[FuncId],
+    max_tokens: usize,
     vocab: usize,
 ) -> Result<FuncId, BackendError> {
     let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
@@ -352,9 +345,9 @@ fn build_forward<M: Module>(
         .map_err(err)?;
     ctx.func.signature = sig;
     ctx.func.name = UserFuncName::user(0, fid.as_u32());
-    let kernel_refs: Vec<_> = kernels_built
+    let kernel_refs: Vec<_> = kernels
         .iter()
-        .map(|&(id, f)| (id, module.declare_func_in_func(f, &mut ctx.func)))
+        .map(|&f| module.declare_func_in_func(f, &mut ctx.func))
         .collect();
     let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
     let pf_sig = {
@@ -368,136 +361,13 @@ fn build_forward<M: Module>(
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
     let step = b.block_params(entry)[0];
-    // The entry point calls no libm function; the field is filled with any function reference.
-    let unused = kernel_refs
-        .first()
-        .map(|k| k.1)
-        .ok_or_else(|| BackendError::Internal("no kernels".into()))?;
     let mut e = Emit {
         b: &mut b,
         fma: false,
-        libm: Libm {
-            cosf: unused,
-            sinf: unused,
-        },
+        libm: None,
+        parallel_for: Some(pf_sig),
     };
-
-    let ret = |e: &mut Emit, code: i32| {
-        let c = e.b.ins().iconst(I32, i64::from(code));
-        e.b.ins().return_(&[c]);
-    };
-    let ids = e.b.ins().load(I64, mem(), step, so::IDS);
-    let t = e.b.ins().load(I64, mem(), step, so::T);
-    let past = e.b.ins().load(I64, mem(), step, so::PAST);
-    // t must be in 1..=max_tokens.
-    let t_minus_1 = e.b.ins().iadd_imm_s(t, -1);
-    let bad_t = e.b.ins().icmp_imm_s(
-        IntCC::UnsignedGreaterThanOrEqual,
-        t_minus_1,
-        plan.max_tokens as i64,
-    );
-    let (fail_t, ok_t) = (e.b.create_block(), e.b.create_block());
-    e.b.ins().brif(bad_t, fail_t, &[], ok_t, &[]);
-    e.b.switch_to_block(fail_t);
-    ret(&mut e, q3c_abi::ERR_TOKENS);
-    e.b.switch_to_block(ok_t);
-    // Every id in 0..vocab.
-    let bad_id = e.b.create_block();
-    let zero = e.iconst(0);
-    e.for_range(zero, t, 1, |e, i| {
-        let p = e.addr(ids, i, 4);
-        let id = e.load_i32_as_i64(p, 0);
-        let bad =
-            e.b.ins()
-                .icmp_imm_s(IntCC::UnsignedGreaterThanOrEqual, id, vocab as i64);
-        let next = e.b.create_block();
-        e.b.ins().brif(bad, bad_id, &[], next, &[]);
-        e.b.switch_to_block(next);
-    });
-    let run = e.b.create_block();
-    e.b.ins().jump(run, &[]);
-    e.b.switch_to_block(bad_id);
-    ret(&mut e, q3c_abi::ERR_TOKEN_ID);
-    e.b.switch_to_block(run);
-
-    let weights = e.b.ins().load(I64, mem(), step, so::WEIGHTS);
-    let kv = e.b.ins().load(I64, mem(), step, so::KV);
-    let scratch = e.b.ins().load(I64, mem(), step, so::SCRATCH);
-    let logits = e.b.ins().load(I64, mem(), step, so::LOGITS);
-    let services = e.b.ins().load(I64, mem(), step, so::SERVICES);
-    let parallel_for = e.b.ins().load(I64, mem(), services, 0);
-    let pool = e.b.ins().load(I64, mem(), services, 8);
-    // Kernel arguments: T, past, then input and output pointers.
-    let arg_words = 2 + kernel_refs
-        .iter()
-        .map(|&(id, _)| graph.inputs(id).len() + graph.node(id).ty.elements().len())
-        .max()
-        .unwrap_or(0);
-    let slot = e.b.create_sized_stack_slot(StackSlotData::new(
-        StackSlotKind::ExplicitSlot,
-        (8 * arg_words) as u32,
-        3,
-    ));
-    let args = e.b.ins().stack_addr(I64, slot, 0);
-
-    let pointer = |e: &mut Emit, loc: Loc| match loc {
-        // The address of the weight's table entry; single weights are dereferenced by the caller below,
-        // expert stacks pass the entry address itself (E consecutive data pointers).
-        Loc::Weight { index, .. } => e.b.ins().iadd_imm_s(weights, (index * 8) as i64),
-        Loc::Ids | Loc::Positions => ids,
-        Loc::Scratch { offset } => e.b.ins().iadd_imm_s(scratch, offset as i64),
-        Loc::Cache { slot } => e.b.ins().load(I64, mem(), kv, (slot * 8) as i32),
-        Loc::Logits => logits,
-    };
-    // With last_logits_only, the logits kernel sees one row: the last one of its input.
-    let last_only = e.b.ins().load(I64, mem(), step, so::LAST_LOGITS_ONLY);
-    let one = e.iconst(1);
-    let t_logits = e.b.ins().select(last_only, one, t);
-    let skipped_rows = {
-        let t_minus_1 = e.b.ins().iadd_imm_s(t, -1);
-        let zero = e.iconst(0);
-        e.b.ins().select(last_only, t_minus_1, zero)
-    };
-    for &(id, fref) in &kernel_refs {
-        let is_logits = plan.loc[&id] == Loc::Logits;
-        e.b.ins()
-            .store(mem(), if is_logits { t_logits } else { t }, args, 0);
-        e.b.ins().store(mem(), past, args, 8);
-        let inputs = graph.inputs(id);
-        let stack_weight = |n: NodeId| matches!(&graph.node(n).op, Op::Weight { name, .. } if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER));
-        for (i, &input) in inputs.iter().enumerate() {
-            let loc = plan.input_loc(graph, id, i);
-            let mut p = pointer(&mut e, loc);
-            if matches!(loc, Loc::Weight { .. }) && !stack_weight(input) {
-                p = e.b.ins().load(I64, mem(), p, 0);
-            }
-            if is_logits && i == 0 {
-                let row_bytes = plan::bytes_per_token(graph, input)?;
-                p = e.addr(p, skipped_rows, row_bytes);
-            }
-            e.b.ins().store(mem(), p, args, (16 + 8 * i) as i32);
-        }
-        let outs = plan
-            .elements
-            .get(&id)
-            .cloned()
-            .unwrap_or_else(|| vec![plan.loc[&id]]);
-        for (i, loc) in outs.into_iter().enumerate() {
-            let out = pointer(&mut e, loc);
-            e.b.ins()
-                .store(mem(), out, args, (16 + 8 * (inputs.len() + i)) as i32);
-        }
-        let items = work_items(graph, id);
-        let n = if items.scales_with_t {
-            e.b.ins().imul_imm_u(t, items.count as i64)
-        } else {
-            e.iconst(items.count)
-        };
-        let kernel = e.b.ins().func_addr(I64, fref);
-        e.b.ins()
-            .call_indirect(pf_sig, parallel_for, &[pool, kernel, args, n]);
-    }
-    ret(&mut e, q3c_abi::OK);
+    q3c_kernels::forward::build(&mut e, step, launch, &kernel_refs, max_tokens, vocab);
     b.seal_all_blocks();
     b.finalize(tcfg);
     module
@@ -505,4 +375,17 @@ fn build_forward<M: Module>(
         .map_err(|e| BackendError::Internal(format!("q3c_forward: {e:?}")))?;
     module.clear_context(ctx);
     Ok(fid)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every feature a native compilation may require is one the runtime can check (a name it does not
+    /// know makes it refuse the artifact on the very CPU that compiled it).
+    #[test]
+    fn required_features_are_abi_names() {
+        let isa = super::isa("native", true).expect("host ISA");
+        for f in super::required_features(&*isa) {
+            assert!(q3c_abi::CPU_FEATURES.contains(&f.as_str()), "{f}");
+        }
+    }
 }

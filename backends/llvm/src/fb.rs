@@ -29,6 +29,9 @@ pub enum Flavor {
     Cpu { lanes: u32, bf16_dot: bool },
     /// An NVIDIA GPU through NVPTX.
     Gpu,
+    /// The GPU flavour compiled for this CPU, to run its launches there: the same 4-lane bodies; the
+    /// reduced RoPE angle goes to libm instead of the GPU's `sin.approx`/`cos.approx`.
+    GpuOnCpu,
 }
 
 impl Flavor {
@@ -41,7 +44,7 @@ impl Flavor {
     pub fn lanes(self) -> u32 {
         match self {
             Flavor::Cpu { lanes, .. } => lanes,
-            Flavor::Gpu => 4,
+            Flavor::Gpu | Flavor::GpuOnCpu => 4,
         }
     }
 }
@@ -316,13 +319,16 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         p
     }
 
-    /// `for i in (start..end).step_by(step)`, with `body` emitting the loop body.
-    pub fn for_range(
+    /// Opens `for i in start..end`: returns the counter, `i`, the loop's head and its exit block.
+    pub fn open_loop(
         &self,
         start: IntValue<'ctx>,
         end: IntValue<'ctx>,
-        step: usize,
-        mut body: impl FnMut(&Self, IntValue<'ctx>),
+    ) -> (
+        Var<'ctx>,
+        IntValue<'ctx>,
+        BasicBlock<'ctx>,
+        BasicBlock<'ctx>,
     ) {
         let i = self.var(start);
         let (head, work, exit) = (
@@ -336,11 +342,33 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         let go = self.icmp(IntPredicate::ULT, iv, end);
         self.b.build_conditional_branch(go, work, exit).expect(BUG);
         self.b.position_at_end(work);
-        body(self, iv);
+        (i, iv, head, exit)
+    }
+    /// Closes a loop opened by [`Fb::open_loop`]: `i += step`, back to the head, continue after it.
+    pub fn close_loop(
+        &self,
+        i: Var<'ctx>,
+        iv: IntValue<'ctx>,
+        head: BasicBlock<'ctx>,
+        exit: BasicBlock<'ctx>,
+        step: usize,
+    ) {
         let next = self.add_c(iv, step);
         self.set(i, next);
         self.b.build_unconditional_branch(head).expect(BUG);
         self.b.position_at_end(exit);
+    }
+    /// `for i in (start..end).step_by(step)`, with `body` emitting the loop body.
+    pub fn for_range(
+        &self,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        step: usize,
+        mut body: impl FnMut(&Self, IntValue<'ctx>),
+    ) {
+        let (i, iv, head, exit) = self.open_loop(start, end);
+        body(self, iv);
+        self.close_loop(i, iv, head, exit, step);
     }
     /// `for i in 0..n`.
     pub fn for_n(&self, n: usize, body: impl FnMut(&Self, IntValue<'ctx>)) {
@@ -348,17 +376,25 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             self.for_range(self.i64c(0), self.i64c(n), 1, body);
         }
     }
-    /// Runs `then` when `cond` (an i1) holds.
-    pub fn when(&self, cond: IntValue<'ctx>, then: impl FnOnce(&Self)) {
+    /// Opens `if cond` (an i1); returns the block after it, for [`Fb::close_if`].
+    pub fn open_if(&self, cond: IntValue<'ctx>) -> BasicBlock<'ctx> {
         let (yes, done) = (
             self.cx.append_basic_block(self.f, "then"),
             self.cx.append_basic_block(self.f, "endif"),
         );
         self.b.build_conditional_branch(cond, yes, done).expect(BUG);
         self.b.position_at_end(yes);
-        then(self);
+        done
+    }
+    pub fn close_if(&self, done: BasicBlock<'ctx>) {
         self.b.build_unconditional_branch(done).expect(BUG);
         self.b.position_at_end(done);
+    }
+    /// Runs `then` when `cond` (an i1) holds.
+    pub fn when(&self, cond: IntValue<'ctx>, then: impl FnOnce(&Self)) {
+        let done = self.open_if(cond);
+        then(self);
+        self.close_if(done);
     }
 
     // ---- float math (scalars and vectors alike)

@@ -6,8 +6,8 @@
 //! per step, and reduces the lanes at the end.
 
 use inkwell::values::{BasicValue, FloatValue, IntValue, PointerValue, VectorValue};
-use q3c_backend_common::items::LinearTile;
 use q3c_ir::{DType, Q8_GROUP, Q8_PANEL};
+use q3c_kernels::MatMul;
 
 use crate::fb::{Fb, Flavor, Var};
 use crate::q8;
@@ -230,111 +230,100 @@ fn dot_block_bf16<'ctx>(
     finish(fb, rows, cols, DType::BF16, accs, done, k)
 }
 
-/// The shape of a linear kernel: `rows` activation rows of `k` (f32), weights of `dt`, cut into `tile`s.
-#[derive(Clone, Copy)]
-pub struct MatMul<'ctx> {
-    pub k: usize,
-    pub dt: DType,
-    pub rows: IntValue<'ctx>,
-    pub tile: LinearTile,
-}
-
-impl<'ctx> MatMul<'ctx> {
-    /// Work item `item` of one output: columns `item·width ..` of `out` (`[rows, n]`) from the matrices `w`
-    /// (`[n, k]` each; one, or gate and up combined by the SwiGLU epilogue) times the rows at `x`.
-    pub fn columns(
-        &self,
-        fb: &Fb<'_, 'ctx>,
-        x: PointerValue<'ctx>,
-        w: &[PointerValue<'ctx>],
-        out: PointerValue<'ctx>,
-        n: usize,
-        item: IntValue<'ctx>,
-    ) {
-        let MatMul { k, dt, rows, tile } = *self;
-        if dt == DType::Q8 {
-            return self.q8_columns(fb, x, w, out, n, item);
-        }
-        let (x_stride, w_stride) = (k * 4, k * dt.size());
-        // Two matrices: a tile takes half its columns from each, so gate and up share every x load.
-        let per_matrix = (TILE_COLS / w.len()).clamp(1, tile.width);
-        let col0 = fb.mul_c(item, tile.width);
-        let w0: Vec<_> = w.iter().map(|&m| fb.addr(m, col0, w_stride)).collect();
-        let o0 = fb.addr(out, col0, 4);
-        // With bf16 dot products, `x` holds the rows already rounded to bf16 (staged by the dispatch before).
-        let staged = bf16_staged(fb.flavor, dt, k);
-        let x_stride = if staged { k * 2 } else { x_stride };
-        let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
-            // A single row streams one weight row at a time: sequential reads, which the prefetcher follows
-            // (four interleaved rows measured 1.6× slower in decode), with four accumulator chains.
-            let per_matrix = if nrows == 1 { 1 } else { per_matrix };
-            let x_block = fb.addr(x, r, x_stride);
-            let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect();
-            let o = fb.addr(o0, r, n * 4);
-            // Column groups as a loop, not unrolled: one tile's code, whatever the panel width.
-            fb.for_n(tile.width / per_matrix, |fb, group| {
-                let c0 = fb.mul_c(group, per_matrix);
-                let cols: Vec<_> = w0
-                    .iter()
-                    .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c)))
-                    .map(|(w0, c)| fb.off(fb.addr(w0, c0, w_stride), c * w_stride))
-                    .collect();
-                let sums = if staged {
-                    dot_block_prepared(fb, &xr, &cols, k)
-                } else {
-                    dot_block(fb, &xr, &cols, dt, k)
-                };
-                let oc = fb.addr(o, c0, 4);
-                for ci in 0..per_matrix {
-                    // Column ci of every matrix, one value per row.
-                    let parts: Vec<Vec<FloatValue>> = (0..w.len())
-                        .map(|m| sums.iter().map(|row| row[m * per_matrix + ci]).collect())
-                        .collect();
-                    for (ri, v) in epilogue(fb, &parts).into_iter().enumerate() {
-                        fb.store(v, fb.off(oc, (ri * n + ci) * 4));
-                    }
-                }
-            });
-        };
-        row_blocks(fb, rows, block);
+/// Work item `item` of one output: columns `item·width ..` of `out` (`[rows, n]`) from the matrices `w`
+/// (`[n, k]` each; one, or gate and up combined by the SwiGLU epilogue) times the rows at `x`.
+pub fn columns<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    mm: MatMul<IntValue<'ctx>>,
+    x: PointerValue<'ctx>,
+    w: &[PointerValue<'ctx>],
+    out: PointerValue<'ctx>,
+    n: usize,
+    item: IntValue<'ctx>,
+) {
+    let MatMul { k, dt, rows, tile } = mm;
+    if dt == DType::Q8 {
+        return q8_columns(fb, mm, x, w, out, n, item);
     }
-
-    /// [`MatMul::columns`] over `q8` weights: the work item is one panel of 16 columns of every matrix, `x`
-    /// the activation rows as the staging kernel quantized them (see [`q8::row_bytes`]).
-    fn q8_columns(
-        &self,
-        fb: &Fb<'_, 'ctx>,
-        x: PointerValue<'ctx>,
-        w: &[PointerValue<'ctx>],
-        out: PointerValue<'ctx>,
-        n: usize,
-        item: IntValue<'ctx>,
-    ) {
-        let MatMul { k, rows, tile, .. } = *self;
-        assert_eq!(tile.width, Q8_PANEL, "q8 weights come in panels of 16 rows");
-        let panel_bytes = Q8_PANEL * k;
-        let scale_bytes = k / Q8_GROUP * Q8_PANEL * 4;
-        let mats: Vec<_> = w
-            .iter()
-            .map(|&m| {
-                let scales = fb.off(m, n * k);
-                (
-                    fb.addr(m, item, panel_bytes),
-                    fb.addr(scales, item, scale_bytes),
-                )
-            })
-            .collect();
-        let o0 = fb.addr(out, item, Q8_PANEL * 4);
-        let row = q8::row_bytes(k);
-        row_blocks(fb, rows, |fb, r, nrows| {
-            let x_block = fb.addr(x, r, row);
-            let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * row)).collect();
-            let o = fb.addr(o0, r, n * 4);
-            for (ri, per_matrix) in q8::panel(fb, &xr, &mats, k).iter().enumerate() {
-                fb.store(combine(fb, per_matrix), fb.off(o, ri * n * 4));
+    let (x_stride, w_stride) = (k * 4, k * dt.size());
+    // Two matrices: a tile takes half its columns from each, so gate and up share every x load.
+    let per_matrix = (TILE_COLS / w.len()).clamp(1, tile.width);
+    let col0 = fb.mul_c(item, tile.width);
+    let w0: Vec<_> = w.iter().map(|&m| fb.addr(m, col0, w_stride)).collect();
+    let o0 = fb.addr(out, col0, 4);
+    // With bf16 dot products, `x` holds the rows already rounded to bf16 (staged by the dispatch before).
+    let staged = bf16_staged(fb.flavor, dt, k);
+    let x_stride = if staged { k * 2 } else { x_stride };
+    let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
+        // A single row streams one weight row at a time: sequential reads, which the prefetcher follows
+        // (four interleaved rows measured 1.6× slower in decode), with four accumulator chains.
+        let per_matrix = if nrows == 1 { 1 } else { per_matrix };
+        let x_block = fb.addr(x, r, x_stride);
+        let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect();
+        let o = fb.addr(o0, r, n * 4);
+        // Column groups as a loop, not unrolled: one tile's code, whatever the panel width.
+        fb.for_n(tile.width / per_matrix, |fb, group| {
+            let c0 = fb.mul_c(group, per_matrix);
+            let cols: Vec<_> = w0
+                .iter()
+                .flat_map(|&w0| (0..per_matrix).map(move |c| (w0, c)))
+                .map(|(w0, c)| fb.off(fb.addr(w0, c0, w_stride), c * w_stride))
+                .collect();
+            let sums = if staged {
+                dot_block_prepared(fb, &xr, &cols, k)
+            } else {
+                dot_block(fb, &xr, &cols, dt, k)
+            };
+            let oc = fb.addr(o, c0, 4);
+            for ci in 0..per_matrix {
+                // Column ci of every matrix, one value per row.
+                let parts: Vec<Vec<FloatValue>> = (0..w.len())
+                    .map(|m| sums.iter().map(|row| row[m * per_matrix + ci]).collect())
+                    .collect();
+                for (ri, v) in epilogue(fb, &parts).into_iter().enumerate() {
+                    fb.store(v, fb.off(oc, (ri * n + ci) * 4));
+                }
             }
         });
-    }
+    };
+    row_blocks(fb, rows, block);
+}
+
+/// [`columns`] over `q8` weights: the work item is one panel of 16 columns of every matrix, `x` the
+/// activation rows as the staging kernel quantized them (see [`q8::row_bytes`]).
+fn q8_columns<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    mm: MatMul<IntValue<'ctx>>,
+    x: PointerValue<'ctx>,
+    w: &[PointerValue<'ctx>],
+    out: PointerValue<'ctx>,
+    n: usize,
+    item: IntValue<'ctx>,
+) {
+    let MatMul { k, rows, tile, .. } = mm;
+    assert_eq!(tile.width, Q8_PANEL, "q8 weights come in panels of 16 rows");
+    let panel_bytes = Q8_PANEL * k;
+    let scale_bytes = k / Q8_GROUP * Q8_PANEL * 4;
+    let mats: Vec<_> = w
+        .iter()
+        .map(|&m| {
+            let scales = fb.off(m, n * k);
+            (
+                fb.addr(m, item, panel_bytes),
+                fb.addr(scales, item, scale_bytes),
+            )
+        })
+        .collect();
+    let o0 = fb.addr(out, item, Q8_PANEL * 4);
+    let row = q8::row_bytes(k);
+    row_blocks(fb, rows, |fb, r, nrows| {
+        let x_block = fb.addr(x, r, row);
+        let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * row)).collect();
+        let o = fb.addr(o0, r, n * 4);
+        for (ri, per_matrix) in q8::panel(fb, &xr, &mats, k).iter().enumerate() {
+            fb.store(combine(fb, per_matrix), fb.off(o, ri * n * 4));
+        }
+    });
 }
 
 /// `block(r, rows)` over `rows` activation rows: blocks of TILE_ROWS, then one at a time (all of decode).

@@ -7,7 +7,10 @@
 //! - [`compile`]: a relocatable object with the kernels, `q3c_forward` and the manifest, linked into a
 //!   `.so` by [`q3c_backend_common::link_shared`].
 //! - [`compile_ptx`]: every kernel of the graph as a PTX entry point (one GPU thread per work item).
+//! - [`compile_gpu_emulation`]: the same entry points compiled for this CPU, launched by the runtime.
 
+#[cfg(feature = "llvm")]
+mod builder;
 #[cfg(feature = "llvm")]
 mod fb;
 #[cfg(feature = "llvm")]
@@ -15,7 +18,7 @@ mod forward;
 #[cfg(feature = "llvm")]
 mod gemm;
 #[cfg(feature = "llvm")]
-mod kernels;
+mod gpu;
 #[cfg(feature = "llvm")]
 mod module;
 #[cfg(feature = "llvm")]
@@ -26,6 +29,8 @@ mod staging;
 mod target;
 
 #[cfg(feature = "llvm")]
-pub use module::{compile, compile_ptx, CompileOptions, Compiled, PtxModule, PtxOptions};
+pub use gpu::{compile_gpu_emulation, compile_ptx, PtxModule, PtxOptions};
+#[cfg(feature = "llvm")]
+pub use module::{compile, CompileOptions, Compiled};
 #[cfg(feature = "llvm")]
 pub use target::host_cpu;

@@ -9,17 +9,17 @@ use inkwell::targets::{FileType, TargetMachine};
 use inkwell::values::{FunctionValue, PointerValue};
 use inkwell::AddressSpace;
 use q3c_abi::Manifest;
-use std::collections::HashMap;
 
-use q3c_backend_common::items::{dims, in_dtype};
+use q3c_backend_common::launch::{self, Body};
 use q3c_backend_common::manifest::{self, ManifestParts};
 use q3c_backend_common::plan::{self, Plan};
 use q3c_backend_common::BackendError;
-use q3c_ir::{Graph, NodeId, Op};
+use q3c_ir::{Graph, NodeId};
+use q3c_kernels::ops::Params;
 use q3c_models::Qwen3Config;
 
 use crate::fb::{Fb, Flavor, BUG};
-use crate::{forward, kernels, staging, target};
+use crate::{forward, staging, target};
 
 /// Settings of one CPU compilation.
 #[derive(Clone, Debug)]
@@ -56,77 +56,6 @@ pub struct Compiled {
     pub manifest: Manifest,
 }
 
-/// Settings of one PTX compilation.
-#[derive(Clone, Debug)]
-pub struct PtxOptions {
-    /// `sm_80`, `sm_90`, ...
-    pub gpu: String,
-    pub max_tokens_per_call: usize,
-    pub fusion: String,
-}
-
-/// A PTX module: one `.entry` per distinct kernel.
-pub struct PtxModule {
-    pub ptx: String,
-    /// The entry point each kernel dispatch of a forward call launches, in order (names repeat where nodes
-    /// share a kernel).
-    pub kernels: Vec<String>,
-    /// The manifest a CPU artifact of the same graph would carry (weights, KV geometry, scratch size).
-    pub manifest: Manifest,
-}
-
-fn check(graph: &Graph, max_tokens: usize) -> Result<(), BackendError> {
-    q3c_ir::verify(graph).map_err(|e| BackendError::Internal(e.to_string()))?;
-    if max_tokens == 0 {
-        return Err(BackendError::Unsupported(
-            "max tokens per call must be at least 1".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Nodes that get a kernel, in dispatch order, with the name of the kernel each runs. Nodes whose code
-/// would be identical share one kernel (every layer's, typically): compile time and code size grow with
-/// the distinct shapes, not with the number of layers.
-fn kernel_nodes(graph: &Graph, plan: &Plan) -> Vec<(NodeId, String)> {
-    let mut names: HashMap<String, String> = HashMap::new();
-    plan.order
-        .iter()
-        .enumerate()
-        .filter(|(_, &id)| {
-            let op = &graph.node(id).op;
-            !op.is_leaf() && !op.is_view()
-        })
-        .map(|(n, &id)| {
-            let name = names
-                .entry(kernel_key(graph, plan, id))
-                .or_insert_with(|| format!("q3c_k{n}_{}", graph.node(id).op.name()));
-            (id, name.clone())
-        })
-        .collect()
-}
-
-/// Everything a kernel's code depends on: the op (a cache write's layer erased: the cache arrives as a
-/// pointer), the types of its inputs and result, and the dtype each input is read in.
-fn kernel_key(graph: &Graph, plan: &Plan, id: NodeId) -> String {
-    let mut op = graph.node(id).op.clone();
-    match &mut op {
-        Op::KvAppend { layer, .. }
-        | Op::NormRope {
-            cache: Some((layer, _)),
-            ..
-        } => *layer = 0,
-        _ => {}
-    }
-    let inputs: Vec<String> = graph
-        .inputs(id)
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| format!("{} as {:?}", graph.node(n).ty, in_dtype(plan, graph, id, i)))
-        .collect();
-    format!("{op:?} ({}) -> {}", inputs.join(", "), graph.node(id).ty)
-}
-
 /// The RoPE inverse frequencies of a rope node, as a private constant table.
 fn rope_table<'ctx>(
     cx: &'ctx Context,
@@ -135,12 +64,7 @@ fn rope_table<'ctx>(
     id: NodeId,
     name: &str,
 ) -> Option<PointerValue<'ctx>> {
-    let (Op::Rope(spec) | Op::NormRope { rope: spec, .. }) = &graph.node(id).op else {
-        return None;
-    };
-    let d = dims(graph, id)[2];
-    let values: Vec<_> = spec
-        .inv_freq(d)
+    let values: Vec<_> = q3c_kernels::rope_table(graph, id)?
         .iter()
         .map(|&f| cx.f32_type().const_float(f64::from(f)))
         .collect();
@@ -157,7 +81,7 @@ fn rope_table<'ctx>(
 }
 
 /// Declares `name(ptr args, i64 start, i64 end)` and emits node `id`'s body into it.
-fn kernel_body<'ctx>(
+pub(crate) fn kernel_body<'ctx>(
     cx: &'ctx Context,
     m: &Module<'ctx>,
     graph: &Graph,
@@ -174,13 +98,14 @@ fn kernel_body<'ctx>(
     let f = m.add_function(name, ty, Some(Linkage::Internal));
     nounwind(cx, f);
     let table = rope_table(cx, m, graph, id, name);
-    let fb = Fb::new(cx, m, f, flavor);
-    let params = [
-        f.get_nth_param(0).expect("3 params"),
-        f.get_nth_param(1).expect("3 params"),
-        f.get_nth_param(2).expect("3 params"),
-    ];
-    kernels::emit(&fb, graph, plan, id, params, table)?;
+    let mut fb = Fb::new(cx, m, f, flavor);
+    let param = |i| f.get_nth_param(i).expect("3 params");
+    let params = Params {
+        args: param(0).into_pointer_value(),
+        start: param(1).into_int_value(),
+        end: param(2).into_int_value(),
+    };
+    q3c_kernels::ops::emit(&mut fb, graph, plan, id, params, table)?;
     fb.b.build_return(None).expect(BUG);
     fb.finish();
     Ok(f)
@@ -192,7 +117,7 @@ pub(crate) fn nounwind(cx: &Context, f: FunctionValue) {
 }
 
 /// Verifies `m`, then runs LLVM's O3 pipeline for `machine`.
-fn optimise(m: &Module, machine: &TargetMachine) -> Result<(), BackendError> {
+pub(crate) fn optimise(m: &Module, machine: &TargetMachine) -> Result<(), BackendError> {
     m.set_triple(&machine.get_triple());
     m.set_data_layout(&machine.get_target_data().get_data_layout());
     m.verify()
@@ -208,7 +133,7 @@ pub fn compile(
     output: &str,
     opts: &CompileOptions,
 ) -> Result<Compiled, BackendError> {
-    check(graph, opts.max_tokens_per_call)?;
+    launch::check(graph, opts.max_tokens_per_call)?;
     let target = target::cpu(&opts.target_cpu, opts.bf16_activations)?;
     if opts.weights_q8 && !target.vnni() {
         return Err(BackendError::Target(format!(
@@ -217,39 +142,44 @@ pub fn compile(
         )));
     }
     let mut plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.weights_q8)?;
-    let cx = Context::create();
-    let m = cx.create_module("q3c_model");
-    let mut kernels_built = Vec::new();
-    let mut functions: HashMap<String, FunctionValue> = HashMap::new();
+    let mut launch = launch::build(graph, &plan)?;
     // Staged products (q8, bf16 activations) prepare their activations after every other scratch buffer.
     let staging_offset = plan.scratch_bytes_per_token * plan.max_tokens;
     let mut staging_per_token = 0;
-    for (id, name) in kernel_nodes(graph, &plan) {
-        let f = match functions.get(&name) {
-            Some(&f) => f,
-            None => {
-                let f = kernel_body(&cx, &m, graph, &plan, id, &name, target.flavor)?;
-                functions.insert(name, f);
-                f
-            }
-        };
-        let staging =
-            staging::of(graph, &plan, id, target.flavor).map(|(prep, k, rows_per_token)| {
-                staging_per_token = staging_per_token.max(rows_per_token * prep.row_bytes(k));
-                let kernel = *functions
-                    .entry(staging::name(prep, k))
-                    .or_insert_with(|| staging::kernel(&cx, &m, prep, k, target.flavor));
-                staging::Staging {
-                    kernel,
-                    offset: staging_offset,
-                    rows_per_token,
-                }
-            });
-        kernels_built.push((id, f, staging));
+    let mut at = 0;
+    while at < launch.plan.dispatches.len() {
+        let node = launch.nodes[at];
+        if let Some((prep, k, rows)) =
+            node.and_then(|id| staging::of(graph, &plan, id, target.flavor))
+        {
+            staging_per_token = staging_per_token.max(rows * staging::row_bytes(prep, k));
+            launch.stage(at, prep, k, rows, staging_offset);
+            at += 1;
+        }
+        at += 1;
     }
     plan.scratch_bytes_per_token += staging_per_token;
-    let forward_fn = forward::build(&cx, &m, graph, &plan, &kernels_built, cfg.vocab_size)?;
-    for f in functions.values().copied().chain([forward_fn]) {
+    let cx = Context::create();
+    let m = cx.create_module("q3c_model");
+    let functions = launch
+        .plan
+        .kernels
+        .iter()
+        .zip(&launch.bodies)
+        .map(|(name, body)| match *body {
+            Body::Node(id) => kernel_body(&cx, &m, graph, &plan, id, name, target.flavor),
+            Body::Stage { prep, k } => Ok(staging::kernel(&cx, &m, name, prep, k, target.flavor)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let forward_fn = forward::build(
+        &cx,
+        &m,
+        &launch.plan,
+        &functions,
+        plan.max_tokens,
+        cfg.vocab_size,
+    );
+    for f in functions.iter().copied().chain([forward_fn]) {
         f.add_attribute(
             AttributeLoc::Function,
             cx.create_string_attribute("target-cpu", &target.cpu),
@@ -269,113 +199,25 @@ pub fn compile(
         matmul_activations: if opts.bf16_activations { "bf16" } else { "f32" },
         target_cpu: &target.cpu,
         required_cpu_features: target.required.clone(),
-        kernels: kernels_built.len(),
+        kernels: launch.node_dispatches(),
     });
-    forward::export_manifest(&cx, &m, &manifest)?;
-    optimise(&m, &target.machine)?;
-    let object = target
-        .machine
-        .write_to_memory_buffer(&m, FileType::Object)
+    finish_object(&cx, &m, &target.machine, manifest)
+}
+
+/// Exports `manifest` from `m`, optimises the module and emits it as an object file for `machine`.
+pub(crate) fn finish_object<'ctx>(
+    cx: &'ctx Context,
+    m: &Module<'ctx>,
+    machine: &TargetMachine,
+    manifest: Manifest,
+) -> Result<Compiled, BackendError> {
+    forward::export_manifest(cx, m, &manifest)?;
+    optimise(m, machine)?;
+    let object = machine
+        .write_to_memory_buffer(m, FileType::Object)
         .map_err(|e| BackendError::Internal(format!("LLVM codegen: {}", e.to_string_lossy())))?;
     Ok(Compiled {
         object: object.as_slice().to_vec(),
-        manifest,
-    })
-}
-
-/// Compiles every kernel of `graph` to PTX for `opts.gpu`: entry `q3c_kN_op(args, items)` runs work item
-/// `blockIdx.x · blockDim.x + threadIdx.x` if it is below `items` (items as in `work_items`).
-pub fn compile_ptx(
-    graph: &Graph,
-    cfg: &Qwen3Config,
-    output: &str,
-    opts: &PtxOptions,
-) -> Result<PtxModule, BackendError> {
-    check(graph, opts.max_tokens_per_call)?;
-    let machine = target::ptx(&opts.gpu)?;
-    let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
-    let cx = Context::create();
-    let m = cx.create_module("q3c_kernels");
-    let (i32t, i64t) = (cx.i32_type(), cx.i64_type());
-    let ptr = cx.ptr_type(AddressSpace::default());
-    let sreg = |name: &str| {
-        m.get_function(name)
-            .unwrap_or_else(|| m.add_function(name, i32t.fn_type(&[], false), None))
-    };
-    let mut names: Vec<String> = Vec::new();
-    let mut built: std::collections::HashSet<String> = std::collections::HashSet::new();
-    for (id, name) in kernel_nodes(graph, &plan) {
-        if !built.insert(name.clone()) {
-            names.push(name);
-            continue;
-        }
-        let body = kernel_body(
-            &cx,
-            &m,
-            graph,
-            &plan,
-            id,
-            &format!("{name}_body"),
-            Flavor::Gpu,
-        )?;
-        let inline = Attribute::get_named_enum_kind_id("alwaysinline");
-        body.add_attribute(AttributeLoc::Function, cx.create_enum_attribute(inline, 0));
-        let entry = m.add_function(
-            &name,
-            cx.void_type().fn_type(&[ptr.into(), i64t.into()], false),
-            None,
-        );
-        nounwind(&cx, entry);
-        let fb = Fb::new(&cx, &m, entry, Flavor::Gpu);
-        let read = |f: &str| {
-            let v = fb.call(sreg(f), &[]).into_int_value();
-            fb.b.build_int_z_extend(v, i64t, "").expect(BUG)
-        };
-        let block = read("llvm.nvvm.read.ptx.sreg.ctaid.x");
-        let width = read("llvm.nvvm.read.ptx.sreg.ntid.x");
-        let thread = read("llvm.nvvm.read.ptx.sreg.tid.x");
-        let item = fb.add(fb.b.build_int_mul(block, width, "").expect(BUG), thread);
-        let items = entry.get_nth_param(1).expect("2 params").into_int_value();
-        let inside = fb.icmp(inkwell::IntPredicate::ULT, item, items);
-        let args = entry.get_nth_param(0).expect("2 params");
-        fb.when(inside, |fb| {
-            let next = fb.add_c(item, 1);
-            fb.b.build_call(body, &[args.into(), item.into(), next.into()], "")
-                .expect(BUG);
-        });
-        fb.b.build_return(None).expect(BUG);
-        fb.finish();
-        let md = cx.metadata_node(&[
-            entry.as_global_value().as_pointer_value().into(),
-            cx.metadata_string("kernel").into(),
-            i32t.const_int(1, false).into(),
-        ]);
-        m.add_global_metadata("nvvm.annotations", &md)
-            .map_err(|e| BackendError::Internal(e.to_string()))?;
-        names.push(name);
-    }
-    optimise(&m, &machine)?;
-    let ptx = machine
-        .write_to_memory_buffer(&m, FileType::Assembly)
-        .map_err(|e| {
-            BackendError::Internal(format!("LLVM PTX codegen: {}", e.to_string_lossy()))
-        })?;
-    let ptx = String::from_utf8_lossy(ptx.as_slice())
-        .trim_end_matches('\0')
-        .to_string();
-    let manifest = manifest::build(ManifestParts {
-        cfg,
-        plan: &plan,
-        backend: "llvm-nvptx",
-        fusion: &opts.fusion,
-        matmul_activations: "f32",
-        target_cpu: &opts.gpu,
-        required_cpu_features: Vec::new(),
-        kernels: names.len(),
-    });
-    Ok(PtxModule {
-        ptx,
-        kernels: names,
         manifest,
     })
 }

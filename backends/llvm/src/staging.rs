@@ -9,6 +9,7 @@ use inkwell::module::{Linkage, Module};
 use inkwell::values::FunctionValue;
 use inkwell::AddressSpace;
 use q3c_backend_common::items::{dims, in_dtype};
+use q3c_backend_common::launch::Prep;
 use q3c_backend_common::plan::Plan;
 use q3c_ir::{DType, Graph, NodeId, Op};
 
@@ -17,34 +18,12 @@ use crate::gemm::{bf16_staged, round_rows_bf16};
 use crate::module::nounwind;
 use crate::q8;
 
-/// What a staging kernel makes of a row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Prep {
-    /// [`q8::row_bytes`]: i8 values, group scales and corrections.
-    Q8,
-    /// `k` bf16.
-    Bf16,
-}
-
-impl Prep {
-    /// Bytes of one prepared row of `k`.
-    pub fn row_bytes(self, k: usize) -> usize {
-        match self {
-            Prep::Q8 => q8::row_bytes(k),
-            Prep::Bf16 => 2 * k,
-        }
+/// Bytes of one row of `k` prepared as `prep`.
+pub fn row_bytes(prep: Prep, k: usize) -> usize {
+    match prep {
+        Prep::Q8 => q8::row_bytes(k),
+        Prep::Bf16 => 2 * k,
     }
-}
-
-/// A product's staging dispatch.
-#[derive(Clone, Copy)]
-pub struct Staging<'ctx> {
-    /// `kernel(args = [T, past, x, dst], start, end)`: prepares rows `start..end` of `x` (f32) into `dst`.
-    pub kernel: FunctionValue<'ctx>,
-    /// Byte offset of the staging area in the scratch arena.
-    pub offset: usize,
-    /// Activation rows per token (the items of the staging dispatch).
-    pub rows_per_token: usize,
 }
 
 /// `(prep, k, rows per token)` of node `id` if it is a matrix product whose activations are staged.
@@ -66,10 +45,11 @@ pub fn of(graph: &Graph, plan: &Plan, id: NodeId, flavor: Flavor) -> Option<(Pre
     Some((prep, k, x[1..x.len() - 1].iter().product()))
 }
 
-/// Defines the staging kernel for rows of `k`.
+/// Defines the staging kernel `name` for rows of `k`.
 pub fn kernel<'ctx>(
     cx: &'ctx Context,
     m: &Module<'ctx>,
+    name: &str,
     prep: Prep,
     k: usize,
     flavor: Flavor,
@@ -79,7 +59,7 @@ pub fn kernel<'ctx>(
     let ty = cx
         .void_type()
         .fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
-    let f = m.add_function(&name(prep, k), ty, Some(Linkage::Internal));
+    let f = m.add_function(name, ty, Some(Linkage::Internal));
     nounwind(cx, f);
     let fb = Fb::new(cx, m, f, flavor);
     let param = |i| f.get_nth_param(i).expect("3 params");
@@ -87,7 +67,10 @@ pub fn kernel<'ctx>(
     let (start, end) = (param(1).into_int_value(), param(2).into_int_value());
     let (x, dst) = (fb.load_ptr(fb.off(args, 16)), fb.load_ptr(fb.off(args, 24)));
     fb.for_range(start, end, 1, |fb, row| {
-        let (src, to) = (fb.addr(x, row, k * 4), fb.addr(dst, row, prep.row_bytes(k)));
+        let (src, to) = (
+            fb.addr(x, row, k * 4),
+            fb.addr(dst, row, row_bytes(prep, k)),
+        );
         match prep {
             Prep::Q8 => q8::quantize_row(fb, src, to, k),
             Prep::Bf16 => round_rows_bf16(fb, src, 1, k, to),
@@ -96,13 +79,4 @@ pub fn kernel<'ctx>(
     fb.b.build_return(None).expect(BUG);
     fb.finish();
     f
-}
-
-/// The staging kernel's symbol.
-pub fn name(prep: Prep, k: usize) -> String {
-    let what = match prep {
-        Prep::Q8 => "q8",
-        Prep::Bf16 => "bf16",
-    };
-    format!("q3c_stage_{what}_{k}")
 }

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use q3c_abi::{Forward, Manifest, Services, Step, ABI_VERSION};
+use q3c_models::tensors::TensorSpec;
 use q3c_models::{Checkpoint, Qwen3Config};
 
 use arena::Arena;
@@ -142,6 +143,7 @@ fn cpu_has(feature: &str) -> Option<bool> {
         "avx512vbmi" => has!("avx512vbmi"),
         "avx512vnni" => has!("avx512vnni"),
         "avx512bf16" => has!("avx512bf16"),
+        "avxvnni" => has!("avxvnni"),
         _ => return None,
     })
 }
@@ -249,8 +251,22 @@ impl CompiledModel {
         let config = Qwen3Config::from_json(&manifest.config.to_string())
             .map_err(|e| artifact_err(artifact, format!("manifest config: {e}")))?;
         let checkpoint = Checkpoint::open(weights_dir)?;
+        // The manifest lists exactly the tensors the graph reads (for a Qwen3 model, those its config
+        // implies); a tied checkpoint may still carry the unused `lm_head.weight`.
+        let mut expected: Vec<TensorSpec> = Vec::new();
+        for w in &manifest.weights {
+            if !expected.iter().any(|e| e.name == w.name) {
+                expected.push(TensorSpec {
+                    name: w.name.clone(),
+                    shape: w.shape.clone(),
+                });
+            }
+        }
+        let tied = config.tie_word_embeddings;
         checkpoint
-            .check(&config)
+            .check_tensors(&expected, |name| {
+                tied && name == q3c_models::tensors::LM_HEAD
+            })
             .map_err(|e| RuntimeError::Weight {
                 name: weights_dir.display().to_string(),
                 message: format!(

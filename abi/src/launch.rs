@@ -1,0 +1,71 @@
+//! The launch plan: every kernel dispatch of one forward call, in order, as data.
+//!
+//! A CPU artifact's `q3c_forward` is generated from it; a launcher that runs kernels itself (the CPU
+//! emulation of GPU launches, a GPU runtime) reads it and fills each dispatch's argument block the same
+//! way: `[T, past, arguments...]` as 64-bit words, where each argument is resolved by [`Arg`].
+
+use serde::{Deserialize, Serialize};
+
+/// Threads per block of a GPU launch (work items `block · THREADS_PER_BLOCK + thread`).
+pub const THREADS_PER_BLOCK: usize = 64;
+
+/// Every dispatch of a forward call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchPlan {
+    /// The distinct kernels, by symbol (nodes whose code would be identical share one). In an artifact
+    /// whose kernels are launched ([`crate::Manifest::launch`]), each is an exported
+    /// `void kernel(const uint64_t *args, uint64_t items, uint64_t block, uint64_t threads, uint64_t
+    /// thread)` that runs work item `block · threads + thread` if it is below `items`.
+    pub kernels: Vec<String>,
+    /// In the order they run; each waits for the one before.
+    pub dispatches: Vec<Dispatch>,
+    /// Threads per block where kernels are launched as on a GPU.
+    pub threads_per_block: usize,
+}
+
+/// One kernel launch over its work items.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispatch {
+    /// Index into [`LaunchPlan::kernels`].
+    pub kernel: usize,
+    /// The words after `[T, past]` in the argument block: input pointers, then output pointers.
+    pub args: Vec<Arg>,
+    /// Work items: `count`, times T if `per_token`.
+    pub items: usize,
+    pub per_token: bool,
+    /// Set on the dispatches that compute the logits: when only the last row's logits are asked for, they
+    /// run with T = 1 and their first argument advanced by `T − 1` rows of this many bytes (0: not moved).
+    pub last_row: Option<usize>,
+}
+
+impl Dispatch {
+    /// Work items for a call of `t` tokens.
+    pub fn item_count(&self, t: usize) -> usize {
+        if self.per_token {
+            self.items * t
+        } else {
+            self.items
+        }
+    }
+}
+
+/// A launched kernel (see [`LaunchPlan::kernels`]).
+pub type LaunchedKernel =
+    unsafe extern "C" fn(args: *const u64, items: u64, block: u64, threads: u64, thread: u64);
+
+/// Where one argument word points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arg {
+    /// The data of weight-table entry `index`.
+    Weight(usize),
+    /// The address of weight-table entry `index` itself: an expert stack, `E` consecutive data pointers.
+    WeightTable(usize),
+    /// The step's token ids.
+    Ids,
+    /// The scratch arena at this byte offset.
+    Scratch(usize),
+    /// The KV-cache buffer `slot` (2·layer for K, 2·layer + 1 for V).
+    Cache(usize),
+    /// The caller's logits buffer.
+    Logits,
+}

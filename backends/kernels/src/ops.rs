@@ -1,0 +1,727 @@
+//! One kernel body per op, written once over [`KernelBuilder`] and specialised to the node's constant dims.
+//!
+//! A body reads `args = [T, past, input pointers..., output pointers...]` (one output pointer, or one per
+//! element of a tuple result) and processes work items `[start, end)`;
+//! [`q3c_backend_common::items::work_items`] says what an item is for each op (a token row, a panel of
+//! output columns, a (token, head) pair, ...). The match below names every op: an op added to the IR
+//! without a body here does not compile.
+
+use q3c_backend_common::items::{
+    broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token,
+};
+use q3c_backend_common::plan::Plan;
+use q3c_backend_common::BackendError;
+use q3c_ir::{DType, Graph, NodeId, Op};
+
+use crate::builder::{KernelBuilder, MatMul};
+
+/// The parameters of a kernel function: `(args, start, end)`.
+pub struct Params<B: KernelBuilder> {
+    pub args: B::Ptr,
+    pub start: B::Int,
+    pub end: B::Int,
+}
+
+/// Emits the body of node `id`'s kernel. `rope_table` is the address of the node's inverse frequencies
+/// (see [`crate::rope_table`]).
+pub fn emit<B: KernelBuilder>(
+    b: &mut B,
+    graph: &Graph,
+    plan: &Plan,
+    id: NodeId,
+    Params { args, start, end }: Params<B>,
+    rope_table: Option<B::Ptr>,
+) -> Result<(), BackendError> {
+    let node = graph.node(id);
+    let n_in = graph.inputs(id).len();
+    let n_out = node.ty.elements().len();
+    let t = b.load_i64(args);
+    let past_at = b.off(args, 8);
+    let past = b.load_i64(past_at);
+    let ptr: Vec<B::Ptr> = (0..n_in + n_out)
+        .map(|i| {
+            let at = b.off(args, 16 + 8 * i);
+            b.load_ptr(at)
+        })
+        .collect();
+    let (out, outs) = (ptr[n_in], &ptr[n_in..]);
+    match &node.op {
+        Op::Input(_) | Op::Weight { .. } | Op::Reshape { .. } | Op::Select { .. } => {
+            return Err(BackendError::Internal(format!(
+                "{} has no kernel (a leaf or a view)",
+                node.op.name()
+            )));
+        }
+        Op::Embedding => {
+            let hidden = *dims(graph, id).last().expect("rank");
+            let dt = in_dtype(plan, graph, id, 0);
+            b.for_range(start, end, 1, |b, row| {
+                let at = b.addr(ptr[1], row, 4);
+                let tok = b.load_i32(at);
+                let src = b.addr(ptr[0], tok, hidden * dt.size());
+                let dst = b.addr(out, row, hidden * 4);
+                map_row(b, hidden, |b, at| {
+                    let (from, to) = (at.ptr(b, src, dt.size()), at.ptr(b, dst, 4));
+                    if at.is_vector() {
+                        let v = b.vload_weight(dt, from);
+                        b.vstore(v, to);
+                    } else {
+                        let v = b.load_weight(dt, from);
+                        b.store_f32(v, to);
+                    }
+                });
+            });
+        }
+        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => {
+            let x_dims = dims(graph, graph.inputs(id)[0]);
+            let k = *x_dims.last().expect("rank");
+            let rows_per_token: usize = x_dims[1..x_dims.len() - 1].iter().product();
+            let rows = b.mul_c(t, rows_per_token);
+            let dt = in_dtype(plan, graph, id, 1);
+            let (n, tile) = linear_outputs(graph, id);
+            let mm = MatMul { k, dt, rows, tile };
+            let op = node.op.clone();
+            b.for_range(start, end, 1, |b, item| match op {
+                // Gate and up (inputs 1, 2), combined per output element as silu(gate) · up.
+                Op::SwiGlu => b.matmul_columns(mm, ptr[0], &[ptr[1], ptr[2]], out, n[0], item),
+                Op::Linear => b.matmul_columns(mm, ptr[0], &[ptr[1]], out, n[0], item),
+                // One GEMM over the matrices' concatenated columns: each item lies in one matrix.
+                _ => {
+                    let ends: Vec<usize> = n
+                        .iter()
+                        .scan(0, |acc, &ni| {
+                            *acc += ni / tile.width;
+                            Some(*acc)
+                        })
+                        .collect();
+                    b.ranges(item, &ends, |b, m, local| {
+                        b.matmul_columns(mm, ptr[0], &[ptr[1 + m]], outs[m], n[m], local)
+                    });
+                }
+            });
+        }
+        Op::ExpertLinear | Op::ExpertSwiGlu => {
+            // Expert stacks at inputs 2 (and 3 for SwiGLU).
+            let mats: &[usize] = if node.op == Op::ExpertSwiGlu {
+                &[2, 3]
+            } else {
+                &[2]
+            };
+            let x_dims = dims(graph, graph.inputs(id)[0]);
+            let (j, k) = (x_dims[1], x_dims[2]);
+            let slots = dims(graph, id)[1];
+            let n = dims(graph, id)[2];
+            let dt = in_dtype(plan, graph, id, 2);
+            b.for_range(start, end, 1, |b, item| {
+                // item = token · slots + slot
+                let tok = b.udiv_c(item, slots);
+                let x = b.addr(ptr[0], if j == 1 { tok } else { item }, k * 4);
+                let at = b.addr(ptr[1], item, 4);
+                let expert = b.load_i32(at);
+                let w: Vec<B::Ptr> = mats
+                    .iter()
+                    .map(|&m| {
+                        let entry = b.addr(ptr[m], expert, 8);
+                        b.load_ptr(entry)
+                    })
+                    .collect();
+                let o = b.addr(out, item, n * 4);
+                b.for_n(n, |b, col| {
+                    let parts: Vec<B::F32> = w
+                        .iter()
+                        .map(|&w| {
+                            let row = b.addr(w, col, k * dt.size());
+                            b.dot(x, row, dt, k)
+                        })
+                        .collect();
+                    let v = epilogue(b, &parts);
+                    let to = b.addr(o, col, 4);
+                    b.store_f32(v, to);
+                });
+            });
+        }
+        Op::RmsNorm { eps } => {
+            let d = *dims(graph, id).last().expect("rank");
+            let dt = in_dtype(plan, graph, id, 1);
+            b.for_range(start, end, 1, |b, row| {
+                let x = b.addr(ptr[0], row, d * 4);
+                let o = b.addr(out, row, d * 4);
+                rms_row(b, x, ptr[1], dt, o, d, *eps);
+            });
+        }
+        Op::Rope(spec) | Op::NormRope { rope: spec, .. } => {
+            let od = dims(graph, id);
+            let (heads, d) = (od[1], od[2]);
+            let table = rope_table
+                .ok_or_else(|| BackendError::Internal("rope without a frequency table".into()))?;
+            let scale = spec.attention_scale();
+            let norm = match &node.op {
+                Op::NormRope { eps, .. } => Some((*eps, in_dtype(plan, graph, id, 1))),
+                _ => None,
+            };
+            let writes_cache = node.op.cache().is_some();
+            b.for_range(start, end, 1, |b, tok| {
+                let src = b.addr(ptr[0], tok, heads * d * 4);
+                // A cache-writing norm_rope puts token t at cache row past + t.
+                let row = if writes_cache { b.add(past, tok) } else { tok };
+                let dst = b.addr(out, row, heads * d * 4);
+                // Fused: normalise each head into the output row, then rotate it in place (still in L1).
+                let src = match norm {
+                    Some((eps, dt)) => {
+                        for h in 0..heads {
+                            let (x, o) = (b.off(src, h * d * 4), b.off(dst, h * d * 4));
+                            rms_row(b, x, ptr[1], dt, o, d, eps);
+                        }
+                        dst
+                    }
+                    None => src,
+                };
+                let p = b.add(past, tok);
+                let pf = b.int_to_f32(p);
+                rope_token(b, src, dst, heads, d, pf, table, scale);
+            });
+        }
+        Op::KvAppend { .. } => {
+            let row = per_token(graph, graph.inputs(id)[0]);
+            b.for_range(start, end, 1, |b, tok| {
+                let src = b.addr(ptr[0], tok, row * 4);
+                let p = b.add(past, tok);
+                let dst = b.addr(out, p, row * 4);
+                map_row(b, row, |b, at| {
+                    let (from, to) = (at.ptr(b, src, 4), at.ptr(b, dst, 4));
+                    if at.is_vector() {
+                        let v = b.vload(from);
+                        b.vstore(v, to);
+                    } else {
+                        let v = b.load_f32(from);
+                        b.store_f32(v, to);
+                    }
+                });
+            });
+        }
+        Op::Attention { scale } => {
+            let qd = dims(graph, graph.inputs(id)[0]);
+            let kd = dims(graph, graph.inputs(id)[1]);
+            let vd = dims(graph, graph.inputs(id)[2]);
+            let shape = AttentionShape {
+                hq: qd[1],
+                d: qd[2],
+                hkv: kd[1],
+                dv: vd[2],
+                scale: *scale as f32,
+            };
+            b.for_range(start, end, 1, |b, item| {
+                attention_item(b, &shape, [ptr[0], ptr[1], ptr[2], out], past, item)
+            });
+        }
+        Op::Add | Op::Mul | Op::Div => {
+            let od = dims(graph, id);
+            let ad = dims(graph, graph.inputs(id)[0]);
+            let bd = dims(graph, graph.inputs(id)[1]);
+            let (sa, sb) = (broadcast_strides(&ad, &od), broadcast_strides(&bd, &od));
+            let op = Binary::of(&node.op);
+            let out_row = per_token(graph, id);
+            b.for_range(start, end, 1, |b, tok| {
+                let a0 = b.addr(ptr[0], tok, sa[0] * 4);
+                let b0 = b.addr(ptr[1], tok, sb[0] * 4);
+                let o0 = b.addr(out, tok, out_row * 4);
+                binary_loops(b, op, &od[1..], &sa[1..], &sb[1..], a0, b0, o0);
+            });
+        }
+        Op::Silu => {
+            let n = per_token(graph, id);
+            b.for_range(start, end, 1, |b, tok| {
+                let x = b.addr(ptr[0], tok, n * 4);
+                let o = b.addr(out, tok, n * 4);
+                map_row(b, n, |b, at| {
+                    let (from, to) = (at.ptr(b, x, 4), at.ptr(b, o, 4));
+                    if at.is_vector() {
+                        let v = b.vload(from);
+                        let y = b.vsilu(v);
+                        b.vstore(y, to);
+                    } else {
+                        let v = b.load_f32(from);
+                        let y = b.silu(v);
+                        b.store_f32(y, to);
+                    }
+                });
+            });
+        }
+        Op::ReduceSum { axis } => {
+            let xd = dims(graph, graph.inputs(id)[0]);
+            let axis = *axis as usize;
+            if axis == 0 {
+                return Err(BackendError::Unsupported(
+                    "reduce_sum over the token axis".into(),
+                ));
+            }
+            let outer: usize = xd[1..axis].iter().product();
+            let n = xd[axis];
+            let inner: usize = xd[axis + 1..].iter().product();
+            let (in_tok, out_tok) = (per_token(graph, graph.inputs(id)[0]), per_token(graph, id));
+            b.for_range(start, end, 1, |b, tok| {
+                let x = b.addr(ptr[0], tok, in_tok * 4);
+                let o = b.addr(out, tok, out_tok * 4);
+                for ob in 0..outer {
+                    b.for_n(inner, |b, i| {
+                        let xi = b.addr(x, i, 4);
+                        let mut acc = b.fconst(0.0);
+                        for j in 0..n {
+                            let at = b.off(xi, (ob * n + j) * inner * 4);
+                            let v = b.load_f32(at);
+                            acc = b.fadd(acc, v);
+                        }
+                        let oi = b.addr(o, i, 4);
+                        let to = b.off(oi, ob * inner * 4);
+                        b.store_f32(acc, to);
+                    });
+                }
+            });
+        }
+        Op::Softmax => {
+            let n = *dims(graph, id).last().expect("rank");
+            b.for_range(start, end, 1, |b, row| {
+                let (x, o) = (b.addr(ptr[0], row, n * 4), b.addr(out, row, n * 4));
+                softmax_row(b, x, o, n);
+            });
+        }
+        Op::TopK { k } => {
+            let n = *dims(graph, graph.inputs(id)[0]).last().expect("rank");
+            let k = *k as usize;
+            b.for_range(start, end, 1, |b, row| {
+                let (x, o) = (b.addr(ptr[0], row, n * 4), b.addr(out, row, k * 4));
+                top_k_row(b, x, n, o, k);
+            });
+        }
+        Op::GatherLast => {
+            let n = *dims(graph, graph.inputs(id)[0]).last().expect("rank");
+            let k = *dims(graph, id).last().expect("rank");
+            b.for_range(start, end, 1, |b, row| {
+                let x = b.addr(ptr[0], row, n * 4);
+                let idx = b.addr(ptr[1], row, k * 4);
+                let o = b.addr(out, row, k * 4);
+                gather_row(b, x, idx, o, k);
+            });
+        }
+        Op::AddRmsNorm { eps } => {
+            let d = *element_dims(graph, id, 0).last().expect("rank");
+            let dt = in_dtype(plan, graph, id, 2);
+            b.for_range(start, end, 1, |b, row| {
+                let x = b.addr(ptr[0], row, d * 4);
+                let y = b.addr(ptr[1], row, d * 4);
+                let sum = b.addr(outs[0], row, d * 4);
+                let o = b.addr(outs[1], row, d * 4);
+                // The sum is written once and normalised while it is still in L1.
+                binary_loops(b, Binary::Add, &[d], &[1], &[1], x, y, sum);
+                rms_row(b, sum, ptr[2], dt, o, d, *eps);
+            });
+        }
+        Op::MoeRoute { k, renorm } => {
+            let h = *dims(graph, graph.inputs(id)[0]).last().expect("rank");
+            let experts = graph.node(graph.inputs(id)[1]).tensor().shape.resolve(0, 0)[0];
+            let dt = in_dtype(plan, graph, id, 1);
+            let (k, renorm) = (*k as usize, *renorm);
+            // The token's router probabilities live on the kernel's stack.
+            let probs = b.stack(4 * experts);
+            b.for_range(start, end, 1, |b, tok| {
+                let x = b.addr(ptr[0], tok, h * 4);
+                b.for_n(experts, |b, j| {
+                    let w = b.addr(ptr[1], j, h * dt.size());
+                    let logit = b.dot(x, w, dt, h);
+                    let p = b.addr(probs, j, 4);
+                    b.store_f32(logit, p);
+                });
+                softmax_row(b, probs, probs, experts);
+                let ids = b.addr(outs[0], tok, k * 4);
+                let weights = b.addr(outs[1], tok, k * 4);
+                top_k_row(b, probs, experts, ids, k);
+                gather_row(b, probs, ids, weights, k);
+                if renorm {
+                    let w: Vec<B::F32> = (0..k)
+                        .map(|j| {
+                            let at = b.off(weights, j * 4);
+                            b.load_f32(at)
+                        })
+                        .collect();
+                    let sum = w[1..].iter().fold(w[0], |s, &v| b.fadd(s, v));
+                    for (j, &v) in w.iter().enumerate() {
+                        let q = b.fdiv(v, sum);
+                        let at = b.off(weights, j * 4);
+                        b.store_f32(q, at);
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Where [`map_row`] is in a row: vector `i` of a loop, or element `i` of the tail.
+#[derive(Clone, Copy)]
+enum At<I> {
+    Vector(I),
+    Scalar(usize),
+}
+
+impl<I: Copy> At<I> {
+    /// The address of this position in a row at `base` of elements of `size` bytes.
+    fn ptr<B: KernelBuilder<Int = I>>(self, b: &mut B, base: B::Ptr, size: usize) -> B::Ptr {
+        match self {
+            At::Vector(v) => {
+                let lanes = b.lanes();
+                b.addr(base, v, lanes * size)
+            }
+            At::Scalar(i) => b.off(base, i * size),
+        }
+    }
+    fn is_vector(self) -> bool {
+        matches!(self, At::Vector(_))
+    }
+}
+
+/// `f(at)` over the `n` elements of a row: whole vectors in a loop, then the tail one element at a time,
+/// unrolled.
+fn map_row<B: KernelBuilder>(b: &mut B, n: usize, mut f: impl FnMut(&mut B, At<B::Int>)) {
+    let lanes = b.lanes();
+    b.for_n(n / lanes, |b, v| f(b, At::Vector(v)));
+    for i in n / lanes * lanes..n {
+        f(b, At::Scalar(i));
+    }
+}
+
+/// The epilogue of a matrix product over one output element: the plain dot product, or for SwiGLU
+/// `silu(gate) · up`.
+pub fn epilogue<B: KernelBuilder>(b: &mut B, parts: &[B::F32]) -> B::F32 {
+    match *parts {
+        [dot] => dot,
+        [gate, up] => {
+            let act = b.silu(gate);
+            b.fmul(act, up)
+        }
+        _ => unreachable!("matrix products combine one or two weight matrices"),
+    }
+}
+
+/// The constant shape of an attention kernel.
+struct AttentionShape {
+    hq: usize,
+    d: usize,
+    hkv: usize,
+    dv: usize,
+    scale: f32,
+}
+
+/// One (token, query head) of causal attention in one pass over the keys (online softmax): the running
+/// max, the running sum of exponentials and the weighted values, kept in registers and rescaled by
+/// `e^(max_old − max_new)` as the max grows. `bufs` = [q, k cache, v cache, out].
+fn attention_item<B: KernelBuilder>(
+    b: &mut B,
+    s: &AttentionShape,
+    [q, k, v, out]: [B::Ptr; 4],
+    past: B::Int,
+    item: B::Int,
+) {
+    let group = s.hq / s.hkv;
+    let tok = b.udiv_c(item, s.hq);
+    let head = b.urem_c(item, s.hq);
+    let g = b.udiv_c(head, group);
+    let q = b.addr(q, item, s.d * 4);
+    let o = b.addr(out, item, s.dv * 4);
+    let len = b.add(past, tok);
+    let one = b.iconst(1);
+    let len = b.add(len, one);
+    let lanes = b.lanes();
+    let full = s.dv / lanes;
+    let zero = b.fconst(0.0);
+    let zero_v = b.vsplat(zero);
+    let acc_v: Vec<B::Var> = (0..full).map(|_| b.var_vec(zero_v)).collect();
+    let acc_s: Vec<B::Var> = (full * lanes..s.dv).map(|_| b.var_f32(zero)).collect();
+    let neg_inf = b.fconst(f32::NEG_INFINITY);
+    let max = b.var_f32(neg_inf);
+    let total = b.var_f32(zero);
+    let first = b.iconst(0);
+    b.for_range(first, len, 1, |b, j| {
+        // Row j of the cache holds kv head g at j · hkv + g.
+        let row = b.mul_c(j, s.hkv);
+        let row = b.add(row, g);
+        let kj = b.addr(k, row, s.d * 4);
+        let dot = b.dot(q, kj, DType::F32, s.d);
+        let sc = b.fconst(s.scale);
+        let score = b.fmul(dot, sc);
+        let old = b.get_f32(max);
+        let new = b.fmax(old, score);
+        let (d_old, d_new) = (b.fsub(old, new), b.fsub(score, new));
+        let (c, p) = b.exp_pair(d_old, d_new);
+        let t = b.get_f32(total);
+        let t = b.fma(t, c, p);
+        b.set_f32(total, t);
+        b.set_f32(max, new);
+        let vj = b.addr(v, row, s.dv * 4);
+        let (cv, pv) = (b.vsplat(c), b.vsplat(p));
+        for (i, &a) in acc_v.iter().enumerate() {
+            let at = b.off(vj, i * lanes * 4);
+            let x = b.vload(at);
+            let prev = b.get_vec(a);
+            let prev = b.vmul(prev, cv);
+            let y = b.vfma(pv, x, prev);
+            b.set_vec(a, y);
+        }
+        for (i, &a) in acc_s.iter().enumerate() {
+            let at = b.off(vj, (full * lanes + i) * 4);
+            let x = b.load_f32(at);
+            let prev = b.get_f32(a);
+            let prev = b.fmul(prev, c);
+            let y = b.fma(p, x, prev);
+            b.set_f32(a, y);
+        }
+    });
+    let one_f = b.fconst(1.0);
+    let t = b.get_f32(total);
+    let inv = b.fdiv(one_f, t);
+    let inv_v = b.vsplat(inv);
+    for (i, &a) in acc_v.iter().enumerate() {
+        let y = b.get_vec(a);
+        let y = b.vmul(y, inv_v);
+        let to = b.off(o, i * lanes * 4);
+        b.vstore(y, to);
+    }
+    for (i, &a) in acc_s.iter().enumerate() {
+        let y = b.get_f32(a);
+        let y = b.fmul(y, inv);
+        let to = b.off(o, (full * lanes + i) * 4);
+        b.store_f32(y, to);
+    }
+}
+
+/// Softmax of `n` f32 at `x` into `o` (which may equal `x`).
+fn softmax_row<B: KernelBuilder>(b: &mut B, x: B::Ptr, o: B::Ptr, n: usize) {
+    let neg_inf = b.fconst(f32::NEG_INFINITY);
+    let max = b.var_f32(neg_inf);
+    b.for_n(n, |b, i| {
+        let at = b.addr(x, i, 4);
+        let v = b.load_f32(at);
+        let m = b.get_f32(max);
+        let m = b.fmax(m, v);
+        b.set_f32(max, m);
+    });
+    let zero = b.fconst(0.0);
+    let total = b.var_f32(zero);
+    b.for_n(n, |b, i| {
+        let at = b.addr(x, i, 4);
+        let v = b.load_f32(at);
+        let m = b.get_f32(max);
+        let v = b.fsub(v, m);
+        let p = b.exp(v);
+        let to = b.addr(o, i, 4);
+        b.store_f32(p, to);
+        let t = b.get_f32(total);
+        let t = b.fadd(t, p);
+        b.set_f32(total, t);
+    });
+    let t = b.get_f32(total);
+    b.for_n(n, |b, i| {
+        let at = b.addr(o, i, 4);
+        let v = b.load_f32(at);
+        let v = b.fdiv(v, t);
+        b.store_f32(v, at);
+    });
+}
+
+/// Indices (i32) of the `k` largest of `n` f32 at `x` into `o`, largest first, ties to the lower index.
+fn top_k_row<B: KernelBuilder>(b: &mut B, x: B::Ptr, n: usize, o: B::Ptr, k: usize) {
+    for slot in 0..k {
+        // The largest value not already chosen; strict '>' keeps the lower index on ties.
+        let unset = b.iconst(usize::MAX);
+        let best = b.var_int(unset);
+        let neg_inf = b.fconst(f32::NEG_INFINITY);
+        let best_v = b.var_f32(neg_inf);
+        b.for_n(n, |b, i| {
+            let mut taken = b.false_();
+            for prev in 0..slot {
+                let at = b.off(o, prev * 4);
+                let pv = b.load_i32(at);
+                let same = b.ieq(pv, i);
+                taken = b.or(taken, same);
+            }
+            let at = b.addr(x, i, 4);
+            let v = b.load_f32(at);
+            let bv = b.get_f32(best_v);
+            let gt = b.fgt(v, bv);
+            let cur = b.get_int(best);
+            let none_yet = b.ieq(cur, unset);
+            let better = b.or(gt, none_yet);
+            let free = b.not(taken);
+            let pick = b.and(better, free);
+            let nb = b.select_int(pick, i, cur);
+            let nv = b.select_f32(pick, v, bv);
+            b.set_int(best, nb);
+            b.set_f32(best_v, nv);
+        });
+        let bi = b.get_int(best);
+        let at = b.off(o, slot * 4);
+        b.store_i32(bi, at);
+    }
+}
+
+/// `o[j] = x[idx[j]]` for `k` i32 indices at `idx`.
+fn gather_row<B: KernelBuilder>(b: &mut B, x: B::Ptr, idx: B::Ptr, o: B::Ptr, k: usize) {
+    for j in 0..k {
+        let at = b.off(idx, j * 4);
+        let i = b.load_i32(at);
+        let from = b.addr(x, i, 4);
+        let v = b.load_f32(from);
+        let to = b.off(o, j * 4);
+        b.store_f32(v, to);
+    }
+}
+
+/// RMSNorm of one row: `o[i] = w[i] · x[i] / sqrt(mean(x²) + eps)` for `d` f32 at `x`, weights of `dt` at `w`.
+fn rms_row<B: KernelBuilder>(
+    b: &mut B,
+    x: B::Ptr,
+    w: B::Ptr,
+    dt: DType,
+    o: B::Ptr,
+    d: usize,
+    eps: f64,
+) {
+    let ss = b.dot(x, x, DType::F32, d);
+    let inv_d = b.fconst(1.0 / d as f32);
+    let ms = b.fmul(ss, inv_d);
+    let eps = b.fconst(eps as f32);
+    let ms = b.fadd(ms, eps);
+    let root = b.sqrt(ms);
+    let one = b.fconst(1.0);
+    let inv = b.fdiv(one, root);
+    let inv_v = b.vsplat(inv);
+    map_row(b, d, |b, at| {
+        let (xa, wa, oa) = (at.ptr(b, x, 4), at.ptr(b, w, dt.size()), at.ptr(b, o, 4));
+        if at.is_vector() {
+            let xv = b.vload(xa);
+            let wv = b.vload_weight(dt, wa);
+            let y = b.vmul(xv, inv_v);
+            let y = b.vmul(wv, y);
+            b.vstore(y, oa);
+        } else {
+            let xv = b.load_f32(xa);
+            let wv = b.load_weight(dt, wa);
+            let y = b.fmul(xv, inv);
+            let y = b.fmul(wv, y);
+            b.store_f32(y, oa);
+        }
+    });
+}
+
+/// Rotate-half RoPE of one token's `heads` rows of `d` at `src` into `dst` (which may equal `src`), at
+/// position `pf` (f32), with the inverse frequencies at `table` and cos/sin multiplied by `scale`.
+#[allow(clippy::too_many_arguments)]
+fn rope_token<B: KernelBuilder>(
+    b: &mut B,
+    src: B::Ptr,
+    dst: B::Ptr,
+    heads: usize,
+    d: usize,
+    pf: B::F32,
+    table: B::Ptr,
+    scale: f32,
+) {
+    let half = d / 2;
+    b.for_n(half, |b, i| {
+        let at = b.addr(table, i, 4);
+        let f = b.load_f32(at);
+        let angle = b.fmul(pf, f);
+        let (c, s) = b.cos_sin(angle);
+        let sc = b.fconst(scale);
+        let (c, s) = (b.fmul(c, sc), b.fmul(s, sc));
+        b.for_n(heads, |b, h| {
+            let hd = b.mul_c(h, d);
+            let off = b.add(hd, i);
+            let (from, to) = (b.addr(src, off, 4), b.addr(dst, off, 4));
+            let x0 = b.load_f32(from);
+            let at = b.off(from, half * 4);
+            let x1 = b.load_f32(at);
+            let (x0c, x1s) = (b.fmul(x0, c), b.fmul(x1, s));
+            let lo = b.fsub(x0c, x1s);
+            let (x1c, x0s) = (b.fmul(x1, c), b.fmul(x0, s));
+            let hi = b.fadd(x1c, x0s);
+            b.store_f32(lo, to);
+            let at = b.off(to, half * 4);
+            b.store_f32(hi, at);
+        });
+    });
+}
+
+/// A broadcasting binary op.
+#[derive(Clone, Copy)]
+enum Binary {
+    Add,
+    Mul,
+    Div,
+}
+
+impl Binary {
+    fn of(op: &Op) -> Binary {
+        match op {
+            Op::Add => Binary::Add,
+            Op::Mul => Binary::Mul,
+            _ => Binary::Div,
+        }
+    }
+    fn scalar<B: KernelBuilder>(self, b: &mut B, x: B::F32, y: B::F32) -> B::F32 {
+        match self {
+            Binary::Add => b.fadd(x, y),
+            Binary::Mul => b.fmul(x, y),
+            Binary::Div => b.fdiv(x, y),
+        }
+    }
+    fn vector<B: KernelBuilder>(self, b: &mut B, x: B::Vec, y: B::Vec) -> B::Vec {
+        match self {
+            Binary::Add => b.vadd(x, y),
+            Binary::Mul => b.vmul(x, y),
+            Binary::Div => b.vdiv(x, y),
+        }
+    }
+}
+
+/// Nested loops of a broadcasting binary op over the per-token dims; a contiguous innermost dim runs in
+/// vectors.
+#[allow(clippy::too_many_arguments)]
+fn binary_loops<B: KernelBuilder>(
+    b: &mut B,
+    op: Binary,
+    od: &[usize],
+    sa: &[usize],
+    sb: &[usize],
+    x: B::Ptr,
+    y: B::Ptr,
+    o: B::Ptr,
+) {
+    let Some((&n, rest)) = od.split_first() else {
+        let (xv, yv) = (b.load_f32(x), b.load_f32(y));
+        let r = op.scalar(b, xv, yv);
+        b.store_f32(r, o);
+        return;
+    };
+    if rest.is_empty() && sa[0] == 1 && sb[0] == 1 {
+        map_row(b, n, |b, at| {
+            let (xa, ya, oa) = (at.ptr(b, x, 4), at.ptr(b, y, 4), at.ptr(b, o, 4));
+            if at.is_vector() {
+                let (xv, yv) = (b.vload(xa), b.vload(ya));
+                let r = op.vector(b, xv, yv);
+                b.vstore(r, oa);
+            } else {
+                let (xv, yv) = (b.load_f32(xa), b.load_f32(ya));
+                let r = op.scalar(b, xv, yv);
+                b.store_f32(r, oa);
+            }
+        });
+        return;
+    }
+    let out_stride: usize = rest.iter().product();
+    b.for_n(n, |b, i| {
+        let xi = b.addr(x, i, sa[0] * 4);
+        let yi = b.addr(y, i, sb[0] * 4);
+        let oi = b.addr(o, i, out_stride * 4);
+        binary_loops(b, op, rest, &sa[1..], &sb[1..], xi, yi, oi);
+    });
+}

@@ -1,0 +1,232 @@
+//! The GPU flavour: every kernel of the launch plan as an entry point that runs one work item per thread,
+//! `block · threads + thread`. For NVIDIA GPUs the entries are PTX kernels that read the indices from
+//! the special registers ([`compile_ptx`]); for this CPU the very same bodies and entry code are compiled
+//! with the indices as parameters into a `.so` the runtime launches block by block, thread by thread
+//! ([`compile_gpu_emulation`]), so the launch plan, the argument blocks and the work-item mapping a GPU
+//! runtime uses are checked against the reference without a GPU.
+
+use inkwell::attributes::{Attribute, AttributeLoc};
+use inkwell::context::Context;
+use inkwell::module::{Linkage, Module};
+use inkwell::targets::FileType;
+use inkwell::values::{FunctionValue, IntValue};
+use inkwell::AddressSpace;
+use q3c_abi::launch::LaunchPlan;
+use q3c_abi::Manifest;
+use q3c_backend_common::launch::{self, Body};
+use q3c_backend_common::manifest::{self, ManifestParts};
+use q3c_backend_common::plan::{self, Plan};
+use q3c_backend_common::BackendError;
+use q3c_ir::Graph;
+use q3c_models::Qwen3Config;
+
+use crate::fb::{Fb, Flavor, BUG};
+use crate::module::{finish_object, kernel_body, nounwind, optimise, Compiled};
+use crate::target;
+
+/// Settings of one PTX compilation.
+#[derive(Clone, Debug)]
+pub struct PtxOptions {
+    /// `sm_80`, `sm_90`, ...
+    pub gpu: String,
+    pub max_tokens_per_call: usize,
+    pub fusion: String,
+}
+
+/// A PTX module: one `.entry` per distinct kernel.
+pub struct PtxModule {
+    pub ptx: String,
+    /// The entry point each kernel dispatch of a forward call launches, in order (names repeat where nodes
+    /// share a kernel).
+    pub kernels: Vec<String>,
+    /// The manifest a CPU artifact of the same graph would carry (weights, KV geometry, scratch size).
+    pub manifest: Manifest,
+    /// Every dispatch of a forward call: kernel, argument block, work items.
+    pub launch: LaunchPlan,
+}
+
+/// Where an entry point finds its work item.
+#[derive(Clone, Copy, PartialEq)]
+enum Indices {
+    /// `entry(args, items)`: block, threads per block and thread from PTX's special registers.
+    Registers,
+    /// `entry(args, items, block, threads, thread)`: the launcher passes them.
+    Parameters,
+}
+
+/// Defines the entry points of every kernel of `launch` in `m`, bodies of flavour `flavor`.
+fn entries<'ctx>(
+    cx: &'ctx Context,
+    m: &Module<'ctx>,
+    graph: &Graph,
+    plan: &Plan,
+    launch: &launch::Launch,
+    flavor: Flavor,
+    indices: Indices,
+) -> Result<Vec<FunctionValue<'ctx>>, BackendError> {
+    let (i32t, i64t) = (cx.i32_type(), cx.i64_type());
+    let ptr = cx.ptr_type(AddressSpace::default());
+    let mut out = Vec::new();
+    for (name, body) in launch.plan.kernels.iter().zip(&launch.bodies) {
+        let Body::Node(id) = *body else {
+            return Err(BackendError::Internal(format!(
+                "no staging kernels on GPUs yet ({name})"
+            )));
+        };
+        let body = kernel_body(cx, m, graph, plan, id, &format!("{name}_body"), flavor)?;
+        let inline = Attribute::get_named_enum_kind_id("alwaysinline");
+        body.add_attribute(AttributeLoc::Function, cx.create_enum_attribute(inline, 0));
+        let params: Vec<_> = match indices {
+            Indices::Registers => vec![ptr.into(), i64t.into()],
+            Indices::Parameters => vec![
+                ptr.into(),
+                i64t.into(),
+                i64t.into(),
+                i64t.into(),
+                i64t.into(),
+            ],
+        };
+        let entry = m.add_function(name, cx.void_type().fn_type(&params, false), None);
+        nounwind(cx, entry);
+        let fb = Fb::new(cx, m, entry, flavor);
+        let param = |i| -> IntValue<'ctx> {
+            entry
+                .get_nth_param(i)
+                .expect("entry params")
+                .into_int_value()
+        };
+        let [block, threads, thread] = match indices {
+            Indices::Registers => ["ctaid", "ntid", "tid"].map(|r| {
+                let name = format!("llvm.nvvm.read.ptx.sreg.{r}.x");
+                let f = m
+                    .get_function(&name)
+                    .unwrap_or_else(|| m.add_function(&name, i32t.fn_type(&[], false), None));
+                let v = fb.call(f, &[]).into_int_value();
+                fb.b.build_int_z_extend(v, i64t, "").expect(BUG)
+            }),
+            Indices::Parameters => [param(2), param(3), param(4)],
+        };
+        let item = fb.add(fb.b.build_int_mul(block, threads, "").expect(BUG), thread);
+        let inside = fb.icmp(inkwell::IntPredicate::ULT, item, param(1));
+        let args = entry.get_nth_param(0).expect("entry params");
+        fb.when(inside, |fb| {
+            let next = fb.add_c(item, 1);
+            fb.b.build_call(body, &[args.into(), item.into(), next.into()], "")
+                .expect(BUG);
+        });
+        fb.b.build_return(None).expect(BUG);
+        fb.finish();
+        if indices == Indices::Registers {
+            let md = cx.metadata_node(&[
+                entry.as_global_value().as_pointer_value().into(),
+                cx.metadata_string("kernel").into(),
+                i32t.const_int(1, false).into(),
+            ]);
+            m.add_global_metadata("nvvm.annotations", &md)
+                .map_err(|e| BackendError::Internal(e.to_string()))?;
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// Compiles every kernel of `graph` to PTX for `opts.gpu`: entry `q3c_kN_op(args, items)` runs work item
+/// `blockIdx.x · blockDim.x + threadIdx.x` if it is below `items` (items as in `work_items`).
+pub fn compile_ptx(
+    graph: &Graph,
+    cfg: &Qwen3Config,
+    output: &str,
+    opts: &PtxOptions,
+) -> Result<PtxModule, BackendError> {
+    launch::check(graph, opts.max_tokens_per_call)?;
+    let machine = target::ptx(&opts.gpu)?;
+    let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    let launch = launch::build(graph, &plan)?;
+    let cx = Context::create();
+    let m = cx.create_module("q3c_kernels");
+    entries(
+        &cx,
+        &m,
+        graph,
+        &plan,
+        &launch,
+        Flavor::Gpu,
+        Indices::Registers,
+    )?;
+    optimise(&m, &machine)?;
+    let ptx = machine
+        .write_to_memory_buffer(&m, FileType::Assembly)
+        .map_err(|e| {
+            BackendError::Internal(format!("LLVM PTX codegen: {}", e.to_string_lossy()))
+        })?;
+    let ptx = String::from_utf8_lossy(ptx.as_slice())
+        .trim_end_matches('\0')
+        .to_string();
+    let names: Vec<String> = launch
+        .plan
+        .dispatches
+        .iter()
+        .map(|d| launch.plan.kernels[d.kernel].clone())
+        .collect();
+    let manifest = manifest::build(ManifestParts {
+        cfg,
+        plan: &plan,
+        backend: "llvm-nvptx",
+        fusion: &opts.fusion,
+        matmul_activations: "f32",
+        target_cpu: &opts.gpu,
+        required_cpu_features: Vec::new(),
+        kernels: names.len(),
+    });
+    Ok(PtxModule {
+        ptx,
+        kernels: names,
+        manifest,
+        launch: launch.plan,
+    })
+}
+
+/// Compiles the GPU flavour of `graph` for this CPU: the kernels [`compile_ptx`] emits, as exported
+/// functions `q3c_kN_op(args, items, block, threads, thread)`, with the launch plan in the manifest and no
+/// `q3c_forward`; the runtime launches them (`q3c_runtime`'s launcher).
+pub fn compile_gpu_emulation(
+    graph: &Graph,
+    cfg: &Qwen3Config,
+    output: &str,
+    opts: &PtxOptions,
+) -> Result<Compiled, BackendError> {
+    launch::check(graph, opts.max_tokens_per_call)?;
+    let target = target::cpu("native", false)?;
+    let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    let launch = launch::build(graph, &plan)?;
+    let cx = Context::create();
+    let m = cx.create_module("q3c_gpu_on_cpu");
+    let functions = entries(
+        &cx,
+        &m,
+        graph,
+        &plan,
+        &launch,
+        Flavor::GpuOnCpu,
+        Indices::Parameters,
+    )?;
+    for f in &functions {
+        f.set_linkage(Linkage::External);
+        f.add_attribute(
+            AttributeLoc::Function,
+            cx.create_string_attribute("target-cpu", &target.cpu),
+        );
+    }
+    let mut manifest = manifest::build(ManifestParts {
+        cfg,
+        plan: &plan,
+        backend: "llvm-gpu-emulation",
+        fusion: &opts.fusion,
+        matmul_activations: "f32",
+        target_cpu: &target.cpu,
+        required_cpu_features: target.required.clone(),
+        kernels: launch.plan.dispatches.len(),
+    });
+    manifest.launch = Some(launch.plan);
+    finish_object(&cx, &m, &target.machine, manifest)
+}
