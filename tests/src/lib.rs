@@ -108,6 +108,17 @@ pub fn backends() -> Vec<&'static str> {
     b
 }
 
+/// The kinds of artifact the executor tests run: every code generator of this build and, with LLVM, the
+/// GPU flavour compiled for this CPU and launched by the runtime (`llvm-gpu-emulation`, the manifest's
+/// backend name), which checks a GPU's launch plan and argument blocks without a GPU.
+pub fn artifact_kinds() -> Vec<&'static str> {
+    let mut kinds = backends();
+    if cfg!(feature = "llvm") {
+        kinds.push("llvm-gpu-emulation");
+    }
+    kinds
+}
+
 /// Compiles the model in `model_dir` (or a `config.json`) with the Cranelift backend into `out_dir/model.so`.
 pub fn compile_to(
     model_dir: &std::path::Path,
@@ -135,7 +146,7 @@ pub fn compile_with(
     compile_by("cranelift", model_dir, out_dir, max_tokens, fusion)
 }
 
-/// Like [`compile_with`], with the code generator `backend` (one of [`backends`]).
+/// Like [`compile_with`], with the code generator `backend` (one of [`artifact_kinds`]).
 pub fn compile_by(
     backend: &str,
     model_dir: &std::path::Path,
@@ -177,6 +188,17 @@ pub fn compile_graph(
                 ..Default::default()
             };
             q3c_backend_llvm::compile(graph, cfg, q3c_compiler::LOGITS, &opts)
+                .expect("compile")
+                .object
+        }
+        #[cfg(feature = "llvm")]
+        "llvm-gpu-emulation" => {
+            let opts = q3c_backend_llvm::PtxOptions {
+                gpu: "sm_90".into(),
+                max_tokens_per_call: max_tokens,
+                fusion: fusion.into(),
+            };
+            q3c_backend_llvm::compile_gpu_emulation(graph, cfg, q3c_compiler::LOGITS, &opts)
                 .expect("compile")
                 .object
         }

@@ -12,7 +12,7 @@ fn every_fixture_matches_transformers_through_the_compiled_so() {
             .session()
             .forward(&g.prompt_ids)
             .unwrap();
-        for (backend, threads) in backends().into_iter().flat_map(|b| [(b, 1), (b, 2)]) {
+        for (backend, threads) in artifact_kinds().into_iter().flat_map(|b| [(b, 1), (b, 2)]) {
             let so = compile_by(backend, &g.dir, tmp.path(), 64, "none");
             let model = CompiledModel::load(&so, &g.dir, threads).unwrap();
             let logits = model.session().forward(&g.prompt_ids).unwrap();

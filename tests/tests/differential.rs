@@ -131,7 +131,7 @@ fn compiled_equals_reference_on_random_configs() {
         let mut rotation = vec!["none"];
         rotation.extend(q3c_compiler::pipeline::PASSES.iter().map(|p| p.name));
         // ... through every backend in the build.
-        let strategies: Vec<(&str, &str)> = q3c_tests::backends()
+        let strategies: Vec<(&str, &str)> = q3c_tests::artifact_kinds()
             .into_iter()
             .flat_map(|b| [(b, rotation[case % rotation.len()]), (b, "all")])
             .collect();

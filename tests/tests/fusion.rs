@@ -35,7 +35,7 @@ fn every_strategy_equals_none_on_every_fixture() {
                 "{name} {fusion}: reference on the fused graph"
             );
 
-            for backend in backends() {
+            for backend in artifact_kinds() {
                 let dir = tempfile::tempdir().unwrap();
                 let so = compile_by(backend, &g.dir, dir.path(), 16, &fusion);
                 let model = CompiledModel::load(&so, &g.dir, 2).unwrap();

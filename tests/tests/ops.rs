@@ -1,7 +1,7 @@
 //! Every op, fused ones included, on every backend of this build against the reference executor (as ggml's
 //! `test-backend-ops`): a small graph per case, run as a prompt of 5 tokens (a 4-row register tile and a
 //! leftover row), one decoded token and a second chunk of 3, through the Cranelift `.so`, the Cranelift
-//! JIT, the LLVM `.so` and the LLVM GPU flavour run on the CPU (where built).
+//! JIT, the LLVM `.so` and the LLVM GPU flavour launched on the CPU (where built).
 //!
 //! Sizes are chosen to leave tails at every vector width (37 = 2·16 + 5 = 9·4 + 1, 20, 12). A case's input
 //! rows come from embedding tables (ids pick the rows), and its result goes through a last linear "head"
@@ -17,7 +17,7 @@ use q3c_ir::{DType, Dim, Graph, InputKind, KvKind, NodeId, Op, RopeSpec, Shape, 
 use q3c_models::{Checkpoint, Qwen3Config};
 use q3c_runtime::generate::SplitMix64;
 use q3c_runtime::{CompiledModel, ReferenceModel, Session};
-use q3c_tests::{backends, compile_graph, jit_graph, max_abs_diff};
+use q3c_tests::{artifact_kinds, compile_graph, jit_graph, max_abs_diff};
 
 /// Rows of every embedding table, and width of the logits.
 const VOCAB: usize = 24;
@@ -499,7 +499,7 @@ fn executors(
     dir: &std::path::Path,
 ) -> Vec<(String, CompiledModel)> {
     let mut out = Vec::new();
-    for backend in backends() {
+    for backend in artifact_kinds() {
         for max_tokens in [8, 4] {
             let so = compile_graph(backend, &case.g, cfg, dir, max_tokens, "none");
             let model = CompiledModel::load(&so, dir, 2).expect("load");
@@ -561,7 +561,7 @@ fn an_injected_nan_fails_the_suite() {
     let ckpt = Checkpoint::open(clean.path()).unwrap();
     let reference = ReferenceModel::new(case.g.clone(), &ckpt, q3c_compiler::LOGITS).unwrap();
     let want = run(&mut reference.session());
-    for backend in backends() {
+    for backend in artifact_kinds() {
         let so = compile_graph(backend, &case.g, &cfg, poisoned.path(), 8, "none");
         let model = CompiledModel::load(&so, poisoned.path(), 2).unwrap();
         let got = run(&mut model.session());

@@ -6,12 +6,14 @@
 
 mod arena;
 mod elf;
+mod launcher;
 mod pool;
 mod quant;
 
 use std::path::Path;
 use std::sync::Mutex;
 
+use q3c_abi::launch::LaunchedKernel;
 use q3c_abi::{Forward, Manifest, Services, Step, ABI_VERSION};
 use q3c_models::tensors::TensorSpec;
 use q3c_models::{Checkpoint, Qwen3Config};
@@ -30,7 +32,7 @@ pub const DEFAULT_CONTEXT: usize = 4096;
 pub struct CompiledModel {
     manifest: Manifest,
     config: Qwen3Config,
-    forward: Forward,
+    entry: Entry,
     /// Pointer per manifest weight: into `arena`, or into the memory-mapped checkpoint.
     weight_ptrs: Vec<*const u8>,
     _arena: Arena,
@@ -39,6 +41,14 @@ pub struct CompiledModel {
     pool: Mutex<Box<ThreadPool>>,
     /// What keeps the code alive: the loaded library, or in-process JIT memory.
     _code: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// How a forward call enters the artifact.
+enum Entry {
+    /// Its own `q3c_forward`.
+    Forward(Forward),
+    /// The runtime launches its kernels ([`launcher::Launcher`]).
+    Launched(launcher::Launcher),
 }
 
 // SAFETY: the weights are immutable after loading; the generated code keeps no global state, so concurrent
@@ -194,14 +204,41 @@ impl CompiledModel {
                 ),
             ));
         }
-        // SAFETY: the symbol has the documented signature (q3c_abi.h); the ABI version was checked above.
-        let forward = unsafe { library.get::<Forward>(q3c_abi::SYM_FORWARD.as_bytes()) }
-            .map(|f| *f)
-            .map_err(|_| artifact_err(artifact, "not a q3c artifact (no `q3c_forward` symbol)"))?;
+        let entry = match &manifest.launch {
+            Some(plan) => {
+                let kernels = plan
+                    .kernels
+                    .iter()
+                    .map(|name| {
+                        // SAFETY: launched kernels have the documented signature (q3c_abi::launch).
+                        unsafe { library.get::<LaunchedKernel>(name.as_bytes()) }
+                            .map(|f| *f)
+                            .map_err(|_| {
+                                artifact_err(
+                                    artifact,
+                                    format!("its launch plan names a missing kernel {name}"),
+                                )
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Entry::Launched(launcher::Launcher::new(
+                    plan.clone(),
+                    kernels,
+                    manifest.max_tokens_per_call,
+                    manifest.vocab_size,
+                ))
+            }
+            // SAFETY: the symbol has the documented signature (q3c_abi.h); the ABI version was checked above.
+            None => unsafe { library.get::<Forward>(q3c_abi::SYM_FORWARD.as_bytes()) }
+                .map(|f| Entry::Forward(*f))
+                .map_err(|_| {
+                    artifact_err(artifact, "not a q3c artifact (no `q3c_forward` symbol)")
+                })?,
+        };
         Self::bind(
             artifact,
             manifest,
-            forward,
+            entry,
             Box::new(library),
             weights_dir,
             threads,
@@ -231,7 +268,7 @@ impl CompiledModel {
         Self::bind(
             Path::new("(in-process code)"),
             manifest,
-            forward,
+            Entry::Forward(forward),
             code,
             weights_dir,
             threads,
@@ -242,7 +279,7 @@ impl CompiledModel {
     fn bind(
         artifact: &Path,
         manifest: Manifest,
-        forward: Forward,
+        entry: Entry,
         code: Box<dyn std::any::Any + Send + Sync>,
         weights_dir: &Path,
         threads: usize,
@@ -392,7 +429,7 @@ impl CompiledModel {
         Ok(CompiledModel {
             manifest,
             config,
-            forward,
+            entry,
             weight_ptrs,
             _arena: arena,
             _checkpoint: checkpoint,
@@ -477,7 +514,10 @@ impl CompiledSession<'_> {
         // SAFETY: every pointer in `step` is valid for the sizes the manifest specifies: weights were checked
         // against it, the cache holds `capacity` rows (checked below by the caller), scratch and logits are
         // sized from the manifest.
-        let status = unsafe { (m.forward)(&step) };
+        let status = match &m.entry {
+            Entry::Forward(forward) => unsafe { forward(&step) },
+            Entry::Launched(launcher) => unsafe { launcher.run(&step) },
+        };
         match status {
             q3c_abi::OK => Ok(()),
             q3c_abi::ERR_TOKEN_ID => Err(RuntimeError::Input(format!(
