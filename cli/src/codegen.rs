@@ -1,61 +1,126 @@
-//! Choosing a code generator: Cranelift (always built) or LLVM (with the `llvm` cargo feature).
+//! Choosing and running a code generator: one lookup from `--backend` to the compiler that builds it
+//! (`auto`: the best one in this build), and compiling a fused graph into a linked artifact.
 
-use anyhow::{bail, Result};
+use std::path::Path;
 
-/// The code generators `q3c compile --backend` offers.
-pub const BACKENDS: [&str; 2] = ["cranelift", "llvm"];
+use anyhow::{bail, Context, Result};
+use q3c_compiler::Strategy;
+use q3c_models::Qwen3Config;
+
+/// Whether this q3c was built with the LLVM backend (`--features llvm`).
+pub const LLVM_BUILT: bool = cfg!(feature = "llvm");
+
+/// The message for an LLVM feature asked of a build without it.
+const NO_LLVM: &str = "this q3c was built without the LLVM backend: install LLVM 19 (apt-get install \
+    llvm-19-dev libpolly-19-dev zlib1g-dev libzstd-dev libffi-dev) and rebuild with `cargo build --release \
+    --features llvm` (or run ./x build)";
+
+/// `--backend`: which code generator compiles the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The fastest in this build: LLVM where built, else Cranelift.
+    Auto,
+    /// Cranelift: always built, quick to compile, 128-bit vectors.
+    Cranelift,
+    /// LLVM 19 at O3 for the target CPU (512-bit vectors, AVX512_BF16/VNNI), and PTX.
+    Llvm,
+}
+
+impl Backend {
+    /// The code generator this choice means in this build; an error for LLVM in a build without it.
+    pub fn resolve(self) -> Result<Backend> {
+        match self {
+            Backend::Auto if LLVM_BUILT => Ok(Backend::Llvm),
+            Backend::Auto => Ok(Backend::Cranelift),
+            Backend::Llvm if !LLVM_BUILT => bail!(NO_LLVM),
+            other => Ok(other),
+        }
+    }
+}
+
+/// `--target`: what `q3c compile` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// A shared library for this (or `--target-cpu`'s) CPU.
+    Cpu,
+    /// A PTX module with every kernel, for `--gpu` (LLVM).
+    Nvptx,
+}
+
+/// `--quantize`: how linear matrices are bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    /// As stored (f16 widened to f32).
+    None,
+    /// 8-bit groups of 32 with an f32 scale each, quantized at load; AVX512-VNNI products (LLVM).
+    Q8,
+}
 
 /// How to generate CPU code.
 pub struct CpuCodegen<'a> {
-    /// `cranelift` or `llvm`.
-    pub backend: &'a str,
+    /// A resolved backend (not `auto`).
+    pub backend: Backend,
     pub target_cpu: &'a str,
     pub max_tokens: usize,
-    /// LLVM only: AVX512_BF16 dot products with bf16-rounded activations in prefill.
+    /// LLVM only: AVX512_BF16 dot products with bf16-rounded activations.
     pub bf16_activations: bool,
-    /// LLVM only: linear matrices bound as 8-bit groups (`q8`), multiplied with VNNI.
-    pub weights_q8: bool,
+    pub quantize: Quantize,
+}
+
+/// `cfg` lowered and rewritten by `strategy`'s passes.
+pub fn fused_graph(cfg: &Qwen3Config, strategy: &Strategy) -> Result<q3c_ir::Graph> {
+    let mut graph = q3c_compiler::lower(cfg).context("lowering failed (a q3c bug)")?;
+    q3c_compiler::pipeline::run(&mut graph, strategy, true, |_, _| {})?;
+    Ok(graph)
+}
+
+/// Lowers `cfg`, runs `strategy`'s passes, compiles as `how` says and links the artifact at `out`.
+/// Returns the artifact's manifest and the fused graph.
+pub fn compile_artifact(
+    cfg: &Qwen3Config,
+    strategy: &Strategy,
+    how: &CpuCodegen,
+    out: &Path,
+) -> Result<(q3c_abi::Manifest, q3c_ir::Graph)> {
+    let graph = fused_graph(cfg, strategy)?;
+    let (object, manifest) = compile_object(&graph, cfg, strategy.name(), how)?;
+    q3c_backend_common::link_shared(&object, out)?;
+    Ok((manifest, graph))
 }
 
 /// Compiles a fused graph into an object file.
-pub fn compile_object(
+fn compile_object(
     graph: &q3c_ir::Graph,
-    cfg: &q3c_models::Qwen3Config,
+    cfg: &Qwen3Config,
     fusion: &str,
     how: &CpuCodegen,
 ) -> Result<(Vec<u8>, q3c_abi::Manifest)> {
-    let &CpuCodegen {
-        backend,
-        target_cpu,
-        max_tokens,
-        bf16_activations,
-        weights_q8,
-    } = how;
-    if bf16_activations && backend != "llvm" {
-        bail!("--bf16-activations needs --backend llvm");
+    if how.backend != Backend::Llvm {
+        if how.bf16_activations {
+            bail!("--bf16-activations needs --backend llvm");
+        }
+        if how.quantize != Quantize::None {
+            bail!("--quantize q8 needs --backend llvm");
+        }
     }
-    if weights_q8 && backend != "llvm" {
-        bail!("--quantize q8 needs --backend llvm");
-    }
-    match backend {
-        "cranelift" => {
+    match how.backend {
+        Backend::Llvm => llvm_object(graph, cfg, fusion, how),
+        _ => {
             let opts = q3c_backend_cranelift::CompileOptions {
-                target_cpu: target_cpu.to_string(),
-                max_tokens_per_call: max_tokens,
+                target_cpu: how.target_cpu.to_string(),
+                max_tokens_per_call: how.max_tokens,
                 fusion: fusion.to_string(),
             };
             let c = q3c_backend_cranelift::compile(graph, cfg, q3c_compiler::LOGITS, &opts)?;
             Ok((c.object, c.manifest))
         }
-        "llvm" => llvm_object(graph, cfg, fusion, how),
-        other => bail!("unknown backend '{other}' (one of {})", BACKENDS.join(", ")),
     }
 }
 
 #[cfg(feature = "llvm")]
 fn llvm_object(
     graph: &q3c_ir::Graph,
-    cfg: &q3c_models::Qwen3Config,
+    cfg: &Qwen3Config,
     fusion: &str,
     how: &CpuCodegen,
 ) -> Result<(Vec<u8>, q3c_abi::Manifest)> {
@@ -64,7 +129,7 @@ fn llvm_object(
         max_tokens_per_call: how.max_tokens,
         fusion: fusion.to_string(),
         bf16_activations: how.bf16_activations,
-        weights_q8: how.weights_q8,
+        weights_q8: how.quantize == Quantize::Q8,
     };
     let c = q3c_backend_llvm::compile(graph, cfg, q3c_compiler::LOGITS, &opts)?;
     Ok((c.object, c.manifest))
@@ -73,24 +138,19 @@ fn llvm_object(
 #[cfg(not(feature = "llvm"))]
 fn llvm_object(
     _: &q3c_ir::Graph,
-    _: &q3c_models::Qwen3Config,
+    _: &Qwen3Config,
     _: &str,
     _: &CpuCodegen,
 ) -> Result<(Vec<u8>, q3c_abi::Manifest)> {
     bail!(NO_LLVM)
 }
 
-#[cfg(not(feature = "llvm"))]
-const NO_LLVM: &str = "this q3c was built without the LLVM backend: install LLVM 19 (apt-get install \
-    llvm-19-dev libpolly-19-dev zlib1g-dev libzstd-dev libffi-dev) and rebuild with `cargo build --release \
-    --features llvm`";
-
 /// Compiles every kernel of a fused graph to PTX for `gpu` (LLVM only). Returns the PTX text and the
-/// number of kernels.
+/// number of kernel dispatches per forward call.
 #[cfg(feature = "llvm")]
 pub fn compile_ptx(
     graph: &q3c_ir::Graph,
-    cfg: &q3c_models::Qwen3Config,
+    cfg: &Qwen3Config,
     gpu: &str,
     max_tokens: usize,
     fusion: &str,
@@ -107,7 +167,7 @@ pub fn compile_ptx(
 #[cfg(not(feature = "llvm"))]
 pub fn compile_ptx(
     _: &q3c_ir::Graph,
-    _: &q3c_models::Qwen3Config,
+    _: &Qwen3Config,
     _: &str,
     _: usize,
     _: &str,

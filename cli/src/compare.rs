@@ -42,8 +42,8 @@ pub struct Settings {
     pub gen: usize,
     pub rounds: usize,
     pub max_tokens: usize,
-    /// Code generator of the artifacts.
-    pub backend: String,
+    /// Code generator of the artifacts (resolved: not `auto`).
+    pub backend: crate::codegen::Backend,
 }
 
 /// The strategies compared when none are named: `none`, each pass alone, then `all`.
@@ -79,15 +79,15 @@ pub fn run(
     for (i, strategy) in strategies.iter().enumerate() {
         let so = work_dir.join(format!("strategy{i}.so"));
         let start = Instant::now();
-        let (manifest, graph) = crate::commands::compile_artifact(
+        let (manifest, graph) = crate::codegen::compile_artifact(
             &cfg,
             strategy,
             &crate::codegen::CpuCodegen {
-                backend: &settings.backend,
+                backend: settings.backend,
                 target_cpu: "native",
                 max_tokens: settings.max_tokens,
                 bf16_activations: false,
-                weights_q8: false,
+                quantize: crate::codegen::Quantize::None,
             },
             &so,
         )?;

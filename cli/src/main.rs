@@ -1,12 +1,15 @@
-//! `q3c`: the command-line front end.
+//! `q3c`: the command-line front end. Each subcommand is one file in `cmd/`; the modules beside it are
+//! what several subcommands share.
 
 mod bench;
 mod chart;
+mod cmd;
 mod codegen;
-mod commands;
 mod compare;
+mod model_args;
+mod output;
 mod probe;
-mod serve;
+mod server;
 mod textgen;
 
 use std::process::ExitCode;
@@ -14,8 +17,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = commands::Cli::parse();
-    match commands::run(cli) {
+    match cmd::run(cmd::Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -49,7 +49,14 @@ fn compile_inspect_and_generate_from_the_so() {
         json["weights"].as_array().unwrap().len(),
         q3c_models::tensors::expected_tensors(&cfg).len()
     );
-    assert_eq!(json["fusion"], "none");
+    // The defaults: every fusion pass, and the best code generator in the build.
+    assert_eq!(json["fusion"], "all");
+    let best = if cfg!(feature = "llvm") {
+        "llvm"
+    } else {
+        "cranelift"
+    };
+    assert_eq!(json["backend"], best);
 
     let g = golden("moe");
     let ids: Vec<String> = g.prompt_ids.iter().map(u32::to_string).collect();

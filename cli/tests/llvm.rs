@@ -17,24 +17,31 @@ fn misuse_of_backend_flags_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let moe = fixtures_dir().join("moe");
     let out = tmp.path().join("x.ptx");
+    let cranelift = |extra: &[&str]| {
+        let mut args = vec![
+            "compile",
+            path(&moe),
+            "--backend",
+            "cranelift",
+            "-o",
+            path(&out),
+        ];
+        args.extend_from_slice(extra);
+        q3c(&args)
+    };
     assert_error(
-        &q3c(&["compile", path(&moe), "--target", "nvptx", "-o", path(&out)]),
+        &cranelift(&["--target", "nvptx"]),
         "--target nvptx needs --backend llvm",
     );
     assert_error(
-        &q3c(&[
-            "compile",
-            path(&moe),
-            "--bf16-activations",
-            "-o",
-            path(&out),
-        ]),
+        &cranelift(&["--bf16-activations"]),
         "--bf16-activations needs --backend llvm",
     );
     assert_error(
-        &q3c(&["compile", path(&moe), "--quantize", "q8", "-o", path(&out)]),
+        &cranelift(&["--quantize", "q8"]),
         "--quantize q8 needs --backend llvm",
     );
+    assert_error(&cranelift(&["--quantize", "q4"]), "q4");
     assert_error(
         &q3c(&["compile", path(&moe), "--backend", "gcc", "-o", path(&out)]),
         "gcc",

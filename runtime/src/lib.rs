@@ -4,6 +4,7 @@
 //! - [`reference`]: the reference executor, which runs the IR directly in plain f32 Rust. It is the oracle
 //!   every backend and pass is tested against.
 //! - [`compiled`]: loads ahead-of-time compiled artifacts (`model.so`) and runs them on a thread pool.
+//! - [`Model`]: a loaded model of either kind, as every surface (CLI, server, C API) holds it.
 //! - [`generate`]: the plain decoding loop over token ids.
 //! - [`text`]: tokenizer, chat template, streaming detokenisation; [`sampling`]: the token sampler;
 //!   [`chat`]: chat decoding with the thinking block and its budget.
@@ -15,6 +16,7 @@ pub mod chat;
 pub mod compiled;
 mod error;
 pub mod generate;
+mod model;
 pub mod reference;
 pub mod sampling;
 mod session;
@@ -23,6 +25,7 @@ pub mod text;
 pub use compiled::{CompiledModel, CompiledSession, Residency};
 pub use error::RuntimeError;
 pub use generate::{generate, GenerateOptions};
+pub use model::Model;
 pub use reference::{ReferenceModel, ReferenceSession};
 pub use sampling::{Sampler, SamplingOverrides, SamplingParams};
 pub use session::{Logits, Session};

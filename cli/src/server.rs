@@ -1,4 +1,4 @@
-//! `q3c serve`: an OpenAI-compatible HTTP server.
+//! The OpenAI-compatible HTTP server behind `q3c serve`.
 //!
 //! - `POST /v1/chat/completions`: streaming (SSE, `"stream": true`) or not; `reasoning_content` in messages
 //!   and deltas; `usage` with `completion_tokens_details.reasoning_tokens`; per-request `enable_thinking`
@@ -27,12 +27,12 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use crate::commands::Loaded;
+use q3c_runtime::Model;
 
 /// What the handlers share.
 pub struct Served {
     /// The model; each request opens its own session.
-    pub engine: Loaded,
+    pub model: Model,
     pub text: TextModel,
     /// The model name reported by `/v1/models` and in responses.
     pub name: String,
@@ -124,7 +124,7 @@ async fn completions(State(s): State<Arc<Served>>, body: Bytes) -> Response {
         let served = Arc::clone(&s);
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let mut session = served.engine.session_with_capacity(job.kv_tokens);
+            let mut session = served.model.session_with_capacity(job.kv_tokens);
             chat::decode(
                 &mut *session,
                 &served.text.tokenizer,
@@ -186,7 +186,7 @@ async fn completions(State(s): State<Arc<Served>>, body: Bytes) -> Response {
         send(chunk(json!({"role": "assistant", "content": ""}), None));
         // With tools offered, <tool_call> blocks are held back and sent as tool_calls at the end.
         let mut tool_stream = job.tools.then(ToolCallStream::new);
-        let mut session = served.engine.session_with_capacity(job.kv_tokens);
+        let mut session = served.model.session_with_capacity(job.kv_tokens);
         let result = chat::decode(
             &mut *session,
             &served.text.tokenizer,

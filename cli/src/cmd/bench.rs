@@ -1,0 +1,124 @@
+//! `q3c bench`: prefill and decode speed of one model (like llama-bench's pp and tg), or, with
+//! `--compare-fusion`, one model compiled under several fusion strategies side by side (`crate::compare`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use q3c_compiler::Strategy;
+
+use crate::codegen::Backend;
+use crate::model_args::ModelArgs;
+use crate::output::{default_threads, print_json, print_stdout, write_atomically};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Tokens decoded one at a time for the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    gen: usize,
+    /// Repetitions; the best of each figure is reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Compile --model (a model directory) under each fusion strategy and compare them in one table:
+    /// kernels per layer, activation bytes per token, compile time, prefill and decode speed.
+    #[arg(long)]
+    compare_fusion: bool,
+    /// With --compare-fusion: a strategy to compare (repeatable; default none, each pass, all).
+    /// The first is the baseline of the ratios.
+    #[arg(
+        long = "strategy",
+        value_name = "STRATEGY",
+        requires = "compare_fusion"
+    )]
+    strategies: Vec<String>,
+    /// With --compare-fusion: the code generator of every strategy's artifact.
+    #[arg(long, value_enum, default_value_t = Backend::Auto, requires = "compare_fusion")]
+    backend: Backend,
+    /// With --compare-fusion: also write the table and a chart as an HTML page.
+    #[arg(long, value_name = "FILE", requires = "compare_fusion")]
+    html: Option<PathBuf>,
+    /// With --compare-fusion: also write the chart as SVG.
+    #[arg(long, value_name = "FILE", requires = "compare_fusion")]
+    svg: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.prompt_len == 0 {
+        bail!("--prompt-len must be at least 1");
+    }
+    let threads = args.model.threads.unwrap_or_else(default_threads);
+    if args.compare_fusion {
+        return compare(args, threads);
+    }
+    let model = args.model.load()?;
+    let mut session = model.session();
+    let vocab = session.vocab_size();
+    let r = crate::bench::run(
+        &mut *session,
+        vocab,
+        args.prompt_len,
+        args.gen,
+        threads,
+        args.reps,
+    )?;
+    if args.json {
+        return print_json(&r);
+    }
+    print_stdout(&format!(
+        "pp{}: {:.2} tok/s (mean {:.2} ± {:.2})\ntg{}: {:.2} tok/s (mean {:.2} ± {:.2})\n\
+         ({} threads, best of {})\n",
+        args.prompt_len,
+        r.prefill_tok_s,
+        r.prefill_mean_tok_s,
+        r.prefill_std_tok_s,
+        args.gen,
+        r.decode_tok_s,
+        r.decode_mean_tok_s,
+        r.decode_std_tok_s,
+        r.threads,
+        r.repetitions
+    ))
+}
+
+/// `--compare-fusion`.
+fn compare(args: Args, threads: usize) -> Result<()> {
+    let strategies = if args.strategies.is_empty() {
+        crate::compare::default_strategies()
+    } else {
+        args.strategies
+            .iter()
+            .map(|s| Strategy::parse(s))
+            .collect::<Result<_, _>>()?
+    };
+    let settings = crate::compare::Settings {
+        threads,
+        prompt_len: args.prompt_len,
+        gen: args.gen,
+        rounds: args.reps,
+        max_tokens: 256,
+        backend: args.backend.resolve()?,
+    };
+    let work = tempfile::tempdir().context("creating a temporary directory")?;
+    let rows = crate::compare::run(&args.model.model, &strategies, work.path(), &settings)?;
+    let title = format!("q3c fusion strategies: {}", args.model.model.display());
+    if let Some(path) = &args.svg {
+        write_atomically(path, crate::chart::svg(&rows, &title).as_bytes())?;
+    }
+    if let Some(path) = &args.html {
+        write_atomically(
+            path,
+            crate::chart::html(&rows, &settings, &title).as_bytes(),
+        )?;
+    }
+    if args.json {
+        return print_json(&rows);
+    }
+    print_stdout(&crate::compare::table(&rows, &settings))
+}

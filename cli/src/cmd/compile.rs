@@ -1,0 +1,93 @@
+//! `q3c compile`: a model compiled ahead of time into a `.so` (or, for NVIDIA GPUs, a PTX module). With no
+//! flags: the best code generator in this build, every fusion pass, this machine's CPU features.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use q3c_compiler::Strategy;
+use q3c_models::ModelSource;
+
+use crate::codegen::{self, Backend, CpuCodegen, Quantize, Target};
+use crate::output::write_atomically;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A registry name (e.g. Qwen3-8B), a config.json, or a model directory.
+    model: String,
+    /// Output artifact.
+    #[arg(short, long, default_value = "model.so")]
+    out: PathBuf,
+    /// Code generator (auto: LLVM in a build with `--features llvm`, else Cranelift).
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    backend: Backend,
+    /// What to generate: a CPU `.so`, or (LLVM) a PTX module with every kernel for --gpu.
+    #[arg(long, value_enum, default_value_t = Target::Cpu)]
+    target: Target,
+    /// With --target nvptx: the GPU architecture (sm_80, sm_90, ...).
+    #[arg(long, default_value = "sm_90")]
+    gpu: String,
+    /// CPU to generate code for: native, or a CPU name (x86-64-v2, x86-64-v3, x86-64-v4, znver4, ...).
+    #[arg(long, default_value = "native")]
+    target_cpu: String,
+    /// LLVM: matrix products over bf16 weights round activations to bf16 and use AVX512_BF16
+    /// dot products (about 2x the f32 rate; what llama.cpp does for bf16 models; refused on CPUs without it).
+    #[arg(long)]
+    bf16_activations: bool,
+    /// LLVM: bind the linear matrices as 8-bit groups of 32 with an f32 scale each (quantized at load)
+    /// and multiply them with AVX512-VNNI on activations quantized the same way (like llama.cpp's Q8_0).
+    #[arg(long, value_enum, default_value_t = Quantize::None)]
+    quantize: Quantize,
+    /// Most tokens per forward call (longer prompts run in chunks); sizes the scratch memory.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Fusion strategy: all (every pass, each checked equal to none), none, or a comma list of passes
+    /// (see `q3c ir --help`).
+    #[arg(long, default_value = "all")]
+    fusion: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = ModelSource::parse(&args.model).config()?;
+    let start = std::time::Instant::now();
+    let strategy = Strategy::parse(&args.fusion)?;
+    let backend = args.backend.resolve()?;
+    let model = &args.model;
+    if args.target == Target::Nvptx {
+        if backend != Backend::Llvm {
+            bail!("--target nvptx needs --backend llvm");
+        }
+        let graph = codegen::fused_graph(&cfg, &strategy)?;
+        let (ptx, kernels) =
+            codegen::compile_ptx(&graph, &cfg, &args.gpu, args.max_tokens, strategy.name())?;
+        write_atomically(&args.out, ptx.as_bytes())?;
+        eprintln!(
+            "compiled {model} to PTX for {} into {} ({kernels} kernels) in {:.2} s",
+            args.gpu,
+            args.out.display(),
+            start.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    let how = CpuCodegen {
+        backend,
+        target_cpu: &args.target_cpu,
+        max_tokens: args.max_tokens,
+        bf16_activations: args.bf16_activations,
+        quantize: args.quantize,
+    };
+    let (manifest, _) = codegen::compile_artifact(&cfg, &strategy, &how, &args.out)?;
+    eprintln!(
+        "compiled {model} with {} (fusion {}, {} activations{}) for {} [{}] into {} ({} kernels, {} weights) in {:.2} s",
+        manifest.backend,
+        manifest.fusion,
+        manifest.matmul_activations,
+        if args.quantize == Quantize::Q8 { ", q8 weights" } else { "" },
+        manifest.target_cpu,
+        manifest.required_cpu_features.join(" "),
+        args.out.display(),
+        manifest.kernels,
+        manifest.weights.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! `q3c serve`: the OpenAI-compatible HTTP server (`crate::server`) over a loaded model.
+
+use std::io::Write;
+
+use anyhow::{bail, Result};
+
+use crate::model_args::ChatModelArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    target: ChatModelArgs,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Model name in responses and /v1/models (default: the file or directory name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Requests decoding at once (each holds its own KV cache); more wait in line.
+    #[arg(long, default_value_t = 4)]
+    max_concurrent: usize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.max_concurrent == 0 {
+        bail!("--max-concurrent must be at least 1");
+    }
+    let name = args.name.unwrap_or_else(|| {
+        args.target
+            .model
+            .file_stem()
+            .map_or("q3c".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let (text, model) = args.target.load()?;
+    let context = model.context();
+    let served = crate::server::Served {
+        model,
+        text,
+        name,
+        context,
+        slots: std::sync::Arc::new(tokio::sync::Semaphore::new(args.max_concurrent)),
+    };
+    crate::server::run(served, &format!("{}:{}", args.host, args.port), |addr| {
+        println!("q3c serve: listening on http://{addr}");
+        let _ = std::io::stdout().flush();
+    })
+}

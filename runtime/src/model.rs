@@ -1,0 +1,53 @@
+//! [`Model`]: a loaded model of any kind, behind one interface for every surface (CLI, server, C API,
+//! tests): sessions, the model's end-of-sequence ids and how long a conversation may grow.
+
+use crate::compiled::{CompiledModel, DEFAULT_CONTEXT};
+use crate::reference::ReferenceModel;
+use crate::session::Session;
+
+/// A model ready to open sessions on.
+pub enum Model {
+    /// The reference executor over a lowered graph (built by the caller, which owns the compiler).
+    Reference {
+        model: Box<ReferenceModel>,
+        eos_token_ids: Vec<u32>,
+    },
+    /// A compiled artifact with its weights bound (or in-process JIT code).
+    Compiled(Box<CompiledModel>),
+}
+
+impl Model {
+    /// A session with an empty KV cache of the default size.
+    pub fn session(&self) -> Box<dyn Session + '_> {
+        match self {
+            Model::Reference { model, .. } => Box::new(model.session()),
+            Model::Compiled(m) => Box::new(m.session()),
+        }
+    }
+
+    /// A session whose KV cache holds `tokens` (the reference executor's cache grows as needed).
+    pub fn session_with_capacity(&self, tokens: usize) -> Box<dyn Session + '_> {
+        match self {
+            Model::Reference { model, .. } => Box::new(model.session()),
+            Model::Compiled(m) => Box::new(m.session_with_capacity(tokens)),
+        }
+    }
+
+    /// The ids that end generation.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        match self {
+            Model::Reference { eos_token_ids, .. } => eos_token_ids,
+            Model::Compiled(m) => &m.config().eos_token_ids,
+        }
+    }
+
+    /// Most tokens a served conversation may hold: a compiled model's `max_position_embeddings` (no
+    /// limit of its own for the reference executor), capped at 8 × the default session context.
+    pub fn context(&self) -> usize {
+        let limit = match self {
+            Model::Reference { .. } => usize::MAX,
+            Model::Compiled(m) => m.config().max_position_embeddings,
+        };
+        limit.min(DEFAULT_CONTEXT * 8)
+    }
+}
