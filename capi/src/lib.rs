@@ -14,12 +14,15 @@ use q3c_runtime::chat::{self, ChatRequest, Piece};
 use q3c_runtime::text::TextModel;
 use q3c_runtime::{CompiledModel, RuntimeError};
 
+/// A loaded model as every surface holds it (the server too, so both bound conversations alike).
+type Loaded = q3c_runtime::Model;
+
 /// The API version `q3c_runtime_api_version` reports.
 pub const API_VERSION: u32 = 1;
 
 /// What a `q3c_model *` points to.
 pub struct Model {
-    model: CompiledModel,
+    model: Loaded,
     text: TextModel,
     context: usize,
 }
@@ -89,7 +92,8 @@ pub unsafe extern "C" fn q3c_model_load(
         };
         let text = TextModel::load(weights).map_err(|e| e.to_string())?;
         let model = CompiledModel::load(artifact, weights, threads).map_err(|e| e.to_string())?;
-        let context = model.config().max_position_embeddings;
+        let model = Loaded::Compiled(Box::new(model));
+        let context = model.context();
         Ok(Box::into_raw(Box::new(Model {
             model,
             text,

@@ -486,10 +486,7 @@ mod tests {
     /// JIT-compiles `f(x) = e^x` through [`Emit::expf`].
     fn jit_exp() -> (cranelift_jit::JITModule, extern "C" fn(f32) -> f32) {
         let isa = crate::module::isa("native", false).unwrap();
-        let fma = isa
-            .isa_flags()
-            .iter()
-            .any(|f| f.name == "has_fma" && f.as_bool() == Some(true));
+        let fma = crate::module::has_fma(&*isa);
         let builder =
             cranelift_jit::JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
         let mut module = cranelift_jit::JITModule::new(builder);
