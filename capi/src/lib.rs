@@ -133,7 +133,7 @@ pub unsafe extern "C" fn q3c_chat(
         let cancel = planned.opts.cancel.clone().expect("plan sets it");
         let mut session = m.model.session_with_capacity(planned.kv_tokens);
         let out = chat::decode(
-            &mut session,
+            &mut *session,
             &m.text.tokenizer,
             &planned.prompt,
             &planned.opts,
