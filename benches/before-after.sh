@@ -4,9 +4,8 @@
 #
 #   benches/before-after.sh OLD_Q3C NEW_Q3C BF16_DIR F32_DIR [ROUNDS]
 #
-# Each build compiles its own artifacts (LLVM: bf16 weights with bf16 activations, f32, q8; Cranelift with
-# --target-cpu x86-64-v3, which both builds can run) and benches them with its own runtime; every round runs
-# old then new for each artifact. Prints every measurement, then the per-round new/old ratios of the means.
+# Each build compiles its own artifacts (LLVM: bf16 weights with bf16 activations, f32, q8; Cranelift; all for
+# this CPU, fully fused) and benches them with its own runtime; every round runs old then new for each artifact. Prints every measurement, then the per-round new/old ratios of the means.
 set -euo pipefail
 OLD=$1 NEW=$2 BF16=$3 F32=$4 ROUNDS=${5:-3}
 THREADS=${THREADS:-2}
@@ -18,7 +17,7 @@ for v in old new; do
   "$Q" compile "$BF16" --backend llvm --fusion all --bf16-activations -o "$WORK/$v-bf16-act.so"
   "$Q" compile "$F32" --backend llvm --fusion all -o "$WORK/$v-f32.so"
   "$Q" compile "$BF16" --backend llvm --fusion all --quantize q8 -o "$WORK/$v-q8.so"
-  "$Q" compile "$BF16" --backend cranelift --fusion all --target-cpu x86-64-v3 -o "$WORK/$v-cranelift.so"
+  "$Q" compile "$BF16" --backend cranelift --fusion all -o "$WORK/$v-cranelift.so"
 done
 "$NEW" probe --threads "$THREADS"
 LOG="$WORK/log"
