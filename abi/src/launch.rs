@@ -30,9 +30,12 @@ pub struct Dispatch {
     pub kernel: usize,
     /// The words after `[T, past]` in the argument block: input pointers, then output pointers.
     pub args: Vec<Arg>,
-    /// Work items: `count`, times T if `per_token`.
+    /// Work items: `items`, times ⌈T / tokens_per_item⌉ if `per_token`.
     pub items: usize,
     pub per_token: bool,
+    /// Tokens one work item takes (1 but for attention, whose items take blocks of tokens).
+    #[serde(default = "one")]
+    pub tokens_per_item: usize,
     /// Set on the dispatches that compute the logits: when only the last row's logits are asked for, they
     /// run with T = 1 and their first argument advanced by `T − 1` rows of this many bytes (0: not moved).
     pub last_row: Option<usize>,
@@ -42,11 +45,15 @@ impl Dispatch {
     /// Work items for a call of `t` tokens.
     pub fn item_count(&self, t: usize) -> usize {
         if self.per_token {
-            self.items * t
+            self.items * t.div_ceil(self.tokens_per_item)
         } else {
             self.items
         }
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A launched kernel (see [`LaunchPlan::kernels`]).

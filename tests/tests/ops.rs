@@ -1,5 +1,5 @@
 //! Every op, fused ones included, on every backend of this build against the reference executor (as ggml's
-//! `test-backend-ops`): a small graph per case, run as a prompt of 5 tokens (a 4-row register tile and a
+//! `test-backend-ops`): a small graph per case, run as a prompt of 21 tokens (4-row register tiles and a
 //! leftover row), one decoded token and a second chunk of 3, through the Cranelift `.so`, the Cranelift
 //! JIT, the LLVM `.so` and the LLVM GPU flavour launched on the CPU (where built).
 //!
@@ -28,8 +28,16 @@ const EXACT: f32 = 3e-4;
 /// error (≤ 2.4e-4 · the head's Σ|w| ≤ 48 in the worst case, ~1e-4 · √48 typically) plus [`EXACT`].
 const CHAINED: f32 = 1e-3;
 
-/// The forward calls every case runs in one session: a prompt, one decoded token, another chunk.
-const CALLS: [&[u32]; 3] = [&[3, 17, 0, 9, 22], &[5], &[11, 1, 23]];
+/// The forward calls every case runs in one session: a prompt, one decoded token, another chunk. 21 prompt
+/// tokens: five 4-row tiles and a leftover row, a whole 16-key attention block (with the keys after each
+/// query masked) and a tail of single keys.
+const CALLS: [&[u32]; 3] = [
+    &[
+        3, 17, 0, 9, 22, 4, 4, 13, 20, 1, 7, 16, 2, 11, 19, 5, 8, 23, 14, 6, 10,
+    ],
+    &[5],
+    &[11, 1, 23],
+];
 
 /// A graph under construction with its weights (names, shapes, dtypes, values).
 struct Case {
@@ -491,8 +499,8 @@ fn compare(case: &Case, executor: &str, got: &[Vec<f32>], want: &[Vec<f32>]) -> 
     failures
 }
 
-/// The executors of this build for one case: (name, model). `max_tokens` 4 makes the 5-token prompt run
-/// in two chunks.
+/// The executors of this build for one case: (name, model). `max_tokens` 8 and 4 make the prompt run in
+/// chunks.
 fn executors(
     case: &Case,
     cfg: &Qwen3Config,

@@ -61,10 +61,15 @@ pub fn in_dtype(plan: &Plan, graph: &Graph, id: NodeId, i: usize) -> DType {
     }
 }
 
-/// Work items of a node's kernel: `per_token × T` if `scales_with_t`, else `per_token` alone.
+/// Tokens an attention work item takes: its query rows (these tokens × the query heads of one KV head)
+/// share every K and V row it loads.
+pub const ATTENTION_TOKENS: usize = 4;
+
+/// Work items of a node's kernel: `count × ⌈T / tokens_per_item⌉` if `scales_with_t`, else `count` alone.
 pub struct Items {
     pub count: usize,
     pub scales_with_t: bool,
+    pub tokens_per_item: usize,
 }
 
 /// How a node's work is split into items.
@@ -73,6 +78,7 @@ pub fn work_items(graph: &Graph, id: NodeId) -> Items {
     let by_t = |count| Items {
         count,
         scales_with_t: true,
+        tokens_per_item: 1,
     };
     match &graph.node(id).op {
         Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => {
@@ -80,6 +86,7 @@ pub fn work_items(graph: &Graph, id: NodeId) -> Items {
             Items {
                 count: n.iter().sum::<usize>() / tile.width,
                 scales_with_t: false,
+                tokens_per_item: 1,
             }
         }
         Op::MoeRoute { .. } => by_t(1),
@@ -87,7 +94,12 @@ pub fn work_items(graph: &Graph, id: NodeId) -> Items {
         Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Softmax => {
             by_t(out[1..out.len() - 1].iter().product())
         }
-        Op::Attention { .. } => by_t(out[1]),
+        // (block of ATTENTION_TOKENS tokens, KV head).
+        Op::Attention { .. } => Items {
+            count: element_dims(graph, graph.inputs(id)[1], 0)[1],
+            scales_with_t: true,
+            tokens_per_item: ATTENTION_TOKENS,
+        },
         Op::TopK { .. } | Op::GatherLast => by_t(out[1..out.len() - 1].iter().product()),
         _ => by_t(1),
     }

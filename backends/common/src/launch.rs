@@ -99,6 +99,7 @@ pub fn build(graph: &Graph, plan: &Plan) -> Result<Launch, BackendError> {
             args,
             items: items.count,
             per_token: items.scales_with_t,
+            tokens_per_item: items.tokens_per_item,
             last_row,
         });
         launch.nodes.push(Some(id));
@@ -138,6 +139,7 @@ impl Launch {
             args: vec![source, Arg::Scratch(offset)],
             items: rows_per_token,
             per_token: true,
+            tokens_per_item: 1,
             last_row: product.last_row,
         };
         product.last_row = product.last_row.map(|_| 0);

@@ -433,6 +433,21 @@ impl KernelBuilder for Emit<'_, '_> {
     fn vsilu(&mut self, x: Value) -> Value {
         self.silu4(x)
     }
+    fn vsub(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fsub(a, b)
+    }
+    fn vexp(&mut self, x: Value) -> Value {
+        self.exp4(x)
+    }
+    fn hsum(&mut self, v: Value) -> Value {
+        Emit::hsum(self, v)
+    }
+    fn hmax(&mut self, v: Value) -> Value {
+        let lanes: Vec<Value> = (0..4u8).map(|l| self.b.ins().extractlane(v, l)).collect();
+        let a = self.b.ins().fmax(lanes[0], lanes[1]);
+        let c = self.b.ins().fmax(lanes[2], lanes[3]);
+        self.b.ins().fmax(a, c)
+    }
 
     fn dot(&mut self, x: Value, w: Value, dt: DType, k: usize) -> Value {
         gemm::dot(self, x, w, dt, k)

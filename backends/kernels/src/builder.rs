@@ -48,6 +48,11 @@ pub trait KernelBuilder: Sized {
 
     fn iconst(&mut self, v: usize) -> Self::Int;
     fn add(&mut self, a: Self::Int, b: Self::Int) -> Self::Int;
+    /// `a + c`.
+    fn add_c(&mut self, a: Self::Int, c: usize) -> Self::Int {
+        let c = self.iconst(c);
+        self.add(a, c)
+    }
     fn sub(&mut self, a: Self::Int, b: Self::Int) -> Self::Int;
     fn mul_c(&mut self, a: Self::Int, c: usize) -> Self::Int;
     fn udiv_c(&mut self, a: Self::Int, c: usize) -> Self::Int;
@@ -199,6 +204,13 @@ pub trait KernelBuilder: Sized {
     fn vfma(&mut self, a: Self::Vec, b: Self::Vec, c: Self::Vec) -> Self::Vec;
     /// `silu` per lane.
     fn vsilu(&mut self, x: Self::Vec) -> Self::Vec;
+    fn vsub(&mut self, a: Self::Vec, b: Self::Vec) -> Self::Vec;
+    /// `e^x` per lane (as [`KernelBuilder::exp`]).
+    fn vexp(&mut self, x: Self::Vec) -> Self::Vec;
+    /// The sum of the lanes.
+    fn hsum(&mut self, v: Self::Vec) -> Self::F32;
+    /// The largest lane.
+    fn hmax(&mut self, v: Self::Vec) -> Self::F32;
 
     // ---- matrix products (each backend tiles them its own way)
 

@@ -107,10 +107,16 @@ pub fn build<B: EntryBuilder>(
             let at = b.off(args, 16 + 8 * i);
             b.store_ptr(p, at);
         }
-        let n = if d.per_token {
-            b.mul_c(t_here, d.items)
-        } else {
-            b.iconst(d.items)
+        let n = match (d.per_token, d.tokens_per_item) {
+            (false, _) => b.iconst(d.items),
+            (true, 1) => b.mul_c(t_here, d.items),
+            (true, block) => {
+                // ⌈T / block⌉ items per `items`.
+                let up = b.iconst(block - 1);
+                let t_up = b.add(t_here, up);
+                let blocks = b.udiv_c(t_up, block);
+                b.mul_c(blocks, d.items)
+            }
         };
         b.parallel_for(parallel_for, pool, kernels[d.kernel], args, n);
     }

@@ -7,7 +7,7 @@
 //! without a body here does not compile.
 
 use q3c_backend_common::items::{
-    broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token,
+    broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, ATTENTION_TOKENS,
 };
 use q3c_backend_common::plan::Plan;
 use q3c_backend_common::BackendError;
@@ -211,7 +211,7 @@ pub fn emit<B: KernelBuilder>(
                 scale: *scale as f32,
             };
             b.for_range(start, end, 1, |b, item| {
-                attention_item(b, &shape, [ptr[0], ptr[1], ptr[2], out], past, item)
+                attention_item(b, &shape, [ptr[0], ptr[1], ptr[2], out], (t, past), item)
             });
         }
         Op::Add | Op::Mul | Op::Div => {
@@ -411,85 +411,241 @@ struct AttentionShape {
     scale: f32,
 }
 
-/// One (token, query head) of causal attention in one pass over the keys (online softmax): the running
-/// max, the running sum of exponentials and the weighted values, kept in registers and rescaled by
-/// `e^(max_old − max_new)` as the max grows. `bufs` = [q, k cache, v cache, out].
+/// One attention work item: the query rows of [`ATTENTION_TOKENS`] tokens × the query heads of one KV
+/// head, in one pass over that head's keys with the softmax online (per row: the running max, the running
+/// sum of exponentials and the weighted values, rescaled by `e^(max_old − max_new)` as the max grows).
+/// `bufs` = [q, k cache, v cache, out].
+///
+/// Keys go in blocks of `lanes`: a block's K and V rows are read from memory by the first query row and
+/// from L1 by the others (re-reading the cache for every query row made attention memory-bound), and a
+/// row's scores for the block form one vector, so the block takes one max, one vector exponential and one
+/// rescale of the row's accumulators. A row skips the blocks wholly after its position and masks the keys
+/// after it in a partial one; keys after the last whole block go one at a time (a block never reads a cache
+/// row past the call's last token).
 fn attention_item<B: KernelBuilder>(
     b: &mut B,
     s: &AttentionShape,
     [q, k, v, out]: [B::Ptr; 4],
-    past: B::Int,
+    (t, past): (B::Int, B::Int),
     item: B::Int,
 ) {
     let group = s.hq / s.hkv;
-    let tok = b.udiv_c(item, s.hq);
-    let head = b.urem_c(item, s.hq);
-    let g = b.udiv_c(head, group);
-    let q = b.addr(q, item, s.d * 4);
-    let o = b.addr(out, item, s.dv * 4);
-    let len = b.add(past, tok);
-    let one = b.iconst(1);
-    let len = b.add(len, one);
+    let rows = ATTENTION_TOKENS * group;
     let lanes = b.lanes();
-    let full = s.dv / lanes;
-    let zero = b.fconst(0.0);
-    let zero_v = b.vsplat(zero);
-    let acc_v: Vec<B::Var> = (0..full).map(|_| b.var_vec(zero_v)).collect();
-    let acc_s: Vec<B::Var> = (full * lanes..s.dv).map(|_| b.var_f32(zero)).collect();
-    let neg_inf = b.fconst(f32::NEG_INFINITY);
-    let max = b.var_f32(neg_inf);
-    let total = b.var_f32(zero);
+    let g = b.urem_c(item, s.hkv);
+    let block = b.udiv_c(item, s.hkv);
+    let t0 = b.mul_c(block, ATTENTION_TOKENS);
+    // Tokens t0..t_end of this call; the last one sees keys 0..past + t_end.
+    let t_next = b.add_c(t0, ATTENTION_TOKENS);
+    let room = b.ult(t, t_next);
+    let t_end = b.select_int(room, t, t_next);
+    let len_max = b.add(past, t_end);
+    // Per query row (token-major, then head): its weighted values, running max and sum, on the stack.
+    let acc = b.stack(4 * rows * s.dv);
+    let maxes = b.stack(4 * rows);
+    let totals = b.stack(4 * rows);
+    let (zero, neg_inf) = (b.fconst(0.0), b.fconst(f32::NEG_INFINITY));
+    b.for_n(rows, |b, r| {
+        let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
+        b.store_f32(neg_inf, m);
+        b.store_f32(zero, l);
+        let o = b.addr(acc, r, s.dv * 4);
+        map_row(b, s.dv, |b, at| {
+            let to = at.ptr(b, o, 4);
+            if at.is_vector() {
+                let z = b.vsplat(zero);
+                b.vstore(z, to);
+            } else {
+                b.store_f32(zero, to);
+            }
+        });
+    });
+    // Query row r: token t0 + r / group, head g · group + r % group; it sees keys 0..len.
+    let query = |b: &mut B, r: B::Int| {
+        let tok = b.udiv_c(r, group);
+        let tok = b.add(t0, tok);
+        let head = b.urem_c(r, group);
+        let g0 = b.mul_c(g, group);
+        let head = b.add(g0, head);
+        let qi = b.mul_c(tok, s.hq);
+        let qi = b.add(qi, head);
+        let len = b.add(past, tok);
+        let len = b.add_c(len, 1);
+        (tok, qi, len)
+    };
+    // Row j of the cache holds KV head g at j · hkv + g.
+    let key_row = |b: &mut B, j: B::Int| {
+        let r = b.mul_c(j, s.hkv);
+        b.add(r, g)
+    };
+    let scores = b.stack(4 * lanes);
+    let blocks = b.udiv_c(len_max, lanes);
+    let blocked = b.mul_c(blocks, lanes);
     let first = b.iconst(0);
-    b.for_range(first, len, 1, |b, j| {
-        // Row j of the cache holds kv head g at j · hkv + g.
-        let row = b.mul_c(j, s.hkv);
-        let row = b.add(row, g);
-        let kj = b.addr(k, row, s.d * 4);
-        let dot = b.dot(q, kj, DType::F32, s.d);
-        let sc = b.fconst(s.scale);
-        let score = b.fmul(dot, sc);
-        let old = b.get_f32(max);
-        let new = b.fmax(old, score);
-        let (d_old, d_new) = (b.fsub(old, new), b.fsub(score, new));
-        let (c, p) = b.exp_pair(d_old, d_new);
-        let t = b.get_f32(total);
-        let t = b.fma(t, c, p);
-        b.set_f32(total, t);
-        b.set_f32(max, new);
-        let vj = b.addr(v, row, s.dv * 4);
-        let (cv, pv) = (b.vsplat(c), b.vsplat(p));
-        for (i, &a) in acc_v.iter().enumerate() {
+    b.for_range(first, blocked, lanes, |b, j0| {
+        b.for_n(rows, |b, r| {
+            let (tok, qi, len) = query(b, r);
+            let live = b.ult(tok, t);
+            let seen = b.ult(j0, len);
+            let go = b.and(live, seen);
+            b.when(go, |b| {
+                let qr = b.addr(q, qi, s.d * 4);
+                b.for_n(lanes, |b, u| {
+                    let j = b.add(j0, u);
+                    let kr = key_row(b, j);
+                    let kj = b.addr(k, kr, s.d * 4);
+                    let dot = b.dot(qr, kj, DType::F32, s.d);
+                    let sc = b.fconst(s.scale);
+                    let score = b.fmul(dot, sc);
+                    let before = b.ult(j, len);
+                    let score = b.select_f32(before, score, neg_inf);
+                    let at = b.addr(scores, u, 4);
+                    b.store_f32(score, at);
+                });
+                let sv = b.vload(scores);
+                let block_max = b.hmax(sv);
+                let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
+                let old = b.load_f32(m);
+                let new = b.fmax(old, block_max);
+                let d_old = b.fsub(old, new);
+                let c = b.exp(d_old);
+                let new_v = b.vsplat(new);
+                let shifted = b.vsub(sv, new_v);
+                let p = b.vexp(shifted);
+                b.vstore(p, scores);
+                let block_sum = b.hsum(p);
+                let total = b.load_f32(l);
+                let total = b.fma(total, c, block_sum);
+                b.store_f32(total, l);
+                b.store_f32(new, m);
+                let o = b.addr(acc, r, s.dv * 4);
+                let row = Accumulators::load(b, o, s.dv, c);
+                b.for_n(lanes, |b, u| {
+                    let at = b.addr(scores, u, 4);
+                    let pu = b.load_f32(at);
+                    let j = b.add(j0, u);
+                    let vr = key_row(b, j);
+                    let vj = b.addr(v, vr, s.dv * 4);
+                    row.add(b, pu, vj);
+                });
+                row.store(b, o);
+            });
+        });
+    });
+    // The keys after the last whole block, one at a time.
+    b.for_range(blocked, len_max, 1, |b, j| {
+        b.for_n(rows, |b, r| {
+            let (tok, qi, len) = query(b, r);
+            let live = b.ult(tok, t);
+            let seen = b.ult(j, len);
+            let go = b.and(live, seen);
+            b.when(go, |b| {
+                let qr = b.addr(q, qi, s.d * 4);
+                let kr = key_row(b, j);
+                let kj = b.addr(k, kr, s.d * 4);
+                let dot = b.dot(qr, kj, DType::F32, s.d);
+                let sc = b.fconst(s.scale);
+                let score = b.fmul(dot, sc);
+                let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
+                let old = b.load_f32(m);
+                let new = b.fmax(old, score);
+                let (d_old, d_new) = (b.fsub(old, new), b.fsub(score, new));
+                let (c, p) = b.exp_pair(d_old, d_new);
+                let total = b.load_f32(l);
+                let total = b.fma(total, c, p);
+                b.store_f32(total, l);
+                b.store_f32(new, m);
+                let o = b.addr(acc, r, s.dv * 4);
+                let row = Accumulators::load(b, o, s.dv, c);
+                let vj = b.addr(v, kr, s.dv * 4);
+                row.add(b, p, vj);
+                row.store(b, o);
+            });
+        });
+    });
+    // out = weighted values / sum, for the rows of this call.
+    b.for_n(rows, |b, r| {
+        let (tok, qi, _) = query(b, r);
+        let live = b.ult(tok, t);
+        b.when(live, |b| {
+            let one = b.fconst(1.0);
+            let l = b.addr(totals, r, 4);
+            let total = b.load_f32(l);
+            let inv = b.fdiv(one, total);
+            let o = b.addr(acc, r, s.dv * 4);
+            let row = Accumulators::load(b, o, s.dv, inv);
+            let to = b.addr(out, qi, s.dv * 4);
+            row.store(b, to);
+        });
+    });
+}
+
+/// One query row's weighted sum of value rows while it is updated, in registers: whole vectors, then
+/// single lanes.
+struct Accumulators<B: KernelBuilder> {
+    vectors: Vec<B::Var>,
+    scalars: Vec<B::Var>,
+}
+
+impl<B: KernelBuilder> Accumulators<B> {
+    /// The `dv` values at `o`, each multiplied by `c`.
+    fn load(b: &mut B, o: B::Ptr, dv: usize, c: B::F32) -> Self {
+        let lanes = b.lanes();
+        let cv = b.vsplat(c);
+        let vectors = (0..dv / lanes)
+            .map(|i| {
+                let at = b.off(o, i * lanes * 4);
+                let x = b.vload(at);
+                let x = b.vmul(x, cv);
+                b.var_vec(x)
+            })
+            .collect();
+        let scalars = (dv / lanes * lanes..dv)
+            .map(|i| {
+                let at = b.off(o, i * 4);
+                let x = b.load_f32(at);
+                let x = b.fmul(x, c);
+                b.var_f32(x)
+            })
+            .collect();
+        Accumulators { vectors, scalars }
+    }
+
+    /// Adds `p ·` the value row at `vj`.
+    fn add(&self, b: &mut B, p: B::F32, vj: B::Ptr) {
+        let lanes = b.lanes();
+        let pv = b.vsplat(p);
+        for (i, &a) in self.vectors.iter().enumerate() {
             let at = b.off(vj, i * lanes * 4);
             let x = b.vload(at);
             let prev = b.get_vec(a);
-            let prev = b.vmul(prev, cv);
             let y = b.vfma(pv, x, prev);
             b.set_vec(a, y);
         }
-        for (i, &a) in acc_s.iter().enumerate() {
-            let at = b.off(vj, (full * lanes + i) * 4);
+        let base = self.vectors.len() * lanes;
+        for (i, &a) in self.scalars.iter().enumerate() {
+            let at = b.off(vj, (base + i) * 4);
             let x = b.load_f32(at);
             let prev = b.get_f32(a);
-            let prev = b.fmul(prev, c);
             let y = b.fma(p, x, prev);
             b.set_f32(a, y);
         }
-    });
-    let one_f = b.fconst(1.0);
-    let t = b.get_f32(total);
-    let inv = b.fdiv(one_f, t);
-    let inv_v = b.vsplat(inv);
-    for (i, &a) in acc_v.iter().enumerate() {
-        let y = b.get_vec(a);
-        let y = b.vmul(y, inv_v);
-        let to = b.off(o, i * lanes * 4);
-        b.vstore(y, to);
     }
-    for (i, &a) in acc_s.iter().enumerate() {
-        let y = b.get_f32(a);
-        let y = b.fmul(y, inv);
-        let to = b.off(o, (full * lanes + i) * 4);
-        b.store_f32(y, to);
+
+    /// Writes the accumulators to the row at `o`.
+    fn store(&self, b: &mut B, o: B::Ptr) {
+        let lanes = b.lanes();
+        for (i, &a) in self.vectors.iter().enumerate() {
+            let y = b.get_vec(a);
+            let to = b.off(o, i * lanes * 4);
+            b.vstore(y, to);
+        }
+        let base = self.vectors.len() * lanes;
+        for (i, &a) in self.scalars.iter().enumerate() {
+            let y = b.get_f32(a);
+            let to = b.off(o, (base + i) * 4);
+            b.store_f32(y, to);
+        }
     }
 }
 

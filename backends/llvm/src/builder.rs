@@ -239,7 +239,8 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
         b: FloatValue<'ctx>,
     ) -> (FloatValue<'ctx>, FloatValue<'ctx>) {
         // Both in one two-lane exponential.
-        let e = self.unpack(self.vexp(self.pack(&[a, b])));
+        let e = Fb::vexp(self, self.pack(&[a, b]));
+        let e = self.unpack(e);
         (e[0], e[1])
     }
     fn silu(&mut self, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
@@ -272,6 +273,19 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
     }
     fn vsilu(&mut self, x: VectorValue<'ctx>) -> VectorValue<'ctx> {
         Fb::vsilu(self, x)
+    }
+    fn vsub(&mut self, a: VectorValue<'ctx>, b: VectorValue<'ctx>) -> VectorValue<'ctx> {
+        Fb::fsub(self, a, b)
+    }
+    fn vexp(&mut self, x: VectorValue<'ctx>) -> VectorValue<'ctx> {
+        Fb::vexp(self, x)
+    }
+    fn hsum(&mut self, v: VectorValue<'ctx>) -> FloatValue<'ctx> {
+        Fb::hsum(self, v)
+    }
+    fn hmax(&mut self, v: VectorValue<'ctx>) -> FloatValue<'ctx> {
+        self.intrinsic("llvm.vector.reduce.fmax", v.get_type().into(), &[v.into()])
+            .into_float_value()
     }
 
     fn dot(
