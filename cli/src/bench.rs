@@ -5,11 +5,25 @@ use std::time::Instant;
 use anyhow::Result;
 use q3c_runtime::Session;
 
+/// What to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub prompt_len: usize,
+    pub gen: usize,
+    /// `None`: decode follows the prompt (at depth `prompt_len`). `Some(d)`: as llama-bench's `-d`, both
+    /// figures are taken after `d` tokens already in the cache — the prompt in one session, the decode in
+    /// another with no prompt.
+    pub depth: Option<usize>,
+    pub reps: usize,
+}
+
 /// Speeds measured in one run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
     pub prompt_len: usize,
     pub gen: usize,
+    /// Tokens in the cache before each measurement (`null`: decode follows the prompt).
+    pub depth: Option<usize>,
     pub threads: usize,
     pub repetitions: usize,
     /// Prompt tokens per second (best of the repetitions).
@@ -31,43 +45,67 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// After one warm-up pass, runs `reps` times: a prefill of `prompt_len` pseudo-random ids in a fresh session, then `gen`
-/// single-token decodes after it. Like llama-bench, only the last row's logits are computed.
-/// Reports the best rate of each, and their mean and spread.
+/// After one warm-up pass, runs `reps` times: a prefill of `prompt_len` pseudo-random ids in a fresh session,
+/// then `gen` single-token decodes after it (or, with a depth, each after that many tokens of context; see
+/// [`Workload::depth`]). Like llama-bench, only the last row's logits are computed. Reports the best rate of
+/// each, and their mean and spread.
 pub fn run(
     session: &mut dyn Session,
     vocab: usize,
-    prompt_len: usize,
-    gen: usize,
+    work: Workload,
     threads: usize,
-    reps: usize,
 ) -> Result<BenchResult> {
-    let prompt: Vec<u32> = (0..prompt_len)
-        .map(|i| ((i as u64 * 2654435761) % vocab as u64) as u32)
-        .collect();
-    // One untimed warm-up, as llama-bench does: the first pass pays for faulting in the mapped weights.
-    session.reset();
-    session.forward_last(&prompt)?;
-    session.forward_last(&[1])?;
-    let (mut pp, mut tg) = (Vec::new(), Vec::new());
-    for _ in 0..reps.max(1) {
+    let Workload {
+        prompt_len,
+        gen,
+        depth,
+        reps,
+    } = work;
+    let ids = |n: usize, from: usize| -> Vec<u32> {
+        (from..from + n)
+            .map(|i| ((i as u64 * 2654435761) % vocab as u64) as u32)
+            .collect()
+    };
+    let prompt = ids(prompt_len, depth.unwrap_or(0));
+    let context = ids(depth.unwrap_or(0), 0);
+    // A fresh session holding the depth's tokens.
+    let fresh = |session: &mut dyn Session| -> Result<()> {
         session.reset();
-        let t0 = Instant::now();
-        session.forward_last(&prompt)?;
-        pp.push(prompt_len as f64 / t0.elapsed().as_secs_f64());
+        if !context.is_empty() {
+            session.forward_last(&context)?;
+        }
+        Ok(())
+    };
+    let decode = |session: &mut dyn Session| -> Result<f64> {
         let mut next = 1u32;
         let t0 = Instant::now();
         for _ in 0..gen {
             let logits = session.forward_last(&[next])?;
             next = q3c_runtime::generate::argmax(&logits);
         }
-        tg.push(gen as f64 / t0.elapsed().as_secs_f64());
+        Ok(gen as f64 / t0.elapsed().as_secs_f64())
+    };
+    // One untimed warm-up, as llama-bench does: the first pass pays for faulting in the mapped weights.
+    fresh(session)?;
+    session.forward_last(&prompt)?;
+    session.forward_last(&[1])?;
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        fresh(session)?;
+        let t0 = Instant::now();
+        session.forward_last(&prompt)?;
+        pp.push(prompt_len as f64 / t0.elapsed().as_secs_f64());
+        if depth.is_some() {
+            fresh(session)?;
+        }
+        tg.push(decode(session)?);
     }
     let best = |xs: &[f64]| xs.iter().copied().fold(0f64, f64::max);
     let ((pp_mean, pp_std), (tg_mean, tg_std)) = (mean_std(&pp), mean_std(&tg));
     Ok(BenchResult {
         prompt_len,
         gen,
+        depth,
         threads,
         repetitions: reps.max(1),
         prefill_tok_s: best(&pp),

@@ -110,14 +110,13 @@ pub fn run(
         for (row, model) in rows.iter_mut().zip(&models) {
             let mut session = model.session_with_capacity(settings.prompt_len + settings.gen);
             let vocab = cfg.vocab_size;
-            let r = bench::run(
-                &mut session,
-                vocab,
-                settings.prompt_len,
-                settings.gen,
-                settings.threads,
-                1,
-            )?;
+            let work = bench::Workload {
+                prompt_len: settings.prompt_len,
+                gen: settings.gen,
+                depth: None,
+                reps: 1,
+            };
+            let r = bench::run(&mut session, vocab, work, settings.threads)?;
             if round == 0 {
                 continue;
             }

@@ -270,6 +270,42 @@ fn random_weights_then_bench_reports_json() {
         ),
         (Some(16), Some(4), Some(2))
     );
+    assert!(r["depth"].is_null(), "{r}");
+    // --depth: both figures after that many tokens of context (as llama-bench -d).
+    let bench = |depth: &str| {
+        ok(&[
+            "bench",
+            "--model",
+            so.to_str().unwrap(),
+            "--weights",
+            model.to_str().unwrap(),
+            "--prompt-len",
+            "8",
+            "--gen",
+            "2",
+            "--reps",
+            "1",
+            "--depth",
+            depth,
+            "--json",
+        ])
+    };
+    let r: serde_json::Value = serde_json::from_str(&bench("40")).unwrap();
+    assert_eq!(r["depth"].as_u64(), Some(40), "{r}");
+    assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0, "{r}");
+    // Past the model's positions: one clear error, no giant cache.
+    let too_deep = q3c(&[
+        "bench",
+        "--model",
+        so.to_str().unwrap(),
+        "--weights",
+        model.to_str().unwrap(),
+        "--depth",
+        "100000",
+        "--reps",
+        "1",
+    ]);
+    assert_error(&too_deep, "positions; the model has");
 }
 
 #[test]

@@ -41,13 +41,18 @@ impl Model {
         }
     }
 
+    /// Positions the model was trained for (`max_position_embeddings`); none of its own for the reference
+    /// executor.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Model::Reference { .. } => usize::MAX,
+            Model::Compiled(m) => m.config().max_position_embeddings,
+        }
+    }
+
     /// Most tokens a served conversation may hold: a compiled model's `max_position_embeddings` (no
     /// limit of its own for the reference executor), capped at 8 × the default session context.
     pub fn context(&self) -> usize {
-        let limit = match self {
-            Model::Reference { .. } => usize::MAX,
-            Model::Compiled(m) => m.config().max_position_embeddings,
-        };
-        limit.min(DEFAULT_CONTEXT * 8)
+        self.max_positions().min(DEFAULT_CONTEXT * 8)
     }
 }

@@ -23,6 +23,10 @@ pub struct Args {
     /// Repetitions; the best of each figure is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Measure both figures after this many tokens already in the cache, as llama-bench's -d (the decode
+    /// then starts from that context, not after the prompt). Default: decode follows the prompt.
+    #[arg(long, conflicts_with = "compare_fusion")]
+    depth: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -58,21 +62,31 @@ pub fn run(args: Args) -> Result<()> {
         return compare(args, threads);
     }
     let model = args.model.load()?;
-    let mut session = model.session();
+    let tokens = args.depth.unwrap_or(0) + args.prompt_len + args.gen + 1;
+    if tokens > model.max_positions() {
+        bail!(
+            "--depth {} + --prompt-len {} + --gen {} need {tokens} positions; the model has {}",
+            args.depth.unwrap_or(0),
+            args.prompt_len,
+            args.gen,
+            model.max_positions()
+        );
+    }
+    let mut session = model.session_with_capacity(tokens);
     let vocab = session.vocab_size();
-    let r = crate::bench::run(
-        &mut *session,
-        vocab,
-        args.prompt_len,
-        args.gen,
-        threads,
-        args.reps,
-    )?;
+    let work = crate::bench::Workload {
+        prompt_len: args.prompt_len,
+        gen: args.gen,
+        depth: args.depth,
+        reps: args.reps,
+    };
+    let r = crate::bench::run(&mut *session, vocab, work, threads)?;
     if args.json {
         return print_json(&r);
     }
+    let at = args.depth.map(|d| format!(" @ d{d}")).unwrap_or_default();
     print_stdout(&format!(
-        "pp{}: {:.2} tok/s (mean {:.2} ± {:.2})\ntg{}: {:.2} tok/s (mean {:.2} ± {:.2})\n\
+        "pp{}{at}: {:.2} tok/s (mean {:.2} ± {:.2})\ntg{}{at}: {:.2} tok/s (mean {:.2} ± {:.2})\n\
          ({} threads, best of {})\n",
         args.prompt_len,
         r.prefill_tok_s,
