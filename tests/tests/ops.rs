@@ -311,7 +311,8 @@ fn cases_of(dt: DType) -> Vec<Case> {
     );
     out.push(c.finish(y));
 
-    for (d, fused) in [(12, false), (20, false), (12, true)] {
+    // d = 32: whole vectors at every width; 12 and 20: tails.
+    for (d, fused) in [(12, false), (20, false), (32, false), (12, true)] {
         let (hq, hkv) = (4, 2);
         let mut c = Case::new(
             &format!(
