@@ -478,25 +478,33 @@ fn attention_item<B: KernelBuilder>(
         let r = b.mul_c(j, s.hkv);
         b.add(r, g)
     };
+    // Whether row r is a token of this call that sees key j (or a later one); its q row and length.
+    let sees = |b: &mut B, r: B::Int, j: B::Int| {
+        let (tok, qi, len) = query(b, r);
+        let live = b.ult(tok, t);
+        let seen = b.ult(j, len);
+        (b.and(live, seen), qi, len)
+    };
+    // scale · q_qi · k_j.
+    let score = |b: &mut B, qi: B::Int, j: B::Int| {
+        let qr = b.addr(q, qi, s.d * 4);
+        let kr = key_row(b, j);
+        let kj = b.addr(k, kr, s.d * 4);
+        let dot = b.dot(qr, kj, DType::F32, s.d);
+        let sc = b.fconst(s.scale);
+        b.fmul(dot, sc)
+    };
     let scores = b.stack(4 * lanes);
     let blocks = b.udiv_c(len_max, lanes);
     let blocked = b.mul_c(blocks, lanes);
     let first = b.iconst(0);
     b.for_range(first, blocked, lanes, |b, j0| {
         b.for_n(rows, |b, r| {
-            let (tok, qi, len) = query(b, r);
-            let live = b.ult(tok, t);
-            let seen = b.ult(j0, len);
-            let go = b.and(live, seen);
+            let (go, qi, len) = sees(b, r, j0);
             b.when(go, |b| {
-                let qr = b.addr(q, qi, s.d * 4);
                 b.for_n(lanes, |b, u| {
                     let j = b.add(j0, u);
-                    let kr = key_row(b, j);
-                    let kj = b.addr(k, kr, s.d * 4);
-                    let dot = b.dot(qr, kj, DType::F32, s.d);
-                    let sc = b.fconst(s.scale);
-                    let score = b.fmul(dot, sc);
+                    let score = score(b, qi, j);
                     let before = b.ult(j, len);
                     let score = b.select_f32(before, score, neg_inf);
                     let at = b.addr(scores, u, 4);
@@ -535,17 +543,9 @@ fn attention_item<B: KernelBuilder>(
     // The keys after the last whole block, one at a time.
     b.for_range(blocked, len_max, 1, |b, j| {
         b.for_n(rows, |b, r| {
-            let (tok, qi, len) = query(b, r);
-            let live = b.ult(tok, t);
-            let seen = b.ult(j, len);
-            let go = b.and(live, seen);
+            let (go, qi, _) = sees(b, r, j);
             b.when(go, |b| {
-                let qr = b.addr(q, qi, s.d * 4);
-                let kr = key_row(b, j);
-                let kj = b.addr(k, kr, s.d * 4);
-                let dot = b.dot(qr, kj, DType::F32, s.d);
-                let sc = b.fconst(s.scale);
-                let score = b.fmul(dot, sc);
+                let score = score(b, qi, j);
                 let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
                 let old = b.load_f32(m);
                 let new = b.fmax(old, score);
@@ -557,7 +557,8 @@ fn attention_item<B: KernelBuilder>(
                 b.store_f32(new, m);
                 let o = b.addr(acc, r, s.dv * 4);
                 let row = Accumulators::load(b, o, s.dv, c);
-                let vj = b.addr(v, kr, s.dv * 4);
+                let vr = key_row(b, j);
+                let vj = b.addr(v, vr, s.dv * 4);
                 row.add(b, p, vj);
                 row.store(b, o);
             });
