@@ -43,4 +43,10 @@ extern const uint8_t q3c_manifest[];          /* UTF-8 JSON, q3c_manifest_len by
 extern const uint64_t q3c_manifest_len;
 int32_t q3c_forward(const q3c_step *step);
 
+/* An artifact whose manifest has a "launch" plan (the GPU flavour compiled for the CPU) exports no q3c_forward:
+ * the runtime fills each dispatch's argument block ([T, past, pointers...] as the plan's "args" say) and calls
+ * the dispatch's kernel for every block and thread of its grid, ceil(items / threads) blocks: */
+typedef void (*q3c_launched_kernel)(const uint64_t *args, uint64_t items, uint64_t block, uint64_t threads,
+                                    uint64_t thread);
+
 #endif
