@@ -204,6 +204,10 @@ mod tests {
             step_offsets::LAST_LOGITS_ONLY as usize
         );
         assert!(HEADER.contains("uint64_t last_logits_only;"));
+        // launch::LaunchedKernel's C view.
+        assert!(HEADER.contains(
+            "(*q3c_launched_kernel)(const uint64_t *args, uint64_t items, uint64_t block, uint64_t threads,"
+        ));
         assert_eq!(
             std::mem::offset_of!(Step, weights),
             step_offsets::WEIGHTS as usize
