@@ -7,6 +7,10 @@ use crate::error::RuntimeError;
 /// Text ↔ token ids with the model's own vocabulary, merges, pre-tokenizer and added tokens.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer without its added tokens: their strings come out as ordinary text.
+    plain: tokenizers::Tokenizer,
+    /// The added tokens' strings (`<|im_start|>`, `<think>`, `<tool_call>`, ...).
+    markup: Vec<String>,
 }
 
 impl Tokenizer {
@@ -23,10 +27,40 @@ impl Tokenizer {
                 path.display()
             )));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+        let bad = |e: &dyn std::fmt::Display| {
             RuntimeError::Input(format!("cannot read tokenizer {}: {e}", path.display()))
-        })?;
-        Ok(Tokenizer { inner })
+        };
+        let json = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| bad(&e))?;
+        let mut bare: serde_json::Value = serde_json::from_str(&json).map_err(|e| bad(&e))?;
+        bare["added_tokens"] = serde_json::Value::Array(Vec::new());
+        let plain: tokenizers::Tokenizer = bare.to_string().parse().map_err(|e| bad(&e))?;
+        let markup = inner
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.clone())
+            .filter(|c| !c.is_empty())
+            .collect();
+        Ok(Tokenizer {
+            inner,
+            plain,
+            markup,
+        })
+    }
+
+    /// Token ids of `text` as ordinary text: strings of added tokens (`<|im_start|>`, `<think>`, ...) are
+    /// tokenized as the characters they are, never as control tokens. For what users write.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, RuntimeError> {
+        let enc = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| RuntimeError::Input(format!("cannot tokenize: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Whether `text` holds the string of an added token (which [`Tokenizer::encode`] would turn into it).
+    pub fn has_markup(&self, text: &str) -> bool {
+        self.markup.iter().any(|m| text.contains(m.as_str()))
     }
 
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`, `<think>`, ...) become their
