@@ -29,7 +29,12 @@ pub struct ChatRequest {
     pub enable_thinking: Option<bool>,
     pub thinking_budget: Option<usize>,
     pub chat_template_kwargs: Option<TemplateKwargs>,
+    /// Choices asked for: q3c answers once, so only 1 is accepted.
+    pub n: Option<usize>,
 }
+
+/// The roles a message may have (`developer` is read as `system`, as OpenAI defines it).
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 /// `stop`: one string or several.
 #[derive(Deserialize, Debug, Clone)]
@@ -61,14 +66,51 @@ impl ChatRequest {
     pub fn parse(body: &[u8]) -> Result<ChatRequest, RuntimeError> {
         let req: ChatRequest = serde_json::from_slice(body)
             .map_err(|e| RuntimeError::Input(format!("invalid request body: {e}")))?;
+        let mut req = req;
         if req.messages.is_empty() {
             return Err(RuntimeError::Input("messages must not be empty".into()));
         }
-        for (i, m) in req.messages.iter().enumerate() {
-            if !m["role"].is_string() || !(m["content"].is_string() || m["content"].is_null()) {
-                return Err(RuntimeError::Input(format!(
-                    "messages[{i}] needs a string \"role\" and a string (or null) \"content\""
+        if let Some(n) = req.n.filter(|&n| n != 1) {
+            return Err(RuntimeError::Input(format!(
+                "n is {n}: q3c gives one choice per request (send {n} requests)"
+            )));
+        }
+        for (i, m) in req.messages.iter_mut().enumerate() {
+            let bad = |what: String| RuntimeError::Input(format!("messages[{i}]: {what}"));
+            let role = m["role"]
+                .as_str()
+                .ok_or_else(|| bad("needs a string \"role\"".into()))?;
+            if !ROLES.contains(&role) {
+                return Err(bad(format!(
+                    "unknown role {role:?} (one of {})",
+                    ROLES.join(", ")
                 )));
+            }
+            if role == "developer" {
+                m["role"] = "system".into();
+            }
+            // A list of content parts (OpenAI's newer shape) is its text parts, joined.
+            if let Some(parts) = m["content"].as_array() {
+                let mut text = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    match (part["type"].as_str(), part["text"].as_str()) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        (kind, _) => {
+                            return Err(bad(format!(
+                                "content[{j}] is {}: only text parts are supported",
+                                kind.map_or("not a text part".to_string(), |k| format!(
+                                    "a {k:?} part"
+                                ))
+                            )))
+                        }
+                    }
+                }
+                m["content"] = text.into();
+            }
+            if !(m["content"].is_string() || m["content"].is_null()) {
+                return Err(bad(
+                    "\"content\" must be a string, a list of text parts, or null".into(),
+                ));
             }
         }
         Ok(req)
@@ -117,5 +159,42 @@ impl ChatRequest {
             stream: self.stream,
             tools,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChatRequest;
+
+    fn parse(body: serde_json::Value) -> Result<ChatRequest, String> {
+        ChatRequest::parse(body.to_string().as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn content_parts_are_joined_and_roles_checked() {
+        let req = parse(serde_json::json!({"messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]},
+        ]}))
+        .unwrap();
+        assert_eq!(req.messages[0]["role"], "system");
+        assert_eq!(req.messages[1]["content"], "Hello, world");
+        let image = parse(
+            serde_json::json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}),
+        );
+        assert!(image
+            .unwrap_err()
+            .contains("content[0] is a \"image_url\" part"));
+        let role = parse(serde_json::json!({"messages": [{"role": "wizard", "content": "hi"}]}));
+        assert!(role.unwrap_err().contains("unknown role \"wizard\""));
+        let n = parse(serde_json::json!({"n": 3, "messages": [{"role": "user", "content": "hi"}]}));
+        assert!(n.unwrap_err().contains("n is 3"));
+        assert!(parse(
+            serde_json::json!({"n": 1, "messages": [{"role": "user", "content": "hi"}]})
+        )
+        .is_ok());
+        let number = parse(serde_json::json!({"messages": [{"role": "user", "content": 7}]}));
+        assert!(number.unwrap_err().contains("must be a string"));
     }
 }
