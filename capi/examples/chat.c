@@ -37,7 +37,7 @@ int main(int argc, char **argv) {
     char request[4096];
     snprintf(request, sizeof request,
              "{\"messages\": [{\"role\": \"user\", \"content\": \"%s\"}],"
-             " \"max_tokens\": 16, \"thinking_budget\": 4, \"seed\": 1}",
+             " \"max_tokens\": 48, \"thinking_budget\": 4, \"seed\": 1}",
              prompt);
     int pieces = 0;
     char *result = q3c_chat(model, request, on_piece, &pieces);

@@ -111,7 +111,7 @@ fn post(s: &Server, body: &str) -> (u16, Value) {
 
 fn request(extra: Value) -> Value {
     let mut r = json!({"model": "tiny", "messages": [{"role": "user", "content": "What is 2+2?"}],
-                       "max_tokens": 12, "temperature": 0});
+                       "max_tokens": 40, "temperature": 0});
     r.as_object_mut()
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
@@ -147,6 +147,13 @@ fn the_api_answers_streams_and_survives_bad_clients() {
     let usage = &full["usage"];
     assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 3);
     assert_eq!(usage["thinking"]["budget_hit"], true);
+    // max_tokens bounds the whole answer, the decoder's inserted tokens included; the reasoning shows the
+    // early-stop sentence the model saw.
+    assert_eq!(usage["completion_tokens"], 40, "{full}");
+    assert!(choice["message"]["reasoning_content"]
+        .as_str()
+        .unwrap()
+        .contains("Considering the limited time"));
     assert_eq!(
         usage["total_tokens"].as_u64(),
         Some(

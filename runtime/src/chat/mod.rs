@@ -8,6 +8,9 @@
 //! answer. With thinking off (a budget of 0, `enable_thinking: false`, or a trailing `/no_think`), the
 //! block is empty: `<think>\n\n</think>\n\n`, written by the template or, if the prompt lacks it, by the
 //! decoder.
+//!
+//! `max_new_tokens` (a request's `max_tokens`) bounds every token after the prompt, those the decoder
+//! inserts included, and the reasoning holds the block as the model sees it, early-stop sentence included.
 
 mod request;
 mod tools;
@@ -35,7 +38,8 @@ pub const STOP_TOKENS: [&str; 2] = ["<|im_end|>", "<|endoftext|>"];
 /// One request's decoding settings.
 #[derive(Clone, Debug)]
 pub struct ChatOptions {
-    /// Most tokens the model generates (tokens the decoder inserts do not count).
+    /// Most tokens of the answer as the model sees it: generated ones and those the decoder inserts (the
+    /// opening `<think>`, the early-stop sentence, an empty block) alike, as `max_tokens` bounds them.
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     /// Whether the answer starts with a thinking block (see [`thinking_enabled`]).
@@ -117,7 +121,8 @@ pub struct ChatOutput {
     pub ids: Vec<u32>,
     /// `ids` as text, special tokens included.
     pub text: String,
-    /// The model's thinking (without the decoder's early-stop sentence).
+    /// The thinking block's text as the model sees it: the model's thinking, then the decoder's early-stop
+    /// sentence when the budget cut it short.
     pub reasoning: String,
     /// The answer, without the stop token or stop string.
     pub content: String,
@@ -202,12 +207,18 @@ pub fn decode(
         Phase::Answer
     };
     let mut logits = session.forward_last(prompt)?;
-    // Without thinking, the answer starts after an empty block; write it unless the template did.
+    let max = opts.max_new_tokens;
+    // Without thinking, the answer starts after an empty block; write it unless the template did (if it
+    // does not fit in `max`, nothing is generated).
+    let mut room = true;
     if !opts.thinking && !prompt.ends_with(&closed) {
         let forced = tok.encode(EMPTY_THINK)?;
-        logits = feed(session, &forced, &mut context, &mut out.ids)?;
+        room = forced.len() <= max;
+        if room {
+            logits = feed(session, &forced, &mut context, &mut out.ids)?;
+        }
     }
-    while generated.len() < opts.max_new_tokens {
+    while room && out.ids.len() < max {
         if opts
             .cancel
             .as_ref()
@@ -218,9 +229,18 @@ pub fn decode(
         }
         if phase == Phase::Thinking && opts.thinking_budget == Some(out.thinking_tokens) {
             let forced = tok.encode(EARLY_STOP)?;
+            if out.ids.len() + forced.len() > max {
+                break;
+            }
             logits = feed(session, &forced, &mut context, &mut out.ids)?;
             out.budget_hit = true;
             phase = Phase::Answer;
+            // The sentence is part of the thinking the model sees: the reasoning shows it too.
+            let tail = reasoning.finish(tok)?;
+            text.reasoning(&tail, &mut on_piece);
+            // (Without its last newline, as the final reasoning is trimmed: stream and message agree.)
+            let sentence = EARLY_STOP.split("</think>").next().unwrap_or_default();
+            text.reasoning(sentence.trim_end_matches('\n'), &mut on_piece);
         }
         let next = sampler.sample(&logits, &context, &generated);
         generated.push(next);
@@ -228,6 +248,9 @@ pub fn decode(
             Phase::Opening if next != sp.think_open => {
                 // The model did not open the block: open it, and let the model start again inside it.
                 let forced = tok.encode(THINK_OPEN)?;
+                if out.ids.len() + forced.len() > max {
+                    break;
+                }
                 logits = feed(session, &forced, &mut context, &mut out.ids)?;
                 generated.pop();
                 phase = Phase::Thinking;
@@ -263,7 +286,7 @@ pub fn decode(
         }
         out.ids.push(next);
         context.push(next);
-        if generated.len() < opts.max_new_tokens {
+        if out.ids.len() < max {
             logits = session.forward_last(&[next])?;
         }
     }
