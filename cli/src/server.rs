@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -107,7 +107,44 @@ fn usage(out: &ChatOutput) -> Value {
     })
 }
 
-async fn completions(State(s): State<Arc<Served>>, body: Bytes) -> Response {
+/// The largest request body read (a chat with a long history fits many times over).
+const BODY_LIMIT: usize = 16 << 20;
+/// A body past [`BODY_LIMIT`] is still read to its end, up to this much, and answered 413: a client that
+/// sends its whole body before reading the response then gets the answer instead of a broken pipe.
+const DRAIN_LIMIT: usize = 1 << 30;
+
+/// The request body, or the response refusing it (413 past [`BODY_LIMIT`]).
+async fn read_body(body: Body) -> Result<Vec<u8>, Response> {
+    let mut stream = body.into_data_stream();
+    let (mut kept, mut total) = (Vec::new(), 0usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        })?;
+        total += chunk.len();
+        if total <= BODY_LIMIT {
+            kept.extend_from_slice(&chunk);
+        } else if total > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if total > BODY_LIMIT {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body has more than {BODY_LIMIT} bytes"),
+        ));
+    }
+    Ok(kept)
+}
+
+async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
+    let body = match read_body(body).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
     let job = match ChatRequest::parse(&body).and_then(|req| req.plan(&s.text, s.context)) {
         Ok(job) => job,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),

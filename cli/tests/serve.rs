@@ -321,6 +321,19 @@ fn the_api_answers_streams_and_survives_bad_clients() {
     )
     .unwrap();
     drop(conn);
+    // A body past the limit (16 MiB), written whole before the response is read: a 413, not a broken pipe.
+    let mut conn = TcpStream::connect(addr).unwrap();
+    let size = 20 << 20;
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n"
+    )
+    .unwrap();
+    conn.write_all(&vec![b'a'; size]).unwrap();
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&head));
+    drop(conn);
     let (status, _) = post(&s, &request(json!({})).to_string());
     assert_eq!(status, 200);
 }
