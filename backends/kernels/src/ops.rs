@@ -494,6 +494,22 @@ fn attention_item<B: KernelBuilder>(
         let sc = b.fconst(s.scale);
         b.fmul(dot, sc)
     };
+    // The online-softmax step of row r for scores whose largest is `candidate`: the new max, then
+    // `exps(old, new)` gives the old terms' factor c = e^(old − new) and the new terms' sum; the row's
+    // total and max are updated and its accumulators loaded, already multiplied by c (returned with their
+    // address and the sum).
+    let rescale = |b: &mut B, r: B::Int, candidate: B::F32, exps: &mut Exps<B>| {
+        let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
+        let old = b.load_f32(m);
+        let new = b.fmax(old, candidate);
+        let (c, sum) = exps(b, old, new);
+        let total = b.load_f32(l);
+        let total = b.fma(total, c, sum);
+        b.store_f32(total, l);
+        b.store_f32(new, m);
+        let o = b.addr(acc, r, s.dv * 4);
+        (Accumulators::load(b, o, s.dv, c), o, sum)
+    };
     let scores = b.stack(4 * lanes);
     let blocks = b.udiv_c(len_max, lanes);
     let blocked = b.mul_c(blocks, lanes);
@@ -512,22 +528,15 @@ fn attention_item<B: KernelBuilder>(
                 });
                 let sv = b.vload(scores);
                 let block_max = b.hmax(sv);
-                let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
-                let old = b.load_f32(m);
-                let new = b.fmax(old, block_max);
-                let d_old = b.fsub(old, new);
-                let c = b.exp(d_old);
-                let new_v = b.vsplat(new);
-                let shifted = b.vsub(sv, new_v);
-                let p = b.vexp(shifted);
-                b.vstore(p, scores);
-                let block_sum = b.hsum(p);
-                let total = b.load_f32(l);
-                let total = b.fma(total, c, block_sum);
-                b.store_f32(total, l);
-                b.store_f32(new, m);
-                let o = b.addr(acc, r, s.dv * 4);
-                let row = Accumulators::load(b, o, s.dv, c);
+                let (row, o, _) = rescale(b, r, block_max, &mut |b, old, new| {
+                    let d_old = b.fsub(old, new);
+                    let c = b.exp(d_old);
+                    let new_v = b.vsplat(new);
+                    let shifted = b.vsub(sv, new_v);
+                    let p = b.vexp(shifted);
+                    b.vstore(p, scores);
+                    (c, b.hsum(p))
+                });
                 b.for_n(lanes, |b, u| {
                     let at = b.addr(scores, u, 4);
                     let pu = b.load_f32(at);
@@ -546,17 +555,11 @@ fn attention_item<B: KernelBuilder>(
             let (go, qi, _) = sees(b, r, j);
             b.when(go, |b| {
                 let score = score(b, qi, j);
-                let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
-                let old = b.load_f32(m);
-                let new = b.fmax(old, score);
-                let (d_old, d_new) = (b.fsub(old, new), b.fsub(score, new));
-                let (c, p) = b.exp_pair(d_old, d_new);
-                let total = b.load_f32(l);
-                let total = b.fma(total, c, p);
-                b.store_f32(total, l);
-                b.store_f32(new, m);
-                let o = b.addr(acc, r, s.dv * 4);
-                let row = Accumulators::load(b, o, s.dv, c);
+                // One key: its exponential is the whole sum.
+                let (row, o, p) = rescale(b, r, score, &mut |b, old, new| {
+                    let (d_old, d_new) = (b.fsub(old, new), b.fsub(score, new));
+                    b.exp_pair(d_old, d_new)
+                });
                 let vr = key_row(b, j);
                 let vj = b.addr(v, vr, s.dv * 4);
                 row.add(b, p, vj);
@@ -580,6 +583,15 @@ fn attention_item<B: KernelBuilder>(
         });
     });
 }
+
+/// The exponentials of one online-softmax step: from the old and the new max, the old terms' factor
+/// `e^(old − new)` and the sum of the new terms.
+type Exps<'a, B> = dyn FnMut(
+        &mut B,
+        <B as KernelBuilder>::F32,
+        <B as KernelBuilder>::F32,
+    ) -> (<B as KernelBuilder>::F32, <B as KernelBuilder>::F32)
+    + 'a;
 
 /// One query row's weighted sum of value rows while it is updated, in registers: whole vectors, then
 /// single lanes.
