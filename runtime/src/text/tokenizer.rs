@@ -7,8 +7,9 @@ use crate::error::RuntimeError;
 /// Text ↔ token ids with the model's own vocabulary, merges, pre-tokenizer and added tokens.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    /// The same tokenizer without its added tokens: their strings come out as ordinary text.
-    plain: tokenizers::Tokenizer,
+    /// The same tokenizer without its added tokens (their strings come out as ordinary text), made the
+    /// first time a message holds such a string, so that loading does not pay for it.
+    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
     /// The added tokens' strings (`<|im_start|>`, `<think>`, `<tool_call>`, ...).
     markup: Vec<String>,
 }
@@ -30,11 +31,7 @@ impl Tokenizer {
         let bad = |e: &dyn std::fmt::Display| {
             RuntimeError::Input(format!("cannot read tokenizer {}: {e}", path.display()))
         };
-        let json = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
-        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| bad(&e))?;
-        let mut bare: serde_json::Value = serde_json::from_str(&json).map_err(|e| bad(&e))?;
-        bare["added_tokens"] = serde_json::Value::Array(Vec::new());
-        let plain: tokenizers::Tokenizer = bare.to_string().parse().map_err(|e| bad(&e))?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| bad(&e))?;
         let markup = inner
             .get_added_tokens_decoder()
             .values()
@@ -43,16 +40,33 @@ impl Tokenizer {
             .collect();
         Ok(Tokenizer {
             inner,
-            plain,
+            plain: std::sync::OnceLock::new(),
             markup,
         })
+    }
+
+    /// [`Tokenizer::plain`], made from `inner` on first use.
+    fn plain(&self) -> Result<&tokenizers::Tokenizer, RuntimeError> {
+        if let Some(t) = self.plain.get() {
+            return Ok(t);
+        }
+        let bad = |e: &dyn std::fmt::Display| {
+            RuntimeError::Internal(format!(
+                "cannot rebuild the tokenizer without its added tokens: {e}"
+            ))
+        };
+        let json = self.inner.to_string(false).map_err(|e| bad(&e))?;
+        let mut bare: serde_json::Value = serde_json::from_str(&json).map_err(|e| bad(&e))?;
+        bare["added_tokens"] = serde_json::Value::Array(Vec::new());
+        let plain: tokenizers::Tokenizer = bare.to_string().parse().map_err(|e| bad(&e))?;
+        Ok(self.plain.get_or_init(|| plain))
     }
 
     /// Token ids of `text` as ordinary text: strings of added tokens (`<|im_start|>`, `<think>`, ...) are
     /// tokenized as the characters they are, never as control tokens. For what users write.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, RuntimeError> {
         let enc = self
-            .plain
+            .plain()?
             .encode(text, false)
             .map_err(|e| RuntimeError::Input(format!("cannot tokenize: {e}")))?;
         Ok(enc.get_ids().to_vec())
