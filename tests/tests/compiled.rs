@@ -173,6 +173,57 @@ fn bf16_activations_stay_within_bf16_rounding_of_transformers() {
     );
 }
 
+/// `--bf16-activations` on a mixture-of-experts model with bf16 weights: the grouped expert products stage
+/// their gathered rows as bf16 too. Random bf16 weights of the `moe` fixture's shape (hidden 64, expert
+/// width 32: both multiples of 32, so every product, dense and expert, takes the bf16 path) against the
+/// reference executor on the same checkpoint, held to the same bf16-rounding bound as above; it must differ
+/// from the f32 path, which itself stays within 1e-3 of the reference.
+#[cfg(feature = "llvm")]
+#[test]
+fn bf16_activations_cover_grouped_expert_products() {
+    if !q3c_tests::cpu_feature("avx512bf16", "bf16 activations") {
+        return;
+    }
+    let (cfg, _) = q3c_tests::open_fixture("moe");
+    let tmp = tempfile::tempdir().unwrap();
+    q3c_models::random::write_checkpoint(&cfg, q3c_models::DType::BF16, 7, tmp.path(), None)
+        .unwrap();
+    let ckpt = q3c_models::Checkpoint::open(tmp.path()).unwrap();
+    let reference = q3c_runtime::ReferenceModel::new(
+        q3c_compiler::lower(&cfg).unwrap(),
+        &ckpt,
+        q3c_compiler::LOGITS,
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 37 % cfg.vocab_size) as u32).collect();
+    let want = reference.session().forward(&prompt).unwrap().data;
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let g = Golden {
+        dir: tmp.path().to_path_buf(),
+        ..golden("moe")
+    };
+    let run = |bf16_activations| {
+        let opts = q3c_backend_llvm::CompileOptions {
+            bf16_activations,
+            ..Default::default()
+        };
+        let (model, _dir) = llvm_model(&g, opts);
+        let got = model.session().forward(&prompt).unwrap().data;
+        max_abs_diff(&got, &want)
+    };
+    let (exact, rounded) = (run(false), run(true));
+    eprintln!("moe, bf16 weights: max |dlogit| f32 {exact:e}, bf16 activations {rounded:e} (scale {scale})");
+    assert!(exact <= 1e-3, "f32 activations: {exact:e} vs the reference");
+    assert!(
+        rounded > 1e-6,
+        "identical to f32: the bf16 dot products did not run"
+    );
+    assert!(
+        rounded <= scale / 128.0,
+        "bf16 activations: {rounded:e} vs the reference (scale {scale})"
+    );
+}
+
 /// `--quantize q8` (LLVM, AVX512-VNNI): linear matrices in 8-bit groups of 32, activations quantized the same
 /// way. Each weight and activation then carries an error of at most half a step (1/254 of its group's largest
 /// magnitude); the test holds every fixture to 1/16 of the logits' scale — far looser than 1e-3, because this

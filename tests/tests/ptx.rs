@@ -37,6 +37,12 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                 .into_iter()
                 .filter(|&id| !graph.node(id).op.is_leaf() && !graph.node(id).op.is_view())
                 .count();
+            let expert_products = graph
+                .topo_order()
+                .unwrap()
+                .into_iter()
+                .filter(|&id| q3c_backend_common::launch::is_expert_product(&graph.node(id).op))
+                .count();
             for gpu in ["sm_80", "sm_90"] {
                 let opts = q3c_backend_llvm::PtxOptions {
                     gpu: gpu.into(),
@@ -45,7 +51,18 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                 };
                 let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
                     .unwrap();
-                assert_eq!(m.kernels.len(), kernels, "{name} {fusion}");
+                // One dispatch per node, plus the steps around grouped expert products (a gather and a
+                // scatter each, and a grouping per MoE layer).
+                let helpers = m
+                    .kernels
+                    .iter()
+                    .filter(|k| k.starts_with("q3c_moe_"))
+                    .count();
+                assert_eq!(m.kernels.len() - helpers, kernels, "{name} {fusion}");
+                let moe_layers = (0..cfg.num_hidden_layers)
+                    .filter(|&l| cfg.moe.is_some() && cfg.is_sparse_layer(l))
+                    .count();
+                assert_eq!(helpers, 2 * expert_products + moe_layers, "{name} {fusion}");
                 let distinct: std::collections::BTreeSet<&String> = m.kernels.iter().collect();
                 assert_eq!(
                     m.ptx.matches(".visible .entry ").count(),

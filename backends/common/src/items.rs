@@ -90,7 +90,17 @@ pub fn work_items(graph: &Graph, id: NodeId) -> Items {
             }
         }
         Op::MoeRoute { .. } => by_t(1),
-        Op::ExpertLinear | Op::ExpertSwiGlu => by_t(out[1]),
+        // (panel of output columns, expert), panel-major, over the rows grouped by expert (see `launch`):
+        // each thread's share spans every expert, however the tokens chose.
+        Op::ExpertLinear | Op::ExpertSwiGlu => {
+            let (n, tile) = linear_outputs(graph, id);
+            let experts = element_dims(graph, graph.inputs(id)[2], 0)[0];
+            Items {
+                count: n[0] / tile.width * experts,
+                scales_with_t: false,
+                tokens_per_item: 1,
+            }
+        }
         Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Softmax => {
             by_t(out[1..out.len() - 1].iter().product())
         }

@@ -3,13 +3,21 @@
 //!
 //! Nodes whose code would be identical share one kernel (every layer's, typically), so compile time and
 //! code size follow the distinct shapes, not the number of layers ([`kernel_key`]).
+//!
+//! An expert product ([`Op::ExpertLinear`], [`Op::ExpertSwiGlu`]) runs as a grouped GEMM in four
+//! dispatches: the (token, slot) rows are grouped by expert ([`MoeStep::Group`], a counting sort), their
+//! activations gathered into expert order ([`MoeStep::Gather`]), each expert's weight panels multiplied
+//! with all of its rows as one register-tiled product (the node's own kernel), and the results put back
+//! in (token, slot) order ([`MoeStep::Scatter`]). Each expert's weights are then read once per call,
+//! not once per token that chose it. The rows live in an area after every other scratch buffer
+//! ([`MoeArea`]).
 
 use std::collections::HashMap;
 
 use q3c_abi::launch::{Arg, Dispatch, LaunchPlan};
 use q3c_ir::{Graph, NodeId, Op};
 
-use crate::items::{in_dtype, work_items};
+use crate::items::{dims, element_dims, in_dtype, work_items};
 use crate::plan::{self, Loc, Plan};
 use crate::BackendError;
 
@@ -20,6 +28,39 @@ pub enum Body {
     Node(NodeId),
     /// Prepares rows of `k` f32 activations for the matrix product after it (see [`Launch::stage`]).
     Stage { prep: Prep, k: usize },
+    /// A step of a grouped expert product (see the module documentation).
+    Moe(MoeStep),
+}
+
+/// The steps around a grouped expert product, for every backend (bodies in `q3c_kernels::moe`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MoeStep {
+    /// `args = [T, past, ids i32[T, slots], offsets i32[experts + 1], order i32[T·slots]]`, one item:
+    /// `order` lists the rows `token · slots + slot` grouped by expert (ascending within an expert), and
+    /// expert `e`'s rows are `order[offsets[e] .. offsets[e + 1]]`.
+    Group { experts: usize, slots: usize },
+    /// `args = [T, past, x, order, rows]`, one item per row `p` of `order`: row `p` of `rows` (`k` f32)
+    /// is the activation of row `order[p]`: `x`'s token row when `per_slot` is false (x is `[T, 1, k]`),
+    /// its (token, slot) row otherwise.
+    Gather {
+        k: usize,
+        slots: usize,
+        per_slot: bool,
+    },
+    /// `args = [T, past, rows, order, out]`, one item per row `p`: row `order[p]` of `out` (`n` f32) is
+    /// row `p` of `rows`.
+    Scatter { n: usize },
+}
+
+/// Where the rows of grouped expert products live: byte offsets into the scratch arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeArea {
+    pub offsets: usize,
+    pub order: usize,
+    /// Activations in expert order (`max_tokens · slots` rows of the widest `k`).
+    pub rows_in: usize,
+    /// Products in expert order (`max_tokens · slots` rows of the widest `n`).
+    pub rows_out: usize,
 }
 
 /// What a staging kernel makes of an activation row.
@@ -51,8 +92,11 @@ pub fn check(graph: &Graph, max_tokens: usize) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// The launch plan of `graph` under the memory plan `plan`.
-pub fn build(graph: &Graph, plan: &Plan) -> Result<Launch, BackendError> {
+/// The launch plan of `graph` under the memory plan `plan`. Grouped expert products take an area after
+/// the plan's scratch buffers (`plan.scratch_bytes_per_token` grows to cover it).
+pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
+    let moe = moe_area(graph, plan);
+    let plan = &*plan;
     let mut launch = Launch {
         plan: LaunchPlan {
             kernels: Vec::new(),
@@ -63,6 +107,8 @@ pub fn build(graph: &Graph, plan: &Plan) -> Result<Launch, BackendError> {
         nodes: Vec::new(),
     };
     let mut by_key: HashMap<String, usize> = HashMap::new();
+    // The ids node whose grouping the MoE area holds.
+    let mut grouped: Option<NodeId> = None;
     for (n, &id) in plan.order.iter().enumerate() {
         let op = &graph.node(id).op;
         if op.is_leaf() || op.is_view() {
@@ -88,13 +134,32 @@ pub fn build(graph: &Graph, plan: &Plan) -> Result<Launch, BackendError> {
             .cloned()
             .unwrap_or_else(|| vec![plan.loc[&id]]);
         args.extend(outs.into_iter().map(arg));
+        if let (true, Some(area)) = (is_expert_product(op), moe) {
+            launch.grouped_product(graph, id, kernel, args, area, &mut grouped);
+            continue;
+        }
         let last_row = if plan.loc[&id] == Loc::Logits {
             Some(plan::bytes_per_token(graph, graph.inputs(id)[0])?)
         } else {
             None
         };
+        launch.push_node(graph, id, kernel, args, last_row);
+    }
+    Ok(launch)
+}
+
+impl Launch {
+    /// Appends the dispatch of node `id` over its work items.
+    fn push_node(
+        &mut self,
+        graph: &Graph,
+        id: NodeId,
+        kernel: usize,
+        args: Vec<Arg>,
+        last_row: Option<usize>,
+    ) {
         let items = work_items(graph, id);
-        launch.plan.dispatches.push(Dispatch {
+        self.plan.dispatches.push(Dispatch {
             kernel,
             args,
             items: items.count,
@@ -102,13 +167,81 @@ pub fn build(graph: &Graph, plan: &Plan) -> Result<Launch, BackendError> {
             tokens_per_item: items.tokens_per_item,
             last_row,
         });
-        launch.nodes.push(Some(id));
+        self.nodes.push(Some(id));
     }
-    Ok(launch)
-}
 
-impl Launch {
-    /// Dispatches that run a graph node (staging dispatches left out).
+    /// The dispatches of expert product `id` (kernel `kernel`, node arguments `args`): group its ids
+    /// unless the area already holds their grouping, gather, multiply, scatter.
+    fn grouped_product(
+        &mut self,
+        graph: &Graph,
+        id: NodeId,
+        kernel: usize,
+        mut args: Vec<Arg>,
+        area: MoeArea,
+        grouped: &mut Option<NodeId>,
+    ) {
+        let ids = graph.inputs(id)[1];
+        let x_dims = dims(graph, graph.inputs(id)[0]);
+        let out = dims(graph, id);
+        let (slots, n, k) = (out[1], out[2], x_dims[2]);
+        let experts = element_dims(graph, graph.inputs(id)[2], 0)[0];
+        let scratch = Arg::Scratch;
+        if *grouped != Some(ids) {
+            let step = MoeStep::Group { experts, slots };
+            let at = [args[1], scratch(area.offsets), scratch(area.order)];
+            self.helper(step, at.to_vec(), 1, false);
+            *grouped = Some(ids);
+        }
+        let per_slot = x_dims[1] != 1;
+        let gather = MoeStep::Gather { k, slots, per_slot };
+        let at = [args[0], scratch(area.order), scratch(area.rows_in)];
+        self.helper(gather, at.to_vec(), slots, true);
+        let out = args.pop().expect("one output");
+        args[0] = scratch(area.rows_in);
+        args[1] = scratch(area.offsets);
+        args.push(scratch(area.rows_out));
+        self.push_node(graph, id, kernel, args, None);
+        let at = [scratch(area.rows_out), scratch(area.order), out];
+        self.helper(MoeStep::Scatter { n }, at.to_vec(), slots, true);
+    }
+
+    /// Appends a dispatch of MoE step `step` (its kernel shared by every dispatch of the same step).
+    fn helper(&mut self, step: MoeStep, args: Vec<Arg>, items: usize, per_token: bool) {
+        let kernel = self.kernel_of(Body::Moe(step), || match step {
+            MoeStep::Group { experts, slots } => format!("q3c_moe_group_{experts}x{slots}"),
+            MoeStep::Gather { k, slots, per_slot } => {
+                format!(
+                    "q3c_moe_gather_{k}x{slots}{}",
+                    if per_slot { "s" } else { "" }
+                )
+            }
+            MoeStep::Scatter { n } => format!("q3c_moe_scatter_{n}"),
+        });
+        self.plan.dispatches.push(Dispatch {
+            kernel,
+            args,
+            items,
+            per_token,
+            tokens_per_item: 1,
+            last_row: None,
+        });
+        self.nodes.push(None);
+    }
+
+    /// The kernel computing `body` (not a node's), added as `name()` if the plan has none yet.
+    fn kernel_of(&mut self, body: Body, name: impl FnOnce() -> String) -> usize {
+        match self.bodies.iter().position(|b| *b == body) {
+            Some(i) => i,
+            None => {
+                self.plan.kernels.push(name());
+                self.bodies.push(body);
+                self.bodies.len() - 1
+            }
+        }
+    }
+
+    /// Dispatches that run a graph node (staging and MoE steps left out).
     pub fn node_dispatches(&self) -> usize {
         self.nodes.iter().filter(|n| n.is_some()).count()
     }
@@ -117,19 +250,13 @@ impl Launch {
     /// activation rows (`rows_per_token` rows of `k` per token) into the scratch arena at `offset`, and the
     /// product reads them from there instead.
     pub fn stage(&mut self, at: usize, prep: Prep, k: usize, rows_per_token: usize, offset: usize) {
-        let body = Body::Stage { prep, k };
-        let kernel = match self.bodies.iter().position(|b| *b == body) {
-            Some(i) => i,
-            None => {
-                let what = match prep {
-                    Prep::Q8 => "q8",
-                    Prep::Bf16 => "bf16",
-                };
-                self.plan.kernels.push(format!("q3c_stage_{what}_{k}"));
-                self.bodies.push(body);
-                self.bodies.len() - 1
-            }
-        };
+        let kernel = self.kernel_of(Body::Stage { prep, k }, || {
+            let what = match prep {
+                Prep::Q8 => "q8",
+                Prep::Bf16 => "bf16",
+            };
+            format!("q3c_stage_{what}_{k}")
+        });
         let product = &mut self.plan.dispatches[at];
         let source = std::mem::replace(&mut product.args[0], Arg::Scratch(offset));
         // For the logits, the staging dispatch reads the last row of the source; the product then reads
@@ -146,6 +273,40 @@ impl Launch {
         self.plan.dispatches.insert(at, staging);
         self.nodes.insert(at, None);
     }
+}
+
+/// Whether `op` is a product over expert stacks (run grouped, see the module documentation).
+pub fn is_expert_product(op: &Op) -> bool {
+    matches!(op, Op::ExpertLinear | Op::ExpertSwiGlu)
+}
+
+/// Allocates the area of grouped expert products after the plan's scratch buffers, if the graph has any.
+fn moe_area(graph: &Graph, plan: &mut Plan) -> Option<MoeArea> {
+    let products: Vec<NodeId> = plan
+        .order
+        .iter()
+        .copied()
+        .filter(|&id| is_expert_product(&graph.node(id).op))
+        .collect();
+    let widest = |f: &dyn Fn(NodeId) -> usize| products.iter().map(|&id| f(id)).max();
+    let experts = widest(&|id| element_dims(graph, graph.inputs(id)[2], 0)[0])?;
+    let slots = widest(&|id| dims(graph, id)[1])?;
+    let k = widest(&|id| dims(graph, graph.inputs(id)[0])[2])?;
+    let n = widest(&|id| dims(graph, id)[2])?;
+    let rows = plan.max_tokens * slots;
+    let align = |b: usize| b.div_ceil(64) * 64;
+    let offsets = align(plan.scratch_bytes_per_token * plan.max_tokens);
+    let order = offsets + align(4 * (experts + 1));
+    let rows_in = order + align(4 * rows);
+    let rows_out = rows_in + align(4 * k * rows);
+    let end = rows_out + 4 * n * rows;
+    plan.scratch_bytes_per_token = end.div_ceil(plan.max_tokens);
+    Some(MoeArea {
+        offsets,
+        order,
+        rows_in,
+        rows_out,
+    })
 }
 
 fn arg(loc: Loc) -> Arg {

@@ -137,13 +137,21 @@ pub fn columns(
     n: usize,
     item: Value,
 ) {
-    let MatMul { k, dt, rows, tile } = mm;
+    let MatMul {
+        k,
+        dt,
+        rows,
+        first_row,
+        tile,
+    } = mm;
     // Two matrices: each tile takes `block_cols / 2` columns from both, so it stays 4 × 2 accumulators
     // and every x load feeds both the gate and the up product.
     let per_matrix = (tile.block_cols / w.len()).max(1);
     let (x_stride, w_stride) = (k * 4, k * dt.size());
     let col0 = e.b.ins().imul_imm_u(item, tile.width as i64);
     let w0: Vec<Value> = w.iter().map(|&m| e.addr(m, col0, w_stride)).collect();
+    let x = e.addr(x, first_row, x_stride);
+    let out = e.addr(out, first_row, n * 4);
     let o0 = e.addr(out, col0, 4);
     // Rows in blocks of `tile.rows` (rows × block_cols register tiles), then one at a time.
     let blocks = e.b.ins().udiv_imm_u(rows, tile.rows as i64);

@@ -204,8 +204,8 @@ fn build<M: Module>(
     let isa = module.isa();
     let fma = has_fma(isa);
     let features = required_features(isa);
-    let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
-    let launch = launch::build(graph, &plan)?;
+    let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    let launch = launch::build(graph, &mut plan)?;
     let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
 
     let libm_sig = {
@@ -233,13 +233,14 @@ fn build<M: Module>(
     let mut fctx = FunctionBuilderContext::new();
     let mut kernels: Vec<FuncId> = Vec::new();
     for (name, body) in launch.plan.kernels.iter().zip(&launch.bodies) {
-        let Body::Node(id) = *body else {
+        if let Body::Stage { .. } = body {
             return Err(BackendError::Internal(format!(
                 "the Cranelift backend has no staging kernel ({name})"
             )));
-        };
+        }
         // RoPE frequencies as a local data table.
-        let rope_data = match q3c_kernels::rope_table(graph, id) {
+        let freqs = q3c_kernels::body_node(*body).and_then(|id| q3c_kernels::rope_table(graph, id));
+        let rope_data = match freqs {
             Some(freqs) => {
                 let bytes: Vec<u8> = freqs.iter().flat_map(|f| f.to_le_bytes()).collect();
                 let data = module
@@ -281,7 +282,7 @@ fn build<M: Module>(
                 start: p[1],
                 end: p[2],
             };
-            q3c_kernels::ops::emit(&mut e, graph, &plan, id, params, table)?;
+            q3c_kernels::emit_body(&mut e, graph, &plan, *body, params, table)?;
             b.ins().return_(&[]);
             b.seal_all_blocks();
             b.finalize(tcfg);

@@ -13,12 +13,14 @@
 use q3c_backend_common::items::LinearTile;
 use q3c_ir::DType;
 
-/// The shape of a linear kernel: `rows` activation rows of `k` f32, weights of `dt`, cut into `tile`s.
+/// The shape of a linear kernel: `rows` activation rows of `k` f32 from row `first_row` on (of the
+/// activations and of the output alike), weights of `dt`, cut into `tile`s.
 #[derive(Clone, Copy, Debug)]
 pub struct MatMul<I> {
     pub k: usize,
     pub dt: DType,
     pub rows: I,
+    pub first_row: I,
     pub tile: LinearTile,
 }
 
@@ -219,7 +221,7 @@ pub trait KernelBuilder: Sized {
 
     /// Work item `item` of a linear kernel's output: columns `item · tile.width ..` of `out` (`[rows, n]`)
     /// from the matrices `w` (`[n, k]` each; one, or gate and up combined as `silu(gate) · up`) times the
-    /// rows at `x`.
+    /// rows at `x` (rows `mm.first_row ..` of `x` and of `out`).
     fn matmul_columns(
         &mut self,
         mm: MatMul<Self::Int>,

@@ -79,7 +79,14 @@ pub fn emit<B: KernelBuilder>(
             let rows = b.mul_c(t, rows_per_token);
             let dt = in_dtype(plan, graph, id, 1);
             let (n, tile) = linear_outputs(graph, id);
-            let mm = MatMul { k, dt, rows, tile };
+            let first_row = b.iconst(0);
+            let mm = MatMul {
+                k,
+                dt,
+                rows,
+                first_row,
+                tile,
+            };
             let op = node.op.clone();
             b.for_range(start, end, 1, |b, item| match op {
                 // Gate and up (inputs 1, 2), combined per output element as silu(gate) · up.
@@ -101,43 +108,37 @@ pub fn emit<B: KernelBuilder>(
             });
         }
         Op::ExpertLinear | Op::ExpertSwiGlu => {
-            // Expert stacks at inputs 2 (and 3 for SwiGLU).
-            let mats: &[usize] = if node.op == Op::ExpertSwiGlu {
-                &[2, 3]
-            } else {
-                &[2]
-            };
-            let x_dims = dims(graph, graph.inputs(id)[0]);
-            let (j, k) = (x_dims[1], x_dims[2]);
-            let slots = dims(graph, id)[1];
-            let n = dims(graph, id)[2];
+            // Grouped (see `q3c_backend_common::launch`): args = [T, past, rows in expert order, offsets
+            // i32[E + 1], expert stacks (one, or gate and up)..., rows out in expert order]. Item =
+            // (panel, expert), panel-major: that panel of the expert's matrices times all of its rows.
+            let k = dims(graph, graph.inputs(id)[0])[2];
             let dt = in_dtype(plan, graph, id, 2);
+            let (n, tile) = linear_outputs(graph, id);
+            let experts = element_dims(graph, graph.inputs(id)[2], 0)[0];
+            let stacks = &ptr[2..n_in];
             b.for_range(start, end, 1, |b, item| {
-                // item = token · slots + slot
-                let tok = b.udiv_c(item, slots);
-                let x = b.addr(ptr[0], if j == 1 { tok } else { item }, k * 4);
-                let at = b.addr(ptr[1], item, 4);
-                let expert = b.load_i32(at);
-                let w: Vec<B::Ptr> = mats
+                let panel = b.udiv_c(item, experts);
+                let expert = b.urem_c(item, experts);
+                let at = b.addr(ptr[1], expert, 4);
+                let first_row = b.load_i32(at);
+                let at = b.off(at, 4);
+                let next = b.load_i32(at);
+                let rows = b.sub(next, first_row);
+                let w: Vec<B::Ptr> = stacks
                     .iter()
-                    .map(|&m| {
-                        let entry = b.addr(ptr[m], expert, 8);
+                    .map(|&stack| {
+                        let entry = b.addr(stack, expert, 8);
                         b.load_ptr(entry)
                     })
                     .collect();
-                let o = b.addr(out, item, n * 4);
-                b.for_n(n, |b, col| {
-                    let parts: Vec<B::F32> = w
-                        .iter()
-                        .map(|&w| {
-                            let row = b.addr(w, col, k * dt.size());
-                            b.dot(x, row, dt, k)
-                        })
-                        .collect();
-                    let v = epilogue(b, &parts);
-                    let to = b.addr(o, col, 4);
-                    b.store_f32(v, to);
-                });
+                let mm = MatMul {
+                    k,
+                    dt,
+                    rows,
+                    first_row,
+                    tile,
+                };
+                b.matmul_columns(mm, ptr[0], &w, out, n[0], panel);
             });
         }
         Op::RmsNorm { eps } => {
@@ -187,16 +188,7 @@ pub fn emit<B: KernelBuilder>(
                 let src = b.addr(ptr[0], tok, row * 4);
                 let p = b.add(past, tok);
                 let dst = b.addr(out, p, row * 4);
-                map_row(b, row, |b, at| {
-                    let (from, to) = (at.ptr(b, src, 4), at.ptr(b, dst, 4));
-                    if at.is_vector() {
-                        let v = b.vload(from);
-                        b.vstore(v, to);
-                    } else {
-                        let v = b.load_f32(from);
-                        b.store_f32(v, to);
-                    }
-                });
+                copy_row(b, src, dst, row);
             });
         }
         Op::Attention { scale } => {
@@ -377,6 +369,20 @@ impl<I: Copy> At<I> {
     fn is_vector(self) -> bool {
         matches!(self, At::Vector(_))
     }
+}
+
+/// Copies `n` f32 from `src` to `dst`.
+pub(crate) fn copy_row<B: KernelBuilder>(b: &mut B, src: B::Ptr, dst: B::Ptr, n: usize) {
+    map_row(b, n, |b, at| {
+        let (from, to) = (at.ptr(b, src, 4), at.ptr(b, dst, 4));
+        if at.is_vector() {
+            let v = b.vload(from);
+            b.vstore(v, to);
+        } else {
+            let v = b.load_f32(from);
+            b.store_f32(v, to);
+        }
+    });
 }
 
 /// `f(at)` over the `n` elements of a row: whole vectors in a loop, then the tail one element at a time,

@@ -68,12 +68,12 @@ fn entries<'ctx>(
     let ptr = cx.ptr_type(AddressSpace::default());
     let mut out = Vec::new();
     for (name, body) in launch.plan.kernels.iter().zip(&launch.bodies) {
-        let Body::Node(id) = *body else {
+        if let Body::Stage { .. } = body {
             return Err(BackendError::Internal(format!(
                 "no staging kernels on GPUs yet ({name})"
             )));
-        };
-        let body = kernel_body(cx, m, graph, plan, id, &format!("{name}_body"), flavor)?;
+        }
+        let body = kernel_body(cx, m, graph, plan, *body, &format!("{name}_body"), flavor)?;
         let inline = Attribute::get_named_enum_kind_id("alwaysinline");
         body.add_attribute(AttributeLoc::Function, cx.create_enum_attribute(inline, 0));
         let params: Vec<_> = match indices {
@@ -140,8 +140,8 @@ pub fn compile_ptx(
 ) -> Result<PtxModule, BackendError> {
     launch::check(graph, opts.max_tokens_per_call)?;
     let machine = target::ptx(&opts.gpu)?;
-    let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
-    let launch = launch::build(graph, &plan)?;
+    let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    let launch = launch::build(graph, &mut plan)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_kernels");
     entries(
@@ -197,8 +197,8 @@ pub fn compile_gpu_emulation(
 ) -> Result<Compiled, BackendError> {
     launch::check(graph, opts.max_tokens_per_call)?;
     let target = target::cpu("native", false)?;
-    let plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
-    let launch = launch::build(graph, &plan)?;
+    let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    let launch = launch::build(graph, &mut plan)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_gpu_on_cpu");
     let functions = entries(

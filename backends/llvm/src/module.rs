@@ -80,13 +80,13 @@ fn rope_table<'ctx>(
     Some(g.as_pointer_value())
 }
 
-/// Declares `name(ptr args, i64 start, i64 end)` and emits node `id`'s body into it.
+/// Declares `name(ptr args, i64 start, i64 end)` and emits `body` (one written in `q3c_kernels`) into it.
 pub(crate) fn kernel_body<'ctx>(
     cx: &'ctx Context,
     m: &Module<'ctx>,
     graph: &Graph,
     plan: &Plan,
-    id: NodeId,
+    body: Body,
     name: &str,
     flavor: Flavor,
 ) -> Result<FunctionValue<'ctx>, BackendError> {
@@ -97,7 +97,7 @@ pub(crate) fn kernel_body<'ctx>(
         .fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
     let f = m.add_function(name, ty, Some(Linkage::Internal));
     nounwind(cx, f);
-    let table = rope_table(cx, m, graph, id, name);
+    let table = q3c_kernels::body_node(body).and_then(|id| rope_table(cx, m, graph, id, name));
     let mut fb = Fb::new(cx, m, f, flavor);
     let param = |i| f.get_nth_param(i).expect("3 params");
     let params = Params {
@@ -105,7 +105,7 @@ pub(crate) fn kernel_body<'ctx>(
         start: param(1).into_int_value(),
         end: param(2).into_int_value(),
     };
-    q3c_kernels::ops::emit(&mut fb, graph, plan, id, params, table)?;
+    q3c_kernels::emit_body(&mut fb, graph, plan, body, params, table)?;
     fb.b.build_return(None).expect(BUG);
     fb.finish();
     Ok(f)
@@ -142,7 +142,7 @@ pub fn compile(
         )));
     }
     let mut plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.weights_q8)?;
-    let mut launch = launch::build(graph, &plan)?;
+    let mut launch = launch::build(graph, &mut plan)?;
     // Staged products (q8, bf16 activations) prepare their activations after every other scratch buffer.
     let staging_offset = plan.scratch_bytes_per_token * plan.max_tokens;
     let mut staging_per_token = 0;
@@ -167,8 +167,8 @@ pub fn compile(
         .iter()
         .zip(&launch.bodies)
         .map(|(name, body)| match *body {
-            Body::Node(id) => kernel_body(&cx, &m, graph, &plan, id, name, target.flavor),
             Body::Stage { prep, k } => Ok(staging::kernel(&cx, &m, name, prep, k, target.flavor)),
+            body => kernel_body(&cx, &m, graph, &plan, body, name, target.flavor),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let forward_fn = forward::build(

@@ -28,21 +28,21 @@ pub fn row_bytes(prep: Prep, k: usize) -> usize {
 
 /// `(prep, k, rows per token)` of node `id` if it is a matrix product whose activations are staged.
 pub fn of(graph: &Graph, plan: &Plan, id: NodeId, flavor: Flavor) -> Option<(Prep, usize, usize)> {
-    let linear = matches!(
-        graph.node(id).op,
-        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. }
-    );
-    if !linear {
-        return None;
-    }
     let x = dims(graph, graph.inputs(id)[0]);
     let k = *x.last().expect("rank");
-    let prep = match in_dtype(plan, graph, id, 1) {
+    // The weights' input, and the activation rows per token the product reads.
+    let (w, rows) = match graph.node(id).op {
+        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => (1, x[1..x.len() - 1].iter().product()),
+        // Grouped: one row per (token, slot), gathered in expert order (see `launch`).
+        Op::ExpertLinear | Op::ExpertSwiGlu => (2, dims(graph, id)[1]),
+        _ => return None,
+    };
+    let prep = match in_dtype(plan, graph, id, w) {
         DType::Q8 => Prep::Q8,
         dt if bf16_staged(flavor, dt, k) => Prep::Bf16,
         _ => return None,
     };
-    Some((prep, k, x[1..x.len() - 1].iter().product()))
+    Some((prep, k, rows))
 }
 
 /// Defines the staging kernel `name` for rows of `k`.
