@@ -250,6 +250,25 @@ fn q8_weights_stay_within_quantization_error_of_transformers() {
             .filter(|w| w.kernel_dtype == "q8")
             .count();
         assert!(quantized > 0, "{name}: no weight bound as q8");
+        // Expert matrices too (per expert, grouped products on VNNI), where their shapes allow q8 panels.
+        let cfg = q3c_models::resolve(g.dir.to_str().unwrap()).unwrap();
+        if let Some(moe) = &cfg.moe {
+            let panels = |n: usize, k: usize| n % 16 == 0 && k % 32 == 0;
+            let (h, i) = (cfg.hidden_size, moe.moe_intermediate_size);
+            if panels(i, h) && panels(h, i) {
+                let experts: Vec<_> = model
+                    .manifest()
+                    .weights
+                    .iter()
+                    .filter(|w| w.name.contains(".experts."))
+                    .collect();
+                assert!(!experts.is_empty());
+                assert!(
+                    experts.iter().all(|w| w.kernel_dtype == "q8"),
+                    "{name}: expert matrices left unquantized"
+                );
+            }
+        }
         let logits = model.session().forward(&g.prompt_ids).unwrap();
         let scale = g.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = max_abs_diff(&logits.data, &g.logits);

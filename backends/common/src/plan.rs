@@ -92,31 +92,35 @@ pub fn kernel_dtype(stored: DType) -> DType {
     }
 }
 
-/// Whether weight node `id` can be bound as [`DType::Q8`]: a `[n, k]` matrix (n a multiple of the panel, k of
-/// the group)
-/// read only as the matrix of linear-type kernels (not an expert stack, not the embedding table).
+/// Whether weight node `id` can be bound as [`DType::Q8`]: `[n, k]` matrices (n a multiple of the panel, k of
+/// the group), or a stack of them, read only as the matrices of linear-type or expert products (not the
+/// embedding table).
 fn quantizable(graph: &Graph, id: NodeId) -> bool {
     let users = graph.users(id);
     q8_shape(graph, id) && !users.is_empty() && users.iter().all(|&u| matrix_use(graph, u, id))
 }
 
-/// A `[n, k]` matrix (n a multiple of the q8 panel, k of the group) that is not an expert stack.
+/// A `[n, k]` matrix, or an expert stack of them, with n a multiple of the q8 panel and k of the group.
 fn q8_shape(graph: &Graph, id: NodeId) -> bool {
     let dims = graph.node(id).tensor().shape.resolve(0, 0);
     let Op::Weight { name, .. } = &graph.node(id).op else {
         return false;
     };
-    dims.len() == 2
-        && dims[0].is_multiple_of(q3c_ir::Q8_PANEL)
-        && dims[1].is_multiple_of(q3c_ir::Q8_GROUP)
-        && !name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER)
+    let matrix = if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER) {
+        &dims[1..]
+    } else {
+        &dims[..]
+    };
+    matrix.len() == 2
+        && matrix[0].is_multiple_of(q3c_ir::Q8_PANEL)
+        && matrix[1].is_multiple_of(q3c_ir::Q8_GROUP)
 }
 
-/// Whether node `user` reads weight `id` only as the matrix of a linear-type kernel.
+/// Whether node `user` reads weight `id` only as the matrix of a linear-type or expert product.
 fn matrix_use(graph: &Graph, user: NodeId, id: NodeId) -> bool {
     matches!(
         graph.node(user).op,
-        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. }
+        Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } | Op::ExpertLinear | Op::ExpertSwiGlu
     ) && graph.inputs(user)[0] != id
 }
 
