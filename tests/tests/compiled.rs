@@ -253,7 +253,7 @@ fn q8_weights_stay_within_quantization_error_of_transformers() {
         // Expert matrices too (per expert, grouped products on VNNI), where their shapes allow q8 panels.
         let cfg = q3c_models::resolve(g.dir.to_str().unwrap()).unwrap();
         if let Some(moe) = &cfg.moe {
-            let panels = |n: usize, k: usize| n % 16 == 0 && k % 32 == 0;
+            let panels = |n: usize, k: usize| n.is_multiple_of(16) && k.is_multiple_of(32);
             let (h, i) = (cfg.hidden_size, moe.moe_intermediate_size);
             if panels(i, h) && panels(h, i) {
                 let experts: Vec<_> = model
