@@ -108,17 +108,31 @@ pub type Forward = unsafe extern "C" fn(step: *const Step) -> i32;
 /// 16 of panel `p`, group `g` at `(p·k/32 + g)·16 + r`.
 pub const Q8_LAYOUT: &str = "q8";
 
+/// `kernel_dtype` of a weight the runtime quantizes to 4 bits when binding it.
+///
+/// Each group of 32 elements of a row gets a scale `d = m / −8`, `m` the group's element of largest
+/// magnitude, and values `q = clamp(round(w / d), −8, 7)` (to nearest, ties to even), so that
+/// `w[i][j] ≈ d[i][j/32] · q[i][j]` and `m` itself is exact (as llama.cpp's Q4_0). A `[n, k]` matrix (n a
+/// multiple of 16, k of 32) is stored in panels of 16 rows: panel `p`, group `g` is 256 bytes, where the
+/// 4 bytes at `(p·k/32 + g)·256 + v·64 + r·4` hold, in their low nibbles, `q[16p + r][32g + 4v ..][..4]`
+/// plus 8 and, in their high nibbles, `q[16p + r][32g + 4(v + 4) ..][..4]` plus 8, for `v` in 0..4 and
+/// row `r` in 0..16 — so one 64-byte load unpacks into two `vpdpbusd` steps. After the `n·k/2` bytes come
+/// the `n·k/32` scales as IEEE f16, the 16 of panel `p`, group `g` at `(p·k/32 + g)·16 + r`.
+pub const Q4_LAYOUT: &str = "q4";
+
 /// `layout` of a weight bound as stored (or widened): the checkpoint's row-major order.
 pub const LAYOUT_ROW_MAJOR: &str = "row-major";
 /// `layout` of a [`Q8_LAYOUT`] weight: panels of 16 rows, as described there.
 pub const LAYOUT_Q8_PANELS: &str = "panels-16";
+/// `layout` of a [`Q4_LAYOUT`] weight: panels of 16 rows of packed nibbles, as described there.
+pub const LAYOUT_Q4_PANELS: &str = "panels-16-nibbles";
 
 /// The `layout` of a weight the kernels read as `kernel_dtype`.
 pub fn layout_for(kernel_dtype: &str) -> &'static str {
-    if kernel_dtype == Q8_LAYOUT {
-        LAYOUT_Q8_PANELS
-    } else {
-        LAYOUT_ROW_MAJOR
+    match kernel_dtype {
+        Q8_LAYOUT => LAYOUT_Q8_PANELS,
+        Q4_LAYOUT => LAYOUT_Q4_PANELS,
+        _ => LAYOUT_ROW_MAJOR,
     }
 }
 

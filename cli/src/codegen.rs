@@ -47,13 +47,27 @@ pub enum Target {
     Nvptx,
 }
 
-/// `--quantize`: how linear matrices are bound.
+/// `--quantize`: how the matrices of linear and expert products are bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Quantize {
     /// As stored (f16 widened to f32).
     None,
     /// 8-bit groups of 32 with an f32 scale each, quantized at load; AVX512-VNNI products (LLVM).
     Q8,
+    /// 4-bit groups of 32 with an f16 scale each (4.5 bits per weight, as llama.cpp's Q4_0), the logits
+    /// matrix in q8, quantized at load; AVX512-VNNI products (LLVM).
+    Q4,
+}
+
+impl Quantize {
+    /// The weight format, or `None` for weights as stored.
+    pub fn dtype(self) -> Option<q3c_ir::DType> {
+        match self {
+            Quantize::None => None,
+            Quantize::Q8 => Some(q3c_ir::DType::Q8),
+            Quantize::Q4 => Some(q3c_ir::DType::Q4),
+        }
+    }
 }
 
 /// How to generate CPU code.
@@ -99,8 +113,8 @@ fn compile_object(
         if how.bf16_activations {
             bail!("--bf16-activations needs --backend llvm");
         }
-        if how.quantize != Quantize::None {
-            bail!("--quantize q8 needs --backend llvm");
+        if let Some(format) = how.quantize.dtype() {
+            bail!("--quantize {format} needs --backend llvm");
         }
     }
     match how.backend {
@@ -129,7 +143,7 @@ fn llvm_object(
         max_tokens_per_call: how.max_tokens,
         fusion: fusion.to_string(),
         bf16_activations: how.bf16_activations,
-        weights_q8: how.quantize == Quantize::Q8,
+        quantize: how.quantize.dtype(),
     };
     let c = q3c_backend_llvm::compile(graph, cfg, q3c_compiler::LOGITS, &opts)?;
     Ok((c.object, c.manifest))

@@ -41,7 +41,11 @@ fn misuse_of_backend_flags_is_refused() {
         &cranelift(&["--quantize", "q8"]),
         "--quantize q8 needs --backend llvm",
     );
-    assert_error(&cranelift(&["--quantize", "q4"]), "q4");
+    assert_error(
+        &cranelift(&["--quantize", "q4"]),
+        "--quantize q4 needs --backend llvm",
+    );
+    assert_error(&cranelift(&["--quantize", "q3"]), "q3");
     assert_error(
         &q3c(&["compile", path(&moe), "--backend", "gcc", "-o", path(&out)]),
         "gcc",
@@ -93,6 +97,41 @@ fn llvm_so_generates_transformers_greedy_ids_and_ptx_is_written() {
         "--json",
     ]);
     assert_eq!(json_ids(&out), g.greedy_ids);
+
+    // 4-bit weights from the CLI (VNNI): experts included, the logits matrix in q8; the answer is the
+    // model's own (greedy ids of a 4-bit model need not match transformers'; the kernels are checked
+    // against the decoded weights in tests/compiled.rs).
+    if q3c_tests::cpu_feature("avx512vnni", "q4 weights from the CLI") {
+        let q4 = tmp.path().join("moe-q4.so");
+        ok(&["compile", path(&moe), "--quantize", "q4", "-o", path(&q4)]);
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&["inspect", path(&q4), "--json"])).unwrap();
+        let dtype_of = |needle: &str| {
+            json["weights"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|w| w["name"].as_str().unwrap().contains(needle))
+                .map(|w| w["kernel_dtype"].as_str().unwrap().to_string())
+                .unwrap()
+        };
+        assert_eq!(dtype_of(".experts.0.down_proj"), "q4");
+        assert_eq!(dtype_of("lm_head"), "q8");
+        let out = ok(&[
+            "generate",
+            "--model",
+            path(&q4),
+            "--weights",
+            path(&moe),
+            "--prompt-ids",
+            &ids_arg(&g.prompt_ids),
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert_eq!(json_ids(&out).len(), 8);
+    }
 
     let ptx = tmp.path().join("moe.ptx");
     ok(&[

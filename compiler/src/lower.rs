@@ -9,7 +9,7 @@
 use q3c_ir::{
     DType, Dim, Graph, InputKind, KvKind, NodeId, Op, RopeSpec, Shape, TensorType, TypeError, Yarn,
 };
-use q3c_models::tensors::{expert_stack, layer_tensor, EMBED, FINAL_NORM, LM_HEAD};
+use q3c_models::tensors::{self, expert_stack, layer_tensor, EMBED, FINAL_NORM, LM_HEAD};
 use q3c_models::{MoeConfig, Qwen3Config};
 
 /// The name of the logits output, `f32[T, vocab]`.
@@ -196,7 +196,7 @@ impl Builder<'_> {
             moe.moe_intermediate_size,
         );
 
-        let logits = self.linear(h, &layer_tensor(layer, "mlp.gate.weight"), e, hidden)?;
+        let logits = self.linear(h, &layer_tensor(layer, tensors::ROUTER), e, hidden)?;
         let probs = self.g.add(Op::Softmax, &[logits])?;
         let chosen = self.g.add(Op::TopK { k: k as u32 }, &[probs])?;
         let mut weights = self.g.add(Op::GatherLast, &[probs, chosen])?;

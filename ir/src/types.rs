@@ -13,6 +13,9 @@ pub enum DType {
     /// Not a tensor type: the storage format of weights a backend asked the runtime to quantize (8-bit
     /// groups of [`Q8_GROUP`] along the last axis, one f32 scale each; layout in `q3c_abi::Q8_LAYOUT`).
     Q8,
+    /// Not a tensor type: 4-bit weights (groups of [`Q8_GROUP`], one f16 scale each; layout in
+    /// `q3c_abi::Q4_LAYOUT`), multiplied like [`DType::Q8`] weights once unpacked in registers.
+    Q4,
 }
 
 /// Elements per scale of [`DType::Q8`] weights.
@@ -33,6 +36,7 @@ impl DType {
             DType::F16 => "f16",
             DType::I32 => "i32",
             DType::Q8 => "q8",
+            DType::Q4 => "q4",
         }
     }
 
@@ -46,13 +50,14 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::BF16 | DType::F16 => 2,
-            DType::Q8 => 1,
+            // Per element, rounded up: a whole matrix's bytes come from the runtime's layout functions.
+            DType::Q8 | DType::Q4 => 1,
         }
     }
 
     /// True for the floating-point types weights may be stored in.
     pub fn is_float(self) -> bool {
-        !matches!(self, DType::I32 | DType::Q8)
+        !matches!(self, DType::I32 | DType::Q8 | DType::Q4)
     }
 }
 

@@ -18,6 +18,8 @@ pub const EMBED: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";
 /// `lm_head.weight` (absent when embeddings are tied).
 pub const LM_HEAD: &str = "lm_head.weight";
+/// The suffix of a MoE layer's router matrix (`model.layers.{layer}.mlp.gate.weight`).
+pub const ROUTER: &str = "mlp.gate.weight";
 /// The placeholder for the expert index in an expert-stack name.
 pub const EXPERT_PLACEHOLDER: &str = "{e}";
 
@@ -72,7 +74,7 @@ pub fn expected_tensors(cfg: &Qwen3Config) -> Vec<TensorSpec> {
         match cfg.moe.as_ref().filter(|_| cfg.is_sparse_layer(l)) {
             Some(moe) => {
                 let i = moe.moe_intermediate_size;
-                out.push(spec(t("mlp.gate.weight"), &[moe.num_experts, h]));
+                out.push(spec(t(ROUTER), &[moe.num_experts, h]));
                 for e in 0..moe.num_experts {
                     out.push(spec(
                         expert_tensor(&expert_stack(l, "gate_proj"), e),

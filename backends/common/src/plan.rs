@@ -100,12 +100,17 @@ fn quantizable(graph: &Graph, id: NodeId) -> bool {
     q8_shape(graph, id) && !users.is_empty() && users.iter().all(|&u| matrix_use(graph, u, id))
 }
 
-/// A `[n, k]` matrix, or an expert stack of them, with n a multiple of the q8 panel and k of the group.
+/// A `[n, k]` matrix, or an expert stack of them, with n a multiple of the q8 panel and k of the group —
+/// but a MoE router, which stays as stored whatever the fusion strategy (its product chooses the experts;
+/// llama.cpp leaves it unquantized too).
 fn q8_shape(graph: &Graph, id: NodeId) -> bool {
     let dims = graph.node(id).tensor().shape.resolve(0, 0);
     let Op::Weight { name, .. } = &graph.node(id).op else {
         return false;
     };
+    if name.ends_with(q3c_models::tensors::ROUTER) {
+        return false;
+    }
     let matrix = if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER) {
         &dims[1..]
     } else {
@@ -126,15 +131,17 @@ fn matrix_use(graph: &Graph, user: NodeId, id: NodeId) -> bool {
 
 /// The memory plan of `graph` with f32/bf16 weights read as stored (f16 widened).
 pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, BackendError> {
-    plan_with(graph, output, max_tokens, false)
+    plan_with(graph, output, max_tokens, None)
 }
 
-/// [`plan`], where `quantize_q8` binds every matrix of a linear kernel that allows it as [`DType::Q8`].
+/// [`plan`], where `quantize` ([`DType::Q8`] or [`DType::Q4`]) binds every matrix of a linear or expert
+/// product that allows it in that format — but the logits matrix, which stays 8-bit under q4 (its error
+/// reaches every logit directly; llama.cpp keeps it at 6 bits or more too).
 pub fn plan_with(
     graph: &Graph,
     output: &str,
     max_tokens: usize,
-    quantize_q8: bool,
+    quantize: Option<DType>,
 ) -> Result<Plan, BackendError> {
     let order = graph
         .topo_order()
@@ -142,6 +149,14 @@ pub fn plan_with(
     let out_id = graph
         .output(output)
         .ok_or_else(|| BackendError::Internal(format!("no output {output}")))?;
+    let logits_matrix = match graph.node(out_id).op {
+        Op::Linear => Some(graph.inputs(out_id)[1]),
+        _ => None,
+    };
+    let quantized_as = |id: NodeId| match quantize {
+        Some(DType::Q4) if Some(id) != logits_matrix => DType::Q4,
+        _ => DType::Q8,
+    };
     let mut loc = HashMap::new();
     let mut weights = Vec::new();
     let mut uses = HashMap::new();
@@ -158,8 +173,8 @@ pub fn plan_with(
             Op::Weight { name, ty } => {
                 let dims = ty.shape.resolve(0, 0);
                 let index = weights.len();
-                let read_as = if quantize_q8 && quantizable(graph, id) {
-                    DType::Q8
+                let read_as = if quantize.is_some() && quantizable(graph, id) {
+                    quantized_as(id)
                 } else {
                     kernel_dtype(ty.dtype)
                 };
@@ -176,7 +191,7 @@ pub fn plan_with(
                     weights.push((name.clone(), dims.clone(), ty.dtype, read_as));
                 }
                 // A matrix also read otherwise (the tied embedding table): its products read a q8 copy.
-                if quantize_q8 && read_as != DType::Q8 && q8_shape(graph, id) {
+                if quantize.is_some() && read_as.is_float() && q8_shape(graph, id) {
                     let products: Vec<_> = graph
                         .users(id)
                         .into_iter()
@@ -345,10 +360,14 @@ mod tests {
     use super::*;
     use q3c_models::registry::lookup;
 
-    fn q8_plan(model: &str) -> (Graph, Plan) {
+    fn quantized_plan(model: &str, format: DType) -> (Graph, Plan) {
         let graph = q3c_compiler::lower(&lookup(model).unwrap()).unwrap();
-        let plan = plan_with(&graph, q3c_compiler::LOGITS, 4, true).unwrap();
+        let plan = plan_with(&graph, q3c_compiler::LOGITS, 4, Some(format)).unwrap();
         (graph, plan)
+    }
+
+    fn q8_plan(model: &str) -> (Graph, Plan) {
+        quantized_plan(model, DType::Q8)
     }
 
     fn forms(plan: &Plan, name: &str) -> Vec<DType> {
@@ -393,5 +412,31 @@ mod tests {
         assert_eq!(forms(&plan, "lm_head.weight"), [DType::Q8]);
         assert_eq!(forms(&plan, "model.embed_tokens.weight"), [DType::BF16]);
         assert!(plan.uses.is_empty());
+    }
+
+    #[test]
+    fn q4_binds_layer_and_expert_matrices_and_keeps_the_logits_matrix_in_q8() {
+        let (_, plan) = quantized_plan("Qwen3-30B-A3B", DType::Q4);
+        assert_eq!(forms(&plan, "lm_head.weight"), [DType::Q8]);
+        assert_eq!(forms(&plan, "model.embed_tokens.weight"), [DType::BF16]);
+        for name in [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.mlp.experts.0.gate_proj.weight",
+            "model.layers.47.mlp.experts.127.down_proj.weight",
+        ] {
+            assert_eq!(forms(&plan, name), [DType::Q4], "{name}");
+        }
+        // Not the router (unfused here, so read by a plain linear); norms stay as stored.
+        assert_eq!(
+            forms(&plan, "model.layers.0.mlp.gate.weight"),
+            [DType::BF16]
+        );
+        assert_eq!(
+            forms(&plan, "model.layers.0.post_attention_layernorm.weight"),
+            [DType::BF16]
+        );
+        let (_, tied) = quantized_plan("Qwen3-0.6B", DType::Q4);
+        let embed = "model.embed_tokens.weight";
+        assert_eq!(forms(&tied, embed), [DType::BF16, DType::Q8]);
     }
 }

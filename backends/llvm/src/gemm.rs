@@ -248,7 +248,7 @@ pub fn columns<'ctx>(
         first_row,
         tile,
     } = mm;
-    if dt == DType::Q8 {
+    if matches!(dt, DType::Q8 | DType::Q4) {
         return q8_columns(fb, mm, x, w, out, n, item);
     }
     let (x_stride, w_stride) = (k * 4, k * dt.size());
@@ -296,7 +296,7 @@ pub fn columns<'ctx>(
     row_blocks(fb, rows, block);
 }
 
-/// [`columns`] over `q8` weights: the work item is one panel of 16 columns of every matrix, `x` the
+/// [`columns`] over `q8` or `q4` weights: the work item is one panel of 16 columns of every matrix, `x` the
 /// activation rows as the staging kernel quantized them (see [`q8::row_bytes`]).
 fn q8_columns<'ctx>(
     fb: &Fb<'_, 'ctx>,
@@ -309,18 +309,22 @@ fn q8_columns<'ctx>(
 ) {
     let MatMul {
         k,
+        dt,
         rows,
         first_row,
         tile,
-        ..
     } = mm;
-    assert_eq!(tile.width, Q8_PANEL, "q8 weights come in panels of 16 rows");
-    let panel_bytes = Q8_PANEL * k;
-    let scale_bytes = k / Q8_GROUP * Q8_PANEL * 4;
+    assert_eq!(
+        tile.width, Q8_PANEL,
+        "quantized weights come in panels of 16 rows"
+    );
+    let format = q8::Format::of(dt);
+    let panel_bytes = format.panel_bytes(k);
+    let scale_bytes = k / Q8_GROUP * Q8_PANEL * format.scale_bytes();
     let mats: Vec<_> = w
         .iter()
         .map(|&m| {
-            let scales = fb.off(m, n * k);
+            let scales = fb.off(m, n / Q8_PANEL * panel_bytes);
             (
                 fb.addr(m, item, panel_bytes),
                 fb.addr(scales, item, scale_bytes),
@@ -334,7 +338,7 @@ fn q8_columns<'ctx>(
         let x_block = fb.addr(x, r, row);
         let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * row)).collect();
         let o = fb.addr(o0, r, n * 4);
-        for (ri, per_matrix) in q8::panel(fb, &xr, &mats, k).iter().enumerate() {
+        for (ri, per_matrix) in q8::panel(fb, format, &xr, &mats, k).iter().enumerate() {
             fb.store(combine(fb, per_matrix), fb.off(o, ri * n * 4));
         }
     });

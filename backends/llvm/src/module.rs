@@ -14,7 +14,7 @@ use q3c_backend_common::launch::{self, Body};
 use q3c_backend_common::manifest::{self, ManifestParts};
 use q3c_backend_common::plan::{self, Plan};
 use q3c_backend_common::BackendError;
-use q3c_ir::{Graph, NodeId};
+use q3c_ir::{DType, Graph, NodeId};
 use q3c_kernels::ops::Params;
 use q3c_models::Qwen3Config;
 
@@ -33,9 +33,10 @@ pub struct CompileOptions {
     /// Matrix products over bf16 weights round the activations to bf16 and use AVX512_BF16 dot
     /// products (twice the f32 FMA rate; llama.cpp does the same for bf16 models). Off: f32 activations.
     pub bf16_activations: bool,
-    /// Bind the matrices of linear kernels as `q8` (8-bit groups of 32, quantized by the runtime at load)
-    /// and multiply them with AVX512-VNNI on activations quantized the same way.
-    pub weights_q8: bool,
+    /// Bind the matrices of linear and expert products as [`DType::Q8`] (8-bit groups of 32) or
+    /// [`DType::Q4`] (4-bit groups of 32; the logits matrix in q8), quantized by the runtime at load, and
+    /// multiply them with AVX512-VNNI on activations quantized to 8 bits. `None`: as stored.
+    pub quantize: Option<DType>,
 }
 
 impl Default for CompileOptions {
@@ -45,7 +46,7 @@ impl Default for CompileOptions {
             max_tokens_per_call: 256,
             fusion: "none".into(),
             bf16_activations: false,
-            weights_q8: false,
+            quantize: None,
         }
     }
 }
@@ -135,13 +136,22 @@ pub fn compile(
 ) -> Result<Compiled, BackendError> {
     launch::check(graph, opts.max_tokens_per_call)?;
     let target = target::cpu(&opts.target_cpu, opts.bf16_activations)?;
-    if opts.weights_q8 && !target.vnni() {
-        return Err(BackendError::Target(format!(
-            "q8 weights need AVX512-VNNI, which {} lacks",
-            target.cpu
-        )));
+    match opts.quantize {
+        Some(DType::Q8 | DType::Q4) if !target.vnni() => {
+            return Err(BackendError::Target(format!(
+                "{} weights need AVX512-VNNI, which {} lacks",
+                opts.quantize.map_or("", DType::name),
+                target.cpu
+            )))
+        }
+        None | Some(DType::Q8 | DType::Q4) => {}
+        Some(other) => {
+            return Err(BackendError::Unsupported(format!(
+                "quantizing weights to {other} (q8 and q4 exist)"
+            )))
+        }
     }
-    let mut plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.weights_q8)?;
+    let mut plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.quantize)?;
     let mut launch = launch::build(graph, &mut plan)?;
     // Staged products (q8, bf16 activations) prepare their activations after every other scratch buffer.
     let staging_offset = plan.scratch_bytes_per_token * plan.max_tokens;

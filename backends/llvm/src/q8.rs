@@ -1,5 +1,6 @@
 //! Products over `q8` weights (`q3c_abi::Q8_LAYOUT`: i8 in groups of 32 with one f32 scale each, stored
-//! offset by 128 in panels of 16 rows) with 512-bit AVX512-VNNI `vpdpbusd`.
+//! offset by 128 in panels of 16 rows) and `q4` weights (`q3c_abi::Q4_LAYOUT`: nibbles offset by 8, one f16
+//! scale per group, unpacked in registers into the same steps) with 512-bit AVX512-VNNI `vpdpbusd`.
 //!
 //! The activations of a q8 product are quantized the same way (per row, per group of 32) once per dispatch
 //! by a staging kernel (`staging.rs`). One `vpdpbusd` multiplies a 64-byte step of a panel (four elements of
@@ -9,7 +10,7 @@
 //! reduction.
 
 use inkwell::values::{IntValue, PointerValue, VectorValue};
-use q3c_ir::{Q8_GROUP, Q8_PANEL};
+use q3c_ir::{DType, Q8_GROUP, Q8_PANEL};
 
 use crate::fb::{Fb, BUG};
 
@@ -19,10 +20,48 @@ pub fn row_bytes(k: usize) -> usize {
     k + k / Q8_GROUP * 8
 }
 
-/// Bytes of one group of a panel (32 elements of 16 rows).
-const BLOCK: usize = Q8_GROUP * Q8_PANEL;
-/// Bytes of one `vpdpbusd` step of a panel.
+/// Bytes of one `vpdpbusd` step of a panel (four bytes of each of 16 rows).
 const STEP: usize = 4 * Q8_PANEL;
+/// `vpdpbusd` steps per group.
+const STEPS: usize = Q8_GROUP / 4;
+
+/// The quantized weight formats the panel product reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Format {
+    Q8,
+    Q4,
+}
+
+impl Format {
+    /// The format of weights read as `dt`.
+    pub fn of(dt: DType) -> Format {
+        match dt {
+            DType::Q4 => Format::Q4,
+            _ => Format::Q8,
+        }
+    }
+
+    /// Bytes of one group of a panel (32 elements of 16 rows).
+    fn block(self) -> usize {
+        match self {
+            Format::Q8 => Q8_GROUP * Q8_PANEL,
+            Format::Q4 => Q8_GROUP * Q8_PANEL / 2,
+        }
+    }
+
+    /// Bytes of a panel's values (16 rows of `k`).
+    pub fn panel_bytes(self, k: usize) -> usize {
+        k / Q8_GROUP * self.block()
+    }
+
+    /// Bytes of one scale.
+    pub fn scale_bytes(self) -> usize {
+        match self {
+            Format::Q8 => 4,
+            Format::Q4 => 2,
+        }
+    }
+}
 
 /// Quantizes one row of `k` f32 at `src` into `dst` (see [`row_bytes`]).
 pub fn quantize_row<'ctx>(
@@ -82,9 +121,11 @@ pub fn quantize_row<'ctx>(
 }
 
 /// One panel's products: for every quantized row at `rows` (see [`row_bytes`]) and every matrix
-/// `(panel, scales)` (the panel's 16·k bytes and 16·k/32 scales), a vector of its 16 output columns.
+/// `(panel, scales)` of `format` (the panel's values and its 16·k/32 scales), a vector of its 16 output
+/// columns.
 pub fn panel<'ctx>(
     fb: &Fb<'_, 'ctx>,
+    format: Format,
     rows: &[PointerValue<'ctx>],
     mats: &[(PointerValue<'ctx>, PointerValue<'ctx>)],
     k: usize,
@@ -104,15 +145,38 @@ pub fn panel<'ctx>(
         let mut dots: Vec<Vec<VectorValue>> = rows
             .iter()
             .map(|&r| {
+                // -128·Σq from the staging kernel; the 4-bit values' offset is 8, so -8·Σq = that / 16.
                 let c = load(i32t.into(), fb.off(fb.addr(r, g, 4), k + groups * 4));
-                let c = splat(c);
+                let c = match format {
+                    Format::Q8 => c.into_int_value(),
+                    Format::Q4 => fb
+                        .b
+                        .build_right_shift(c.into_int_value(), i32t.const_int(4, false), true, "")
+                        .expect(BUG),
+                };
+                let c = splat(c.into());
                 mats.iter().map(|_| c).collect()
             })
             .collect();
-        for s in 0..Q8_GROUP / 4 {
-            let ws: Vec<_> = mats
+        let blocks: Vec<_> = mats
+            .iter()
+            .map(|&(w, _)| fb.addr(w, g, format.block()))
+            .collect();
+        // q4: the high nibbles of steps 0..4 are steps 4..8.
+        let mut high: Vec<Vec<VectorValue>> = vec![Vec::new(); mats.len()];
+        for s in 0..STEPS {
+            let ws: Vec<_> = blocks
                 .iter()
-                .map(|&(w, _)| load(i32v.into(), fb.off(fb.addr(w, g, BLOCK), s * STEP)))
+                .enumerate()
+                .map(|(m, &block)| match format {
+                    Format::Q8 => load(i32v.into(), fb.off(block, s * STEP)).into_vector_value(),
+                    Format::Q4 if s < STEPS / 2 => {
+                        let (lo, hi) = nibbles(fb, load(i32v.into(), fb.off(block, s * STEP)));
+                        high[m].push(hi);
+                        lo
+                    }
+                    Format::Q4 => high[m][s - STEPS / 2],
+                })
                 .collect();
             for (r, &x) in xs.iter().enumerate() {
                 let xb = splat(load(i32t.into(), fb.off(x, 4 * s)));
@@ -120,14 +184,24 @@ pub fn panel<'ctx>(
                     dots[r][m] = fb
                         .named_intrinsic(
                             "llvm.x86.avx512.vpdpbusd.512",
-                            &[dots[r][m].into(), *w, xb.into()],
+                            &[dots[r][m].into(), (*w).into(), xb.into()],
                         )
                         .into_vector_value();
                 }
             }
         }
         for (m, &(_, scales)) in mats.iter().enumerate() {
-            let dw = load(f32v.into(), fb.addr(scales, g, Q8_PANEL * 4)).into_vector_value();
+            let at = fb.addr(scales, g, Q8_PANEL * format.scale_bytes());
+            let dw = match format {
+                Format::Q8 => load(f32v.into(), at).into_vector_value(),
+                Format::Q4 => {
+                    let half = fb.cx.f16_type().vec_type(Q8_PANEL as u32);
+                    let h = fb
+                        .load_aligned(inkwell::types::BasicTypeEnum::from(half), at, 2)
+                        .into_vector_value();
+                    fb.b.build_float_ext(h, f32v, "").expect(BUG)
+                }
+            };
             for (r, &row) in rows.iter().enumerate() {
                 let dx = load(fb.f32t().into(), fb.off(fb.addr(row, g, 4), k));
                 let scale = fb.fmul(dw, splat(dx));
@@ -142,4 +216,27 @@ pub fn panel<'ctx>(
     accs.iter()
         .map(|row| row.iter().map(|&a| fb.getv(a)).collect())
         .collect()
+}
+
+/// The low and high nibbles of 64 packed bytes, each as 64 bytes (as `vpdpbusd` operands, 16 × i32).
+fn nibbles<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    packed: inkwell::values::BasicValueEnum<'ctx>,
+) -> (VectorValue<'ctx>, VectorValue<'ctx>) {
+    let bytes = fb.cx.i8_type().vec_type(64);
+    let words = fb.cx.i32_type().vec_type(Q8_PANEL as u32);
+    let v =
+        fb.b.build_bit_cast(packed, bytes, "")
+            .expect(BUG)
+            .into_vector_value();
+    let low = fb.splat(fb.cx.i8_type().const_int(0x0f, false).into(), 64);
+    let four = fb.splat(fb.cx.i8_type().const_int(4, false).into(), 64);
+    let lo = fb.b.build_and(v, low, "").expect(BUG);
+    let hi = fb.b.build_right_shift(v, four, false, "").expect(BUG);
+    let cast = |x| {
+        fb.b.build_bit_cast(x, words, "")
+            .expect(BUG)
+            .into_vector_value()
+    };
+    (cast(lo), cast(hi))
 }

@@ -38,7 +38,8 @@ pub fn of(graph: &Graph, plan: &Plan, id: NodeId, flavor: Flavor) -> Option<(Pre
         _ => return None,
     };
     let prep = match in_dtype(plan, graph, id, w) {
-        DType::Q8 => Prep::Q8,
+        // 4-bit weights multiply 8-bit activations.
+        DType::Q8 | DType::Q4 => Prep::Q8,
         dt if bf16_staged(flavor, dt, k) => Prep::Bf16,
         _ => return None,
     };

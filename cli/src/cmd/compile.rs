@@ -81,7 +81,9 @@ pub fn run(args: Args) -> Result<()> {
         manifest.backend,
         manifest.fusion,
         manifest.matmul_activations,
-        if args.quantize == Quantize::Q8 { ", q8 weights" } else { "" },
+        args.quantize
+            .dtype()
+            .map_or(String::new(), |f| format!(", {f} weights")),
         manifest.target_cpu,
         manifest.required_cpu_features.join(" "),
         args.out.display(),

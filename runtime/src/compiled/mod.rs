@@ -8,7 +8,7 @@ mod arena;
 mod elf;
 mod launcher;
 mod pool;
-mod quant;
+pub mod quant;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -360,11 +360,18 @@ impl CompiledModel {
                 {
                     quant::q8_bytes(elements)
                 }
-                q3c_abi::Q8_LAYOUT => {
+                q3c_abi::Q4_LAYOUT
+                    if w.shape.len() == 2
+                        && w.shape[0] % q3c_ir::Q8_PANEL == 0
+                        && w.shape[1] % q3c_ir::Q8_GROUP == 0 =>
+                {
+                    quant::q4_bytes(elements)
+                }
+                format @ (q3c_abi::Q8_LAYOUT | q3c_abi::Q4_LAYOUT) => {
                     return Err(artifact_err(
                         artifact,
                         format!(
-                            "weight {} {:?} cannot be bound as q8 (it needs [n, k], n a multiple of {}, k of {})",
+                            "weight {} {:?} cannot be bound as {format} (it needs [n, k], n a multiple of {}, k of {})",
                             w.name,
                             w.shape,
                             q3c_ir::Q8_PANEL,
@@ -411,10 +418,13 @@ impl CompiledModel {
                                 d.copy_from_slice(&v.to_ne_bytes());
                             }
                         }
-                        _ => {
+                        format => {
                             let k = w.shape[1];
                             let row = |i, buf: &mut [f32]| t.widen_into(i * k, buf);
-                            quant::quantize_q8(w.shape[0], k, row, slot)
+                            match format {
+                                q3c_abi::Q4_LAYOUT => quant::quantize_q4(w.shape[0], k, row, slot),
+                                _ => quant::quantize_q8(w.shape[0], k, row, slot),
+                            }
                         }
                     }
                 });

@@ -1,5 +1,6 @@
-//! Binding weights as `q8` (`q3c_abi::Q8_LAYOUT`): 8-bit values in groups of 32 with one f32 scale each,
-//! interleaved in panels of 16 rows for 512-bit VNNI products.
+//! Binding weights as `q8` (`q3c_abi::Q8_LAYOUT`: 8-bit values in groups of 32 with one f32 scale each) or
+//! `q4` (`q3c_abi::Q4_LAYOUT`: 4-bit values in groups of 32 with one f16 scale each), interleaved in panels
+//! of 16 rows for 512-bit VNNI products.
 
 use q3c_ir::{Q8_GROUP, Q8_PANEL};
 
@@ -36,6 +37,52 @@ pub fn quantize_q8(n: usize, k: usize, row: impl Fn(usize, &mut [f32]), out: &mu
             }
             let s = ((panel * groups + g) * Q8_PANEL + r) * 4;
             scales[s..s + 4].copy_from_slice(&d.to_ne_bytes());
+        }
+    }
+}
+
+/// Bytes of the `q4` form of `len` values: `len / 2` bytes of nibbles, then `len / 32` f16 scales.
+pub fn q4_bytes(len: usize) -> usize {
+    len / 2 + len / Q8_GROUP * 2
+}
+
+/// One group of 32 values in 4 bits: the scale `d` (as stored, f16) and the values `q + 8` in `0..16`, so
+/// that `v ≈ d · q`. `d = m / −8` for `m` the value of largest magnitude, which is therefore exact up to
+/// the f16 rounding of `d` (as llama.cpp's Q4_0).
+pub fn q4_group(values: &[f32]) -> (half::f16, [u8; Q8_GROUP]) {
+    let m = values
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = m / -8.0;
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0u8; Q8_GROUP];
+    for (q, v) in q.iter_mut().zip(values) {
+        *q = (((v * inv + MAGIC) - MAGIC).clamp(-8.0, 7.0) + 8.0) as u8;
+    }
+    (half::f16::from_f32(d), q)
+}
+
+/// Quantizes a row-major `[n, k]` matrix (`n` a multiple of 16, `k` of 32) into the `q4` layout in `out`
+/// (`q4_bytes(n·k)` bytes, 2-byte aligned); `row(i, buf)` writes row `i` into `buf` as f32.
+pub fn quantize_q4(n: usize, k: usize, row: impl Fn(usize, &mut [f32]), out: &mut [u8]) {
+    debug_assert!(k.is_multiple_of(Q8_GROUP) && n.is_multiple_of(Q8_PANEL));
+    let groups = k / Q8_GROUP;
+    let (q, scales) = out.split_at_mut(n * k / 2);
+    let mut buf = vec![0f32; k];
+    for i in 0..n {
+        row(i, &mut buf);
+        let (panel, r) = (i / Q8_PANEL, i % Q8_PANEL);
+        for (g, chunk) in buf.chunks_exact(Q8_GROUP).enumerate() {
+            let (d, values) = q4_group(chunk);
+            let block = (panel * groups + g) * Q8_GROUP * Q8_PANEL / 2 + r * 4;
+            // Steps 0..4 in the low nibbles, steps 4..8 in the high ones.
+            for v in 0..4 {
+                for j in 0..4 {
+                    q[block + v * STEP + j] = values[4 * v + j] | values[4 * (v + 4) + j] << 4;
+                }
+            }
+            let s = ((panel * groups + g) * Q8_PANEL + r) * 2;
+            scales[s..s + 2].copy_from_slice(&d.to_ne_bytes());
         }
     }
 }
@@ -101,6 +148,60 @@ mod tests {
         quantize_q8(16, 32, |_, buf| buf.fill(0.0), &mut zero);
         assert!(zero[..512].iter().all(|&b| b == 128));
         assert_eq!(element(&zero, 16, 32, 5, 7), 0.0);
+    }
+
+    /// Element `[i][j]` of an `[n, k]` matrix stored by [`quantize_q4`], decoded as `q3c_abi::Q4_LAYOUT` says.
+    fn element_q4(bytes: &[u8], n: usize, k: usize, i: usize, j: usize) -> f32 {
+        let (p, r, g, s) = (i / 16, i % 16, j / 32, j % 32 / 4);
+        let block = p * k / 32 + g;
+        let byte = bytes[block * 256 + (s % 4) * 64 + r * 4 + j % 4];
+        let nibble = if s < 4 { byte & 15 } else { byte >> 4 };
+        let at = n * k / 2 + (block * 16 + r) * 2;
+        let d = half::f16::from_ne_bytes(bytes[at..at + 2].try_into().unwrap()).to_f32();
+        d * (i32::from(nibble) - 8) as f32
+    }
+
+    #[test]
+    fn q4_round_trip_error_is_within_half_a_step_of_each_group() {
+        let (n, k) = (32, 96);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.0 * (1 + i / 700) as f32)
+            .collect();
+        let mut q = vec![0; q4_bytes(w.len())];
+        quantize_q4(
+            n,
+            k,
+            |i, buf| buf.copy_from_slice(&w[i * k..(i + 1) * k]),
+            &mut q,
+        );
+        assert_eq!(q.len(), n * k / 2 + n * k / 32 * 2);
+        for i in 0..n {
+            for g in 0..k / 32 {
+                let group = &w[i * k + g * 32..i * k + g * 32 + 32];
+                let m = group
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let step = m.abs() / 8.0;
+                // The f16 rounding of the scale (2⁻¹¹ relative) over at most 8 steps.
+                let f16 = m.abs() * 2f32.powi(-11) + 1e-6;
+                for j in g * 32..g * 32 + 32 {
+                    let v = w[i * k + j];
+                    // Half a step, but a value of m's opposite sign beyond 7.5 steps is clamped to 7
+                    // steps (the levels are −8..7): up to one step.
+                    let clamped = v * m < 0.0 && v.abs() > 7.5 * step;
+                    let bound = if clamped { step } else { step / 2.0 } + f16;
+                    let err = (element_q4(&q, n, k, i, j) - v).abs();
+                    assert!(err <= bound, "[{i}][{j}]: {err} > {bound}");
+                    if v == m {
+                        assert!(err <= f16, "[{i}][{j}]: the largest magnitude is exact");
+                    }
+                }
+            }
+        }
+        let mut zero = vec![1; q4_bytes(16 * 32)];
+        quantize_q4(16, 32, |_, buf| buf.fill(0.0), &mut zero);
+        assert!(zero[..256].iter().all(|&b| b == 0x88));
+        assert_eq!(element_q4(&zero, 16, 32, 5, 7), 0.0);
     }
 
     #[test]
