@@ -8,6 +8,7 @@ mod codegen;
 mod compare;
 mod model_args;
 mod output;
+mod packing;
 mod probe;
 mod server;
 mod textgen;

@@ -16,6 +16,18 @@ use crate::tensors::{expected_tensors, TensorSpec, LM_HEAD};
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// The index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The safetensors metadata key (`__metadata__`) under which a file lists its pre-quantized tensors, as a
+/// JSON object: `{"<tensor>": {"format": "q4", "layout": "panels-16-nibbles", "shape": [n, k], "dtype":
+/// "bf16"}}` — each stored as a `U8` tensor of the packed bytes (`q3c_abi::Q4_LAYOUT`, `Q8_LAYOUT`), with
+/// the shape and dtype of the tensor it was quantized from.
+pub const PACKED_KEY: &str = "q3c.packed";
+
+/// How a pre-quantized tensor's bytes are laid out (a `kernel_dtype` and `layout` of `q3c_abi`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packed {
+    pub format: String,
+    pub layout: String,
+}
 
 /// Why a checkpoint could not be opened or does not fit its config.
 #[derive(Debug, thiserror::Error)]
@@ -134,15 +146,19 @@ struct Entry {
     shape: Vec<usize>,
     start: usize,
     len: usize,
+    packed: Option<Packed>,
 }
 
 /// A borrowed view of one tensor's bytes.
 #[derive(Clone, Copy)]
 pub struct TensorRef<'a> {
+    /// The dtype of the tensor (for a pre-quantized one, of the tensor it was quantized from).
     pub dtype: DType,
     pub shape: &'a [usize],
-    /// Little-endian elements, row-major.
+    /// Little-endian elements, row-major; or the packed bytes of a pre-quantized tensor.
     pub bytes: &'a [u8],
+    /// How a pre-quantized tensor is packed (`None`: plain elements).
+    pub packed: Option<&'a Packed>,
 }
 
 impl TensorRef<'_> {
@@ -158,8 +174,12 @@ impl TensorRef<'_> {
         out
     }
 
-    /// Elements `start .. start + out.len()` widened to f32 into `out`.
+    /// Elements `start .. start + out.len()` widened to f32 into `out` (plain tensors only).
     pub fn widen_into(&self, start: usize, out: &mut [f32]) {
+        assert!(
+            self.packed.is_none(),
+            "a pre-quantized tensor has no plain elements"
+        );
         let size = self.dtype.size();
         let bytes = &self.bytes[start * size..(start + out.len()) * size];
         let pairs = out.iter_mut().zip(bytes.chunks_exact(size));
@@ -221,7 +241,36 @@ impl Checkpoint {
             message: e.to_string(),
         })?;
         let file_idx = self.files.len();
+        let bad = |message: String| CheckpointError::Format {
+            path: path.to_path_buf(),
+            message,
+        };
+        let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
+        let mut packed = match meta.metadata().as_ref().and_then(|m| m.get(PACKED_KEY)) {
+            Some(json) => parse_packed(json).map_err(|m| bad(format!("{PACKED_KEY}: {m}")))?,
+            None => BTreeMap::new(),
+        };
         for (name, view) in st.tensors() {
+            let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
+            if let Some((how, shape, dtype)) = packed.remove(&name) {
+                if view.dtype() != safetensors::Dtype::U8 || view.shape().len() != 1 {
+                    return Err(bad(format!(
+                        "pre-quantized tensor {name} must be stored as U8 bytes, is {:?} {:?}",
+                        view.dtype(),
+                        view.shape()
+                    )));
+                }
+                let entry = Entry {
+                    file: file_idx,
+                    dtype,
+                    shape,
+                    start,
+                    len: view.data().len(),
+                    packed: Some(how),
+                };
+                self.insert(name, entry, path)?;
+                continue;
+            }
             let dtype = match view.dtype() {
                 safetensors::Dtype::F32 => DType::F32,
                 safetensors::Dtype::BF16 => DType::BF16,
@@ -234,24 +283,46 @@ impl Checkpoint {
                     })
                 }
             };
-            let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
             let entry = Entry {
                 file: file_idx,
                 dtype,
                 shape: view.shape().to_vec(),
                 start,
                 len: view.data().len(),
+                packed: None,
             };
-            if let Some(prev) = self.tensors.insert(name.clone(), entry) {
-                return Err(CheckpointError::Duplicate {
-                    name,
-                    first: self.files[prev.file].0.clone(),
-                    second: path.to_path_buf(),
-                });
-            }
+            self.insert(name, entry, path)?;
+        }
+        if let Some(name) = packed.keys().next() {
+            return Err(bad(format!(
+                "{PACKED_KEY} lists {name}, which the file lacks"
+            )));
         }
         self.files.push((path.to_path_buf(), map));
         Ok(())
+    }
+
+    fn insert(&mut self, name: String, entry: Entry, path: &Path) -> Result<(), CheckpointError> {
+        match self.tensors.insert(name.clone(), entry) {
+            Some(prev) => Err(CheckpointError::Duplicate {
+                name,
+                first: self.files[prev.file].0.clone(),
+                second: path.to_path_buf(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The formats of the pre-quantized tensors (`q4`, `q8`), sorted; empty for a plain checkpoint.
+    pub fn packed_formats(&self) -> Vec<&str> {
+        let mut formats: Vec<&str> = self
+            .tensors
+            .values()
+            .filter_map(|e| e.packed.as_ref().map(|p| p.format.as_str()))
+            .collect();
+        formats.sort();
+        formats.dedup();
+        formats
     }
 
     /// Every tensor the index names must be in the shard it names.
@@ -276,6 +347,7 @@ impl Checkpoint {
             dtype: e.dtype,
             shape: &e.shape,
             bytes: &map[e.start..e.start + e.len],
+            packed: e.packed.as_ref(),
         })
     }
 
@@ -334,6 +406,42 @@ impl Checkpoint {
             Err(CheckpointError::Mismatch(Mismatches(problems)))
         }
     }
+}
+
+/// A pre-quantized tensor as its file's metadata lists it: packing, shape and dtype of the original.
+type PackedInfo = (Packed, Vec<usize>, DType);
+
+/// The pre-quantized tensors a file's [`PACKED_KEY`] metadata lists, by name.
+fn parse_packed(json: &str) -> Result<BTreeMap<String, PackedInfo>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("malformed JSON: {e}"))?;
+    let object = value.as_object().ok_or("not a JSON object")?;
+    object
+        .iter()
+        .map(|(name, info)| {
+            let text = |key: &str| {
+                info.get(key)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("{name}: no string `{key}`"))
+            };
+            let shape = info
+                .get("shape")
+                .and_then(|v| v.as_array())
+                .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+                .ok_or_else(|| format!("{name}: no integer array `shape`"))?;
+            let dtype = text("dtype")?;
+            let dtype = [DType::F32, DType::BF16, DType::F16]
+                .into_iter()
+                .find(|d| d.name() == dtype)
+                .ok_or_else(|| format!("{name}: unknown dtype {dtype}"))?;
+            let packed = Packed {
+                format: text("format")?,
+                layout: text("layout")?,
+            };
+            Ok((name.clone(), (packed, shape, dtype)))
+        })
+        .collect()
 }
 
 fn read_weight_map(index: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {

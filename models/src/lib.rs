@@ -13,8 +13,9 @@ pub mod random;
 pub mod registry;
 pub mod source;
 pub mod tensors;
+pub mod writer;
 
-pub use checkpoint::{Checkpoint, CheckpointError, TensorRef};
+pub use checkpoint::{Checkpoint, CheckpointError, Packed, TensorRef};
 pub use config::{ConfigError, MoeConfig, Qwen3Config, YarnScaling};
 pub use dtype::DType;
 pub use source::{resolve, ModelSource, SourceError};

@@ -2,13 +2,15 @@
 
 use std::path::Path;
 
+use crate::checkpoint::SINGLE_FILE;
 use crate::tensors::expected_tensors;
+use crate::writer::{plan_tensors, round_to, to_bytes, write_safetensors, Packer};
 use crate::{DType, Qwen3Config};
 
 /// A checkpoint could not be written.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct WriteError(String);
+pub struct WriteError(pub String);
 
 /// A small, fast, seedable generator (Steele et al.'s SplitMix64), shared by samplers, random checkpoints and
 /// tests.
@@ -38,6 +40,19 @@ pub fn write_checkpoint(
     dir: &Path,
     tokenizer: Option<&Path>,
 ) -> Result<(), WriteError> {
+    write_checkpoint_packed(cfg, dtype, seed, dir, tokenizer, None)
+}
+
+/// [`write_checkpoint`], storing the tensors `packer` chooses pre-quantized (the values it packs are the
+/// ones a plain checkpoint of `dtype` would hold). Tensors are generated and written one at a time.
+pub fn write_checkpoint_packed(
+    cfg: &Qwen3Config,
+    dtype: DType,
+    seed: u64,
+    dir: &Path,
+    tokenizer: Option<&Path>,
+    packer: Option<&dyn Packer>,
+) -> Result<(), WriteError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| WriteError(format!("cannot create {}: {e}", dir.display())))?;
     let mut cfg = cfg.clone();
@@ -49,49 +64,28 @@ pub fn write_checkpoint(
         "Qwen3ForCausalLM"
     }]);
     let mut rng = SplitMix64(seed);
-    let st_dtype = match dtype {
-        DType::F32 => safetensors::Dtype::F32,
-        DType::BF16 => safetensors::Dtype::BF16,
-        DType::F16 => safetensors::Dtype::F16,
-    };
     // Uniform with the standard deviation of transformers' initialisation (0.02); norms at 1.
     let amplitude = 0.02 * 3f32.sqrt();
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = expected_tensors(&cfg)
-        .into_iter()
-        .map(|t| {
-            let n: usize = t.shape.iter().product();
-            let mut bytes = Vec::with_capacity(n * dtype.size());
-            let norm = t.name.ends_with("norm.weight");
-            for _ in 0..n {
+    let specs = expected_tensors(&cfg);
+    let plan = plan_tensors(&specs, dtype, packer);
+    write_safetensors(&dir.join(SINGLE_FILE), &plan.tensors, &plan.metadata, |i| {
+        let t = &specs[i];
+        let norm = t.name.ends_with("norm.weight");
+        let values: Vec<f32> = (0..t.shape.iter().product::<usize>())
+            .map(|_| {
                 let v = if norm {
                     1.0
                 } else {
                     amplitude * (2.0 * rng.next_f64() as f32 - 1.0)
                 };
-                match dtype {
-                    DType::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
-                    DType::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-                    DType::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                }
-            }
-            (t.name, t.shape, bytes)
+                round_to(dtype, v)
+            })
+            .collect();
+        Ok(match (&plan.packed[i], packer) {
+            (Some(_), Some(p)) => p.pack(&t.name, &t.shape, &values),
+            _ => to_bytes(dtype, &values),
         })
-        .collect();
-    let views = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            Ok((
-                name.as_str(),
-                safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| WriteError(format!("building tensors: {e}")))?;
-    let tmp = dir.join(".model.safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .map_err(|e| WriteError(format!("writing model.safetensors: {e}")))?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))
-        .map_err(|e| WriteError(format!("writing model.safetensors: {e}")))?;
+    })?;
     let text = serde_json::to_string_pretty(&json).map_err(|e| WriteError(e.to_string()))? + "\n";
     std::fs::write(dir.join("config.json"), text)
         .map_err(|e| WriteError(format!("writing config.json: {e}")))?;

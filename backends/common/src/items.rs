@@ -90,8 +90,8 @@ pub fn work_items(graph: &Graph, id: NodeId) -> Items {
             }
         }
         Op::MoeRoute { .. } => by_t(1),
-        // (panel of output columns, expert), panel-major, over the rows grouped by expert (see `launch`):
-        // each thread's share spans every expert, however the tokens chose.
+        // (panel of output columns, u-th expert with rows), panel-major, over the rows grouped by expert
+        // (see `launch`): each thread's share spans every used expert, however the tokens chose.
         Op::ExpertLinear | Op::ExpertSwiGlu => {
             let (n, tile) = linear_outputs(graph, id);
             let experts = element_dims(graph, graph.inputs(id)[2], 0)[0];

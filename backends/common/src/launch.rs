@@ -35,9 +35,10 @@ pub enum Body {
 /// The steps around a grouped expert product, for every backend (bodies in `q3c_kernels::moe`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MoeStep {
-    /// `args = [T, past, ids i32[T, slots], offsets i32[experts + 1], order i32[T·slots]]`, one item:
+    /// `args = [T, past, ids i32[T, slots], offsets i32[2·experts + 2], order i32[T·slots]]`, one item:
     /// `order` lists the rows `token · slots + slot` grouped by expert (ascending within an expert), and
-    /// expert `e`'s rows are `order[offsets[e] .. offsets[e + 1]]`.
+    /// expert `e`'s rows are `order[offsets[e] .. offsets[e + 1]]`; `offsets[experts + 1]` is the number `u`
+    /// of experts with rows and `offsets[experts + 2 ..][..u]` are their ids, ascending.
     Group { experts: usize, slots: usize },
     /// `args = [T, past, x, order, rows]`, one item per row `p` of `order`: row `p` of `rows` (`k` f32)
     /// is the activation of row `order[p]`: `x`'s token row when `per_slot` is false (x is `[T, 1, k]`),
@@ -296,7 +297,7 @@ fn moe_area(graph: &Graph, plan: &mut Plan) -> Option<MoeArea> {
     let rows = plan.max_tokens * slots;
     let align = |b: usize| b.div_ceil(64) * 64;
     let offsets = align(plan.scratch_bytes_per_token * plan.max_tokens);
-    let order = offsets + align(4 * (experts + 1));
+    let order = offsets + align(4 * (2 * experts + 2));
     let rows_in = order + align(4 * rows);
     let rows_out = rows_in + align(4 * k * rows);
     let end = rows_out + 4 * n * rows;

@@ -44,7 +44,8 @@ pub fn emit<B: KernelBuilder>(b: &mut B, step: MoeStep, Params { args, start, en
 }
 
 /// A counting sort of the `T · slots` rows by expert id: `offsets[e]` = rows of experts below `e`, and
-/// `order[offsets[e] ..]` expert `e`'s rows in ascending order.
+/// `order[offsets[e] ..]` expert `e`'s rows in ascending order; after `offsets[experts]`, the count of
+/// experts with rows and their ids.
 fn group<B: KernelBuilder>(
     b: &mut B,
     t: B::Int,
@@ -81,6 +82,27 @@ fn group<B: KernelBuilder>(
         b.set_int(running, sum);
         b.store_i32(sum, at);
     });
+    // The experts with rows, compacted after the offsets: used[0] = how many, used[1..] = which (the
+    // product's items then skip the others with one compare). Branch-free: every expert is written at the
+    // next place, which only a used one keeps.
+    let used = b.off(offsets, 4 * (experts + 1));
+    let count_used = b.var_int(zero);
+    b.for_n(experts, |b, e| {
+        let at = b.addr(offsets, e, 4);
+        let first = b.load_i32(at);
+        let at = b.off(at, 4);
+        let next = b.load_i32(at);
+        let n = b.get_int(count_used);
+        let slot = b.add_c(n, 1);
+        let to = b.addr(used, slot, 4);
+        b.store_i32(e, to);
+        let empty = b.ieq(first, next);
+        let n1 = b.add_c(n, 1);
+        let n = b.select_int(empty, n, n1);
+        b.set_int(count_used, n);
+    });
+    let n = b.get_int(count_used);
+    b.store_i32(n, used);
     // ... then each row placed at its expert's cursor (a copy of the starts on the stack).
     let cursor = b.stack(4 * experts);
     b.for_n(experts, |b, e| {

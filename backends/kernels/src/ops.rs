@@ -7,7 +7,8 @@
 //! without a body here does not compile.
 
 use q3c_backend_common::items::{
-    broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, ATTENTION_TOKENS,
+    broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
+    ATTENTION_TOKENS,
 };
 use q3c_backend_common::plan::Plan;
 use q3c_backend_common::BackendError;
@@ -109,36 +110,26 @@ pub fn emit<B: KernelBuilder>(
         }
         Op::ExpertLinear | Op::ExpertSwiGlu => {
             // Grouped (see `q3c_backend_common::launch`): args = [T, past, rows in expert order, offsets
-            // i32[E + 1], expert stacks (one, or gate and up)..., rows out in expert order]. Item =
-            // (panel, expert), panel-major: that panel of the expert's matrices times all of its rows.
+            // (with the used experts after them, `MoeStep::Group`), expert stacks (one, or gate and
+            // up)..., rows out in expert order]. Item = (panel, u), panel-major: that panel of the u-th
+            // used expert's matrices times all of its rows; items past the used experts do nothing.
             let k = dims(graph, graph.inputs(id)[0])[2];
             let dt = in_dtype(plan, graph, id, 2);
             let (n, tile) = linear_outputs(graph, id);
             let experts = element_dims(graph, graph.inputs(id)[2], 0)[0];
             let stacks = &ptr[2..n_in];
+            let used = b.off(ptr[1], 4 * (experts + 1));
+            let used_count = b.load_i32(used);
             b.for_range(start, end, 1, |b, item| {
                 let panel = b.udiv_c(item, experts);
-                let expert = b.urem_c(item, experts);
-                let at = b.addr(ptr[1], expert, 4);
-                let first_row = b.load_i32(at);
-                let at = b.off(at, 4);
-                let next = b.load_i32(at);
-                let rows = b.sub(next, first_row);
-                let w: Vec<B::Ptr> = stacks
-                    .iter()
-                    .map(|&stack| {
-                        let entry = b.addr(stack, expert, 8);
-                        b.load_ptr(entry)
-                    })
-                    .collect();
-                let mm = MatMul {
-                    k,
-                    dt,
-                    rows,
-                    first_row,
-                    tile,
-                };
-                b.matmul_columns(mm, ptr[0], &w, out, n[0], panel);
+                let u = b.urem_c(item, experts);
+                let live = b.ult(u, used_count);
+                b.when(live, |b| {
+                    let at = b.addr(used, u, 4);
+                    let at = b.off(at, 4);
+                    let expert = b.load_i32(at);
+                    expert_panel(b, expert, panel, &ptr, stacks, out, (k, dt, n[0], tile));
+                });
             });
         }
         Op::RmsNorm { eps } => {
@@ -369,6 +360,39 @@ impl<I: Copy> At<I> {
     fn is_vector(self) -> bool {
         matches!(self, At::Vector(_))
     }
+}
+
+/// One item of a grouped expert product: columns `panel · tile.width ..` of expert `expert`'s rows (see
+/// `Op::ExpertLinear` in [`emit`]).
+fn expert_panel<B: KernelBuilder>(
+    b: &mut B,
+    expert: B::Int,
+    panel: B::Int,
+    ptr: &[B::Ptr],
+    stacks: &[B::Ptr],
+    out: B::Ptr,
+    (k, dt, n, tile): (usize, DType, usize, LinearTile),
+) {
+    let at = b.addr(ptr[1], expert, 4);
+    let first_row = b.load_i32(at);
+    let at = b.off(at, 4);
+    let next = b.load_i32(at);
+    let rows = b.sub(next, first_row);
+    let w: Vec<B::Ptr> = stacks
+        .iter()
+        .map(|&stack| {
+            let entry = b.addr(stack, expert, 8);
+            b.load_ptr(entry)
+        })
+        .collect();
+    let mm = MatMul {
+        k,
+        dt,
+        rows,
+        first_row,
+        tile,
+    };
+    b.matmul_columns(mm, ptr[0], &w, out, n, panel);
 }
 
 /// Copies `n` f32 from `src` to `dst`.

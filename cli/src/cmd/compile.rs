@@ -33,10 +33,13 @@ pub struct Args {
     /// dot products (about 2x the f32 rate; what llama.cpp does for bf16 models; refused on CPUs without it).
     #[arg(long)]
     bf16_activations: bool,
-    /// LLVM: bind the linear matrices as 8-bit groups of 32 with an f32 scale each (quantized at load)
-    /// and multiply them with AVX512-VNNI on activations quantized the same way (like llama.cpp's Q8_0).
-    #[arg(long, value_enum, default_value_t = Quantize::None)]
-    quantize: Quantize,
+    /// LLVM: bind the matrices of linear and expert products as 8-bit (q8: groups of 32, f32 scales, like
+    /// llama.cpp's Q8_0) or 4-bit (q4: groups of 32, f16 scales, like Q4_0; the logits matrix in q8)
+    /// weights, multiplied with AVX512-VNNI on 8-bit activations; quantized at load, or read as they are
+    /// from a checkpoint written by `q3c quantize`. Default: the format of MODEL's checkpoint if it is
+    /// pre-quantized, else none.
+    #[arg(long, value_enum)]
+    quantize: Option<Quantize>,
     /// Most tokens per forward call (longer prompts run in chunks); sizes the scratch memory.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -68,12 +71,16 @@ pub fn run(args: Args) -> Result<()> {
         );
         return Ok(());
     }
+    let quantize = match args.quantize {
+        Some(q) => q,
+        None => checkpoint_format(&args.model),
+    };
     let how = CpuCodegen {
         backend,
         target_cpu: &args.target_cpu,
         max_tokens: args.max_tokens,
         bf16_activations: args.bf16_activations,
-        quantize: args.quantize,
+        quantize,
     };
     let (manifest, _) = codegen::compile_artifact(&cfg, &strategy, &how, &args.out)?;
     eprintln!(
@@ -81,7 +88,7 @@ pub fn run(args: Args) -> Result<()> {
         manifest.backend,
         manifest.fusion,
         manifest.matmul_activations,
-        args.quantize
+        quantize
             .dtype()
             .map_or(String::new(), |f| format!(", {f} weights")),
         manifest.target_cpu,
@@ -92,4 +99,25 @@ pub fn run(args: Args) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The format of a pre-quantized checkpoint in directory `model` (q4 where any tensor is 4-bit: its
+/// logits matrix is 8-bit), or none.
+fn checkpoint_format(model: &str) -> Quantize {
+    let dir = std::path::Path::new(model);
+    let formats = match q3c_models::Checkpoint::open(dir) {
+        Ok(ckpt) if dir.is_dir() => ckpt
+            .packed_formats()
+            .iter()
+            .map(|f| f.to_string())
+            .collect(),
+        _ => Vec::new(),
+    };
+    if formats.iter().any(|f| f == q3c_abi::Q4_LAYOUT) {
+        Quantize::Q4
+    } else if formats.iter().any(|f| f == q3c_abi::Q8_LAYOUT) {
+        Quantize::Q8
+    } else {
+        Quantize::None
+    }
 }

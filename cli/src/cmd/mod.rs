@@ -9,6 +9,7 @@ mod ir;
 mod logits;
 mod models;
 mod probe;
+mod quantize;
 mod random_weights;
 mod serve;
 
@@ -47,6 +48,8 @@ enum Command {
     Bench(bench::Args),
     /// Write a checkpoint of random weights for MODEL (for benchmarks and smoke tests).
     RandomWeights(random_weights::Args),
+    /// Write a pre-quantized copy of a checkpoint (q8 or q4), bound as it is by artifacts compiled with the same --quantize.
+    Quantize(quantize::Args),
 }
 
 /// Runs one parsed command line.
@@ -63,5 +66,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Models => models::run(),
         Command::Bench(args) => bench::run(args),
         Command::RandomWeights(args) => random_weights::run(args),
+        Command::Quantize(args) => quantize::run(args),
     }
 }

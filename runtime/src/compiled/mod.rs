@@ -347,6 +347,17 @@ impl CompiledModel {
                 ));
             }
             let elements: usize = w.shape.iter().product();
+            if let Some(packed) = t.packed {
+                let size = bind_packed(w, packed, &t, residency).map_err(|message| {
+                    RuntimeError::Weight {
+                        name: w.name.clone(),
+                        message,
+                    }
+                })?;
+                tensors.push(t);
+                sizes.push(size);
+                continue;
+            }
             let size = match w.kernel_dtype.as_str() {
                 k if k == w.dtype => match residency {
                     Residency::Copied => t.bytes.len(),
@@ -395,7 +406,8 @@ impl CompiledModel {
         let mut weight_ptrs = Vec::with_capacity(manifest.weights.len());
         let mut fills = Vec::new();
         for ((w, t), slot) in manifest.weights.iter().zip(&tensors).zip(arena.slots()) {
-            if w.kernel_dtype == w.dtype && residency == Residency::Mapped {
+            // Bound in place: mapped weights the kernels read as stored (given no arena bytes).
+            if residency == Residency::Mapped && slot.is_empty() {
                 weight_ptrs.push(t.bytes.as_ptr());
             } else {
                 weight_ptrs.push(slot.as_ptr());
@@ -412,6 +424,7 @@ impl CompiledModel {
                         return;
                     };
                     match w.kernel_dtype.as_str() {
+                        _ if t.packed.is_some() => slot.copy_from_slice(t.bytes),
                         k if k == w.dtype => slot.copy_from_slice(t.bytes),
                         "f32" => {
                             for (d, v) in slot.chunks_exact_mut(4).zip(t.to_f32()) {
@@ -616,4 +629,47 @@ impl Session for CompiledSession<'_> {
     fn vocab_size(&self) -> usize {
         self.model.manifest.vocab_size
     }
+}
+
+/// The arena bytes a pre-quantized checkpoint tensor `t` takes for weight `w` (none when mapped in place),
+/// or why it cannot be bound: packed in another format or layout than the artifact reads, or holding fewer
+/// or more bytes than its shape needs (a truncated or foreign file).
+fn bind_packed(
+    w: &q3c_abi::WeightEntry,
+    packed: &q3c_models::Packed,
+    t: &q3c_models::TensorRef,
+    residency: Residency,
+) -> Result<usize, String> {
+    if packed.format != w.kernel_dtype || packed.layout != w.layout {
+        let hint = match w.kernel_dtype.as_str() {
+            q3c_abi::Q8_LAYOUT | q3c_abi::Q4_LAYOUT => {
+                format!("the artifact reads it as {}", w.kernel_dtype)
+            }
+            _ => "the artifact reads it unquantized".to_string(),
+        };
+        return Err(format!(
+            "is pre-quantized as {} ({}) in the checkpoint, but {hint} ({}): compile with --quantize {}",
+            packed.format, packed.layout, w.layout, packed.format
+        ));
+    }
+    let elements: usize = w.shape.iter().product();
+    let want = match packed.format.as_str() {
+        q3c_abi::Q4_LAYOUT => quant::q4_bytes(elements),
+        _ => quant::q8_bytes(elements),
+    };
+    if t.bytes.len() != want {
+        return Err(format!(
+            "holds {} packed bytes, {} {:?} needs {want} (truncated or written for another shape)",
+            t.bytes.len(),
+            packed.format,
+            w.shape
+        ));
+    }
+    // The kernels load 4-byte words (and 2-byte scales) of a packed matrix: one not 4-byte aligned in the
+    // file is copied, whatever the residency.
+    let aligned = (t.bytes.as_ptr() as usize).is_multiple_of(4);
+    Ok(match residency {
+        Residency::Mapped if aligned => 0,
+        _ => t.bytes.len(),
+    })
 }

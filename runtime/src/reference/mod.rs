@@ -121,6 +121,16 @@ fn bind(ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result<Weight, Runtim
                 message: format!("has shape {:?}, the graph expects {want:?}", t.shape),
             });
         }
+        if let Some(packed) = t.packed {
+            return Err(RuntimeError::Weight {
+                name: name.into(),
+                message: format!(
+                    "is pre-quantized ({}); the reference executor reads plain checkpoints — run an \
+                     artifact compiled with --quantize {}",
+                    packed.format, packed.format
+                ),
+            });
+        }
         Ok(t.to_f32())
     };
     let data = if name.contains(EXPERT_PLACEHOLDER) {
