@@ -35,6 +35,18 @@ pub struct BenchResult {
     pub prefill_std_tok_s: f64,
     pub decode_mean_tok_s: f64,
     pub decode_std_tok_s: f64,
+    /// Seconds to load the model (weights bound), and the process's resident memory right after
+    /// (`VmRSS`; `null` where the system does not say).
+    pub load_s: f64,
+    pub resident_after_load_bytes: Option<u64>,
+}
+
+/// This process's resident memory (`VmRSS` of `/proc/self/status`), if the system reports it.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Mean and (sample) standard deviation.
@@ -114,5 +126,7 @@ pub fn run(
         prefill_std_tok_s: pp_std,
         decode_mean_tok_s: tg_mean,
         decode_std_tok_s: tg_std,
+        load_s: 0.0,
+        resident_after_load_bytes: None,
     })
 }

@@ -262,6 +262,15 @@ fn random_weights_then_bench_reports_json() {
         r["prefill_tok_s"].as_f64().unwrap() > 0.0 && r["decode_tok_s"].as_f64().unwrap() > 0.0,
         "{r}"
     );
+    // The memory after load covers at least the weights bound in it (f16 widened to f32: twice the file).
+    let weights = std::fs::metadata(model.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        r["load_s"].as_f64().unwrap() > 0.0
+            && r["resident_after_load_bytes"].as_u64().unwrap() > weights,
+        "{r}"
+    );
     assert_eq!(
         (
             r["prompt_len"].as_u64(),

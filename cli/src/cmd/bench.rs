@@ -61,7 +61,10 @@ pub fn run(args: Args) -> Result<()> {
     if args.compare_fusion {
         return compare(args, threads);
     }
+    let loading = std::time::Instant::now();
     let model = args.model.load()?;
+    let load_s = loading.elapsed().as_secs_f64();
+    let resident = crate::bench::resident_bytes();
     let tokens = args.depth.unwrap_or(0) + args.prompt_len + args.gen + 1;
     if tokens > model.max_positions() {
         bail!(
@@ -80,10 +83,17 @@ pub fn run(args: Args) -> Result<()> {
         depth: args.depth,
         reps: args.reps,
     };
-    let r = crate::bench::run(&mut *session, vocab, work, threads)?;
+    let mut r = crate::bench::run(&mut *session, vocab, work, threads)?;
+    r.load_s = load_s;
+    r.resident_after_load_bytes = resident;
     if args.json {
         return print_json(&r);
     }
+    let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+    eprintln!(
+        "loaded in {load_s:.1} s; resident after load: {}",
+        resident.map_or("unknown".into(), gb)
+    );
     let at = args.depth.map(|d| format!(" @ d{d}")).unwrap_or_default();
     print_stdout(&format!(
         "pp{}{at}: {:.2} tok/s (mean {:.2} ± {:.2})\ntg{}{at}: {:.2} tok/s (mean {:.2} ± {:.2})\n\
