@@ -90,16 +90,11 @@ pub fn work_items(graph: &Graph, id: NodeId) -> Items {
             }
         }
         Op::MoeRoute { .. } => by_t(1),
-        // (panel of output columns, u-th expert with rows), panel-major, over the rows grouped by expert
-        // (see `launch`): each thread's share spans every used expert, however the tokens chose.
+        // (panel of output columns, u-th expert with rows) pairs, `panels · T·slots` of them (no more
+        // than T·slots experts can have rows); the kernel orders them (see `ops::emit`).
         Op::ExpertLinear | Op::ExpertSwiGlu => {
             let (n, tile) = linear_outputs(graph, id);
-            let experts = element_dims(graph, graph.inputs(id)[2], 0)[0];
-            Items {
-                count: n[0] / tile.width * experts,
-                scales_with_t: false,
-                tokens_per_item: 1,
-            }
+            by_t(n[0] / tile.width * out[1])
         }
         Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Softmax => {
             by_t(out[1..out.len() - 1].iter().product())

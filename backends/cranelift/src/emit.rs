@@ -206,6 +206,12 @@ impl KernelBuilder for Emit<'_, '_> {
         let c = self.iconst(c);
         self.b.ins().urem(a, c)
     }
+    fn udiv(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().udiv(a, b)
+    }
+    fn urem(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().urem(a, b)
+    }
     fn ult(&mut self, a: Value, b: Value) -> Value {
         self.b.ins().icmp(IntCC::UnsignedLessThan, a, b)
     }

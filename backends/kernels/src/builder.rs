@@ -59,6 +59,10 @@ pub trait KernelBuilder: Sized {
     fn mul_c(&mut self, a: Self::Int, c: usize) -> Self::Int;
     fn udiv_c(&mut self, a: Self::Int, c: usize) -> Self::Int;
     fn urem_c(&mut self, a: Self::Int, c: usize) -> Self::Int;
+    /// `a / b`, unsigned, `b` not zero.
+    fn udiv(&mut self, a: Self::Int, b: Self::Int) -> Self::Int;
+    /// `a % b`, unsigned, `b` not zero.
+    fn urem(&mut self, a: Self::Int, b: Self::Int) -> Self::Int;
     /// `a < b`, unsigned.
     fn ult(&mut self, a: Self::Int, b: Self::Int) -> Self::Bool;
     fn ieq(&mut self, a: Self::Int, b: Self::Int) -> Self::Bool;

@@ -111,24 +111,58 @@ pub fn emit<B: KernelBuilder>(
         Op::ExpertLinear | Op::ExpertSwiGlu => {
             // Grouped (see `q3c_backend_common::launch`): args = [T, past, rows in expert order, offsets
             // (with the used experts after them, `MoeStep::Group`), expert stacks (one, or gate and
-            // up)..., rows out in expert order]. Item = (panel, u), panel-major: that panel of the u-th
-            // used expert's matrices times all of its rows; items past the used experts do nothing.
+            // up)..., rows out in expert order]. `panels · T·slots` items, each a (panel, u) pair: that
+            // panel of the u-th used expert's matrices times all of its rows; pairs past the used experts
+            // (at most min(E, T·slots)) do nothing.
             let k = dims(graph, graph.inputs(id)[0])[2];
             let dt = in_dtype(plan, graph, id, 2);
             let (n, tile) = linear_outputs(graph, id);
             let experts = element_dims(graph, graph.inputs(id)[2], 0)[0];
+            let slots = dims(graph, id)[1];
+            let panels = n[0] / tile.width;
             let stacks = &ptr[2..n_in];
+            let shape = (k, dt, n[0], tile);
             let used = b.off(ptr[1], 4 * (experts + 1));
             let used_count = b.load_i32(used);
-            b.for_range(start, end, 1, |b, item| {
-                let panel = b.udiv_c(item, experts);
-                let u = b.urem_c(item, experts);
+            let rows = b.mul_c(t, slots);
+            let item = |b: &mut B, u: B::Int, panel: B::Int| {
                 let live = b.ult(u, used_count);
                 b.when(live, |b| {
                     let at = b.addr(used, u, 4);
                     let at = b.off(at, 4);
                     let expert = b.load_i32(at);
-                    expert_panel(b, expert, panel, &ptr, stacks, out, (k, dt, n[0], tile));
+                    expert_panel(b, expert, panel, &ptr, stacks, out, shape);
+                });
+            };
+            // Few rows (decode): expert-major — nearly every pair is live, and a thread's share streams
+            // whole experts' panels in order. Many rows: panel-major, so that the live pairs (one per used
+            // expert in each panel) spread evenly over the threads; (panel, u) advance item by item.
+            let limit = b.iconst(experts + 1);
+            let few = b.ult(rows, limit);
+            b.when(few, |b| {
+                b.for_range(start, end, 1, |b, i| {
+                    let u = b.udiv_c(i, panels);
+                    let panel = b.urem_c(i, panels);
+                    item(b, u, panel);
+                });
+            });
+            let many = b.not(few);
+            b.when(many, |b| {
+                let panel = b.udiv(start, rows);
+                let panel = b.var_int(panel);
+                let u = b.urem(start, rows);
+                let u = b.var_int(u);
+                b.for_range(start, end, 1, |b, _| {
+                    let (uv, pv) = (b.get_int(u), b.get_int(panel));
+                    item(b, uv, pv);
+                    let next = b.add_c(uv, 1);
+                    let wrap = b.ieq(next, rows);
+                    let zero = b.iconst(0);
+                    let nu = b.select_int(wrap, zero, next);
+                    b.set_int(u, nu);
+                    let np = b.add_c(pv, 1);
+                    let np = b.select_int(wrap, np, pv);
+                    b.set_int(panel, np);
                 });
             });
         }

@@ -51,6 +51,12 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
     fn urem_c(&mut self, a: IntValue<'ctx>, c: usize) -> IntValue<'ctx> {
         Fb::urem_c(self, a, c)
     }
+    fn udiv(&mut self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        self.b.build_int_unsigned_div(a, b, "").expect(BUG)
+    }
+    fn urem(&mut self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
+        self.b.build_int_unsigned_rem(a, b, "").expect(BUG)
+    }
     fn ult(&mut self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> IntValue<'ctx> {
         self.icmp(IntPredicate::ULT, a, b)
     }
