@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Mixture-of-experts prefill and decode: q3c (LLVM, fusion all) at bf16 (f32 and bf16 activations), q8 and q4
-# next to llama.cpp at BF16, Q8_0 and Q4_0 on the same checkpoint, alternating, in one run.
+# next to llama.cpp at BF16, Q8_0 and Q4_0 on the same checkpoint, alternating, in one run. (`bf16` is the
+# artifact with f32 activations, `bf16-act` the default for a bf16 checkpoint on an AVX512_BF16 CPU.)
 #
 #   benches/moe.sh MODEL_DIR BF16_GGUF Q8_0_GGUF Q4_0_GGUF [ROUNDS]
 #
@@ -24,7 +25,10 @@ ARTS=()
 for build in new ${OLD_Q3C:+old}; do
   q3c=$Q3C
   [ "$build" = old ] && q3c=$OLD_Q3C
-  compile "$q3c" "$build-bf16" && ARTS+=("$build-bf16")
+  # f32 activations (the default before bf16 checkpoints got bf16 activations; older builds lack the flag).
+  F32=()
+  [ "$build" = new ] && F32=(--activations f32)
+  compile "$q3c" "$build-bf16" "${F32[@]}" && ARTS+=("$build-bf16")
   compile "$q3c" "$build-bf16-act" --bf16-activations && ARTS+=("$build-bf16-act")
   compile "$q3c" "$build-q8" --quantize q8 && ARTS+=("$build-q8")
   if compile "$q3c" "$build-q4" --quantize q4 2>/dev/null; then ARTS+=("$build-q4"); fi

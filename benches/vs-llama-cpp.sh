@@ -13,7 +13,7 @@ Q3C=${Q3C:-target/release/q3c}
 THREADS=${THREADS:-2}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-"$Q3C" compile "$BF16" --backend llvm --fusion all -o "$WORK/bf16.so"
+"$Q3C" compile "$BF16" --backend llvm --fusion all --activations f32 -o "$WORK/bf16.so"
 "$Q3C" compile "$BF16" --backend llvm --fusion all --bf16-activations -o "$WORK/bf16-act.so"
 "$Q3C" compile "$F32" --backend llvm --fusion all -o "$WORK/f32.so"
 "$Q3C" compile "$BF16" --backend llvm --fusion all --quantize q8 -o "$WORK/q8.so"

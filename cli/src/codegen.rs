@@ -70,6 +70,43 @@ impl Quantize {
     }
 }
 
+/// `--activations`: what matrix products round their activations to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Activations {
+    /// bf16 where the weights are bf16 and the target has AVX512_BF16 (LLVM), else f32.
+    Auto,
+    /// f32: exact to the reference.
+    F32,
+    /// bf16 (AVX512_BF16 dot products; refused on CPUs without it).
+    Bf16,
+}
+
+impl Activations {
+    /// Whether products over bf16 weights round activations to bf16, for `cfg` compiled by `backend` for
+    /// `target_cpu`.
+    pub fn bf16(self, cfg: &Qwen3Config, backend: Backend, target_cpu: &str) -> Result<bool> {
+        Ok(match self {
+            Activations::F32 => false,
+            Activations::Bf16 => true,
+            Activations::Auto => {
+                backend == Backend::Llvm
+                    && cfg.torch_dtype == q3c_models::DType::BF16
+                    && bf16_dot_available(target_cpu)?
+            }
+        })
+    }
+}
+
+#[cfg(feature = "llvm")]
+fn bf16_dot_available(target_cpu: &str) -> Result<bool> {
+    Ok(q3c_backend_llvm::bf16_dot_available(target_cpu)?)
+}
+
+#[cfg(not(feature = "llvm"))]
+fn bf16_dot_available(_: &str) -> Result<bool> {
+    Ok(false)
+}
+
 /// How to generate CPU code.
 pub struct CpuCodegen<'a> {
     /// A resolved backend (not `auto`).
@@ -111,7 +148,7 @@ fn compile_object(
 ) -> Result<(Vec<u8>, q3c_abi::Manifest)> {
     if how.backend != Backend::Llvm {
         if how.bf16_activations {
-            bail!("--bf16-activations needs --backend llvm");
+            bail!("--activations bf16 needs --backend llvm");
         }
         if let Some(format) = how.quantize.dtype() {
             bail!("--quantize {format} needs --backend llvm");

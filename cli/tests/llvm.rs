@@ -35,7 +35,7 @@ fn misuse_of_backend_flags_is_refused() {
     );
     assert_error(
         &cranelift(&["--bf16-activations"]),
-        "--bf16-activations needs --backend llvm",
+        "--activations bf16 needs --backend llvm",
     );
     assert_error(
         &cranelift(&["--quantize", "q8"]),
@@ -179,4 +179,32 @@ fn llvm_so_generates_transformers_greedy_ids_and_ptx_is_written() {
         "GPU 'sm_9000'",
     );
     assert!(!bad.exists());
+}
+
+/// With no flags, a bf16 checkpoint gets bf16 activations where the CPU has AVX512_BF16 (the fast path,
+/// held to bf16 rounding in tests/compiled.rs); an f32 checkpoint, or `--activations f32`, stays exact.
+#[cfg(feature = "llvm")]
+#[test]
+fn default_activations_follow_the_weights_and_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let activations = |model: &str, extra: &[&str]| {
+        let so = tmp.path().join("a.so");
+        let dir = fixtures_dir().join(model);
+        let mut args = vec!["compile", path(&dir), "-o", path(&so)];
+        args.extend_from_slice(extra);
+        ok(&args);
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&["inspect", path(&so), "--json"])).unwrap();
+        json["matmul_activations"].as_str().unwrap().to_string()
+    };
+    assert_eq!(activations("moe", &[]), "f32", "f32 weights");
+    assert_eq!(activations("tied_bf16", &["--activations", "f32"]), "f32");
+    assert_eq!(
+        activations("tied_bf16", &["--target-cpu", "x86-64-v3"]),
+        "f32",
+        "no AVX512_BF16 on the target"
+    );
+    if q3c_tests::cpu_feature("avx512bf16", "bf16 activations by default") {
+        assert_eq!(activations("tied_bf16", &[]), "bf16");
+    }
 }

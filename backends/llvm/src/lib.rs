@@ -33,4 +33,4 @@ pub use gpu::{compile_gpu_emulation, compile_ptx, PtxModule, PtxOptions};
 #[cfg(feature = "llvm")]
 pub use module::{compile, CompileOptions, Compiled};
 #[cfg(feature = "llvm")]
-pub use target::host_cpu;
+pub use target::{bf16_dot_available, host_cpu};

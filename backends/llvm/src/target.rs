@@ -150,6 +150,12 @@ pub fn cpu(target_cpu: &str, bf16_activations: bool) -> Result<CpuTarget, Backen
     })
 }
 
+/// Whether products for `target_cpu` can use AVX512_BF16 dot products (bf16 activations).
+pub fn bf16_dot_available(target_cpu: &str) -> Result<bool, BackendError> {
+    let t = cpu(target_cpu, false)?;
+    Ok(t.flavor.lanes() == 16 && t.required.iter().any(|f| f == "avx512bf16"))
+}
+
 /// An NVPTX target for `gpu` (`sm_80`, `sm_90`, ...), with the PTX ISA version that GPU needs.
 pub fn ptx(gpu: &str) -> Result<TargetMachine, BackendError> {
     let sm: u32 = gpu

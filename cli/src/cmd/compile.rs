@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use q3c_compiler::Strategy;
 use q3c_models::ModelSource;
 
-use crate::codegen::{self, Backend, CpuCodegen, Quantize, Target};
+use crate::codegen::{self, Activations, Backend, CpuCodegen, Quantize, Target};
 use crate::output::write_atomically;
 
 #[derive(clap::Args)]
@@ -29,9 +29,14 @@ pub struct Args {
     /// CPU to generate code for: native, or a CPU name (x86-64-v2, x86-64-v3, x86-64-v4, znver4, ...).
     #[arg(long, default_value = "native")]
     target_cpu: String,
-    /// LLVM: matrix products over bf16 weights round activations to bf16 and use AVX512_BF16
-    /// dot products (about 2x the f32 rate; what llama.cpp does for bf16 models; refused on CPUs without it).
-    #[arg(long)]
+    /// What matrix products over bf16 weights round activations to: bf16 uses AVX512_BF16 dot products
+    /// (about 2x the f32 rate; what llama.cpp does for bf16 models; KL from f32 ~5e-5, see
+    /// docs/BENCHMARKS.md), f32 is exact to the reference. auto: bf16 for a bf16 checkpoint where the
+    /// target CPU has AVX512_BF16 (LLVM), else f32.
+    #[arg(long, value_enum, default_value_t = Activations::Auto)]
+    activations: Activations,
+    /// Same as --activations bf16.
+    #[arg(long, conflicts_with = "activations")]
     bf16_activations: bool,
     /// LLVM: bind the matrices of linear and expert products as 8-bit (q8: groups of 32, f32 scales, like
     /// llama.cpp's Q8_0) or 4-bit (q4: groups of 32, f16 scales, like Q4_0; the logits matrix in q8)
@@ -79,7 +84,10 @@ pub fn run(args: Args) -> Result<()> {
         backend,
         target_cpu: &args.target_cpu,
         max_tokens: args.max_tokens,
-        bf16_activations: args.bf16_activations,
+        bf16_activations: match args.bf16_activations {
+            true => true,
+            false => args.activations.bf16(&cfg, backend, &args.target_cpu)?,
+        },
         quantize,
     };
     let (manifest, _) = codegen::compile_artifact(&cfg, &strategy, &how, &args.out)?;
