@@ -10,6 +10,7 @@ mod model_args;
 mod output;
 mod packing;
 mod probe;
+mod prompt_cache;
 mod server;
 mod textgen;
 

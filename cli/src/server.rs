@@ -5,8 +5,11 @@
 //!   (also as `chat_template_kwargs.enable_thinking`) and `thinking_budget`.
 //! - `GET /v1/models`, `GET /health`.
 //!
-//! Each request decodes on a blocking thread with its own session (KV cache); up to `--max-concurrent`
-//! requests run at once, interleaving token by token on the model's thread pool, and the rest wait in line. Bad requests get a 400 with an OpenAI-style
+//! Each request decodes on a blocking thread in a session (KV cache) of its own for the time it runs; up to
+//! `--max-concurrent` requests run at once, interleaving token by token on the model's thread pool, and the
+//! rest wait in line. Sessions are kept between requests ([`PromptCache`]): a prompt that begins with the
+//! tokens a kept session holds (a system prompt, a chat's earlier turns) feeds only the rest, and
+//! `usage.prompt_tokens_details.cached_tokens` says how many were reused. Bad requests get a 400 with an OpenAI-style
 //! `{"error": {...}}` body; a client that disconnects from a stream cancels its request.
 
 use std::sync::atomic::Ordering;
@@ -27,12 +30,12 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use q3c_runtime::Model;
+use crate::prompt_cache::PromptCache;
 
 /// What the handlers share.
 pub struct Served {
-    /// The model; each request opens its own session.
-    pub model: Model,
+    /// The sessions requests run in, kept between requests for their prompts' common prefixes.
+    pub sessions: PromptCache,
     pub text: TextModel,
     /// The model name reported by `/v1/models` and in responses.
     pub name: String,
@@ -96,10 +99,17 @@ fn finish_reason(r: FinishReason) -> &'static str {
     }
 }
 
+/// What a session holds after a request: the prompt and every id after it (`None` after a failure).
+fn fed<E>(prompt: &[u32], out: &Result<ChatOutput, E>) -> Option<Vec<u32>> {
+    let out = out.as_ref().ok()?;
+    Some(prompt.iter().chain(&out.ids).copied().collect())
+}
+
 fn usage(out: &ChatOutput) -> Value {
     let completion = out.ids.len();
     json!({
         "prompt_tokens": out.prompt_tokens,
+        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
         "completion_tokens": completion,
         "total_tokens": out.prompt_tokens + completion,
         "completion_tokens_details": {"reasoning_tokens": out.thinking_tokens},
@@ -161,14 +171,17 @@ async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
         let served = Arc::clone(&s);
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let mut session = served.model.session_with_capacity(job.kv_tokens);
-            chat::decode(
-                &mut *session,
+            let mut lease = served.sessions.take(&job.prompt, job.kv_tokens);
+            let out = chat::decode_after(
+                &mut *lease.session,
                 &served.text.tokenizer,
                 &job.prompt,
+                lease.cached,
                 &job.opts,
                 |_| {},
-            )
+            );
+            served.sessions.give_back(lease, fed(&job.prompt, &out));
+            out
         })
         .await;
         return match result {
@@ -223,11 +236,12 @@ async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
         send(chunk(json!({"role": "assistant", "content": ""}), None));
         // With tools offered, <tool_call> blocks are held back and sent as tool_calls at the end.
         let mut tool_stream = job.tools.then(ToolCallStream::new);
-        let mut session = served.model.session_with_capacity(job.kv_tokens);
-        let result = chat::decode(
-            &mut *session,
+        let mut lease = served.sessions.take(&job.prompt, job.kv_tokens);
+        let result = chat::decode_after(
+            &mut *lease.session,
             &served.text.tokenizer,
             &job.prompt,
+            lease.cached,
             &job.opts,
             |p| match p {
                 Piece::Reasoning(t) => send(chunk(json!({"reasoning_content": t}), None)),
@@ -242,6 +256,7 @@ async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
                 }
             },
         );
+        served.sessions.give_back(lease, fed(&job.prompt, &result));
         match result {
             Ok(out) => {
                 let mut finish = finish_reason(out.finish_reason);

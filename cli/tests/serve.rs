@@ -203,7 +203,17 @@ fn the_api_answers_streams_and_survives_bad_clients() {
     );
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "length");
-    assert_eq!(last["usage"], full["usage"]);
+    // The same usage, but that the same prompt was asked before: all of it but its last token came from a
+    // kept KV cache (and the answer, checked above, is the same).
+    let mut usage = last["usage"].clone();
+    let cached = usage["prompt_tokens_details"]["cached_tokens"].take();
+    assert_eq!(
+        cached.as_u64(),
+        Some(usage["prompt_tokens"].as_u64().unwrap() - 1)
+    );
+    usage["prompt_tokens_details"]["cached_tokens"] =
+        full["usage"]["prompt_tokens_details"]["cached_tokens"].clone();
+    assert_eq!(usage, full["usage"]);
 
     // With tools offered the stream runs through the tool-call holdback: the same text arrives (a random model
     // writes no calls).
@@ -336,4 +346,46 @@ fn the_api_answers_streams_and_survives_bad_clients() {
     drop(conn);
     let (status, _) = post(&s, &request(json!({})).to_string());
     assert_eq!(status, 200);
+}
+
+/// Requests whose prompts begin alike reuse the KV cache a kept session holds: a shared system prompt is
+/// not computed again, a repeated request feeds only its last prompt token, and the answers are the ones
+/// computed from scratch (greedy).
+#[test]
+fn prompts_sharing_a_prefix_reuse_the_kv_cache() {
+    let s = start();
+    let system = "You are a careful assistant who answers briefly. ".repeat(12);
+    let ask = |user: &str| {
+        request(json!({
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": 12,
+            "chat_template_kwargs": {"enable_thinking": false},
+        }))
+        .to_string()
+    };
+    let cached = |r: &Value| {
+        r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let prompt = |r: &Value| r["usage"]["prompt_tokens"].as_u64().unwrap();
+    let content = |r: &Value| r["choices"][0]["message"]["content"].clone();
+
+    let (status, first) = post(&s, &ask("What is 2+2?"));
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(cached(&first), 0, "{first}");
+    // Another question after the same system prompt: the system prompt comes from the cache.
+    let (_, other) = post(&s, &ask("Name a color."));
+    assert!(
+        cached(&other) > 100 && cached(&other) < prompt(&other),
+        "{other}"
+    );
+    // The first question again, after the cache moved on: the same answer as from scratch.
+    let (_, again) = post(&s, &ask("What is 2+2?"));
+    assert!(cached(&again) > 100, "{again}");
+    assert_eq!(content(&again), content(&first));
+    // And once more: everything but the last prompt token is reused.
+    let (_, twice) = post(&s, &ask("What is 2+2?"));
+    assert_eq!(cached(&twice), prompt(&twice) - 1, "{twice}");
+    assert_eq!(content(&twice), content(&first));
 }

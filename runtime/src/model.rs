@@ -18,7 +18,7 @@ pub enum Model {
 
 impl Model {
     /// A session with an empty KV cache of the default size.
-    pub fn session(&self) -> Box<dyn Session + '_> {
+    pub fn session(&self) -> Box<dyn Session + Send + '_> {
         match self {
             Model::Reference { model, .. } => Box::new(model.session()),
             Model::Compiled(m) => Box::new(m.session()),
@@ -26,7 +26,7 @@ impl Model {
     }
 
     /// A session whose KV cache holds `tokens` (the reference executor's cache grows as needed).
-    pub fn session_with_capacity(&self, tokens: usize) -> Box<dyn Session + '_> {
+    pub fn session_with_capacity(&self, tokens: usize) -> Box<dyn Session + Send + '_> {
         match self {
             Model::Reference { model, .. } => Box::new(model.session()),
             Model::Compiled(m) => Box::new(m.session_with_capacity(tokens)),

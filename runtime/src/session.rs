@@ -40,6 +40,10 @@ pub trait Session {
     /// Empties the KV cache.
     fn reset(&mut self);
 
+    /// Keeps the first `len` tokens of the KV cache and forgets the rest (`len` at most
+    /// [`Session::position`]): a continuation that shares only a prefix with what was fed reuses it.
+    fn truncate(&mut self, len: usize);
+
     /// Rows of the embedding table (ids must be below this).
     fn vocab_size(&self) -> usize;
 }

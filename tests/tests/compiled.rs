@@ -35,6 +35,49 @@ fn every_fixture_matches_transformers_through_the_compiled_so() {
     }
 }
 
+/// `Session::truncate` keeps a prefix of the KV cache: after feeding another continuation, cutting back to
+/// the shared prefix and feeding the rest of the prompt gives, bit for bit, the logits of a fresh session fed
+/// the prefix and the rest in the same two calls, on both executors.
+#[test]
+fn a_truncated_session_continues_as_a_fresh_one() {
+    let g = golden("moe");
+    let tmp = tempfile::tempdir().unwrap();
+    let so = compile_by(backends()[0], &g.dir, tmp.path(), 64, "all");
+    let compiled = CompiledModel::load(&so, &g.dir, 2).unwrap();
+    let reference = reference_model("moe");
+    let prompt = &g.prompt_ids;
+    let keep = prompt.len() / 2;
+    let detour: Vec<u32> = prompt[keep..]
+        .iter()
+        .map(|&i| (i + 1) % g.vocab as u32)
+        .collect();
+    type Pair<'a> = (&'static str, Box<dyn Session + 'a>, Box<dyn Session + 'a>);
+    let sessions: [Pair; 2] = [
+        (
+            "compiled",
+            Box::new(compiled.session()),
+            Box::new(compiled.session()),
+        ),
+        (
+            "reference",
+            Box::new(reference.session()),
+            Box::new(reference.session()),
+        ),
+    ];
+    for (what, mut fresh, mut reused) in sessions {
+        fresh.forward(&prompt[..keep]).unwrap();
+        let want = fresh.forward(&prompt[keep..]).unwrap();
+        reused.forward(&prompt[..keep]).unwrap();
+        reused.forward(&detour).unwrap();
+        reused.truncate(keep);
+        assert_eq!(reused.position(), keep);
+        let got = reused.forward(&prompt[keep..]).unwrap();
+        assert_eq!(reused.position(), prompt.len());
+        assert_eq!(got.data.len(), (prompt.len() - keep) * want.vocab);
+        assert_eq!(max_abs_diff(&got.data, &want.data), 0.0, "{what}");
+    }
+}
+
 #[test]
 fn weights_copied_or_read_in_place_give_identical_logits() {
     let tmp = tempfile::tempdir().unwrap();

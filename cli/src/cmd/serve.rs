@@ -36,8 +36,10 @@ pub fn run(args: Args) -> Result<()> {
     });
     let (text, model) = args.target.load()?;
     let context = model.context();
+    // The model serves until the process ends; kept sessions borrow it.
+    let model: &'static q3c_runtime::Model = Box::leak(Box::new(model));
     let served = crate::server::Served {
-        model,
+        sessions: crate::prompt_cache::PromptCache::new(model, args.max_concurrent, context),
         text,
         name,
         context,

@@ -133,6 +133,8 @@ pub struct ChatOutput {
     /// Tokens the model generated for the answer (a final stop token included).
     pub answer_tokens: usize,
     pub prompt_tokens: usize,
+    /// Prompt tokens that were already in the session's KV cache (not fed again).
+    pub cached_tokens: usize,
     pub finish_reason: FinishReason,
 }
 
@@ -176,10 +178,29 @@ pub fn decode(
     tok: &Tokenizer,
     prompt: &[u32],
     opts: &ChatOptions,
+    on_piece: impl FnMut(Piece),
+) -> Result<ChatOutput, RuntimeError> {
+    decode_after(session, tok, prompt, 0, opts, on_piece)
+}
+
+/// [`decode`] where the session's KV cache already holds `prompt[..cached]` (and nothing else): only the
+/// rest of the prompt is fed (`cached` below `prompt.len()`).
+pub fn decode_after(
+    session: &mut dyn Session,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    cached: usize,
+    opts: &ChatOptions,
     mut on_piece: impl FnMut(Piece),
 ) -> Result<ChatOutput, RuntimeError> {
     if prompt.is_empty() {
         return Err(RuntimeError::Input("the prompt is empty".into()));
+    }
+    if cached >= prompt.len() {
+        return Err(RuntimeError::Input(format!(
+            "{cached} cached tokens leave nothing of a {}-token prompt to feed",
+            prompt.len()
+        )));
     }
     let sp = Specials::of(tok)?;
     let mut sampler = Sampler::new(opts.sampling.clone())?;
@@ -194,6 +215,7 @@ pub fn decode(
         budget_hit: false,
         answer_tokens: 0,
         prompt_tokens: prompt.len(),
+        cached_tokens: cached,
         finish_reason: FinishReason::Length,
     };
     let (mut reasoning, mut answer) = (StreamDecoder::new(), StreamDecoder::new());
@@ -206,7 +228,7 @@ pub fn decode(
     } else {
         Phase::Answer
     };
-    let mut logits = session.forward_last(prompt)?;
+    let mut logits = session.forward_last(&prompt[cached..])?;
     let max = opts.max_new_tokens;
     // Without thinking, the answer starts after an empty block; write it unless the template did (if it
     // does not fit in `max`, nothing is generated).

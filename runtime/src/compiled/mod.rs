@@ -626,6 +626,11 @@ impl Session for CompiledSession<'_> {
         self.position = 0;
     }
 
+    fn truncate(&mut self, len: usize) {
+        // Rows past `len` are overwritten by the next call.
+        self.position = self.position.min(len);
+    }
+
     fn vocab_size(&self) -> usize {
         self.model.manifest.vocab_size
     }

@@ -441,6 +441,17 @@ impl Session for ReferenceSession<'_> {
         self.position = 0;
     }
 
+    fn truncate(&mut self, len: usize) {
+        if len >= self.position {
+            return;
+        }
+        for rows in self.cache.values_mut() {
+            let row = rows.len() / self.position;
+            rows.truncate(len * row);
+        }
+        self.position = len;
+    }
+
     fn vocab_size(&self) -> usize {
         self.model.vocab
     }
