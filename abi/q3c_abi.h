@@ -7,7 +7,7 @@
 #define Q3C_ABI_H
 #include <stdint.h>
 
-#define Q3C_ABI_VERSION 2u
+#define Q3C_ABI_VERSION 3u
 
 /* Status codes returned by q3c_forward. */
 #define Q3C_OK 0
@@ -31,7 +31,8 @@ typedef struct q3c_step {
     uint64_t t;
     uint64_t past;
     const void *const *weights;    /* one pointer per manifest weight, in manifest order */
-    float *const *kv;              /* 2 per layer: K0, V0, K1, V1, ...; each [capacity, kv_heads, head_dim] f32 */
+    float *const *kv;              /* 2 per layer: K0, V0, K1, V1, ...; each [capacity, kv_heads, head_dim] of the
+                                      manifest's kv.dtype: f32, or IEEE f16 (2 bytes each) */
     uint8_t *scratch;              /* manifest.scratch_bytes_per_token * manifest.max_tokens_per_call bytes, 64-aligned */
     float *logits;                 /* [t, vocab] f32 */
     const q3c_services *services;

@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 pub mod launch;
 
-/// Version of the contract below; an artifact with another version is refused.
-pub const ABI_VERSION: u32 = 2;
+/// Version of the contract below; an artifact with another version is refused. (3: the KV cache's element
+/// type is the manifest's `kv.dtype`, f32 or f16.)
+pub const ABI_VERSION: u32 = 3;
 
 /// The C header describing the ABI (shipped for services written in other languages).
 pub const HEADER: &str = include_str!("../q3c_abi.h");

@@ -116,6 +116,31 @@ pub struct CpuCodegen<'a> {
     /// LLVM only: AVX512_BF16 dot products with bf16-rounded activations.
     pub bf16_activations: bool,
     pub quantize: Quantize,
+    /// The KV cache's element type (f32 or f16).
+    pub kv_dtype: q3c_ir::DType,
+}
+
+/// `--kv-dtype`: the KV cache's element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvDtype {
+    /// f16 for a bf16 or f16 checkpoint (as llama.cpp), f32 for an f32 one.
+    Auto,
+    /// Exact (4 bytes per element).
+    F32,
+    /// Half the bytes: rounded to nearest even when written, widened when read.
+    F16,
+}
+
+impl KvDtype {
+    /// The element type for `cfg`'s checkpoint.
+    pub fn resolve(self, cfg: &Qwen3Config) -> q3c_ir::DType {
+        match self {
+            KvDtype::F32 => q3c_ir::DType::F32,
+            KvDtype::F16 => q3c_ir::DType::F16,
+            KvDtype::Auto if cfg.torch_dtype == q3c_models::DType::F32 => q3c_ir::DType::F32,
+            KvDtype::Auto => q3c_ir::DType::F16,
+        }
+    }
 }
 
 /// `cfg` lowered and rewritten by `strategy`'s passes.
@@ -161,6 +186,7 @@ fn compile_object(
                 target_cpu: how.target_cpu.to_string(),
                 max_tokens_per_call: how.max_tokens,
                 fusion: fusion.to_string(),
+                kv_dtype: how.kv_dtype,
             };
             let c = q3c_backend_cranelift::compile(graph, cfg, q3c_compiler::LOGITS, &opts)?;
             Ok((c.object, c.manifest))
@@ -181,6 +207,7 @@ fn llvm_object(
         fusion: fusion.to_string(),
         bf16_activations: how.bf16_activations,
         quantize: how.quantize.dtype(),
+        kv_dtype: how.kv_dtype,
     };
     let c = q3c_backend_llvm::compile(graph, cfg, q3c_compiler::LOGITS, &opts)?;
     Ok((c.object, c.manifest))
@@ -210,6 +237,7 @@ pub fn compile_ptx(
         gpu: gpu.to_string(),
         max_tokens_per_call: max_tokens,
         fusion: fusion.to_string(),
+        kv_dtype: q3c_ir::DType::F32,
     };
     let m = q3c_backend_llvm::compile_ptx(graph, cfg, q3c_compiler::LOGITS, &opts)?;
     Ok((m.ptx, m.kernels.len()))

@@ -88,6 +88,7 @@ pub fn run(
                 max_tokens: settings.max_tokens,
                 bf16_activations: false,
                 quantize: crate::codegen::Quantize::None,
+                kv_dtype: q3c_ir::DType::F32,
             },
             &so,
         )?;

@@ -37,7 +37,8 @@ fn compile_inspect_and_generate_from_the_so() {
     let so = tmp.path().join("moe.so");
     compile(&fixtures_dir().join("moe"), &so);
     let text = ok(&["inspect", so.to_str().unwrap()]);
-    assert!(text.contains("q3c artifact (ABI 2"), "{text}");
+    let abi = format!("q3c artifact (ABI {}", q3c_abi::ABI_VERSION);
+    assert!(text.contains(&abi), "{text}");
     assert!(
         text.contains("3 layers, hidden 64, heads 4/2 x 16, vocab 512, MoE 8 experts top-2"),
         "{text}"
@@ -57,6 +58,27 @@ fn compile_inspect_and_generate_from_the_so() {
         "cranelift"
     };
     assert_eq!(json["backend"], best);
+    // An f32 checkpoint keeps an exact (f32) KV cache; a bf16 one gets f16 (half the bytes), or what
+    // --kv-dtype says.
+    assert_eq!(json["kv"]["dtype"], "f32");
+    assert!(text.contains("(f32), per token 768 bytes"), "{text}");
+    let kv_of = |extra: &[&str]| {
+        let bf16 = tmp.path().join("bf16.so");
+        let dir = fixtures_dir().join("tied_bf16");
+        let mut args = vec![
+            "compile",
+            dir.to_str().unwrap(),
+            "-o",
+            bf16.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&["inspect", bf16.to_str().unwrap(), "--json"])).unwrap();
+        json["kv"]["dtype"].as_str().unwrap().to_string()
+    };
+    assert_eq!(kv_of(&[]), "f16");
+    assert_eq!(kv_of(&["--kv-dtype", "f32"]), "f32");
 
     let g = golden("moe");
     let ids: Vec<String> = g.prompt_ids.iter().map(u32::to_string).collect();
@@ -146,7 +168,10 @@ fn bad_artifacts_and_mismatched_weights_are_refused() {
     let so = cc_shared(other.path(), "const unsigned q3c_abi_version = 99;\n");
     assert_error(
         &run(&so, w),
-        "built for q3c ABI version 99, this runtime speaks version 2",
+        &format!(
+            "built for q3c ABI version 99, this runtime speaks version {}",
+            q3c_abi::ABI_VERSION
+        ),
     );
     assert_error(&q3c(&["inspect", so.to_str().unwrap()]), "ABI version 99");
     // A shared library that is not q3c's.

@@ -34,6 +34,22 @@ impl Model {
     }
 
     /// The ids that end generation.
+    /// A compiled model's KV-cache element type and bytes per cached token (all layers, K and V); `None`
+    /// for the reference executor.
+    pub fn kv_bytes_per_token(&self) -> Option<(String, usize)> {
+        match self {
+            Model::Reference { .. } => None,
+            Model::Compiled(m) => {
+                let kv = &m.manifest().kv;
+                let element = crate::compiled::kv_element_bytes(&kv.dtype);
+                Some((
+                    kv.dtype.clone(),
+                    2 * kv.layers * kv.kv_heads * kv.head_dim * element,
+                ))
+            }
+        }
+    }
+
     pub fn eos_token_ids(&self) -> &[u32] {
         match self {
             Model::Reference { eos_token_ids, .. } => eos_token_ids,

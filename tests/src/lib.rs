@@ -169,11 +169,33 @@ pub fn compile_graph(
     max_tokens: usize,
     fusion: &str,
 ) -> PathBuf {
+    compile_graph_kv(
+        backend,
+        graph,
+        cfg,
+        out_dir,
+        max_tokens,
+        fusion,
+        q3c_ir::DType::F32,
+    )
+}
+
+/// [`compile_graph`] with a KV cache of `kv` (f32 or f16).
+pub fn compile_graph_kv(
+    backend: &str,
+    graph: &q3c_ir::Graph,
+    cfg: &Qwen3Config,
+    out_dir: &std::path::Path,
+    max_tokens: usize,
+    fusion: &str,
+    kv_dtype: q3c_ir::DType,
+) -> PathBuf {
     let object = match backend {
         "cranelift" => {
             let opts = q3c_backend_cranelift::CompileOptions {
                 max_tokens_per_call: max_tokens,
                 fusion: fusion.into(),
+                kv_dtype,
                 ..Default::default()
             };
             q3c_backend_cranelift::compile(graph, cfg, q3c_compiler::LOGITS, &opts)
@@ -185,6 +207,7 @@ pub fn compile_graph(
             let opts = q3c_backend_llvm::CompileOptions {
                 max_tokens_per_call: max_tokens,
                 fusion: fusion.into(),
+                kv_dtype,
                 ..Default::default()
             };
             q3c_backend_llvm::compile(graph, cfg, q3c_compiler::LOGITS, &opts)
@@ -197,6 +220,7 @@ pub fn compile_graph(
                 gpu: "sm_90".into(),
                 max_tokens_per_call: max_tokens,
                 fusion: fusion.into(),
+                kv_dtype,
             };
             q3c_backend_llvm::compile_gpu_emulation(graph, cfg, q3c_compiler::LOGITS, &opts)
                 .expect("compile")

@@ -1,5 +1,6 @@
 //! The compiled `.so` (every backend in the build) against transformers and the reference executor, on 1 and 2 threads.
 
+use q3c_ir::DType;
 use q3c_runtime::{CompiledModel, Residency, Session};
 use q3c_tests::*;
 
@@ -75,6 +76,48 @@ fn a_truncated_session_continues_as_a_fresh_one() {
         assert_eq!(reused.position(), prompt.len());
         assert_eq!(got.data.len(), (prompt.len() - keep) * want.vocab);
         assert_eq!(max_abs_diff(&got.data, &want.data), 0.0, "{what}");
+    }
+}
+
+/// An f16 KV cache (`--kv-dtype f16`, the default for bf16/f16 checkpoints) through every artifact kind, on
+/// every fixture, token by token and in chunks. Each K and V element is rounded to f16 once (relative error
+/// at most 2⁻¹¹, a quarter of bf16's 2⁻⁹); with the bf16-activation test's bound for 2⁻⁹ errors on every
+/// activation (1/128 of the logits' scale), K and V alone at 2⁻¹¹ are held to 1/512 of it against the
+/// reference (f32 cache). The result must differ from the f32 cache's (the f16 path ran), and the greedy
+/// continuation must still be transformers'.
+#[test]
+fn an_f16_kv_cache_stays_within_f16_rounding() {
+    for name in FIXTURES {
+        let g = golden(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = q3c_models::resolve(g.dir.to_str().unwrap()).unwrap();
+        let graph = fused_graph(&cfg, "all");
+        let want = reference_model(name)
+            .session()
+            .forward(&g.prompt_ids)
+            .unwrap()
+            .data;
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for backend in artifact_kinds() {
+            let so = compile_graph_kv(backend, &graph, &cfg, tmp.path(), 8, "all", DType::F16);
+            let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+            assert_eq!(model.manifest().kv.dtype, "f16");
+            // 8 tokens per call: the prompt runs in chunks, each reading the rows the ones before wrote.
+            let got = model.session().forward(&g.prompt_ids).unwrap().data;
+            let diff = max_abs_diff(&got, &want);
+            let f32_dir = tempfile::tempdir().unwrap();
+            let f32_so = compile_graph(backend, &graph, &cfg, f32_dir.path(), 8, "all");
+            let exact = CompiledModel::load(&f32_so, &g.dir, 2).unwrap();
+            let exact = exact.session().forward(&g.prompt_ids).unwrap().data;
+            eprintln!("{name}, {backend}: f16 KV max |dlogit| {diff:e} (scale {scale})");
+            assert!(diff <= scale / 512.0, "{name}, {backend}: {diff:e}");
+            assert!(
+                max_abs_diff(&got, &exact) > 0.0,
+                "{name}, {backend}: f16 path did not run"
+            );
+            let ids = greedy_continuation(&mut model.session(), &g);
+            assert_eq!(ids, g.greedy_ids, "{name}, {backend}: greedy ids");
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use q3c_ir::DType;
 use q3c_tests::*;
 
 fn ptxas() -> PathBuf {
@@ -43,11 +44,13 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                 .into_iter()
                 .filter(|&id| q3c_backend_common::launch::is_expert_product(&graph.node(id).op))
                 .count();
-            for gpu in ["sm_80", "sm_90"] {
+            // sm_90 with an f16 KV cache (conversions in PTX), sm_80 with f32.
+            for (gpu, kv_dtype) in [("sm_80", DType::F32), ("sm_90", DType::F16)] {
                 let opts = q3c_backend_llvm::PtxOptions {
                     gpu: gpu.into(),
                     max_tokens_per_call: 16,
                     fusion: fusion.into(),
+                    kv_dtype,
                 };
                 let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
                     .unwrap();
@@ -111,6 +114,7 @@ fn unknown_gpus_are_refused() {
             gpu: gpu.into(),
             max_tokens_per_call: 16,
             fusion: "none".into(),
+            kv_dtype: DType::F32,
         };
         let err = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
             .err()

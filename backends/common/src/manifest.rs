@@ -55,7 +55,7 @@ pub fn build(parts: ManifestParts) -> Manifest {
             layers: plan.layers,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
-            dtype: "f32".into(),
+            dtype: plan.kv_dtype.name().into(),
         },
         max_tokens_per_call: plan.max_tokens,
         scratch_bytes_per_token: plan.scratch_bytes_per_token,

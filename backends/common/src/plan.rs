@@ -44,6 +44,19 @@ pub struct Plan {
     pub scratch_bytes_per_token: usize,
     pub max_tokens: usize,
     pub layers: usize,
+    /// The element type of the KV cache (f32, or f16: the kernels that write it round, those that read it
+    /// widen). Set by the backend from its options; f32 unless told.
+    pub kv_dtype: DType,
+}
+
+/// The KV-cache element types a backend can be asked for.
+pub fn check_kv_dtype(kv: DType) -> Result<DType, BackendError> {
+    match kv {
+        DType::F32 | DType::F16 => Ok(kv),
+        other => Err(BackendError::Unsupported(format!(
+            "a KV cache of {other} (f32 and f16 exist)"
+        ))),
+    }
 }
 
 impl Plan {
@@ -341,6 +354,7 @@ pub fn plan_with(
         scratch_bytes_per_token: top,
         max_tokens,
         layers,
+        kv_dtype: DType::F32,
     })
 }
 

@@ -5,7 +5,7 @@
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8};
 use cranelift_codegen::ir::{
-    Block, FuncRef, InstBuilder, MemFlagsData, SigRef, StackSlotData, StackSlotKind, Value,
+    Block, FuncRef, InstBuilder, MemFlagsData, SigRef, StackSlotData, StackSlotKind, Type, Value,
 };
 use cranelift_frontend::{FunctionBuilder, Variable};
 use q3c_ir::DType;
@@ -61,8 +61,107 @@ impl Emit<'_, '_> {
                 let bits = self.b.ins().ishl_imm_u(bits, 16);
                 self.b.ins().bitcast(F32, MemFlagsData::new(), bits)
             }
+            DType::F16 => {
+                let bits = self.b.ins().uload16(I32, mem(), ptr, offset);
+                self.f16_bits_to_f32(bits, I32, F32)
+            }
             _ => self.load_f32_at(ptr, offset),
         }
+    }
+
+    /// A constant of integer type `ty` (a scalar or a splat vector).
+    fn int_const(&mut self, ty: Type, v: i64) -> Value {
+        if ty.is_vector() {
+            let c = self.b.ins().iconst(ty.lane_type(), v);
+            self.b.ins().splat(ty, c)
+        } else {
+            self.b.ins().iconst(ty, v)
+        }
+    }
+
+    /// IEEE half-precision bits (zero-extended into `int`, I32 or I32X4) as `float` (F32 or F32X4), exactly:
+    /// exponent and mantissa moved into place and scaled by 2^112 (right for normal and subnormal values
+    /// alike), infinities and NaNs given the f32 exponent, the sign put back.
+    fn f16_bits_to_f32(&mut self, h: Value, int: Type, float: Type) -> Value {
+        let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+        let (mag_mask, exp_mask, sign_mask) = (
+            self.int_const(int, 0x7fff),
+            self.int_const(int, 0x7c00),
+            self.int_const(int, 0x8000),
+        );
+        let mag = self.b.ins().band(h, mag_mask);
+        let mag = self.b.ins().ishl_imm_u(mag, 13);
+        let f = self.b.ins().bitcast(float, le, mag);
+        let scale = self.b.ins().f32const(2f32.powi(112));
+        let scale = if float.is_vector() {
+            self.b.ins().splat(float, scale)
+        } else {
+            scale
+        };
+        let f = self.b.ins().fmul(f, scale);
+        let bits = self.b.ins().bitcast(int, le, f);
+        let exp = self.b.ins().band(h, exp_mask);
+        let special = self.b.ins().icmp(IntCC::Equal, exp, exp_mask);
+        let special = if int.is_vector() {
+            special
+        } else {
+            let zero = self.b.ins().iconst(int, 0);
+            let ones = self.b.ins().iconst(int, -1);
+            self.b.ins().select(special, ones, zero)
+        };
+        let inf = self.int_const(int, 0x7f80_0000);
+        let inf = self.b.ins().band(special, inf);
+        let bits = self.b.ins().bor(bits, inf);
+        let sign = self.b.ins().band(h, sign_mask);
+        let sign = self.b.ins().ishl_imm_u(sign, 16);
+        let bits = self.b.ins().bor(bits, sign);
+        self.b.ins().bitcast(float, le, bits)
+    }
+
+    /// An f32 rounded to IEEE half precision (to nearest even; overflow to infinity, NaN kept a quiet NaN,
+    /// subnormals exact), as bits in the low 16 of an I32 (F. Giesen's `float_to_half_fast3_rtne`).
+    fn f32_to_f16_bits(&mut self, x: Value) -> Value {
+        let bits = self.b.ins().bitcast(I32, MemFlagsData::new(), x);
+        let sign = self.b.ins().band_imm_u(bits, 0x8000_0000);
+        let a = self.b.ins().bxor(bits, sign);
+        // Too large for f16: infinity, or a quiet NaN.
+        let nan = self
+            .b
+            .ins()
+            .icmp_imm_u(IntCC::UnsignedGreaterThan, a, 0x7f80_0000);
+        let (qnan, inf) = (
+            self.b.ins().iconst(I32, 0x7e00),
+            self.b.ins().iconst(I32, 0x7c00),
+        );
+        let big_bits = self.b.ins().select(nan, qnan, inf);
+        // Subnormal in f16: the float addition rounds the mantissa into place.
+        let magic = ((127 - 15) + (23 - 10) + 1) << 23;
+        let af = self.b.ins().bitcast(F32, MemFlagsData::new(), a);
+        let mf = self.b.ins().f32const(f32::from_bits(magic as u32));
+        let sum = self.b.ins().fadd(af, mf);
+        let sum = self.b.ins().bitcast(I32, MemFlagsData::new(), sum);
+        let small_bits = self.b.ins().iadd_imm_u(sum, -(magic as i64));
+        // Normal: rebias the exponent and round to nearest even on bit 13.
+        let odd = self.b.ins().ushr_imm_u(a, 13);
+        let odd = self.b.ins().band_imm_u(odd, 1);
+        let rebias = self
+            .b
+            .ins()
+            .iadd_imm_u(a, (((15 - 127) << 23) + 0xfff) as i64);
+        let rounded = self.b.ins().iadd(rebias, odd);
+        let normal_bits = self.b.ins().ushr_imm_u(rounded, 13);
+        let big = self
+            .b
+            .ins()
+            .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, a, (127 + 16) << 23);
+        let small = self
+            .b
+            .ins()
+            .icmp_imm_u(IntCC::UnsignedLessThan, a, 113 << 23);
+        let o = self.b.ins().select(small, small_bits, normal_bits);
+        let o = self.b.ins().select(big, big_bits, o);
+        let sign = self.b.ins().ushr_imm_u(sign, 16);
+        self.b.ins().bor(o, sign)
     }
 
     /// Four consecutive weight elements widened to f32x4.
@@ -76,6 +175,10 @@ impl Emit<'_, '_> {
                     MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little),
                     bits,
                 )
+            }
+            DType::F16 => {
+                let wide = self.b.ins().uload16x4(mem(), ptr, offset);
+                self.f16_bits_to_f32(wide, I32X4, F32X4)
             }
             _ => self.b.ins().load(F32X4, mem(), ptr, offset),
         }
@@ -292,6 +395,27 @@ impl KernelBuilder for Emit<'_, '_> {
     fn vstore(&mut self, v: Value, p: Value) {
         self.store_at(v, p, 0);
     }
+    fn store_as(&mut self, dt: DType, v: Value, p: Value) {
+        match dt {
+            DType::F16 => {
+                let h = self.f32_to_f16_bits(v);
+                self.b.ins().istore16(mem(), h, p, 0);
+            }
+            _ => self.store_at(v, p, 0),
+        }
+    }
+    fn vstore_as(&mut self, dt: DType, v: Value, p: Value) {
+        match dt {
+            DType::F16 => {
+                for lane in 0..4u8 {
+                    let x = self.b.ins().extractlane(v, lane);
+                    let h = self.f32_to_f16_bits(x);
+                    self.b.ins().istore16(mem(), h, p, 2 * i32::from(lane));
+                }
+            }
+            _ => self.store_at(v, p, 0),
+        }
+    }
     fn stack(&mut self, bytes: usize) -> Value {
         let slot = self.b.create_sized_stack_slot(StackSlotData::new(
             StackSlotKind::ExplicitSlot,
@@ -506,6 +630,13 @@ mod tests {
 
     /// JIT-compiles `f(x) = e^x` through [`Emit::expf`].
     fn jit_exp() -> (cranelift_jit::JITModule, extern "C" fn(f32) -> f32) {
+        jit_f32(|e, x| e.expf(x))
+    }
+
+    /// JIT-compiles `f(x) = body(x)` for an f32 `x`.
+    fn jit_f32(
+        body: impl FnOnce(&mut Emit, Value) -> Value,
+    ) -> (cranelift_jit::JITModule, extern "C" fn(f32) -> f32) {
         let isa = crate::module::isa("native", false).unwrap();
         let fma = crate::module::has_fma(&*isa);
         let builder =
@@ -539,7 +670,7 @@ mod tests {
             }),
             parallel_for: None,
         };
-        let y = e.expf(x);
+        let y = body(&mut e, x);
         b.ins().return_(&[y]);
         b.seal_all_blocks();
         b.finalize(module.target_config());
@@ -565,5 +696,61 @@ mod tests {
         // Far below the range the result is tiny, not NaN; far above it is large and finite.
         assert!(exp(-1e4) >= 0.0 && exp(-1e4) < 1e-37);
         assert!(exp(1e4).is_finite() && exp(1e4) > 1e38);
+    }
+
+    /// f32 → f16 (as the cache stores it) → f32 (as attention reads it, scalar and 4-lane) against the
+    /// `half` crate's conversions: round to nearest even, subnormals, overflow to infinity, NaN kept.
+    #[test]
+    fn f16_conversions_match_ieee() {
+        let (_m1, scalar) = jit_f32(|e, x| {
+            let h = e.f32_to_f16_bits(x);
+            e.f16_bits_to_f32(h, I32, F32)
+        });
+        let (_m2, vector) = jit_f32(|e, x| {
+            let h = e.f32_to_f16_bits(x);
+            let hv = e.b.ins().splat(I32X4, h);
+            let v = e.f16_bits_to_f32(hv, I32X4, F32X4);
+            e.b.ins().extractlane(v, 2)
+        });
+        let mut xs: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            65504.0,
+            65520.0,
+            1e6,
+            -1e6,
+            6.1e-5,
+            5.96e-8,
+            2.98e-8,
+            1e-10,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.333_333_34,
+            1.000_976_6,
+            1.000_488_3,
+            2049.0,
+            2051.0,
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200_000 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let bits = (seed >> 32) as u32;
+            // Exponents around f16's range (subnormals to overflow), any mantissa and sign.
+            let exp = 100 + (bits >> 24) % 50;
+            xs.push(f32::from_bits((bits & 0x807f_ffff) | (exp << 23)));
+        }
+        for x in xs {
+            let want = half::f16::from_f32(x).to_f32();
+            for (what, got) in [("scalar", scalar(x)), ("vector", vector(x))] {
+                assert!(
+                    got.to_bits() == want.to_bits(),
+                    "{what}: {x:e} ({:#x}) -> {got:e}, want {want:e}",
+                    x.to_bits()
+                );
+            }
+        }
+        assert!(scalar(f32::NAN).is_nan() && vector(f32::NAN).is_nan());
     }
 }

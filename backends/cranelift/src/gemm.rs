@@ -13,7 +13,7 @@ use crate::emit::{mem, Emit};
 /// `Σ_k x[k] · w[k]` over `k` constant elements: f32 activations at `x`, weights of `dtype` at `w`.
 /// Four f32x4 accumulators over blocks of 16, then 4-wide and scalar tails, all unrolled.
 pub fn dot(e: &mut Emit, x: Value, w: Value, dtype: DType, k: usize) -> Value {
-    let ws = if dtype == DType::BF16 { 2 } else { 4 };
+    let ws = dtype.size();
     let zero4 = {
         let z = e.b.ins().f32const(0.0);
         e.b.ins().splat(F32X4, z)
@@ -77,7 +77,7 @@ pub fn dot_block(
     dtype: DType,
     k: usize,
 ) -> Vec<Vec<Value>> {
-    let ws = if dtype == DType::BF16 { 2 } else { 4 };
+    let ws = dtype.size();
     let zero4 = {
         let z = e.b.ins().f32const(0.0);
         e.b.ins().splat(F32X4, z)

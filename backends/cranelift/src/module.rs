@@ -29,6 +29,8 @@ pub struct CompileOptions {
     pub max_tokens_per_call: usize,
     /// The fusion strategy the graph was built with (recorded in the manifest).
     pub fusion: String,
+    /// The KV cache's element type: f32 (exact) or f16.
+    pub kv_dtype: q3c_ir::DType,
 }
 
 impl Default for CompileOptions {
@@ -37,6 +39,7 @@ impl Default for CompileOptions {
             target_cpu: "native".into(),
             max_tokens_per_call: 256,
             fusion: "none".into(),
+            kv_dtype: q3c_ir::DType::F32,
         }
     }
 }
@@ -205,6 +208,7 @@ fn build<M: Module>(
     let fma = has_fma(isa);
     let features = required_features(isa);
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
     let launch = launch::build(graph, &mut plan)?;
     let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
 

@@ -88,8 +88,12 @@ pub trait KernelBuilder: Sized {
     /// An i32 (token id, expert id, index) sign-extended to 64 bits.
     fn load_i32(&mut self, p: Self::Ptr) -> Self::Int;
     fn load_f32(&mut self, p: Self::Ptr) -> Self::F32;
-    /// One weight of `dt` (f32 or bf16) as f32.
+    /// One element of `dt` (f32, bf16 or f16) as f32.
     fn load_weight(&mut self, dt: DType, p: Self::Ptr) -> Self::F32;
+    /// `v` stored as one element of `dt` (f32, or f16 rounded to nearest even).
+    fn store_as(&mut self, dt: DType, v: Self::F32, p: Self::Ptr);
+    /// `v` stored as `lanes` elements of `dt` (as [`KernelBuilder::store_as`]).
+    fn vstore_as(&mut self, dt: DType, v: Self::Vec, p: Self::Ptr);
     fn store_f32(&mut self, v: Self::F32, p: Self::Ptr);
     /// The low 32 bits of `v`.
     fn store_i32(&mut self, v: Self::Int, p: Self::Ptr);
@@ -97,7 +101,7 @@ pub trait KernelBuilder: Sized {
     fn store_ptr(&mut self, v: Self::Ptr, p: Self::Ptr);
     /// `lanes` f32 (any alignment).
     fn vload(&mut self, p: Self::Ptr) -> Self::Vec;
-    /// `lanes` weights of `dt` widened to f32.
+    /// `lanes` elements of `dt` (f32, bf16 or f16) widened to f32.
     fn vload_weight(&mut self, dt: DType, p: Self::Ptr) -> Self::Vec;
     fn vstore(&mut self, v: Self::Vec, p: Self::Ptr);
     /// A 64-byte aligned buffer of `bytes` on the function's stack.

@@ -10,7 +10,7 @@ use q3c_backend_common::items::{
     broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
     ATTENTION_TOKENS,
 };
-use q3c_backend_common::plan::Plan;
+use q3c_backend_common::plan::{Loc, Plan};
 use q3c_backend_common::BackendError;
 use q3c_ir::{DType, Graph, NodeId, Op};
 
@@ -186,46 +186,70 @@ pub fn emit<B: KernelBuilder>(
                 _ => None,
             };
             let writes_cache = node.op.cache().is_some();
+            // The cache holds elements of the plan's KV dtype; other outputs are f32.
+            let kv = if writes_cache {
+                plan.kv_dtype
+            } else {
+                DType::F32
+            };
+            // Normalised rows go to the output (f32) or, before rounding into the cache, to the stack.
+            let normed = (norm.is_some() && kv != DType::F32).then(|| b.stack(heads * d * 4));
             b.for_range(start, end, 1, |b, tok| {
                 let src = b.addr(ptr[0], tok, heads * d * 4);
                 // A cache-writing norm_rope puts token t at cache row past + t.
                 let row = if writes_cache { b.add(past, tok) } else { tok };
-                let dst = b.addr(out, row, heads * d * 4);
+                let dst = b.addr(out, row, heads * d * kv.size());
                 // Fused: normalise each head into the output row, then rotate it in place (still in L1).
                 let src = match norm {
                     Some((eps, dt)) => {
+                        let to = normed.unwrap_or(dst);
                         for h in 0..heads {
-                            let (x, o) = (b.off(src, h * d * 4), b.off(dst, h * d * 4));
+                            let (x, o) = (b.off(src, h * d * 4), b.off(to, h * d * 4));
                             rms_row(b, x, ptr[1], dt, o, d, eps);
                         }
-                        dst
+                        to
                     }
                     None => src,
                 };
                 let p = b.add(past, tok);
                 let pf = b.int_to_f32(p);
-                rope_token(b, src, dst, heads, d, pf, table, scale);
+                rope_token(b, src, (dst, kv), heads, d, pf, table, scale);
             });
         }
         Op::KvAppend { .. } => {
             let row = per_token(graph, graph.inputs(id)[0]);
+            let kv = plan.kv_dtype;
             b.for_range(start, end, 1, |b, tok| {
                 let src = b.addr(ptr[0], tok, row * 4);
                 let p = b.add(past, tok);
-                let dst = b.addr(out, p, row * 4);
-                copy_row(b, src, dst, row);
+                let dst = b.addr(out, p, row * kv.size());
+                map_row(b, row, |b, at| {
+                    let (from, to) = (at.ptr(b, src, 4), at.ptr(b, dst, kv.size()));
+                    if at.is_vector() {
+                        let v = b.vload(from);
+                        b.vstore_as(kv, v, to);
+                    } else {
+                        let v = b.load_f32(from);
+                        b.store_as(kv, v, to);
+                    }
+                });
             });
         }
         Op::Attention { scale } => {
             let qd = dims(graph, graph.inputs(id)[0]);
             let kd = dims(graph, graph.inputs(id)[1]);
             let vd = dims(graph, graph.inputs(id)[2]);
+            let kv = match plan.input_loc(graph, id, 1) {
+                Loc::Cache { .. } => plan.kv_dtype,
+                _ => DType::F32,
+            };
             let shape = AttentionShape {
                 hq: qd[1],
                 d: qd[2],
                 hkv: kd[1],
                 dv: vd[2],
                 scale: *scale as f32,
+                kv,
             };
             b.for_range(start, end, 1, |b, item| {
                 attention_item(b, &shape, [ptr[0], ptr[1], ptr[2], out], (t, past), item)
@@ -473,6 +497,8 @@ struct AttentionShape {
     hkv: usize,
     dv: usize,
     scale: f32,
+    /// The element type of the K and V rows (the cache's).
+    kv: DType,
 }
 
 /// One attention work item: the query rows of [`ATTENTION_TOKENS`] tokens × the query heads of one KV
@@ -553,8 +579,8 @@ fn attention_item<B: KernelBuilder>(
     let score = |b: &mut B, qi: B::Int, j: B::Int| {
         let qr = b.addr(q, qi, s.d * 4);
         let kr = key_row(b, j);
-        let kj = b.addr(k, kr, s.d * 4);
-        let dot = b.dot(qr, kj, DType::F32, s.d);
+        let kj = b.addr(k, kr, s.d * s.kv.size());
+        let dot = b.dot(qr, kj, s.kv, s.d);
         let sc = b.fconst(s.scale);
         b.fmul(dot, sc)
     };
@@ -606,8 +632,8 @@ fn attention_item<B: KernelBuilder>(
                     let pu = b.load_f32(at);
                     let j = b.add(j0, u);
                     let vr = key_row(b, j);
-                    let vj = b.addr(v, vr, s.dv * 4);
-                    row.add(b, pu, vj);
+                    let vj = b.addr(v, vr, s.dv * s.kv.size());
+                    row.add(b, pu, vj, s.kv);
                 });
                 row.store(b, o);
             });
@@ -625,8 +651,8 @@ fn attention_item<B: KernelBuilder>(
                     b.exp_pair(d_old, d_new)
                 });
                 let vr = key_row(b, j);
-                let vj = b.addr(v, vr, s.dv * 4);
-                row.add(b, p, vj);
+                let vj = b.addr(v, vr, s.dv * s.kv.size());
+                row.add(b, p, vj, s.kv);
                 row.store(b, o);
             });
         });
@@ -688,21 +714,21 @@ impl<B: KernelBuilder> Accumulators<B> {
         Accumulators { vectors, scalars }
     }
 
-    /// Adds `p ·` the value row at `vj`.
-    fn add(&self, b: &mut B, p: B::F32, vj: B::Ptr) {
+    /// Adds `p ·` the value row at `vj` (elements of `dt`).
+    fn add(&self, b: &mut B, p: B::F32, vj: B::Ptr, dt: DType) {
         let lanes = b.lanes();
         let pv = b.vsplat(p);
         for (i, &a) in self.vectors.iter().enumerate() {
-            let at = b.off(vj, i * lanes * 4);
-            let x = b.vload(at);
+            let at = b.off(vj, i * lanes * dt.size());
+            let x = b.vload_weight(dt, at);
             let prev = b.get_vec(a);
             let y = b.vfma(pv, x, prev);
             b.set_vec(a, y);
         }
         let base = self.vectors.len() * lanes;
         for (i, &a) in self.scalars.iter().enumerate() {
-            let at = b.off(vj, (base + i) * 4);
-            let x = b.load_f32(at);
+            let at = b.off(vj, (base + i) * dt.size());
+            let x = b.load_weight(dt, at);
             let prev = b.get_f32(a);
             let y = b.fma(p, x, prev);
             b.set_f32(a, y);
@@ -845,13 +871,14 @@ fn rms_row<B: KernelBuilder>(
     });
 }
 
-/// Rotate-half RoPE of one token's `heads` rows of `d` at `src` into `dst` (which may equal `src`), at
-/// position `pf` (f32), with the inverse frequencies at `table` and cos/sin multiplied by `scale`.
+/// Rotate-half RoPE of one token's `heads` rows of `d` f32 at `src` into `dst` as elements of `dt` (`dst`
+/// may equal `src` for f32), at position `pf` (f32), with the inverse frequencies at `table` and cos/sin
+/// multiplied by `scale`.
 #[allow(clippy::too_many_arguments)]
 fn rope_token<B: KernelBuilder>(
     b: &mut B,
     src: B::Ptr,
-    dst: B::Ptr,
+    (dst, dt): (B::Ptr, DType),
     heads: usize,
     d: usize,
     pf: B::F32,
@@ -869,7 +896,7 @@ fn rope_token<B: KernelBuilder>(
         b.for_n(heads, |b, h| {
             let hd = b.mul_c(h, d);
             let off = b.add(hd, i);
-            let (from, to) = (b.addr(src, off, 4), b.addr(dst, off, 4));
+            let (from, to) = (b.addr(src, off, 4), b.addr(dst, off, dt.size()));
             let x0 = b.load_f32(from);
             let at = b.off(from, half * 4);
             let x1 = b.load_f32(at);
@@ -877,9 +904,9 @@ fn rope_token<B: KernelBuilder>(
             let lo = b.fsub(x0c, x1s);
             let (x1c, x0s) = (b.fmul(x1, c), b.fmul(x0, s));
             let hi = b.fadd(x1c, x0s);
-            b.store_f32(lo, to);
-            let at = b.off(to, half * 4);
-            b.store_f32(hi, at);
+            b.store_as(dt, lo, to);
+            let at = b.off(to, half * dt.size());
+            b.store_as(dt, hi, at);
         });
     });
 }

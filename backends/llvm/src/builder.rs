@@ -157,6 +157,12 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
     fn vstore(&mut self, v: VectorValue<'ctx>, p: PointerValue<'ctx>) {
         self.store(v, p);
     }
+    fn store_as(&mut self, dt: DType, v: FloatValue<'ctx>, p: PointerValue<'ctx>) {
+        Fb::store_as(self, dt, v, p)
+    }
+    fn vstore_as(&mut self, dt: DType, v: VectorValue<'ctx>, p: PointerValue<'ctx>) {
+        Fb::vstore_as(self, dt, v, p)
+    }
     fn stack(&mut self, bytes: usize) -> PointerValue<'ctx> {
         Fb::stack(self, bytes)
     }

@@ -249,7 +249,37 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
                     .expect(BUG)
                     .into_float_value()
             }
+            DType::F16 => {
+                let h = self
+                    .load_aligned(self.cx.f16_type(), p, 2)
+                    .into_float_value();
+                self.b.build_float_ext(h, self.f32t(), "").expect(BUG)
+            }
             _ => self.load_f32(p),
+        }
+    }
+    /// `v` stored as one element of `dt` (f32, or f16 rounded to nearest even).
+    pub fn store_as(&self, dt: DType, v: FloatValue<'ctx>, p: PointerValue<'ctx>) {
+        match dt {
+            DType::F16 => {
+                let h = self
+                    .b
+                    .build_float_trunc(v, self.cx.f16_type(), "")
+                    .expect(BUG);
+                self.store(h, p);
+            }
+            _ => self.store(v, p),
+        }
+    }
+    /// A vector stored as `lanes` elements of `dt` (see [`Fb::store_as`]).
+    pub fn vstore_as(&self, dt: DType, v: VectorValue<'ctx>, p: PointerValue<'ctx>) {
+        match dt {
+            DType::F16 => {
+                let half = self.cx.f16_type().vec_type(self.flavor.lanes());
+                let h = self.b.build_float_trunc(v, half, "").expect(BUG);
+                self.store(h, p);
+            }
+            _ => self.store(v, p),
         }
     }
     /// A vector of f32 activations.
@@ -276,6 +306,11 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
                     .build_bit_cast(w, self.vt(), "")
                     .expect(BUG)
                     .into_vector_value()
+            }
+            DType::F16 => {
+                let half = self.cx.f16_type().vec_type(self.flavor.lanes());
+                let h = self.load_aligned(half, p, 2).into_vector_value();
+                self.b.build_float_ext(h, self.vt(), "").expect(BUG)
             }
             _ => self.vload(p),
         }

@@ -31,6 +31,8 @@ pub struct PtxOptions {
     pub gpu: String,
     pub max_tokens_per_call: usize,
     pub fusion: String,
+    /// The KV cache's element type (f32 or f16).
+    pub kv_dtype: q3c_ir::DType,
 }
 
 /// A PTX module: one `.entry` per distinct kernel.
@@ -141,6 +143,7 @@ pub fn compile_ptx(
     launch::check(graph, opts.max_tokens_per_call)?;
     let machine = target::ptx(&opts.gpu)?;
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
     let launch = launch::build(graph, &mut plan)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_kernels");
@@ -198,6 +201,7 @@ pub fn compile_gpu_emulation(
     launch::check(graph, opts.max_tokens_per_call)?;
     let target = target::cpu("native", false)?;
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
+    plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
     let launch = launch::build(graph, &mut plan)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_gpu_on_cpu");

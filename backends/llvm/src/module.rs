@@ -37,6 +37,9 @@ pub struct CompileOptions {
     /// [`DType::Q4`] (4-bit groups of 32; the logits matrix in q8), quantized by the runtime at load, and
     /// multiply them with AVX512-VNNI on activations quantized to 8 bits. `None`: as stored.
     pub quantize: Option<DType>,
+    /// The KV cache's element type: f32 (exact), or f16 (half the bytes; written rounded to nearest even,
+    /// widened when read).
+    pub kv_dtype: DType,
 }
 
 impl Default for CompileOptions {
@@ -47,6 +50,7 @@ impl Default for CompileOptions {
             fusion: "none".into(),
             bf16_activations: false,
             quantize: None,
+            kv_dtype: DType::F32,
         }
     }
 }
@@ -152,6 +156,7 @@ pub fn compile(
         }
     }
     let mut plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.quantize)?;
+    plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
     let mut launch = launch::build(graph, &mut plan)?;
     // Staged products (q8, bf16 activations) prepare their activations after every other scratch buffer.
     let staging_offset = plan.scratch_bytes_per_token * plan.max_tokens;

@@ -90,8 +90,15 @@ pub fn run(args: Args) -> Result<()> {
         return print_json(&r);
     }
     let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+    let kv = match model.kv_bytes_per_token() {
+        Some((dtype, bytes)) => format!(
+            "; KV cache {dtype}, {:.1} MB per 1000 tokens",
+            bytes as f64 / 1e3
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "loaded in {load_s:.1} s; resident after load: {}",
+        "loaded in {load_s:.1} s; resident after load: {}{kv}",
         resident.map_or("unknown".into(), gb)
     );
     let at = args.depth.map(|d| format!(" @ d{d}")).unwrap_or_default();

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use q3c_compiler::Strategy;
 use q3c_models::ModelSource;
 
-use crate::codegen::{self, Activations, Backend, CpuCodegen, Quantize, Target};
+use crate::codegen::{self, Activations, Backend, CpuCodegen, KvDtype, Quantize, Target};
 use crate::output::write_atomically;
 
 #[derive(clap::Args)]
@@ -45,6 +45,10 @@ pub struct Args {
     /// pre-quantized, else none.
     #[arg(long, value_enum)]
     quantize: Option<Quantize>,
+    /// The KV cache's element type: f16 (half the bytes of f32, rounded to nearest even) or f32 (exact).
+    /// auto: f16 for a bf16 or f16 checkpoint (as llama.cpp), f32 for an f32 one.
+    #[arg(long, value_enum, default_value_t = KvDtype::Auto)]
+    kv_dtype: KvDtype,
     /// Most tokens per forward call (longer prompts run in chunks); sizes the scratch memory.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -89,16 +93,18 @@ pub fn run(args: Args) -> Result<()> {
             false => args.activations.bf16(&cfg, backend, &args.target_cpu)?,
         },
         quantize,
+        kv_dtype: args.kv_dtype.resolve(&cfg),
     };
     let (manifest, _) = codegen::compile_artifact(&cfg, &strategy, &how, &args.out)?;
     eprintln!(
-        "compiled {model} with {} (fusion {}, {} activations{}) for {} [{}] into {} ({} kernels, {} weights) in {:.2} s",
+        "compiled {model} with {} (fusion {}, {} activations{}, {} KV cache) for {} [{}] into {} ({} kernels, {} weights) in {:.2} s",
         manifest.backend,
         manifest.fusion,
         manifest.matmul_activations,
         quantize
             .dtype()
             .map_or(String::new(), |f| format!(", {f} weights")),
+        manifest.kv.dtype,
         manifest.target_cpu,
         manifest.required_cpu_features.join(" "),
         args.out.display(),

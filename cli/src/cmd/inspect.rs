@@ -59,7 +59,10 @@ fn describe(m: &q3c_abi::Manifest) -> String {
         m.kv.kv_heads,
         m.kv.head_dim,
         m.kv.dtype,
-        2 * m.kv.layers * m.kv.kv_heads * m.kv.head_dim * 4
+        2 * m.kv.layers
+            * m.kv.kv_heads
+            * m.kv.head_dim
+            * q3c_runtime::compiled::kv_element_bytes(&m.kv.dtype)
     );
     s += &format!(
         "calls:     up to {} tokens, scratch {} bytes per token\n",

@@ -114,6 +114,15 @@ fn check_library(path: &Path, lib: &libloading::Library) -> Result<Manifest, Run
             ),
         ));
     }
+    if !matches!(manifest.kv.dtype.as_str(), "f32" | "f16") {
+        return Err(artifact_err(
+            path,
+            format!(
+                "the manifest's KV cache is {}; this runtime holds f32 or f16 caches",
+                manifest.kv.dtype
+            ),
+        ));
+    }
     Ok(manifest)
 }
 
@@ -472,10 +481,10 @@ impl CompiledModel {
     /// A session whose KV cache holds up to `capacity` tokens.
     pub fn session_with_capacity(&self, capacity: usize) -> CompiledSession<'_> {
         let kv = &self.manifest.kv;
-        let row = kv.kv_heads * kv.head_dim;
-        let cache = (0..2 * kv.layers)
-            .map(|_| vec![0f32; capacity * row])
-            .collect();
+        // f32 words holding `capacity` rows of the cache's elements (checked at load to be f32 or f16).
+        let words =
+            (capacity * kv.kv_heads * kv.head_dim * kv_element_bytes(&kv.dtype)).div_ceil(4);
+        let cache = (0..2 * kv.layers).map(|_| vec![0f32; words]).collect();
         let scratch_len =
             self.manifest.scratch_bytes_per_token * self.manifest.max_tokens_per_call + 64;
         CompiledSession {
@@ -633,6 +642,15 @@ impl Session for CompiledSession<'_> {
 
     fn vocab_size(&self) -> usize {
         self.model.manifest.vocab_size
+    }
+}
+
+/// Bytes of one KV-cache element of `dtype` (`f32`, or `f16`; anything else is refused at load).
+pub fn kv_element_bytes(dtype: &str) -> usize {
+    if dtype == "f16" {
+        2
+    } else {
+        4
     }
 }
 
