@@ -32,10 +32,6 @@ pub struct PromptCache {
     kept: Mutex<(Vec<Kept>, u64)>,
 }
 
-/// Sessions are sized in steps of this many tokens, so that a chat's next turn still fits the session
-/// of the one before.
-const CAPACITY_STEP: usize = 1024;
-
 impl PromptCache {
     pub fn new(model: &'static Model, limit: usize, context: usize) -> PromptCache {
         PromptCache {
@@ -88,11 +84,9 @@ impl PromptCache {
                 }
             }
             None => {
-                let capacity = needed
-                    .div_ceil(CAPACITY_STEP)
-                    .saturating_mul(CAPACITY_STEP)
-                    .min(self.context)
-                    .max(needed);
+                // The whole context: a session's cache grows with the tokens it holds, so this costs
+                // memory only as a conversation uses it, and every later request fits.
+                let capacity = self.context.max(needed);
                 Lease {
                     session: self.model.session_with_capacity(capacity),
                     cached: 0,

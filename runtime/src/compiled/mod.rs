@@ -478,22 +478,21 @@ impl CompiledModel {
         &self.config
     }
 
-    /// A session whose KV cache holds up to `capacity` tokens.
+    /// A session whose KV cache holds up to `capacity` tokens. The cache grows as tokens arrive (doubling,
+    /// from [`INITIAL_ROWS`]), so a generous capacity costs memory only when used.
     pub fn session_with_capacity(&self, capacity: usize) -> CompiledSession<'_> {
-        let kv = &self.manifest.kv;
-        // f32 words holding `capacity` rows of the cache's elements (checked at load to be f32 or f16).
-        let words =
-            (capacity * kv.kv_heads * kv.head_dim * kv_element_bytes(&kv.dtype)).div_ceil(4);
-        let cache = (0..2 * kv.layers).map(|_| vec![0f32; words]).collect();
         let scratch_len =
             self.manifest.scratch_bytes_per_token * self.manifest.max_tokens_per_call + 64;
-        CompiledSession {
+        let mut session = CompiledSession {
             model: self,
-            cache,
+            cache: vec![Vec::new(); 2 * self.manifest.kv.layers],
+            rows: 0,
             capacity,
             scratch: vec![0u8; scratch_len],
             position: 0,
-        }
+        };
+        session.grow(capacity.min(INITIAL_ROWS));
+        session
     }
 
     /// A session with the default capacity (4096 tokens, or the model's maximum if smaller).
@@ -506,10 +505,16 @@ impl CompiledModel {
 pub struct CompiledSession<'m> {
     model: &'m CompiledModel,
     cache: Vec<Vec<f32>>,
+    /// Rows the cache buffers hold now.
+    rows: usize,
+    /// Rows they may grow to.
     capacity: usize,
     scratch: Vec<u8>,
     position: usize,
 }
+
+/// Rows a session's KV cache starts with.
+const INITIAL_ROWS: usize = 256;
 
 impl CompiledSession<'_> {
     /// Runs one call of at most `max_tokens_per_call` ids. `logits` holds one row per id, or one row when
@@ -544,7 +549,7 @@ impl CompiledSession<'_> {
             last_logits_only: u64::from(last_only),
         };
         // SAFETY: every pointer in `step` is valid for the sizes the manifest specifies: weights were checked
-        // against it, the cache holds `capacity` rows (checked below by the caller), scratch and logits are
+        // against it, the cache holds past + t rows (grown by the caller, `run`), scratch and logits are
         // sized from the manifest.
         let status = match &m.entry {
             Entry::Forward(forward) => unsafe { forward(&step) },
@@ -568,6 +573,17 @@ impl CompiledSession<'_> {
 }
 
 impl CompiledSession<'_> {
+    /// Makes every cache buffer hold `rows` rows (the rows in use are kept).
+    fn grow(&mut self, rows: usize) {
+        let kv = &self.model.manifest.kv;
+        // f32 words holding the rows' elements (checked at load to be f32 or f16).
+        let words = (rows * kv.kv_heads * kv.head_dim * kv_element_bytes(&kv.dtype)).div_ceil(4);
+        for c in &mut self.cache {
+            c.resize(words, 0.0);
+        }
+        self.rows = rows;
+    }
+
     /// Checks ids and capacity, then runs them in calls of at most `max_tokens_per_call`, writing each
     /// call's logits into `out` (one row per id, or only the last id's row when `last_only`).
     fn run(&mut self, ids: &[u32], last_only: bool, out: &mut [f32]) -> Result<(), RuntimeError> {
@@ -580,13 +596,17 @@ impl CompiledSession<'_> {
                 "token id {bad} is outside the vocabulary (0..{vocab})"
             )));
         }
-        if self.position + ids.len() > self.capacity {
+        let needed = self.position + ids.len();
+        if needed > self.capacity {
             return Err(RuntimeError::Input(format!(
                 "context full: {} cached + {} new tokens exceed the session's capacity of {}",
                 self.position,
                 ids.len(),
                 self.capacity
             )));
+        }
+        if needed > self.rows {
+            self.grow(needed.max(2 * self.rows).min(self.capacity));
         }
         let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let start = self.position;
