@@ -6,6 +6,7 @@ mod chart;
 mod cmd;
 mod codegen;
 mod compare;
+mod metrics;
 mod model_args;
 mod output;
 mod packing;

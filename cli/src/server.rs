@@ -3,7 +3,8 @@
 //! - `POST /v1/chat/completions`: streaming (SSE, `"stream": true`) or not; `reasoning_content` in messages
 //!   and deltas; `usage` with `completion_tokens_details.reasoning_tokens`; per-request `enable_thinking`
 //!   (also as `chat_template_kwargs.enable_thinking`) and `thinking_budget`.
-//! - `GET /v1/models`, `GET /health`.
+//! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: requests, running and waiting ones,
+//!   prompt, cached and completion tokens).
 //!
 //! Each request decodes on a blocking thread in a session (KV cache) of its own for the time it runs; up to
 //! `--max-concurrent` requests run at once, interleaving token by token on the model's thread pool, and the
@@ -30,6 +31,7 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use crate::metrics::{Gauge, Metrics};
 use crate::prompt_cache::PromptCache;
 
 /// What the handlers share.
@@ -43,6 +45,8 @@ pub struct Served {
     pub context: usize,
     /// Requests decoding at once; more wait in line (each holds a KV cache while it runs).
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// Served at `GET /metrics`.
+    pub metrics: Metrics,
 }
 
 /// Serves on `addr` until the process is stopped. `ready` is called with the bound address.
@@ -59,10 +63,19 @@ pub fn run(served: Served, addr: &str, ready: impl FnOnce(std::net::SocketAddr))
         let app = Router::new()
             .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
             .route("/v1/models", get(models))
+            .route("/metrics", get(metrics))
             .route("/v1/chat/completions", post(completions))
             .with_state(Arc::new(served));
         axum::serve(listener, app).await.context("serving")
     })
+}
+
+async fn metrics(State(s): State<Arc<Served>>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn models(State(s): State<Arc<Served>>) -> Json<Value> {
@@ -151,6 +164,15 @@ async fn read_body(body: Body) -> Result<Vec<u8>, Response> {
 }
 
 async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
+    let response = answer(Arc::clone(&s), body).await;
+    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    if !response.status().is_success() {
+        s.metrics.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    response
+}
+
+async fn answer(s: Arc<Served>, body: Body) -> Response {
     let body = match read_body(body).await {
         Ok(body) => body,
         Err(refused) => return refused,
@@ -159,7 +181,10 @@ async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
         Ok(job) => job,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let Ok(slot) = Arc::clone(&s.slots).acquire_owned().await else {
+    let waiting = Gauge::enter(&s.metrics.waiting);
+    let slot = Arc::clone(&s.slots).acquire_owned().await;
+    drop(waiting);
+    let Ok(slot) = slot else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is shutting down",
@@ -171,6 +196,7 @@ async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
         let served = Arc::clone(&s);
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
+            let _running = Gauge::enter(&served.metrics.running);
             let mut lease = served.sessions.take(&job.prompt, job.kv_tokens);
             let out = chat::decode_after(
                 &mut *lease.session,
@@ -181,6 +207,11 @@ async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
                 |_| {},
             );
             served.sessions.give_back(lease, fed(&job.prompt, &out));
+            if let Ok(o) = &out {
+                served
+                    .metrics
+                    .tokens(o.prompt_tokens, o.cached_tokens, o.ids.len());
+            }
             out
         })
         .await;
@@ -236,6 +267,7 @@ async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
         send(chunk(json!({"role": "assistant", "content": ""}), None));
         // With tools offered, <tool_call> blocks are held back and sent as tool_calls at the end.
         let mut tool_stream = job.tools.then(ToolCallStream::new);
+        let _running = Gauge::enter(&served.metrics.running);
         let mut lease = served.sessions.take(&job.prompt, job.kv_tokens);
         let result = chat::decode_after(
             &mut *lease.session,
@@ -257,6 +289,11 @@ async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
             },
         );
         served.sessions.give_back(lease, fed(&job.prompt, &result));
+        if let Ok(o) = &result {
+            served
+                .metrics
+                .tokens(o.prompt_tokens, o.cached_tokens, o.ids.len());
+        }
         match result {
             Ok(out) => {
                 let mut finish = finish_reason(out.finish_reason);

@@ -388,4 +388,29 @@ fn prompts_sharing_a_prefix_reuse_the_kv_cache() {
     let (_, twice) = post(&s, &ask("What is 2+2?"));
     assert_eq!(cached(&twice), prompt(&twice) - 1, "{twice}");
     assert_eq!(content(&twice), content(&first));
+
+    // /metrics adds them up (Prometheus text), and nothing is left running; a bad request counts as failed.
+    let (status, _) = post(&s, "{");
+    assert_eq!(status, 400);
+    let resp = ureq::get(&format!("{}/metrics", s.url)).call().unwrap();
+    assert!(resp.content_type().starts_with("text/plain"));
+    let text = resp.into_string().unwrap();
+    let metric = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    let all = [&first, &other, &again, &twice];
+    let sum = |f: &dyn Fn(&Value) -> u64| all.iter().map(|r| f(r)).sum::<u64>();
+    let completion = |r: &Value| r["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(metric("q3c_requests_total"), 5, "{text}");
+    assert_eq!(metric("q3c_requests_failed_total"), 1, "{text}");
+    assert_eq!(metric("q3c_requests_running"), 0);
+    assert_eq!(metric("q3c_requests_waiting"), 0);
+    assert_eq!(metric("q3c_prompt_tokens_total"), sum(&prompt));
+    assert_eq!(metric("q3c_prompt_tokens_cached_total"), sum(&cached));
+    assert_eq!(metric("q3c_completion_tokens_total"), sum(&completion));
+    assert!(text.contains("# TYPE q3c_requests_total counter"));
 }

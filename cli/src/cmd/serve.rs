@@ -44,6 +44,7 @@ pub fn run(args: Args) -> Result<()> {
         name,
         context,
         slots: std::sync::Arc::new(tokio::sync::Semaphore::new(args.max_concurrent)),
+        metrics: Default::default(),
     };
     crate::server::run(served, &format!("{}:{}", args.host, args.port), |addr| {
         println!("q3c serve: listening on http://{addr}");
