@@ -151,13 +151,35 @@ pub struct WeightEntry {
     pub layout: String,
 }
 
-/// KV-cache geometry: per layer, K and V buffers of `[capacity, kv_heads, head_dim]` f32.
+/// KV-cache geometry: per layer, K and V buffers of `[capacity, kv_heads, head_dim]` elements of `dtype`
+/// (`f32`, or IEEE `f16`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvGeometry {
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
     pub dtype: String,
+}
+
+impl KvGeometry {
+    /// Bytes of one element: 2 for `f16`, else 4 (a runtime refuses dtypes other than f32 and f16).
+    pub fn element_bytes(&self) -> usize {
+        if self.dtype == "f16" {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// Bytes of one cached token in one buffer (one layer's K or V).
+    pub fn row_bytes(&self) -> usize {
+        self.kv_heads * self.head_dim * self.element_bytes()
+    }
+
+    /// Bytes of one cached token in all buffers (every layer's K and V).
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.layers * self.row_bytes()
+    }
 }
 
 /// Everything the runtime needs to know about an artifact, embedded in it as JSON.

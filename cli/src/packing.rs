@@ -15,8 +15,8 @@ use crate::codegen::{self, Quantize};
 
 /// The [`Packer`] of one format for one model.
 pub struct PlanPacker {
-    /// The quantized form of each packed tensor.
-    forms: HashMap<String, DType>,
+    /// The packed format (`q3c_abi::Q8_LAYOUT` or `Q4_LAYOUT`) of each packed tensor.
+    formats: HashMap<String, &'static str>,
 }
 
 impl PlanPacker {
@@ -31,34 +31,27 @@ impl PlanPacker {
         for (name, _, _, read_as) in &plan.weights {
             forms.entry(name.clone()).or_default().push(*read_as);
         }
-        let forms = forms
+        // A weight's `kernel_dtype` is its read form's name (`q8`, `q4`).
+        let formats = forms
             .into_iter()
             .filter_map(|(name, f)| match f[..] {
-                [form @ (DType::Q8 | DType::Q4)] => Some((name, form)),
+                [form @ (DType::Q8 | DType::Q4)] => Some((name, form.name())),
                 _ => None,
             })
             .collect();
-        Ok(PlanPacker { forms })
+        Ok(PlanPacker { formats })
     }
 
     /// Tensors packed.
     pub fn count(&self) -> usize {
-        self.forms.len()
-    }
-}
-
-/// The `kernel_dtype` and packed byte length of `elements` values in `form`.
-fn layout(form: DType, elements: usize) -> (&'static str, usize) {
-    match form {
-        DType::Q4 => (q3c_abi::Q4_LAYOUT, quant::q4_bytes(elements)),
-        _ => (q3c_abi::Q8_LAYOUT, quant::q8_bytes(elements)),
+        self.formats.len()
     }
 }
 
 impl Packer for PlanPacker {
     fn packing(&self, name: &str, shape: &[usize]) -> Option<(Packed, usize)> {
-        let form = *self.forms.get(name)?;
-        let (format, len) = layout(form, shape.iter().product());
+        let format = *self.formats.get(name)?;
+        let len = quant::packed_bytes(format, shape.iter().product())?;
         let packed = Packed {
             format: format.to_string(),
             layout: q3c_abi::layout_for(format).to_string(),
@@ -67,15 +60,12 @@ impl Packer for PlanPacker {
     }
 
     fn pack(&self, name: &str, shape: &[usize], values: &[f32]) -> Vec<u8> {
-        let form = self.forms[name];
+        let format = self.formats[name];
         let (n, k) = (shape[0], shape[1]);
-        let (_, len) = layout(form, values.len());
+        let len = quant::packed_bytes(format, values.len()).expect("q8 or q4");
         let mut out = vec![0u8; len];
         let row = |i: usize, buf: &mut [f32]| buf.copy_from_slice(&values[i * k..(i + 1) * k]);
-        match form {
-            DType::Q4 => quant::quantize_q4(n, k, row, &mut out),
-            _ => quant::quantize_q8(n, k, row, &mut out),
-        }
+        quant::quantize(format, n, k, row, &mut out);
         out
     }
 }

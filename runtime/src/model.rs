@@ -33,7 +33,6 @@ impl Model {
         }
     }
 
-    /// The ids that end generation.
     /// A compiled model's KV-cache element type and bytes per cached token (all layers, K and V); `None`
     /// for the reference executor.
     pub fn kv_bytes_per_token(&self) -> Option<(String, usize)> {
@@ -41,15 +40,12 @@ impl Model {
             Model::Reference { .. } => None,
             Model::Compiled(m) => {
                 let kv = &m.manifest().kv;
-                let element = crate::compiled::kv_element_bytes(&kv.dtype);
-                Some((
-                    kv.dtype.clone(),
-                    2 * kv.layers * kv.kv_heads * kv.head_dim * element,
-                ))
+                Some((kv.dtype.clone(), kv.bytes_per_token()))
             }
         }
     }
 
+    /// The ids that end generation.
     pub fn eos_token_ids(&self) -> &[u32] {
         match self {
             Model::Reference { eos_token_ids, .. } => eos_token_ids,

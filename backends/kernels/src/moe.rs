@@ -3,6 +3,7 @@
 //! scatter the products back.
 
 use q3c_backend_common::launch::MoeStep;
+use q3c_ir::DType;
 
 use crate::builder::KernelBuilder;
 use crate::ops::{copy_row, Params};
@@ -28,7 +29,7 @@ pub fn emit<B: KernelBuilder>(b: &mut B, step: MoeStep, Params { args, start, en
                 let row = b.load_i32(at);
                 let src = if per_slot { row } else { b.udiv_c(row, slots) };
                 let (from, to) = (b.addr(x, src, 4 * k), b.addr(rows, p, 4 * k));
-                copy_row(b, from, to, k);
+                copy_row(b, from, (to, DType::F32), k);
             });
         }
         MoeStep::Scatter { n } => {
@@ -37,7 +38,7 @@ pub fn emit<B: KernelBuilder>(b: &mut B, step: MoeStep, Params { args, start, en
                 let at = b.addr(order, p, 4);
                 let row = b.load_i32(at);
                 let (from, to) = (b.addr(rows, p, 4 * n), b.addr(out, row, 4 * n));
-                copy_row(b, from, to, n);
+                copy_row(b, from, (to, DType::F32), n);
             });
         }
     }

@@ -223,16 +223,7 @@ pub fn emit<B: KernelBuilder>(
                 let src = b.addr(ptr[0], tok, row * 4);
                 let p = b.add(past, tok);
                 let dst = b.addr(out, p, row * kv.size());
-                map_row(b, row, |b, at| {
-                    let (from, to) = (at.ptr(b, src, 4), at.ptr(b, dst, kv.size()));
-                    if at.is_vector() {
-                        let v = b.vload(from);
-                        b.vstore_as(kv, v, to);
-                    } else {
-                        let v = b.load_f32(from);
-                        b.store_as(kv, v, to);
-                    }
-                });
+                copy_row(b, src, (dst, kv), row);
             });
         }
         Op::Attention { scale } => {
@@ -453,16 +444,21 @@ fn expert_panel<B: KernelBuilder>(
     b.matmul_columns(mm, ptr[0], &w, out, n, panel);
 }
 
-/// Copies `n` f32 from `src` to `dst`.
-pub(crate) fn copy_row<B: KernelBuilder>(b: &mut B, src: B::Ptr, dst: B::Ptr, n: usize) {
+/// Copies `n` f32 from `src` to `dst` as elements of `dt` (f32, or f16 rounded to nearest even).
+pub(crate) fn copy_row<B: KernelBuilder>(
+    b: &mut B,
+    src: B::Ptr,
+    (dst, dt): (B::Ptr, DType),
+    n: usize,
+) {
     map_row(b, n, |b, at| {
-        let (from, to) = (at.ptr(b, src, 4), at.ptr(b, dst, 4));
+        let (from, to) = (at.ptr(b, src, 4), at.ptr(b, dst, dt.size()));
         if at.is_vector() {
             let v = b.vload(from);
-            b.vstore(v, to);
+            b.vstore_as(dt, v, to);
         } else {
             let v = b.load_f32(from);
-            b.store_f32(v, to);
+            b.store_as(dt, v, to);
         }
     });
 }

@@ -59,10 +59,7 @@ fn describe(m: &q3c_abi::Manifest) -> String {
         m.kv.kv_heads,
         m.kv.head_dim,
         m.kv.dtype,
-        2 * m.kv.layers
-            * m.kv.kv_heads
-            * m.kv.head_dim
-            * q3c_runtime::compiled::kv_element_bytes(&m.kv.dtype)
+        m.kv.bytes_per_token()
     );
     s += &format!(
         "calls:     up to {} tokens, scratch {} bytes per token\n",

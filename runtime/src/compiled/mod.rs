@@ -373,19 +373,12 @@ impl CompiledModel {
                     Residency::Mapped => 0,
                 },
                 "f32" => elements * 4,
-                q3c_abi::Q8_LAYOUT
+                format @ (q3c_abi::Q8_LAYOUT | q3c_abi::Q4_LAYOUT)
                     if w.shape.len() == 2
                         && w.shape[0] % q3c_ir::Q8_PANEL == 0
                         && w.shape[1] % q3c_ir::Q8_GROUP == 0 =>
                 {
-                    quant::q8_bytes(elements)
-                }
-                q3c_abi::Q4_LAYOUT
-                    if w.shape.len() == 2
-                        && w.shape[0] % q3c_ir::Q8_PANEL == 0
-                        && w.shape[1] % q3c_ir::Q8_GROUP == 0 =>
-                {
-                    quant::q4_bytes(elements)
+                    quant::packed_bytes(format, elements).expect("q8 or q4")
                 }
                 format @ (q3c_abi::Q8_LAYOUT | q3c_abi::Q4_LAYOUT) => {
                     return Err(artifact_err(
@@ -443,10 +436,7 @@ impl CompiledModel {
                         format => {
                             let k = w.shape[1];
                             let row = |i, buf: &mut [f32]| t.widen_into(i * k, buf);
-                            match format {
-                                q3c_abi::Q4_LAYOUT => quant::quantize_q4(w.shape[0], k, row, slot),
-                                _ => quant::quantize_q8(w.shape[0], k, row, slot),
-                            }
+                            quant::quantize(format, w.shape[0], k, row, slot)
                         }
                     }
                 });
@@ -575,9 +565,8 @@ impl CompiledSession<'_> {
 impl CompiledSession<'_> {
     /// Makes every cache buffer hold `rows` rows (the rows in use are kept).
     fn grow(&mut self, rows: usize) {
-        let kv = &self.model.manifest.kv;
         // f32 words holding the rows' elements (checked at load to be f32 or f16).
-        let words = (rows * kv.kv_heads * kv.head_dim * kv_element_bytes(&kv.dtype)).div_ceil(4);
+        let words = (rows * self.model.manifest.kv.row_bytes()).div_ceil(4);
         for c in &mut self.cache {
             c.resize(words, 0.0);
         }
@@ -665,15 +654,6 @@ impl Session for CompiledSession<'_> {
     }
 }
 
-/// Bytes of one KV-cache element of `dtype` (`f32`, or `f16`; anything else is refused at load).
-pub fn kv_element_bytes(dtype: &str) -> usize {
-    if dtype == "f16" {
-        2
-    } else {
-        4
-    }
-}
-
 /// The arena bytes a pre-quantized checkpoint tensor `t` takes for weight `w` (none when mapped in place),
 /// or why it cannot be bound: packed in another format or layout than the artifact reads, or holding fewer
 /// or more bytes than its shape needs (a truncated or foreign file).
@@ -696,10 +676,12 @@ fn bind_packed(
         ));
     }
     let elements: usize = w.shape.iter().product();
-    let want = match packed.format.as_str() {
-        q3c_abi::Q4_LAYOUT => quant::q4_bytes(elements),
-        _ => quant::q8_bytes(elements),
-    };
+    let want = quant::packed_bytes(&packed.format, elements).ok_or_else(|| {
+        format!(
+            "is pre-quantized as {}, which this runtime does not know",
+            packed.format
+        )
+    })?;
     if t.bytes.len() != want {
         return Err(format!(
             "holds {} packed bytes, {} {:?} needs {want} (truncated or written for another shape)",

@@ -41,6 +41,24 @@ pub fn quantize_q8(n: usize, k: usize, row: impl Fn(usize, &mut [f32]), out: &mu
     }
 }
 
+/// Bytes of `len` values packed as `format` ([`q3c_abi::Q8_LAYOUT`] or [`q3c_abi::Q4_LAYOUT`]); `None` for
+/// any other format.
+pub fn packed_bytes(format: &str, len: usize) -> Option<usize> {
+    match format {
+        q3c_abi::Q8_LAYOUT => Some(q8_bytes(len)),
+        q3c_abi::Q4_LAYOUT => Some(q4_bytes(len)),
+        _ => None,
+    }
+}
+
+/// Quantizes a row-major `[n, k]` matrix into `format` (q8 or q4, see [`quantize_q8`], [`quantize_q4`]).
+pub fn quantize(format: &str, n: usize, k: usize, row: impl Fn(usize, &mut [f32]), out: &mut [u8]) {
+    match format {
+        q3c_abi::Q4_LAYOUT => quantize_q4(n, k, row, out),
+        _ => quantize_q8(n, k, row, out),
+    }
+}
+
 /// Bytes of the `q4` form of `len` values: `len / 2` bytes of nibbles, then `len / 32` f16 scales.
 pub fn q4_bytes(len: usize) -> usize {
     len / 2 + len / Q8_GROUP * 2
