@@ -1,4 +1,4 @@
-/* q3c model artifact ABI, version 2.
+/* q3c model artifact ABI, version 4.
  *
  * A q3c artifact (model.so) exports exactly these symbols; everything else in it is hidden.
  * It imports nothing beyond libc/libm: runtime services arrive through q3c_services.
@@ -7,7 +7,7 @@
 #define Q3C_ABI_H
 #include <stdint.h>
 
-#define Q3C_ABI_VERSION 3u
+#define Q3C_ABI_VERSION 4u
 
 /* Status codes returned by q3c_forward. */
 #define Q3C_OK 0
@@ -25,18 +25,35 @@ typedef struct q3c_services {
     void *pool;
 } q3c_services;
 
-/* One forward call: t new tokens after `past` cached ones. */
+/* Tokens a KV-cache block holds. The cache of each layer is a pool of blocks; a sequence's block table
+ * lists the pool block holding each run of Q3C_KV_BLOCK_TOKENS consecutive positions, so position p of a
+ * sequence lives in cache row blocks[p / Q3C_KV_BLOCK_TOKENS] * Q3C_KV_BLOCK_TOKENS + p % Q3C_KV_BLOCK_TOKENS. */
+#define Q3C_KV_BLOCK_TOKENS 16u
+
+/* One sequence of a forward call. */
+typedef struct q3c_seq {
+    const uint32_t *blocks;        /* its block table: enough blocks for every position it reaches in this call */
+    uint64_t end;                  /* the row after its last row in this call */
+} q3c_seq;
+
+/* One forward call: t new tokens, from one or more sequences. The rows of a sequence are consecutive and
+ * their positions ascend by one (a sequence's row at position p sees its own keys at positions 0..=p). */
 typedef struct q3c_step {
     const int32_t *ids;            /* [t] */
     uint64_t t;
-    uint64_t past;
+    const uint32_t *pos;           /* [t] each row's position in its sequence */
+    const uint32_t *seq;           /* [t] each row's sequence, an index into seqs */
+    const q3c_seq *seqs;           /* [n_seqs] */
+    uint64_t n_seqs;
     const void *const *weights;    /* one pointer per manifest weight, in manifest order */
-    float *const *kv;              /* 2 per layer: K0, V0, K1, V1, ...; each [capacity, kv_heads, head_dim] of the
-                                      manifest's kv.dtype: f32, or IEEE f16 (2 bytes each) */
+    float *const *kv;              /* 2 per layer: K0, V0, K1, V1, ...; each a pool of blocks, [blocks *
+                                      Q3C_KV_BLOCK_TOKENS, kv_heads, head_dim] of the manifest's kv.dtype: f32,
+                                      or IEEE f16 (2 bytes each) */
     uint8_t *scratch;              /* manifest.scratch_bytes_per_token * manifest.max_tokens_per_call bytes, 64-aligned */
-    float *logits;                 /* [t, vocab] f32 */
+    float *logits;                 /* [n_logits, vocab] f32, or [t, vocab] when logit_rows is NULL */
     const q3c_services *services;
-    uint64_t last_logits_only;     /* nonzero: write only the last token's logits, as row 0 of `logits` */
+    const uint32_t *logit_rows;    /* ascending rows whose logits are written, in order; NULL: every row */
+    uint64_t n_logits;             /* entries of logit_rows (1..=t) */
 } q3c_step;
 
 extern const uint32_t q3c_abi_version;        /* == Q3C_ABI_VERSION */
@@ -45,7 +62,7 @@ extern const uint64_t q3c_manifest_len;
 int32_t q3c_forward(const q3c_step *step);
 
 /* An artifact whose manifest has a "launch" plan (the GPU flavour compiled for the CPU) exports no q3c_forward:
- * the runtime fills each dispatch's argument block ([T, past, pointers...] as the plan's "args" say) and calls
+ * the runtime fills each dispatch's argument block ([T, the step, pointers...] as the plan's "args" say) and calls
  * the dispatch's kernel for every block and thread of its grid, ceil(items / threads) blocks: */
 typedef void (*q3c_launched_kernel)(const uint64_t *args, uint64_t items, uint64_t block, uint64_t threads,
                                     uint64_t thread);

@@ -2,7 +2,8 @@
 //!
 //! A CPU artifact's `q3c_forward` is generated from it; a launcher that runs kernels itself (the CPU
 //! emulation of GPU launches, a GPU runtime) reads it and fills each dispatch's argument block the same
-//! way: `[T, past, arguments...]` as 64-bit words, where each argument is resolved by [`Arg`].
+//! way: `[T, the step's address, arguments...]` as 64-bit words (kernels read the rows' positions and
+//! sequences from the step), where each argument is resolved by [`Arg`].
 
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +29,7 @@ pub struct LaunchPlan {
 pub struct Dispatch {
     /// Index into [`LaunchPlan::kernels`].
     pub kernel: usize,
-    /// The words after `[T, past]` in the argument block: input pointers, then output pointers.
+    /// The words after `[T, step]` in the argument block: input pointers, then output pointers.
     pub args: Vec<Arg>,
     /// Work items: `items`, times ⌈T / tokens_per_item⌉ if `per_token`.
     pub items: usize,
@@ -36,9 +37,11 @@ pub struct Dispatch {
     /// Tokens one work item takes (1 but for attention, whose items take blocks of tokens).
     #[serde(default = "one")]
     pub tokens_per_item: usize,
-    /// Set on the dispatches that compute the logits: when only the last row's logits are asked for, they
-    /// run with T = 1 and their first argument advanced by `T − 1` rows of this many bytes (0: not moved).
-    pub last_row: Option<usize>,
+    /// Set on the dispatches that compute the logits: they run over the step's logit rows only (`T =
+    /// n_logits` when `logit_rows` is set), which a compaction kernel before them has moved to the front
+    /// of their source.
+    #[serde(default)]
+    pub logits: bool,
 }
 
 impl Dispatch {

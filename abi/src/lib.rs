@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 pub mod launch;
 
 /// Version of the contract below; an artifact with another version is refused. (3: the KV cache's element
-/// type is the manifest's `kv.dtype`, f32 or f16.)
-pub const ABI_VERSION: u32 = 3;
+/// type is the manifest's `kv.dtype`, f32 or f16; 4: a call holds rows of several sequences, and the KV
+/// cache is a pool of blocks addressed through each sequence's block table.)
+pub const ABI_VERSION: u32 = 4;
 
 /// The C header describing the ABI (shipped for services written in other languages).
 pub const HEADER: &str = include_str!("../q3c_abi.h");
@@ -67,32 +68,59 @@ pub struct Services {
     pub pool: *mut std::ffi::c_void,
 }
 
+/// Tokens a KV-cache block holds (`Q3C_KV_BLOCK_TOKENS`): position `p` of a sequence lives in cache row
+/// `blocks[p / KV_BLOCK_TOKENS] · KV_BLOCK_TOKENS + p % KV_BLOCK_TOKENS` of every layer's pool.
+pub const KV_BLOCK_TOKENS: usize = 16;
+
+/// `q3c_seq`: one sequence of a forward call.
+#[repr(C)]
+pub struct Seq {
+    /// Its block table.
+    pub blocks: *const u32,
+    /// The row after its last row in the call.
+    pub end: u64,
+}
+
 /// `q3c_step`.
 #[repr(C)]
 pub struct Step {
     pub ids: *const i32,
     pub t: u64,
-    pub past: u64,
+    /// Each row's position in its sequence.
+    pub pos: *const u32,
+    /// Each row's sequence (an index into `seqs`); a sequence's rows are consecutive, positions ascending by one.
+    pub seq: *const u32,
+    pub seqs: *const Seq,
+    pub n_seqs: u64,
     pub weights: *const *const u8,
     pub kv: *const *mut f32,
     pub scratch: *mut u8,
     pub logits: *mut f32,
     pub services: *const Services,
-    /// Nonzero: only the last token's logits are computed, written as row 0 of `logits`.
-    pub last_logits_only: u64,
+    /// Ascending rows whose logits are written, as rows `0..n_logits` of `logits`; null: every row.
+    pub logit_rows: *const u32,
+    pub n_logits: u64,
 }
 
-/// Byte offsets of [`Step`]'s fields, for code generators.
+/// Byte offsets of [`Step`]'s and [`Seq`]'s fields, for code generators.
 pub mod step_offsets {
     pub const IDS: i32 = 0;
     pub const T: i32 = 8;
-    pub const PAST: i32 = 16;
-    pub const WEIGHTS: i32 = 24;
-    pub const KV: i32 = 32;
-    pub const SCRATCH: i32 = 40;
-    pub const LOGITS: i32 = 48;
-    pub const SERVICES: i32 = 56;
-    pub const LAST_LOGITS_ONLY: i32 = 64;
+    pub const POS: i32 = 16;
+    pub const SEQ: i32 = 24;
+    pub const SEQS: i32 = 32;
+    pub const N_SEQS: i32 = 40;
+    pub const WEIGHTS: i32 = 48;
+    pub const KV: i32 = 56;
+    pub const SCRATCH: i32 = 64;
+    pub const LOGITS: i32 = 72;
+    pub const SERVICES: i32 = 80;
+    pub const LOGIT_ROWS: i32 = 88;
+    pub const N_LOGITS: i32 = 96;
+    /// Bytes of one `q3c_seq`.
+    pub const SEQ_BYTES: usize = 16;
+    pub const SEQ_BLOCKS: i32 = 0;
+    pub const SEQ_END: i32 = 8;
 }
 
 /// `int32_t q3c_forward(const q3c_step *)`.
@@ -151,7 +179,7 @@ pub struct WeightEntry {
     pub layout: String,
 }
 
-/// KV-cache geometry: per layer, K and V buffers of `[capacity, kv_heads, head_dim]` elements of `dtype`
+/// KV-cache geometry: per layer, K and V pools of `[blocks · KV_BLOCK_TOKENS, kv_heads, head_dim]` elements of `dtype`
 /// (`f32`, or IEEE `f16`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvGeometry {
@@ -230,17 +258,26 @@ mod tests {
         }
         assert_eq!(
             std::mem::size_of::<Step>(),
-            step_offsets::LAST_LOGITS_ONLY as usize + 8
+            step_offsets::N_LOGITS as usize + 8
         );
-        assert_eq!(
-            std::mem::offset_of!(Step, services),
-            step_offsets::SERVICES as usize
-        );
-        assert_eq!(
-            std::mem::offset_of!(Step, last_logits_only),
-            step_offsets::LAST_LOGITS_ONLY as usize
-        );
-        assert!(HEADER.contains("uint64_t last_logits_only;"));
+        use step_offsets as so;
+        for (field, at) in [
+            (std::mem::offset_of!(Step, pos), so::POS),
+            (std::mem::offset_of!(Step, seq), so::SEQ),
+            (std::mem::offset_of!(Step, seqs), so::SEQS),
+            (std::mem::offset_of!(Step, n_seqs), so::N_SEQS),
+            (std::mem::offset_of!(Step, kv), so::KV),
+            (std::mem::offset_of!(Step, scratch), so::SCRATCH),
+            (std::mem::offset_of!(Step, services), so::SERVICES),
+            (std::mem::offset_of!(Step, logit_rows), so::LOGIT_ROWS),
+            (std::mem::offset_of!(Step, n_logits), so::N_LOGITS),
+            (std::mem::offset_of!(Seq, end), so::SEQ_END),
+        ] {
+            assert_eq!(field, at as usize);
+        }
+        assert_eq!(std::mem::size_of::<Seq>(), so::SEQ_BYTES);
+        assert!(HEADER.contains("uint64_t n_logits;"));
+        assert!(HEADER.contains(&format!("#define Q3C_KV_BLOCK_TOKENS {KV_BLOCK_TOKENS}u")));
         // launch::LaunchedKernel's C view.
         assert!(HEADER.contains(
             "(*q3c_launched_kernel)(const uint64_t *args, uint64_t items, uint64_t block, uint64_t threads,"

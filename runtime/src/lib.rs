@@ -1,6 +1,7 @@
 //! The q3c runtime: executes models and decodes.
 //!
-//! - [`Session`]: the interface of every executor (one KV cache per session).
+//! - [`Session`]: the interface of every executor (one KV cache per session); [`Batch`]: several
+//!   sequences fed together.
 //! - [`reference`]: the reference executor, which runs the IR directly in plain f32 Rust. It is the oracle
 //!   every backend and pass is tested against.
 //! - [`compiled`]: loads ahead-of-time compiled artifacts (`model.so`) and runs them on a thread pool.
@@ -12,6 +13,7 @@
 //! The runtime never depends on the compiler or on a code generator: it receives a graph (for the
 //! reference executor) or, later, a compiled artifact.
 
+pub mod batch;
 pub mod chat;
 pub mod compiled;
 mod error;
@@ -22,7 +24,8 @@ pub mod sampling;
 mod session;
 pub mod text;
 
-pub use compiled::{CompiledModel, CompiledSession, Residency};
+pub use batch::{Batch, SeqId, SessionBatch};
+pub use compiled::{CompiledBatch, CompiledModel, CompiledSession, Residency};
 pub use error::RuntimeError;
 pub use generate::{generate, GenerateOptions};
 pub use model::Model;

@@ -1,6 +1,7 @@
 //! [`Model`]: a loaded model of any kind, behind one interface for every surface (CLI, server, C API,
 //! tests): sessions, the model's end-of-sequence ids and how long a conversation may grow.
 
+use crate::batch::{Batch, SessionBatch};
 use crate::compiled::{CompiledModel, DEFAULT_CONTEXT};
 use crate::reference::ReferenceModel;
 use crate::session::Session;
@@ -30,6 +31,21 @@ impl Model {
         match self {
             Model::Reference { model, .. } => Box::new(model.session()),
             Model::Compiled(m) => Box::new(m.session_with_capacity(tokens)),
+        }
+    }
+
+    /// Sequences fed together, sharing a KV cache of up to `tokens` tokens: one batched call per feed on
+    /// a compiled model, one forward per sequence on the reference executor.
+    pub fn batch(&self, tokens: usize) -> Box<dyn Batch + Send + '_> {
+        match self {
+            Model::Reference { model, .. } => {
+                let model: &ReferenceModel = model;
+                Box::new(SessionBatch::new(
+                    Box::new(move || Box::new(model.session())),
+                    tokens,
+                ))
+            }
+            Model::Compiled(m) => Box::new(m.batch(tokens)),
         }
     }
 

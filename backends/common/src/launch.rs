@@ -30,17 +30,20 @@ pub enum Body {
     Stage { prep: Prep, k: usize },
     /// A step of a grouped expert product (see the module documentation).
     Moe(MoeStep),
+    /// Moves the step's logit rows (`row_bytes` each) of its one argument to the front, in order (one work
+    /// item; nothing when the step asks for every row): the logits products then read `n_logits` rows.
+    Compact { row_bytes: usize },
 }
 
 /// The steps around a grouped expert product, for every backend (bodies in `q3c_kernels::moe`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MoeStep {
-    /// `args = [T, past, ids i32[T, slots], offsets i32[2·experts + 2], order i32[T·slots]]`, one item:
+    /// `args = [T, step, ids i32[T, slots], offsets i32[2·experts + 2], order i32[T·slots]]`, one item:
     /// `order` lists the rows `token · slots + slot` grouped by expert (ascending within an expert), and
     /// expert `e`'s rows are `order[offsets[e] .. offsets[e + 1]]`; `offsets[experts + 1]` is the number `u`
     /// of experts with rows and `offsets[experts + 2 ..][..u]` are their ids, ascending.
     Group { experts: usize, slots: usize },
-    /// `args = [T, past, x, order, rows]`, one item per row `p` of `order`: row `p` of `rows` (`k` f32)
+    /// `args = [T, step, x, order, rows]`, one item per row `p` of `order`: row `p` of `rows` (`k` f32)
     /// is the activation of row `order[p]`: `x`'s token row when `per_slot` is false (x is `[T, 1, k]`),
     /// its (token, slot) row otherwise.
     Gather {
@@ -48,7 +51,7 @@ pub enum MoeStep {
         slots: usize,
         per_slot: bool,
     },
-    /// `args = [T, past, rows, order, out]`, one item per row `p`: row `order[p]` of `out` (`n` f32) is
+    /// `args = [T, step, rows, order, out]`, one item per row `p`: row `order[p]` of `out` (`n` f32) is
     /// row `p` of `rows`.
     Scatter { n: usize },
 }
@@ -139,12 +142,24 @@ pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
             launch.grouped_product(graph, id, kernel, args, area, &mut grouped);
             continue;
         }
-        let last_row = if plan.loc[&id] == Loc::Logits {
-            Some(plan::bytes_per_token(graph, graph.inputs(id)[0])?)
-        } else {
-            None
-        };
-        launch.push_node(graph, id, kernel, args, last_row);
+        let logits = plan.loc[&id] == Loc::Logits;
+        if logits {
+            // The logits product runs last, so its source is free to be compacted in place.
+            let row_bytes = plan::bytes_per_token(graph, graph.inputs(id)[0])?;
+            let compact = launch.kernel_of(Body::Compact { row_bytes }, || {
+                format!("q3c_compact_{row_bytes}")
+            });
+            launch.plan.dispatches.push(Dispatch {
+                kernel: compact,
+                args: vec![args[0]],
+                items: 1,
+                per_token: false,
+                tokens_per_item: 1,
+                logits: false,
+            });
+            launch.nodes.push(None);
+        }
+        launch.push_node(graph, id, kernel, args, logits);
     }
     Ok(launch)
 }
@@ -157,7 +172,7 @@ impl Launch {
         id: NodeId,
         kernel: usize,
         args: Vec<Arg>,
-        last_row: Option<usize>,
+        logits: bool,
     ) {
         let items = work_items(graph, id);
         self.plan.dispatches.push(Dispatch {
@@ -166,7 +181,7 @@ impl Launch {
             items: items.count,
             per_token: items.scales_with_t,
             tokens_per_item: items.tokens_per_item,
-            last_row,
+            logits,
         });
         self.nodes.push(Some(id));
     }
@@ -202,7 +217,7 @@ impl Launch {
         args[0] = scratch(area.rows_in);
         args[1] = scratch(area.offsets);
         args.push(scratch(area.rows_out));
-        self.push_node(graph, id, kernel, args, None);
+        self.push_node(graph, id, kernel, args, false);
         let at = [scratch(area.rows_out), scratch(area.order), out];
         self.helper(MoeStep::Scatter { n }, at.to_vec(), slots, true);
     }
@@ -225,7 +240,7 @@ impl Launch {
             items,
             per_token,
             tokens_per_item: 1,
-            last_row: None,
+            logits: false,
         });
         self.nodes.push(None);
     }
@@ -260,17 +275,15 @@ impl Launch {
         });
         let product = &mut self.plan.dispatches[at];
         let source = std::mem::replace(&mut product.args[0], Arg::Scratch(offset));
-        // For the logits, the staging dispatch reads the last row of the source; the product then reads
-        // the staged row from the start of the staging area.
+        // For the logits, the staging dispatch too runs over the (compacted) logit rows only.
         let staging = Dispatch {
             kernel,
             args: vec![source, Arg::Scratch(offset)],
             items: rows_per_token,
             per_token: true,
             tokens_per_item: 1,
-            last_row: product.last_row,
+            logits: product.logits,
         };
-        product.last_row = product.last_row.map(|_| 0);
         self.plan.dispatches.insert(at, staging);
         self.nodes.insert(at, None);
     }
@@ -313,7 +326,7 @@ fn moe_area(graph: &Graph, plan: &mut Plan) -> Option<MoeArea> {
 fn arg(loc: Loc) -> Arg {
     match loc {
         Loc::Weight { index, .. } => Arg::Weight(index),
-        // Positions are not materialised (kernels compute past + t); the word holds the ids.
+        // Positions are not materialised (kernels read them from the step); the word holds the ids.
         Loc::Ids | Loc::Positions => Arg::Ids,
         Loc::Scratch { offset } => Arg::Scratch(offset),
         Loc::Cache { slot } => Arg::Cache(slot),

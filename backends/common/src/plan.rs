@@ -20,7 +20,7 @@ pub enum Loc {
     Weight { index: usize, dtype: DType },
     /// The step's token ids.
     Ids,
-    /// Positions are not materialised: kernels compute `past + t`.
+    /// Positions are not materialised: kernels read each row's from the step.
     Positions,
     /// Scratch arena at `offset` bytes (a buffer of `max_tokens * bytes_per_token`).
     Scratch { offset: usize },

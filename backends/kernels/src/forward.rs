@@ -22,8 +22,6 @@ pub fn build<B: EntryBuilder>(
     let ids = b.load_ptr(at);
     let at = field(b, so::T);
     let t = b.load_i64(at);
-    let at = field(b, so::PAST);
-    let past = b.load_i64(at);
     // t must be in 1..=max_tokens: t − 1 < max_tokens, unsigned (t = 0 wraps around).
     let one = b.iconst(1);
     let t_minus_1 = b.sub(t, one);
@@ -50,6 +48,19 @@ pub fn build<B: EntryBuilder>(
     let clean = b.ieq(flags, zero);
     let bad_id = b.not(clean);
     b.return_if(bad_id, q3c_abi::ERR_TOKEN_ID);
+    // With logit_rows, n_logits must be in 1..=t.
+    let at = field(b, so::LOGIT_ROWS);
+    let rows = b.load_i64(at);
+    let zero = b.iconst(0);
+    let some_rows = b.ieq(rows, zero);
+    let some_rows = b.not(some_rows);
+    let at = field(b, so::N_LOGITS);
+    let n_logits = b.load_i64(at);
+    let n_minus_1 = b.sub(n_logits, one);
+    let fits = b.ult(n_minus_1, t);
+    let misfit = b.not(fits);
+    let bad_rows = b.and(some_rows, misfit);
+    b.return_if(bad_rows, q3c_abi::ERR_TOKENS);
 
     let load = |b: &mut B, off: i32| {
         let at = b.off(step, off as usize);
@@ -63,7 +74,8 @@ pub fn build<B: EntryBuilder>(
     let parallel_for = b.load_ptr(services);
     let at = b.off(services, 8);
     let pool = b.load_ptr(at);
-    // Kernel arguments: T, past, then the dispatch's pointers.
+    // Kernel arguments: T, the step (whose rows' positions and sequences kernels read), then the
+    // dispatch's pointers.
     let words = 2 + launch
         .dispatches
         .iter()
@@ -71,21 +83,22 @@ pub fn build<B: EntryBuilder>(
         .max()
         .unwrap_or(0);
     let args = b.stack(8 * words);
-    // With last_logits_only, the logits dispatches see one row: the last one.
-    let at = field(b, so::LAST_LOGITS_ONLY);
-    let last_only = b.load_i64(at);
+    // With logit_rows, the logits dispatches see n_logits rows (compacted to the front of their source).
+    let at = field(b, so::LOGIT_ROWS);
+    let rows = b.load_i64(at);
     let zero = b.iconst(0);
-    let all_rows = b.ieq(last_only, zero);
-    let t_logits = b.select_int(all_rows, t, one);
-    let skipped_rows = b.select_int(all_rows, zero, t_minus_1);
+    let all_rows = b.ieq(rows, zero);
+    let at = field(b, so::N_LOGITS);
+    let n_logits = b.load_i64(at);
+    let t_logits = b.select_int(all_rows, t, n_logits);
 
     for d in &launch.dispatches {
-        let t_here = if d.last_row.is_some() { t_logits } else { t };
+        let t_here = if d.logits { t_logits } else { t };
         b.store_i64(t_here, args);
         let at = b.off(args, 8);
-        b.store_i64(past, at);
+        b.store_ptr(step, at);
         for (i, &a) in d.args.iter().enumerate() {
-            let mut p = match a {
+            let p = match a {
                 Arg::Weight(index) => {
                     let entry = b.off(weights, index * 8);
                     b.load_ptr(entry)
@@ -99,11 +112,6 @@ pub fn build<B: EntryBuilder>(
                 }
                 Arg::Logits => logits,
             };
-            if let (0, Some(row_bytes)) = (i, d.last_row) {
-                if row_bytes > 0 {
-                    p = b.addr(p, skipped_rows, row_bytes);
-                }
-            }
             let at = b.off(args, 16 + 8 * i);
             b.store_ptr(p, at);
         }

@@ -40,6 +40,10 @@ pub fn emit_body<B: KernelBuilder>(
             moe::emit(b, step, params);
             Ok(())
         }
+        Body::Compact { row_bytes } => {
+            ops::compact(b, row_bytes, params);
+            Ok(())
+        }
         Body::Stage { .. } => Err(BackendError::Internal(format!(
             "{body:?} has no body common to every backend"
         ))),

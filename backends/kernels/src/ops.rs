@@ -1,11 +1,13 @@
 //! One kernel body per op, written once over [`KernelBuilder`] and specialised to the node's constant dims.
 //!
-//! A body reads `args = [T, past, input pointers..., output pointers...]` (one output pointer, or one per
+//! A body reads `args = [T, step, input pointers..., output pointers...]` (one output pointer, or one per
 //! element of a tuple result) and processes work items `[start, end)`;
 //! [`q3c_backend_common::items::work_items`] says what an item is for each op (a token row, a panel of
 //! output columns, a (token, head) pair, ...). The match below names every op: an op added to the IR
 //! without a body here does not compile.
 
+use q3c_abi::step_offsets as so;
+use q3c_abi::KV_BLOCK_TOKENS;
 use q3c_backend_common::items::{
     broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
     ATTENTION_TOKENS,
@@ -37,8 +39,8 @@ pub fn emit<B: KernelBuilder>(
     let n_in = graph.inputs(id).len();
     let n_out = node.ty.elements().len();
     let t = b.load_i64(args);
-    let past_at = b.off(args, 8);
-    let past = b.load_i64(past_at);
+    let step_at = b.off(args, 8);
+    let step = b.load_ptr(step_at);
     let ptr: Vec<B::Ptr> = (0..n_in + n_out)
         .map(|i| {
             let at = b.off(args, 16 + 8 * i);
@@ -109,7 +111,7 @@ pub fn emit<B: KernelBuilder>(
             });
         }
         Op::ExpertLinear | Op::ExpertSwiGlu => {
-            // Grouped (see `q3c_backend_common::launch`): args = [T, past, rows in expert order, offsets
+            // Grouped (see `q3c_backend_common::launch`): args = [T, step, rows in expert order, offsets
             // (with the used experts after them, `MoeStep::Group`), expert stacks (one, or gate and
             // up)..., rows out in expert order]. `panels · T·slots` items, each a (panel, u) pair: that
             // panel of the u-th used expert's matrices times all of its rows; pairs past the used experts
@@ -194,10 +196,15 @@ pub fn emit<B: KernelBuilder>(
             };
             // Normalised rows go to the output (f32) or, before rounding into the cache, to the stack.
             let normed = (norm.is_some() && kv != DType::F32).then(|| b.stack(heads * d * 4));
+            let rows = Rows::load(b, step);
             b.for_range(start, end, 1, |b, tok| {
                 let src = b.addr(ptr[0], tok, heads * d * 4);
-                // A cache-writing norm_rope puts token t at cache row past + t.
-                let row = if writes_cache { b.add(past, tok) } else { tok };
+                // A cache-writing norm_rope puts the token at its position's cache row.
+                let row = if writes_cache {
+                    rows.cache_row(b, tok)
+                } else {
+                    tok
+                };
                 let dst = b.addr(out, row, heads * d * kv.size());
                 // Fused: normalise each head into the output row, then rotate it in place (still in L1).
                 let src = match norm {
@@ -211,7 +218,7 @@ pub fn emit<B: KernelBuilder>(
                     }
                     None => src,
                 };
-                let p = b.add(past, tok);
+                let p = rows.pos(b, tok);
                 let pf = b.int_to_f32(p);
                 rope_token(b, src, (dst, kv), heads, d, pf, table, scale);
             });
@@ -219,9 +226,10 @@ pub fn emit<B: KernelBuilder>(
         Op::KvAppend { .. } => {
             let row = per_token(graph, graph.inputs(id)[0]);
             let kv = plan.kv_dtype;
+            let rows = Rows::load(b, step);
             b.for_range(start, end, 1, |b, tok| {
                 let src = b.addr(ptr[0], tok, row * 4);
-                let p = b.add(past, tok);
+                let p = rows.cache_row(b, tok);
                 let dst = b.addr(out, p, row * kv.size());
                 copy_row(b, src, (dst, kv), row);
             });
@@ -230,10 +238,15 @@ pub fn emit<B: KernelBuilder>(
             let qd = dims(graph, graph.inputs(id)[0]);
             let kd = dims(graph, graph.inputs(id)[1]);
             let vd = dims(graph, graph.inputs(id)[2]);
-            let kv = match plan.input_loc(graph, id, 1) {
-                Loc::Cache { .. } => plan.kv_dtype,
-                _ => DType::F32,
-            };
+            // Keys and values are read through the sequences' block tables: they must be the cache.
+            for i in [1, 2] {
+                if !matches!(plan.input_loc(graph, id, i), Loc::Cache { .. }) {
+                    return Err(BackendError::Internal(
+                        "attention reads K and V that are not the KV cache".into(),
+                    ));
+                }
+            }
+            let kv = plan.kv_dtype;
             let shape = AttentionShape {
                 hq: qd[1],
                 d: qd[2],
@@ -242,8 +255,9 @@ pub fn emit<B: KernelBuilder>(
                 scale: *scale as f32,
                 kv,
             };
+            let rows = Rows::load(b, step);
             b.for_range(start, end, 1, |b, item| {
-                attention_item(b, &shape, [ptr[0], ptr[1], ptr[2], out], (t, past), item)
+                attention_item(b, &shape, [ptr[0], ptr[1], ptr[2], out], &rows, t, item)
             });
         }
         Op::Add | Op::Mul | Op::Div => {
@@ -497,39 +511,216 @@ struct AttentionShape {
     kv: DType,
 }
 
-/// One attention work item: the query rows of [`ATTENTION_TOKENS`] tokens × the query heads of one KV
-/// head, in one pass over that head's keys with the softmax online (per row: the running max, the running
-/// sum of exponentials and the weighted values, rescaled by `e^(max_old − max_new)` as the max grows).
-/// `bufs` = [q, k cache, v cache, out].
-///
-/// Keys go in blocks of `lanes`: a block's K and V rows are read from memory by the first query row and
-/// from L1 by the others (re-reading the cache for every query row made attention memory-bound), and a
-/// row's scores for the block form one vector, so the block takes one max, one vector exponential and one
-/// rescale of the row's accumulators. A row skips the blocks wholly after its position and masks the keys
-/// after it in a partial one; keys after the last whole block go one at a time (a block never reads a cache
-/// row past the call's last token).
+/// The body of [`Body::Compact`](q3c_backend_common::launch::Body::Compact): moves the step's logit rows
+/// (f32 rows of `row_bytes`) of `args[2]` to its front, in order, in its one work item. The rows ascend, so
+/// row `i` moves from a row at or after `i`, and in order no row is overwritten before it moves.
+pub fn compact<B: KernelBuilder>(
+    b: &mut B,
+    row_bytes: usize,
+    Params { args, start, end }: Params<B>,
+) {
+    let step_at = b.off(args, 8);
+    let step = b.load_ptr(step_at);
+    let at = b.off(args, 16);
+    let buf = b.load_ptr(at);
+    let at = b.off(step, so::LOGIT_ROWS as usize);
+    let listed = b.load_i64(at);
+    let list = b.load_ptr(at);
+    let at = b.off(step, so::N_LOGITS as usize);
+    let n = b.load_i64(at);
+    let zero = b.iconst(0);
+    let every_row = b.ieq(listed, zero);
+    let some = b.not(every_row);
+    b.for_range(start, end, 1, |b, _| {
+        b.when(some, |b| {
+            let first = b.iconst(0);
+            b.for_range(first, n, 1, |b, i| {
+                let at = b.addr(list, i, 4);
+                let from = b.load_i32(at);
+                let stays = b.ieq(from, i);
+                let moves = b.not(stays);
+                b.when(moves, |b| {
+                    let src = b.addr(buf, from, row_bytes);
+                    let dst = b.addr(buf, i, row_bytes);
+                    copy_row(b, src, (dst, DType::F32), row_bytes / 4);
+                });
+            });
+        });
+    });
+}
+
+/// The call's rows as the step describes them (its address is word 1 of every argument block): each row's
+/// position and sequence, and each sequence's block table and end.
+pub struct Rows<B: KernelBuilder> {
+    pos: B::Ptr,
+    seq: B::Ptr,
+    seqs: B::Ptr,
+}
+
+impl<B: KernelBuilder> Rows<B> {
+    /// The step's tables.
+    pub fn load(b: &mut B, step: B::Ptr) -> Self {
+        let field = |b: &mut B, off: i32| {
+            let at = b.off(step, off as usize);
+            b.load_ptr(at)
+        };
+        Rows {
+            pos: field(b, so::POS),
+            seq: field(b, so::SEQ),
+            seqs: field(b, so::SEQS),
+        }
+    }
+
+    /// Row `row`'s position in its sequence.
+    pub fn pos(&self, b: &mut B, row: B::Int) -> B::Int {
+        let at = b.addr(self.pos, row, 4);
+        b.load_i32(at)
+    }
+
+    /// Row `row`'s sequence.
+    pub fn seq(&self, b: &mut B, row: B::Int) -> B::Int {
+        let at = b.addr(self.seq, row, 4);
+        b.load_i32(at)
+    }
+
+    /// Sequence `seq`'s block table.
+    pub fn blocks(&self, b: &mut B, seq: B::Int) -> B::Ptr {
+        let entry = b.addr(self.seqs, seq, so::SEQ_BYTES);
+        let at = b.off(entry, so::SEQ_BLOCKS as usize);
+        b.load_ptr(at)
+    }
+
+    /// The row after sequence `seq`'s last row in the call.
+    pub fn end(&self, b: &mut B, seq: B::Int) -> B::Int {
+        let entry = b.addr(self.seqs, seq, so::SEQ_BYTES);
+        let at = b.off(entry, so::SEQ_END as usize);
+        b.load_i64(at)
+    }
+
+    /// The cache row that row `row`'s keys and values go to.
+    pub fn cache_row(&self, b: &mut B, row: B::Int) -> B::Int {
+        let seq = self.seq(b, row);
+        let blocks = self.blocks(b, seq);
+        let p = self.pos(b, row);
+        cache_row(b, blocks, p)
+    }
+}
+
+/// The cache row of position `p` in a sequence whose block table is `blocks`.
+fn cache_row<B: KernelBuilder>(b: &mut B, blocks: B::Ptr, p: B::Int) -> B::Int {
+    let which = b.udiv_c(p, KV_BLOCK_TOKENS);
+    let at = b.addr(blocks, which, 4);
+    let block = b.load_i32(at);
+    let first = b.mul_c(block, KV_BLOCK_TOKENS);
+    let within = b.urem_c(p, KV_BLOCK_TOKENS);
+    b.add(first, within)
+}
+
+/// One attention work item: the query rows of [`ATTENTION_TOKENS`] consecutive rows of the call × the
+/// query heads of one KV head. The rows are taken a sequence at a time ([`attention_segment`]): a block of
+/// rows from several sequences (batched decoding) runs one segment per sequence.
 fn attention_item<B: KernelBuilder>(
     b: &mut B,
     s: &AttentionShape,
-    [q, k, v, out]: [B::Ptr; 4],
-    (t, past): (B::Int, B::Int),
+    bufs: [B::Ptr; 4],
+    rows: &Rows<B>,
+    t: B::Int,
     item: B::Int,
+) {
+    let g = b.urem_c(item, s.hkv);
+    let block = b.udiv_c(item, s.hkv);
+    let b0 = b.mul_c(block, ATTENTION_TOKENS);
+    let b_next = b.add_c(b0, ATTENTION_TOKENS);
+    let room = b.ult(t, b_next);
+    let b_end = b.select_int(room, t, b_next);
+    let scratch = AttentionScratch::new(b, s);
+    // A segment starts at the block's first row and wherever the sequence changes.
+    b.for_range(b0, b_end, 1, |b, r| {
+        let first = b.ieq(r, b0);
+        let one = b.iconst(1);
+        let before = b.sub(r, one);
+        let prev = b.select_int(first, r, before);
+        let (seq, seq_prev) = (rows.seq(b, r), rows.seq(b, prev));
+        let same = b.ieq(seq, seq_prev);
+        let changes = b.not(same);
+        let starts = b.or(first, changes);
+        b.when(starts, |b| {
+            let end = rows.end(b, seq);
+            let later = b.ult(b_end, end);
+            let s1 = b.select_int(later, b_end, end);
+            let blocks = rows.blocks(b, seq);
+            // Row x of the segment is at position base + x (wrapping arithmetic: base may be "negative").
+            let p0 = rows.pos(b, r);
+            let base = b.sub(p0, r);
+            let segment = Segment {
+                t0: r,
+                t_end: s1,
+                base,
+                blocks,
+                g,
+            };
+            attention_segment(b, s, bufs, &scratch, &segment);
+        });
+    });
+}
+
+/// The per-row state of an attention item, on the stack: weighted values, running max and sum.
+struct AttentionScratch<B: KernelBuilder> {
+    acc: B::Ptr,
+    maxes: B::Ptr,
+    totals: B::Ptr,
+    scores: B::Ptr,
+}
+
+impl<B: KernelBuilder> AttentionScratch<B> {
+    fn new(b: &mut B, s: &AttentionShape) -> Self {
+        let rows = ATTENTION_TOKENS * (s.hq / s.hkv);
+        let lanes = b.lanes();
+        AttentionScratch {
+            acc: b.stack(4 * rows * s.dv),
+            maxes: b.stack(4 * rows),
+            totals: b.stack(4 * rows),
+            scores: b.stack(4 * lanes),
+        }
+    }
+}
+
+/// Rows `t0..t_end` of one sequence (at most [`ATTENTION_TOKENS`]), row `x` at position `base + x`, its
+/// keys and values found through `blocks`, for the query heads of KV head `g`.
+struct Segment<B: KernelBuilder> {
+    t0: B::Int,
+    t_end: B::Int,
+    base: B::Int,
+    blocks: B::Ptr,
+    g: B::Int,
+}
+
+/// The attention of one [`Segment`]: its query rows in one pass over the sequence's keys with the softmax
+/// online (per row: the running max, the running sum of exponentials and the weighted values, rescaled by
+/// `e^(max_old − max_new)` as the max grows). `bufs` = [q, k cache, v cache, out].
+///
+/// Keys go in blocks of `lanes` (within one cache block, as `KV_BLOCK_TOKENS` is a multiple of every
+/// target's lanes): a block's K and V rows are read from memory by the first query row and from L1 by the
+/// others (re-reading the cache for every query row made attention memory-bound), and a row's scores for
+/// the block form one vector, so the block takes one max, one vector exponential and one rescale of the
+/// row's accumulators. A row skips the blocks wholly after its position and masks the keys after it in a
+/// partial one; keys after the last whole block go one at a time (a block never reads a cache row past
+/// the segment's last position).
+fn attention_segment<B: KernelBuilder>(
+    b: &mut B,
+    s: &AttentionShape,
+    [q, k, v, out]: [B::Ptr; 4],
+    st: &AttentionScratch<B>,
+    seg: &Segment<B>,
 ) {
     let group = s.hq / s.hkv;
     let rows = ATTENTION_TOKENS * group;
     let lanes = b.lanes();
-    let g = b.urem_c(item, s.hkv);
-    let block = b.udiv_c(item, s.hkv);
-    let t0 = b.mul_c(block, ATTENTION_TOKENS);
-    // Tokens t0..t_end of this call; the last one sees keys 0..past + t_end.
-    let t_next = b.add_c(t0, ATTENTION_TOKENS);
-    let room = b.ult(t, t_next);
-    let t_end = b.select_int(room, t, t_next);
-    let len_max = b.add(past, t_end);
-    // Per query row (token-major, then head): its weighted values, running max and sum, on the stack.
-    let acc = b.stack(4 * rows * s.dv);
-    let maxes = b.stack(4 * rows);
-    let totals = b.stack(4 * rows);
+    debug_assert_eq!(KV_BLOCK_TOKENS % lanes, 0);
+    let (acc, maxes, totals, scores) = (st.acc, st.maxes, st.totals, st.scores);
+    let (t0, t_end, g) = (seg.t0, seg.t_end, seg.g);
+    // The segment's last row sees keys 0..len_max.
+    let len_max = b.add(seg.base, t_end);
     let (zero, neg_inf) = (b.fconst(0.0), b.fconst(f32::NEG_INFINITY));
     b.for_n(rows, |b, r| {
         let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
@@ -546,7 +737,7 @@ fn attention_item<B: KernelBuilder>(
             }
         });
     });
-    // Query row r: token t0 + r / group, head g · group + r % group; it sees keys 0..len.
+    // Query row r: row t0 + r / group, head g · group + r % group; it sees keys 0..len.
     let query = |b: &mut B, r: B::Int| {
         let tok = b.udiv_c(r, group);
         let tok = b.add(t0, tok);
@@ -555,28 +746,28 @@ fn attention_item<B: KernelBuilder>(
         let head = b.add(g0, head);
         let qi = b.mul_c(tok, s.hq);
         let qi = b.add(qi, head);
-        let len = b.add(past, tok);
+        let len = b.add(seg.base, tok);
         let len = b.add_c(len, 1);
         (tok, qi, len)
     };
-    // Row j of the cache holds KV head g at j · hkv + g.
-    let key_row = |b: &mut B, j: B::Int| {
-        let r = b.mul_c(j, s.hkv);
+    // Cache row c holds KV head g at c · hkv + g.
+    let head_row = |b: &mut B, c: B::Int| {
+        let r = b.mul_c(c, s.hkv);
         b.add(r, g)
     };
-    // Whether row r is a token of this call that sees key j (or a later one); its q row and length.
+    // Whether row r is a row of this segment that sees key j (or a later one); its q row and length.
     let sees = |b: &mut B, r: B::Int, j: B::Int| {
         let (tok, qi, len) = query(b, r);
-        let live = b.ult(tok, t);
+        let live = b.ult(tok, t_end);
         let seen = b.ult(j, len);
         (b.and(live, seen), qi, len)
     };
-    // scale · q_qi · k_j.
-    let score = |b: &mut B, qi: B::Int, j: B::Int| {
+    // scale · q_qi · k at cache row c.
+    let score = |b: &mut B, qi: B::Int, c: B::Int| {
         let qr = b.addr(q, qi, s.d * 4);
-        let kr = key_row(b, j);
-        let kj = b.addr(k, kr, s.d * s.kv.size());
-        let dot = b.dot(qr, kj, s.kv, s.d);
+        let kr = head_row(b, c);
+        let kc = b.addr(k, kr, s.d * s.kv.size());
+        let dot = b.dot(qr, kc, s.kv, s.d);
         let sc = b.fconst(s.scale);
         b.fmul(dot, sc)
     };
@@ -596,17 +787,19 @@ fn attention_item<B: KernelBuilder>(
         let o = b.addr(acc, r, s.dv * 4);
         (Accumulators::load(b, o, s.dv, c), o, sum)
     };
-    let scores = b.stack(4 * lanes);
     let blocks = b.udiv_c(len_max, lanes);
     let blocked = b.mul_c(blocks, lanes);
     let first = b.iconst(0);
     b.for_range(first, blocked, lanes, |b, j0| {
+        // The block's keys are consecutive cache rows from c0.
+        let c0 = cache_row(b, seg.blocks, j0);
         b.for_n(rows, |b, r| {
             let (go, qi, len) = sees(b, r, j0);
             b.when(go, |b| {
                 b.for_n(lanes, |b, u| {
                     let j = b.add(j0, u);
-                    let score = score(b, qi, j);
+                    let c = b.add(c0, u);
+                    let score = score(b, qi, c);
                     let before = b.ult(j, len);
                     let score = b.select_f32(before, score, neg_inf);
                     let at = b.addr(scores, u, 4);
@@ -626,10 +819,10 @@ fn attention_item<B: KernelBuilder>(
                 b.for_n(lanes, |b, u| {
                     let at = b.addr(scores, u, 4);
                     let pu = b.load_f32(at);
-                    let j = b.add(j0, u);
-                    let vr = key_row(b, j);
-                    let vj = b.addr(v, vr, s.dv * s.kv.size());
-                    row.add(b, pu, vj, s.kv);
+                    let c = b.add(c0, u);
+                    let vr = head_row(b, c);
+                    let vc = b.addr(v, vr, s.dv * s.kv.size());
+                    row.add(b, pu, vc, s.kv);
                 });
                 row.store(b, o);
             });
@@ -637,26 +830,27 @@ fn attention_item<B: KernelBuilder>(
     });
     // The keys after the last whole block, one at a time.
     b.for_range(blocked, len_max, 1, |b, j| {
+        let c = cache_row(b, seg.blocks, j);
         b.for_n(rows, |b, r| {
             let (go, qi, _) = sees(b, r, j);
             b.when(go, |b| {
-                let score = score(b, qi, j);
+                let score = score(b, qi, c);
                 // One key: its exponential is the whole sum.
                 let (row, o, p) = rescale(b, r, score, &mut |b, old, new| {
                     let (d_old, d_new) = (b.fsub(old, new), b.fsub(score, new));
                     b.exp_pair(d_old, d_new)
                 });
-                let vr = key_row(b, j);
-                let vj = b.addr(v, vr, s.dv * s.kv.size());
-                row.add(b, p, vj, s.kv);
+                let vr = head_row(b, c);
+                let vc = b.addr(v, vr, s.dv * s.kv.size());
+                row.add(b, p, vc, s.kv);
                 row.store(b, o);
             });
         });
     });
-    // out = weighted values / sum, for the rows of this call.
+    // out = weighted values / sum, for the rows of this segment.
     b.for_n(rows, |b, r| {
         let (tok, qi, _) = query(b, r);
-        let live = b.ult(tok, t);
+        let live = b.ult(tok, t_end);
         b.when(live, |b| {
             let one = b.fconst(1.0);
             let l = b.addr(totals, r, 4);

@@ -47,6 +47,14 @@ impl Launcher {
         if ids.iter().any(|&id| id < 0 || id as usize >= self.vocab) {
             return q3c_abi::ERR_TOKEN_ID;
         }
+        let n_logits = if step.logit_rows.is_null() {
+            t
+        } else {
+            step.n_logits as usize
+        };
+        if n_logits == 0 || n_logits > t {
+            return q3c_abi::ERR_TOKENS;
+        }
         let words = 2 + self
             .plan
             .dispatches
@@ -56,14 +64,13 @@ impl Launcher {
             .unwrap_or(0);
         let mut args = vec![0u64; words];
         for d in &self.plan.dispatches {
-            let last_row = d.last_row.filter(|_| step.last_logits_only != 0);
-            let t_here = if last_row.is_some() { 1 } else { t };
+            let t_here = if d.logits { n_logits } else { t };
             args[0] = t_here as u64;
-            args[1] = step.past;
+            args[1] = step as *const Step as u64;
             for (i, a) in d.args.iter().enumerate() {
                 // SAFETY: indices and offsets come from the plan the artifact was compiled with; the
                 // tables and buffers are the ones its manifest sized.
-                let mut p = unsafe {
+                args[2 + i] = unsafe {
                     match *a {
                         Arg::Weight(index) => *step.weights.add(index) as u64,
                         Arg::WeightTable(index) => step.weights.add(index) as u64,
@@ -73,10 +80,6 @@ impl Launcher {
                         Arg::Logits => step.logits as u64,
                     }
                 };
-                if let (0, Some(row_bytes)) = (i, last_row) {
-                    p += ((t - 1) * row_bytes) as u64;
-                }
-                args[2 + i] = p;
             }
             let items = d.item_count(t_here) as u64;
             let threads = self.plan.threads_per_block as u64;

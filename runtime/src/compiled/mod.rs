@@ -6,24 +6,26 @@
 
 mod arena;
 mod elf;
+mod kv;
 mod launcher;
 mod pool;
 pub mod quant;
+mod sequences;
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use q3c_abi::launch::LaunchedKernel;
-use q3c_abi::{Forward, Manifest, Services, Step, ABI_VERSION};
+use q3c_abi::{Forward, Manifest, ABI_VERSION};
 use q3c_models::tensors::TensorSpec;
 use q3c_models::{Checkpoint, Qwen3Config};
 
 use arena::Arena;
 pub use arena::Residency;
 pub use pool::ThreadPool;
+pub use sequences::{CompiledBatch, CompiledSession};
 
 use crate::error::RuntimeError;
-use crate::session::{Logits, Session};
 
 /// Default KV-cache capacity of a session, in tokens (capped by the model's `max_position_embeddings`).
 pub const DEFAULT_CONTEXT: usize = 4096;
@@ -468,189 +470,11 @@ impl CompiledModel {
         &self.config
     }
 
-    /// A session whose KV cache holds up to `capacity` tokens. The cache grows as tokens arrive (doubling,
-    /// from [`INITIAL_ROWS`]), so a generous capacity costs memory only when used.
-    pub fn session_with_capacity(&self, capacity: usize) -> CompiledSession<'_> {
-        let scratch_len =
-            self.manifest.scratch_bytes_per_token * self.manifest.max_tokens_per_call + 64;
-        let mut session = CompiledSession {
-            model: self,
-            cache: vec![Vec::new(); 2 * self.manifest.kv.layers],
-            rows: 0,
-            capacity,
-            scratch: vec![0u8; scratch_len],
-            position: 0,
-        };
-        session.grow(capacity.min(INITIAL_ROWS));
-        session
-    }
-
-    /// A session with the default capacity (4096 tokens, or the model's maximum if smaller).
-    pub fn session(&self) -> CompiledSession<'_> {
-        self.session_with_capacity(DEFAULT_CONTEXT.min(self.config.max_position_embeddings))
-    }
-}
-
-/// One sequence on a compiled model: its own KV cache and scratch memory.
-pub struct CompiledSession<'m> {
-    model: &'m CompiledModel,
-    cache: Vec<Vec<f32>>,
-    /// Rows the cache buffers hold now.
-    rows: usize,
-    /// Rows they may grow to.
-    capacity: usize,
-    scratch: Vec<u8>,
-    position: usize,
-}
-
-/// Rows a session's KV cache starts with.
-const INITIAL_ROWS: usize = 256;
-
-impl CompiledSession<'_> {
-    /// Runs one call of at most `max_tokens_per_call` ids. `logits` holds one row per id, or one row when
-    /// `last_only`.
-    fn run_chunk(
-        &mut self,
-        ids: &[i32],
-        logits: &mut [f32],
-        last_only: bool,
-    ) -> Result<(), RuntimeError> {
-        let m = self.model;
-        let pool = m
-            .pool
+    /// The thread pool, for one forward pass at a time.
+    fn threads(&self) -> Result<std::sync::MutexGuard<'_, Box<ThreadPool>>, RuntimeError> {
+        self.pool
             .lock()
-            .map_err(|_| RuntimeError::Internal("thread pool poisoned".into()))?;
-        let services = Services {
-            parallel_for: pool::parallel_for,
-            pool: &**pool as *const ThreadPool as *mut _,
-        };
-        let kv: Vec<*mut f32> = self.cache.iter_mut().map(|c| c.as_mut_ptr()).collect();
-        let base = self.scratch.as_mut_ptr();
-        let scratch = unsafe { base.add(base.align_offset(64)) };
-        let step = Step {
-            ids: ids.as_ptr(),
-            t: ids.len() as u64,
-            past: self.position as u64,
-            weights: m.weight_ptrs.as_ptr(),
-            kv: kv.as_ptr(),
-            scratch,
-            logits: logits.as_mut_ptr(),
-            services: &services,
-            last_logits_only: u64::from(last_only),
-        };
-        // SAFETY: every pointer in `step` is valid for the sizes the manifest specifies: weights were checked
-        // against it, the cache holds past + t rows (grown by the caller, `run`), scratch and logits are
-        // sized from the manifest.
-        let status = match &m.entry {
-            Entry::Forward(forward) => unsafe { forward(&step) },
-            Entry::Launched(launcher) => unsafe { launcher.run(&step) },
-        };
-        match status {
-            q3c_abi::OK => Ok(()),
-            q3c_abi::ERR_TOKEN_ID => Err(RuntimeError::Input(format!(
-                "a token id is outside the vocabulary (0..{})",
-                m.manifest.vocab_size
-            ))),
-            q3c_abi::ERR_TOKENS => Err(RuntimeError::Internal(format!(
-                "artifact refused a call of {} tokens",
-                ids.len()
-            ))),
-            other => Err(RuntimeError::Internal(format!(
-                "artifact returned status {other}"
-            ))),
-        }
-    }
-}
-
-impl CompiledSession<'_> {
-    /// Makes every cache buffer hold `rows` rows (the rows in use are kept).
-    fn grow(&mut self, rows: usize) {
-        // f32 words holding the rows' elements (checked at load to be f32 or f16).
-        let words = (rows * self.model.manifest.kv.row_bytes()).div_ceil(4);
-        for c in &mut self.cache {
-            c.resize(words, 0.0);
-        }
-        self.rows = rows;
-    }
-
-    /// Checks ids and capacity, then runs them in calls of at most `max_tokens_per_call`, writing each
-    /// call's logits into `out` (one row per id, or only the last id's row when `last_only`).
-    fn run(&mut self, ids: &[u32], last_only: bool, out: &mut [f32]) -> Result<(), RuntimeError> {
-        let vocab = self.model.manifest.vocab_size;
-        if ids.is_empty() {
-            return Err(RuntimeError::Input("no token ids to run".into()));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(RuntimeError::Input(format!(
-                "token id {bad} is outside the vocabulary (0..{vocab})"
-            )));
-        }
-        let needed = self.position + ids.len();
-        if needed > self.capacity {
-            return Err(RuntimeError::Input(format!(
-                "context full: {} cached + {} new tokens exceed the session's capacity of {}",
-                self.position,
-                ids.len(),
-                self.capacity
-            )));
-        }
-        if needed > self.rows {
-            self.grow(needed.max(2 * self.rows).min(self.capacity));
-        }
-        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let start = self.position;
-        let chunk = self.model.manifest.max_tokens_per_call;
-        for (c, part) in ids.chunks(chunk).enumerate() {
-            // With last_only every call writes its last row over row 0; the final call's is the answer.
-            let rows = if last_only {
-                &mut out[..vocab]
-            } else {
-                &mut out[c * chunk * vocab..][..part.len() * vocab]
-            };
-            if let Err(e) = self.run_chunk(part, rows, last_only) {
-                // Cache rows past `start` are simply overwritten by the next call.
-                self.position = start;
-                return Err(e);
-            }
-            self.position += part.len();
-        }
-        Ok(())
-    }
-}
-
-impl Session for CompiledSession<'_> {
-    fn forward(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError> {
-        let vocab = self.model.manifest.vocab_size;
-        let mut data = vec![0f32; ids.len() * vocab];
-        self.run(ids, false, &mut data)?;
-        Ok(Logits {
-            rows: ids.len(),
-            vocab,
-            data,
-        })
-    }
-
-    fn forward_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
-        let mut row = vec![0f32; self.model.manifest.vocab_size];
-        self.run(ids, true, &mut row)?;
-        Ok(row)
-    }
-
-    fn position(&self) -> usize {
-        self.position
-    }
-
-    fn reset(&mut self) {
-        self.position = 0;
-    }
-
-    fn truncate(&mut self, len: usize) {
-        // Rows past `len` are overwritten by the next call.
-        self.position = self.position.min(len);
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.model.manifest.vocab_size
+            .map_err(|_| RuntimeError::Internal("thread pool poisoned".into()))
     }
 }
 

@@ -1,0 +1,136 @@
+//! [`Batch`]: several sequences on one model, fed together. A compiled model runs each feed as calls
+//! whose rows are every sequence's new tokens ([`crate::CompiledBatch`]: the weights are read once per
+//! call for all of them); any executor's sessions can stand behind the same interface
+//! ([`SessionBatch`], one forward per sequence), so schedulers are written once.
+
+use std::collections::HashMap;
+
+use crate::error::RuntimeError;
+use crate::session::Session;
+
+/// A sequence of a [`Batch`].
+pub type SeqId = u64;
+
+/// Sequences decoded together on one model, each with its own tokens in a shared KV cache.
+pub trait Batch {
+    /// A new, empty sequence.
+    fn open(&mut self) -> SeqId;
+
+    /// Forgets a sequence and frees its cache.
+    fn close(&mut self, seq: SeqId);
+
+    /// Tokens sequence `seq` holds (0 for one that is not open).
+    fn position(&self, seq: SeqId) -> usize;
+
+    /// Keeps the first `len` tokens of sequence `seq` (see [`Session::truncate`]).
+    fn truncate(&mut self, seq: SeqId, len: usize);
+
+    /// Tokens the shared cache may hold, all sequences together.
+    fn capacity(&self) -> usize;
+
+    /// Feeds each listed sequence (each at most once) its ids after what it holds, all in one pass, and
+    /// returns the logits after each one's last id, in the order given. On error every sequence is left
+    /// as it was.
+    fn forward_last(&mut self, work: &[(SeqId, &[u32])]) -> Result<Vec<Vec<f32>>, RuntimeError>;
+
+    /// Rows of the embedding table (ids must be below this).
+    fn vocab_size(&self) -> usize;
+}
+
+/// A [`Batch`] of independent sessions, each fed in turn (for executors without batched calls: the
+/// reference executor).
+pub struct SessionBatch<'m> {
+    open: Box<dyn Fn() -> Box<dyn Session + Send + 'm> + Send + 'm>,
+    sessions: HashMap<SeqId, Box<dyn Session + Send + 'm>>,
+    next: SeqId,
+    capacity: usize,
+    vocab: usize,
+}
+
+impl<'m> SessionBatch<'m> {
+    /// Sequences made by `open`, up to `capacity` tokens in all (each session its own cache).
+    pub fn new(
+        open: Box<dyn Fn() -> Box<dyn Session + Send + 'm> + Send + 'm>,
+        capacity: usize,
+    ) -> Self {
+        let vocab = open().vocab_size();
+        SessionBatch {
+            open,
+            sessions: HashMap::new(),
+            next: 0,
+            capacity,
+            vocab,
+        }
+    }
+}
+
+impl Batch for SessionBatch<'_> {
+    fn open(&mut self) -> SeqId {
+        let id = self.next;
+        self.next += 1;
+        self.sessions.insert(id, (self.open)());
+        id
+    }
+
+    fn close(&mut self, seq: SeqId) {
+        self.sessions.remove(&seq);
+    }
+
+    fn position(&self, seq: SeqId) -> usize {
+        self.sessions.get(&seq).map_or(0, |s| s.position())
+    }
+
+    fn truncate(&mut self, seq: SeqId, len: usize) {
+        if let Some(s) = self.sessions.get_mut(&seq) {
+            s.truncate(len);
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn forward_last(&mut self, work: &[(SeqId, &[u32])]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let held: usize = self.sessions.values().map(|s| s.position()).sum();
+        let new: usize = work.iter().map(|(_, ids)| ids.len()).sum();
+        if held + new > self.capacity {
+            return Err(RuntimeError::Input(format!(
+                "KV cache full: {new} new tokens do not fit in the batch's {} tokens ({} free)",
+                self.capacity,
+                self.capacity.saturating_sub(held)
+            )));
+        }
+        for (i, (seq, _)) in work.iter().enumerate() {
+            if !self.sessions.contains_key(seq) {
+                return Err(RuntimeError::Input(format!(
+                    "no sequence {seq} in this batch"
+                )));
+            }
+            if work[..i].iter().any(|(other, _)| other == seq) {
+                return Err(RuntimeError::Input(format!(
+                    "sequence {seq} is fed twice in one call"
+                )));
+            }
+        }
+        let mut out = Vec::with_capacity(work.len());
+        for (i, (seq, ids)) in work.iter().enumerate() {
+            let session = self.sessions.get_mut(seq).expect("checked");
+            match session.forward_last(ids) {
+                Ok(row) => out.push(row),
+                Err(e) => {
+                    // Undo the sequences already fed.
+                    for (seq, ids) in &work[..i] {
+                        let s = self.sessions.get_mut(seq).expect("checked");
+                        s.truncate(s.position() - ids.len());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+}
