@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use q3c_runtime::Session;
+use q3c_runtime::{Batch, SeqId, Session};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy)]
@@ -126,6 +126,93 @@ pub fn run(
         prefill_std_tok_s: pp_std,
         decode_mean_tok_s: tg_mean,
         decode_std_tok_s: tg_std,
+        load_s: 0.0,
+        resident_after_load_bytes: None,
+    })
+}
+
+/// Speeds of `sequences` sequences decoding together (as llama-batched-bench's PP/TG columns).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BatchResult {
+    pub sequences: usize,
+    pub prompt_len: usize,
+    pub gen: usize,
+    pub threads: usize,
+    pub repetitions: usize,
+    /// Prompt tokens of all sequences per second, the prompts fed together (best of the repetitions).
+    pub prefill_tok_s: f64,
+    /// Generated tokens of all sequences per second, one token per sequence per step (best).
+    pub decode_tok_s: f64,
+    /// `decode_tok_s` per sequence.
+    pub decode_per_sequence_tok_s: f64,
+    pub prefill_mean_tok_s: f64,
+    pub decode_mean_tok_s: f64,
+    pub load_s: f64,
+    pub resident_after_load_bytes: Option<u64>,
+}
+
+/// After one warm-up pass, runs `reps` times: `sequences` prompts of `prompt_len` distinct pseudo-random
+/// ids fed together, then `gen` steps each feeding every sequence one token, all in a batch whose
+/// sequences are opened afresh each time.
+pub fn run_batch(
+    batch: &mut dyn Batch,
+    sequences: usize,
+    work: Workload,
+    threads: usize,
+) -> Result<BatchResult> {
+    let vocab = batch.vocab_size() as u64;
+    let prompts: Vec<Vec<u32>> = (0..sequences)
+        .map(|s| {
+            (0..work.prompt_len)
+                .map(|i| (((s * work.prompt_len + i) as u64 * 2654435761) % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let pass = |batch: &mut dyn Batch, gen: usize| -> Result<(f64, f64)> {
+        let seqs: Vec<SeqId> = (0..sequences).map(|_| batch.open()).collect();
+        let t0 = Instant::now();
+        let feed: Vec<(SeqId, &[u32])> = seqs
+            .iter()
+            .zip(&prompts)
+            .map(|(&s, p)| (s, &p[..]))
+            .collect();
+        let mut logits = batch.forward_last(&feed)?;
+        let pp = (sequences * work.prompt_len) as f64 / t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        for _ in 0..gen {
+            let next: Vec<[u32; 1]> = logits
+                .iter()
+                .map(|l| [q3c_runtime::generate::argmax(l)])
+                .collect();
+            let feed: Vec<(SeqId, &[u32])> =
+                seqs.iter().zip(&next).map(|(&s, n)| (s, &n[..])).collect();
+            logits = batch.forward_last(&feed)?;
+        }
+        let tg = (sequences * gen) as f64 / t0.elapsed().as_secs_f64();
+        for s in seqs {
+            batch.close(s);
+        }
+        Ok((pp, tg))
+    };
+    pass(batch, 1)?;
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..work.reps.max(1) {
+        let (p, t) = pass(batch, work.gen)?;
+        pp.push(p);
+        tg.push(t);
+    }
+    let best = |xs: &[f64]| xs.iter().copied().fold(0f64, f64::max);
+    Ok(BatchResult {
+        sequences,
+        prompt_len: work.prompt_len,
+        gen: work.gen,
+        threads,
+        repetitions: work.reps.max(1),
+        prefill_tok_s: best(&pp),
+        decode_tok_s: best(&tg),
+        decode_per_sequence_tok_s: best(&tg) / sequences as f64,
+        prefill_mean_tok_s: mean_std(&pp).0,
+        decode_mean_tok_s: mean_std(&tg).0,
         load_s: 0.0,
         resident_after_load_bytes: None,
     })

@@ -1,6 +1,9 @@
 //! The server's counters, served as Prometheus text at `GET /metrics`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use q3c_runtime::scheduler::BatchStats;
 
 /// Counters and gauges of one server (relaxed atomics: each is read on its own).
 #[derive(Default)]
@@ -18,6 +21,8 @@ pub struct Metrics {
     pub cached_tokens: AtomicU64,
     /// Tokens after the prompts (inserted ones included).
     pub completion_tokens: AtomicU64,
+    /// The batch scheduler's steps, sequences and tokens.
+    pub batch: Arc<BatchStats>,
 }
 
 /// Adds one to `gauge` until the guard is dropped.
@@ -49,7 +54,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 7] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
             (
                 "q3c_requests_total",
                 "counter",
@@ -91,6 +96,24 @@ impl Metrics {
                 "counter",
                 "Tokens after the prompts, inserted ones included.",
                 &self.completion_tokens,
+            ),
+            (
+                "q3c_batch_steps_total",
+                "counter",
+                "Batched forward steps run (each feeds every running request at once).",
+                &self.batch.steps,
+            ),
+            (
+                "q3c_batch_sequences_total",
+                "counter",
+                "Sequences fed, summed over the steps (divided by the steps: the mean batch).",
+                &self.batch.sequences,
+            ),
+            (
+                "q3c_batch_tokens_total",
+                "counter",
+                "Tokens fed, summed over the steps.",
+                &self.batch.tokens,
             ),
         ];
         let mut out = String::new();

@@ -5,7 +5,10 @@
 
 use std::sync::Mutex;
 
-use q3c_runtime::{Model, Session};
+use q3c_runtime::Session;
+
+/// Opens a session with room for this many tokens.
+pub type OpenSession = Box<dyn Fn(usize) -> Box<dyn Session + Send> + Send + Sync>;
 
 /// A session lent to a request.
 pub struct Lease {
@@ -24,7 +27,7 @@ struct Kept {
 
 /// The kept sessions of one model.
 pub struct PromptCache {
-    model: &'static Model,
+    open: OpenSession,
     /// Most sessions kept (and KV caches held) at once.
     limit: usize,
     /// Largest capacity a session gets (the model's context).
@@ -33,9 +36,9 @@ pub struct PromptCache {
 }
 
 impl PromptCache {
-    pub fn new(model: &'static Model, limit: usize, context: usize) -> PromptCache {
+    pub fn new(open: OpenSession, limit: usize, context: usize) -> PromptCache {
         PromptCache {
-            model,
+            open,
             limit,
             context,
             kept: Mutex::new((Vec::new(), 0)),
@@ -88,7 +91,7 @@ impl PromptCache {
                 // memory only as a conversation uses it, and every later request fits.
                 let capacity = self.context.max(needed);
                 Lease {
-                    session: self.model.session_with_capacity(capacity),
+                    session: (self.open)(capacity),
                     cached: 0,
                     capacity,
                 }

@@ -414,3 +414,67 @@ fn prompts_sharing_a_prefix_reuse_the_kv_cache() {
     assert_eq!(metric("q3c_completion_tokens_total"), sum(&completion));
     assert!(text.contains("# TYPE q3c_requests_total counter"));
 }
+
+/// Requests running together are fed by one batched step per token (continuous batching): each answers
+/// as it would alone (greedy; batched rows equal lone ones up to the order of f32 additions, see
+/// `tests/tests/batch.rs`), and /metrics shows steps that held both.
+#[test]
+fn concurrent_requests_are_batched_and_answer_as_alone() {
+    let s = start();
+    let ask = |user: &str| {
+        request(json!({
+            "messages": [{"role": "user", "content": user}],
+            "max_tokens": 24,
+            "chat_template_kwargs": {"enable_thinking": false},
+        }))
+        .to_string()
+    };
+    let questions = ["What is 2+2?", "Name three colors of the rainbow, please."];
+    let together: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = questions
+            .iter()
+            .map(|q| {
+                let body = ask(q);
+                let s = &s;
+                scope.spawn(move || post(s, &body))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let (status, r) = h.join().unwrap();
+                assert_eq!(status, 200, "{r}");
+                r
+            })
+            .collect()
+    });
+    let text = ureq::get(&format!("{}/metrics", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    let (steps, sequences) = (
+        metric("q3c_batch_steps_total"),
+        metric("q3c_batch_sequences_total"),
+    );
+    // 2 × 24 answer tokens and two prompts: alone that is ~50 steps of one sequence.
+    assert!(
+        sequences / steps > 1.5,
+        "{sequences} sequences in {steps} steps: {text}"
+    );
+    for (q, r) in questions.iter().zip(&together) {
+        let (_, alone) = post(&s, &ask(q));
+        assert_eq!(
+            alone["choices"][0]["message"]["content"], r["choices"][0]["message"]["content"],
+            "{q}"
+        );
+        assert_eq!(r["usage"]["completion_tokens"], 24, "{r}");
+    }
+}

@@ -21,6 +21,7 @@ pub mod generate;
 mod model;
 pub mod reference;
 pub mod sampling;
+pub mod scheduler;
 mod session;
 pub mod text;
 
@@ -31,4 +32,5 @@ pub use generate::{generate, GenerateOptions};
 pub use model::Model;
 pub use reference::{ReferenceModel, ReferenceSession};
 pub use sampling::{Sampler, SamplingOverrides, SamplingParams};
+pub use scheduler::{BatchedSession, Scheduler};
 pub use session::{Logits, Session};

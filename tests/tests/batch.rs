@@ -62,8 +62,8 @@ fn check_against_sessions<'m>(
         .map(|p| (batch.open(), session(), p.clone()))
         .collect();
     let step = |batch: &mut dyn Batch,
-                    seqs: &mut Vec<(SeqId, Box<dyn Session + 'm>, Vec<u32>)>,
-                    n: usize| {
+                seqs: &mut Vec<(SeqId, Box<dyn Session + 'm>, Vec<u32>)>,
+                n: usize| {
         let work: Vec<(SeqId, &[u32])> =
             seqs.iter().map(|(id, _, next)| (*id, &next[..])).collect();
         let got = batch.forward_last(&work).unwrap();

@@ -27,6 +27,11 @@ pub struct Args {
     /// then starts from that context, not after the prompt). Default: decode follows the prompt.
     #[arg(long, conflicts_with = "compare_fusion")]
     depth: Option<usize>,
+    /// Decode this many sequences together (each with its own prompt of --prompt-len), as
+    /// llama-batched-bench: prompts fed in one batched pass, then --gen steps of one token per sequence;
+    /// reports the aggregate and per-sequence rates.
+    #[arg(long, value_name = "B", conflicts_with_all = ["compare_fusion", "depth"])]
+    batch: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -74,6 +79,37 @@ pub fn run(args: Args) -> Result<()> {
             args.gen,
             model.max_positions()
         );
+    }
+    if let Some(sequences) = args.batch {
+        if sequences == 0 {
+            bail!("--batch must be at least 1");
+        }
+        let mut batch = model.batch(sequences * tokens);
+        let work = crate::bench::Workload {
+            prompt_len: args.prompt_len,
+            gen: args.gen,
+            depth: None,
+            reps: args.reps,
+        };
+        let mut r = crate::bench::run_batch(&mut *batch, sequences, work, threads)?;
+        r.load_s = load_s;
+        r.resident_after_load_bytes = resident;
+        if args.json {
+            return print_json(&r);
+        }
+        return print_stdout(&format!(
+            "batch of {sequences}: pp{} {:.2} tok/s (mean {:.2}); tg{} {:.2} tok/s aggregate, {:.2} per \
+             sequence (mean {:.2})\n({} threads, best of {})\n",
+            args.prompt_len,
+            r.prefill_tok_s,
+            r.prefill_mean_tok_s,
+            args.gen,
+            r.decode_tok_s,
+            r.decode_per_sequence_tok_s,
+            r.decode_mean_tok_s,
+            r.threads,
+            r.repetitions
+        ));
     }
     let mut session = model.session_with_capacity(tokens);
     let vocab = session.vocab_size();

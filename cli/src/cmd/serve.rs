@@ -19,14 +19,22 @@ pub struct Args {
     /// Model name in responses and /v1/models (default: the file or directory name).
     #[arg(long)]
     name: Option<String>,
-    /// Requests decoding at once (each holds its own KV cache); more wait in line.
-    #[arg(long, default_value_t = 4)]
+    /// Requests decoding at once, batched together: each step of the model runs the next token of every
+    /// one of them (and chunks of new prompts) in one pass; more wait in line.
+    #[arg(long, alias = "parallel", default_value_t = 4)]
     max_concurrent: usize,
+    /// Most tokens one batched step feeds: every running request's next token, then chunks of waiting
+    /// prompts up to this (a long prompt is fed over several steps instead of stalling the others).
+    #[arg(long, default_value_t = 512)]
+    batch_tokens: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
     if args.max_concurrent == 0 {
         bail!("--max-concurrent must be at least 1");
+    }
+    if args.batch_tokens == 0 {
+        bail!("--batch-tokens must be at least 1");
     }
     let name = args.name.unwrap_or_else(|| {
         args.target
@@ -38,13 +46,22 @@ pub fn run(args: Args) -> Result<()> {
     let context = model.context();
     // The model serves until the process ends; kept sessions borrow it.
     let model: &'static q3c_runtime::Model = Box::leak(Box::new(model));
+    // Requests hold sequences of one batch, fed by one scheduler; at most max_concurrent are running and
+    // as many kept for their prompts' prefixes, each up to the context.
+    let scheduler =
+        q3c_runtime::Scheduler::start(model, 2 * args.max_concurrent * context, args.batch_tokens);
+    let batch = scheduler.stats();
+    let open: crate::prompt_cache::OpenSession = Box::new(move |_| Box::new(scheduler.session()));
     let served = crate::server::Served {
-        sessions: crate::prompt_cache::PromptCache::new(model, args.max_concurrent, context),
+        sessions: crate::prompt_cache::PromptCache::new(open, args.max_concurrent, context),
         text,
         name,
         context,
         slots: std::sync::Arc::new(tokio::sync::Semaphore::new(args.max_concurrent)),
-        metrics: Default::default(),
+        metrics: crate::metrics::Metrics {
+            batch,
+            ..Default::default()
+        },
     };
     crate::server::run(served, &format!("{}:{}", args.host, args.port), |addr| {
         println!("q3c serve: listening on http://{addr}");

@@ -1,0 +1,331 @@
+//! Continuous batching: one thread owns a [`Batch`] and runs every step for all the sequences that have
+//! work, so that concurrent conversations share each read of the weights.
+//!
+//! Callers keep their own decoding loops (`chat::decode`, `generate`): each holds a [`BatchedSession`],
+//! a [`Session`] whose `forward_last` hands its ids to the scheduler and waits for its row of logits. The
+//! scheduler gathers the feeds that arrive together — after a step it waits for the sequences it just
+//! answered to come back with their next token, up to a fraction of the step's time — and runs them as
+//! one batched step: decode tokens first, then prompt chunks up to a per-step token budget (chunked
+//! prefill: a long prompt is fed over several steps and does not stall the others). Sequences join and
+//! leave between steps; dropping a session frees its sequence's KV blocks.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::batch::{Batch, SeqId};
+use crate::error::RuntimeError;
+use crate::model::Model;
+use crate::session::{Logits, Session};
+
+/// What sessions ask of the scheduler thread.
+enum Msg {
+    Open(Sender<SeqId>),
+    Feed {
+        seq: SeqId,
+        ids: Vec<u32>,
+        reply: Sender<Result<Vec<f32>, RuntimeError>>,
+    },
+    Truncate(SeqId, usize),
+    Close(SeqId),
+}
+
+/// A feed being run: `done` of its ids fed so far.
+struct Job {
+    seq: SeqId,
+    ids: Vec<u32>,
+    done: usize,
+    reply: Sender<Result<Vec<f32>, RuntimeError>>,
+}
+
+/// The handle of a scheduler thread (which ends when every handle and session is dropped).
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: Sender<Msg>,
+    vocab: usize,
+    stats: Arc<BatchStats>,
+}
+
+/// What the scheduler has run (relaxed atomics, for metrics).
+#[derive(Default, Debug)]
+pub struct BatchStats {
+    /// Batched steps run.
+    pub steps: AtomicU64,
+    /// Sequences fed, summed over the steps (÷ steps: the mean batch).
+    pub sequences: AtomicU64,
+    /// Tokens fed, summed over the steps.
+    pub tokens: AtomicU64,
+}
+
+/// Longest a step waits for sequences to come back, as a share of the last step's time.
+const WAIT_SHARE: f64 = 0.25;
+
+impl Scheduler {
+    /// Starts the thread, with a KV cache of `tokens` tokens shared by all sequences and at most
+    /// `step_tokens` tokens per step (decode tokens always run; prompts fill the rest).
+    pub fn start(model: &'static Model, tokens: usize, step_tokens: usize) -> Scheduler {
+        let (tx, rx) = mpsc::channel();
+        let batch = model.batch(tokens);
+        let vocab = batch.vocab_size();
+        let stats = Arc::new(BatchStats::default());
+        let counted = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("q3c-scheduler".into())
+            .spawn(move || run(batch, rx, step_tokens.max(1), &counted))
+            .expect("spawning the scheduler thread");
+        Scheduler { tx, vocab, stats }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> Arc<BatchStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// A new, empty sequence.
+    pub fn session(&self) -> BatchedSession {
+        let (tx, rx) = mpsc::channel();
+        let seq = match self.tx.send(Msg::Open(tx)) {
+            Ok(()) => rx.recv().ok(),
+            Err(_) => None,
+        };
+        BatchedSession {
+            tx: self.tx.clone(),
+            seq,
+            position: 0,
+            vocab: self.vocab,
+        }
+    }
+}
+
+/// One sequence fed through a [`Scheduler`].
+pub struct BatchedSession {
+    tx: Sender<Msg>,
+    /// `None` if the scheduler had stopped when it was opened.
+    seq: Option<SeqId>,
+    position: usize,
+    vocab: usize,
+}
+
+impl BatchedSession {
+    fn stopped() -> RuntimeError {
+        RuntimeError::Internal("the batch scheduler has stopped".into())
+    }
+}
+
+impl Session for BatchedSession {
+    /// Every row's logits: the ids are fed one step each (only `forward_last` is batched in bulk).
+    fn forward(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError> {
+        let start = self.position;
+        let mut data = Vec::with_capacity(ids.len() * self.vocab);
+        for &id in ids {
+            match self.forward_last(&[id]) {
+                Ok(row) => data.extend(row),
+                Err(e) => {
+                    self.truncate(start);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Logits {
+            rows: ids.len(),
+            vocab: self.vocab,
+            data,
+        })
+    }
+
+    fn forward_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        let seq = self.seq.ok_or_else(Self::stopped)?;
+        if ids.is_empty() {
+            return Err(RuntimeError::Input("no token ids to run".into()));
+        }
+        let (reply, answer) = mpsc::channel();
+        self.tx
+            .send(Msg::Feed {
+                seq,
+                ids: ids.to_vec(),
+                reply,
+            })
+            .map_err(|_| Self::stopped())?;
+        let row = answer.recv().map_err(|_| Self::stopped())??;
+        self.position += ids.len();
+        Ok(row)
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn reset(&mut self) {
+        self.truncate(0);
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.position = self.position.min(len);
+        if let Some(seq) = self.seq {
+            let _ = self.tx.send(Msg::Truncate(seq, self.position));
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+}
+
+impl Drop for BatchedSession {
+    fn drop(&mut self) {
+        if let Some(seq) = self.seq {
+            let _ = self.tx.send(Msg::Close(seq));
+        }
+    }
+}
+
+/// The scheduler thread: gathers feeds, runs steps, answers.
+fn run(
+    mut batch: Box<dyn Batch + Send + '_>,
+    rx: Receiver<Msg>,
+    step_tokens: usize,
+    stats: &BatchStats,
+) {
+    let mut jobs: Vec<Job> = Vec::new();
+    // Sequences answered by the last step, expected back with their next token.
+    let mut awaited: HashSet<SeqId> = HashSet::new();
+    let mut last_step = Duration::ZERO;
+    loop {
+        // Idle: block for the next message.
+        if jobs.is_empty() {
+            match rx.recv() {
+                Ok(msg) => handle(msg, &mut *batch, &mut jobs, &mut awaited),
+                Err(_) => return,
+            }
+        }
+        // Gather what is queued, then wait (a while) for the sequences still awaited.
+        let deadline = Instant::now() + last_step.mul_f64(WAIT_SHARE);
+        loop {
+            let msg = match rx.try_recv() {
+                Ok(msg) => msg,
+                Err(_) if awaited.is_empty() || jobs.is_empty() => break,
+                Err(_) => match rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    Ok(msg) => msg,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) if jobs.is_empty() => return,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            handle(msg, &mut *batch, &mut jobs, &mut awaited);
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        awaited = step(&mut *batch, &mut jobs, step_tokens, stats);
+        last_step = started.elapsed();
+    }
+}
+
+/// Applies one message.
+fn handle(msg: Msg, batch: &mut dyn Batch, jobs: &mut Vec<Job>, awaited: &mut HashSet<SeqId>) {
+    match msg {
+        Msg::Open(reply) => {
+            let _ = reply.send(batch.open());
+        }
+        Msg::Feed { seq, ids, reply } => {
+            awaited.remove(&seq);
+            let vocab = batch.vocab_size();
+            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                let _ = reply.send(Err(RuntimeError::Input(format!(
+                    "token id {bad} is outside the vocabulary (0..{vocab})"
+                ))));
+                return;
+            }
+            jobs.push(Job {
+                seq,
+                ids,
+                done: 0,
+                reply,
+            });
+        }
+        Msg::Truncate(seq, len) => batch.truncate(seq, len),
+        Msg::Close(seq) => {
+            awaited.remove(&seq);
+            batch.close(seq);
+        }
+    }
+}
+
+/// Runs one step over `jobs` (single tokens first, then prompt chunks within `step_tokens`), answers the
+/// jobs it finishes, and returns their sequences.
+fn step(
+    batch: &mut dyn Batch,
+    jobs: &mut Vec<Job>,
+    step_tokens: usize,
+    stats: &BatchStats,
+) -> HashSet<SeqId> {
+    // Decode tokens first (they cannot wait), then the oldest prompts.
+    jobs.sort_by_key(|j| j.ids.len() - j.done > 1);
+    let mut budget = step_tokens;
+    let mut taken: Vec<(usize, usize)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let left = job.ids.len() - job.done;
+        let n = if left == 1 { 1 } else { left.min(budget) };
+        if n == 0 {
+            continue;
+        }
+        budget = budget.saturating_sub(n);
+        taken.push((i, n));
+    }
+    let work: Vec<(SeqId, &[u32])> = taken
+        .iter()
+        .map(|&(i, n)| (jobs[i].seq, &jobs[i].ids[jobs[i].done..jobs[i].done + n]))
+        .collect();
+    stats.steps.fetch_add(1, Ordering::Relaxed);
+    stats
+        .sequences
+        .fetch_add(work.len() as u64, Ordering::Relaxed);
+    let tokens: usize = work.iter().map(|(_, ids)| ids.len()).sum();
+    stats.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+    let results: Vec<Result<Vec<f32>, RuntimeError>> = match batch.forward_last(&work) {
+        Ok(rows) => rows.into_iter().map(Ok).collect(),
+        // One feed's failure (a full cache) must not fail the others: run them one by one.
+        Err(_) if work.len() > 1 => work
+            .iter()
+            .map(|w| {
+                batch
+                    .forward_last(std::slice::from_ref(w))
+                    .map(|mut r| r.remove(0))
+            })
+            .collect(),
+        Err(e) => vec![Err(e)],
+    };
+    let mut answered = HashSet::new();
+    let mut finished = vec![false; jobs.len()];
+    for (&(i, n), result) in taken.iter().zip(results) {
+        let job = &mut jobs[i];
+        match result {
+            Ok(row) => {
+                job.done += n;
+                if job.done == job.ids.len() {
+                    // A client that has gone away no longer listens; its session's drop closes the sequence.
+                    let _ = job.reply.send(Ok(row));
+                    answered.insert(job.seq);
+                    finished[i] = true;
+                }
+            }
+            Err(e) => {
+                // Undo the chunks already fed, so the session is as it was.
+                let held = batch.position(job.seq);
+                batch.truncate(job.seq, held - job.done);
+                let _ = job.reply.send(Err(e));
+                finished[i] = true;
+            }
+        }
+    }
+    let mut i = 0;
+    jobs.retain(|_| {
+        i += 1;
+        !finished[i - 1]
+    });
+    answered
+}
