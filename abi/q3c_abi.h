@@ -11,7 +11,7 @@
 
 /* Status codes returned by q3c_forward. */
 #define Q3C_OK 0
-#define Q3C_ERR_TOKENS 1      /* t == 0 or t > manifest.max_tokens_per_call */
+#define Q3C_ERR_TOKENS 1      /* t == 0 or t > manifest.max_tokens_per_call, or n_logits outside 1..=t */
 #define Q3C_ERR_TOKEN_ID 2    /* a token id outside the vocabulary */
 
 /* A kernel over work items [start, end). */

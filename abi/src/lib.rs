@@ -52,7 +52,7 @@ pub const CPU_FEATURES: &[&str] = &[
 
 /// `q3c_forward` succeeded.
 pub const OK: i32 = 0;
-/// `t` was 0 or above `max_tokens_per_call`.
+/// `t` was 0 or above `max_tokens_per_call`, or `n_logits` outside `1..=t` (with `logit_rows` set).
 pub const ERR_TOKENS: i32 = 1;
 /// A token id was outside the vocabulary.
 pub const ERR_TOKEN_ID: i32 = 2;

@@ -5,7 +5,7 @@
 //! cargo run --release -p q3c-runtime --example embed -- /tmp/moe.so tests/reference/fixtures/moe
 //! ```
 
-use q3c_runtime::{generate, CompiledModel, GenerateOptions, Session};
+use q3c_runtime::{generate, Batch, CompiledModel, GenerateOptions, Session};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -34,5 +34,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         alice.position(),
         logits.vocab
     );
+
+    // Many conversations at once: a batch feeds all of them in each forward call (the weights are read
+    // once for all), each sequence in its own blocks of one shared KV cache.
+    let mut batch = model.batch(4096);
+    let (a, b) = (batch.open(), batch.open());
+    let mut rows = batch.forward_last(&[(a, &[1, 2, 3]), (b, &[7, 8])])?;
+    for _ in 0..4 {
+        let next: Vec<[u32; 1]> = rows
+            .iter()
+            .map(|r| [q3c_runtime::generate::argmax(r)])
+            .collect();
+        rows = batch.forward_last(&[(a, &next[0]), (b, &next[1])])?;
+    }
+    println!(
+        "batch: a holds {} tokens, b {}",
+        batch.position(a),
+        batch.position(b)
+    );
+    batch.close(b);
     Ok(())
 }
