@@ -465,6 +465,7 @@ fn concurrent_requests_are_batched_and_answer_as_alone() {
         metric("q3c_batch_sequences_total"),
     );
     // 2 × 24 answer tokens and two prompts: alone that is ~50 steps of one sequence.
+    eprintln!("{sequences} sequences in {steps} steps");
     assert!(
         sequences / steps > 1.5,
         "{sequences} sequences in {steps} steps: {text}"

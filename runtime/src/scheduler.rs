@@ -4,7 +4,7 @@
 //! Callers keep their own decoding loops (`chat::decode`, `generate`): each holds a [`BatchedSession`],
 //! a [`Session`] whose `forward_last` hands its ids to the scheduler and waits for its row of logits. The
 //! scheduler gathers the feeds that arrive together — after a step it waits for the sequences it just
-//! answered to come back with their next token, up to a fraction of the step's time — and runs them as
+//! answered to come back with their next token, up to a fraction of the step's time (5 ms at least) — and runs them as
 //! one batched step: decode tokens first, then prompt chunks up to a per-step token budget (chunked
 //! prefill: a long prompt is fed over several steps and does not stall the others). Sequences join and
 //! leave between steps; dropping a session frees its sequence's KV blocks.
@@ -59,8 +59,10 @@ pub struct BatchStats {
     pub tokens: AtomicU64,
 }
 
-/// Longest a step waits for sequences to come back, as a share of the last step's time.
+/// Longest a step waits for sequences to come back: a share of the last step's time, but at least
+/// [`MIN_WAIT`] (a loaded machine may not run a woken thread within a fraction of a short step).
 const WAIT_SHARE: f64 = 0.25;
+const MIN_WAIT: Duration = Duration::from_millis(5);
 
 impl Scheduler {
     /// Starts the thread, with a KV cache of `tokens` tokens shared by all sequences and at most
@@ -201,7 +203,7 @@ fn run(
             }
         }
         // Gather what is queued, then wait (a while) for the sequences still awaited.
-        let deadline = Instant::now() + last_step.mul_f64(WAIT_SHARE);
+        let deadline = Instant::now() + last_step.mul_f64(WAIT_SHARE).max(MIN_WAIT);
         loop {
             let msg = match rx.try_recv() {
                 Ok(msg) => msg,

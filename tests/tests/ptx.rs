@@ -55,13 +55,23 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                 let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
                     .unwrap();
                 // One dispatch per node, plus the steps around grouped expert products (a gather and a
-                // scatter each, and a grouping per MoE layer).
+                // scatter each, and a grouping per MoE layer) and the one moving the logit rows together.
                 let helpers = m
                     .kernels
                     .iter()
                     .filter(|k| k.starts_with("q3c_moe_"))
                     .count();
-                assert_eq!(m.kernels.len() - helpers, kernels, "{name} {fusion}");
+                let compact = m
+                    .kernels
+                    .iter()
+                    .filter(|k| k.starts_with("q3c_compact_"))
+                    .count();
+                assert_eq!(compact, 1, "{name} {fusion}");
+                assert_eq!(
+                    m.kernels.len() - helpers - compact,
+                    kernels,
+                    "{name} {fusion}"
+                );
                 let moe_layers = (0..cfg.num_hidden_layers)
                     .filter(|&l| cfg.moe.is_some() && cfg.is_sparse_layer(l))
                     .count();
