@@ -1,127 +1,92 @@
-//! Sessions kept between a server's requests with the tokens their KV caches hold, so that a request whose
-//! prompt begins with those tokens — the system prompt, the earlier turns of a chat — feeds only the rest
-//! (as llama-server's slots do). At most one session per request slot is kept; each is lent to one request
-//! at a time.
+//! Sequences kept between a server's requests with the tokens their KV caches hold, so that a request whose
+//! prompt begins with those tokens — the system prompt, the earlier turns of a chat — feeds only the rest.
+//! A request gets a *fork* of the kept sequence sharing the longest prefix with its prompt
+//! ([`BatchedSession::fork`]: the prefix's whole cache blocks are shared, not copied), so any number of
+//! concurrent requests reuse one kept system prompt; when it ends, its own sequence is kept in turn.
+//! At most one sequence per request slot is kept, the least recently used going first.
 
 use std::sync::Mutex;
 
-use q3c_runtime::Session;
-
-/// Opens a session with room for this many tokens.
-pub type OpenSession = Box<dyn Fn(usize) -> Box<dyn Session + Send> + Send + Sync>;
+use q3c_runtime::{BatchedSession, Scheduler, Session};
 
 /// A session lent to a request.
 pub struct Lease {
-    pub session: Box<dyn Session + Send>,
+    pub session: BatchedSession,
     /// Tokens its KV cache holds (a prefix of the request's prompt).
     pub cached: usize,
-    capacity: usize,
 }
 
 struct Kept {
-    session: Box<dyn Session + Send>,
+    session: BatchedSession,
     tokens: Vec<u32>,
-    capacity: usize,
     last_used: u64,
 }
 
-/// The kept sessions of one model.
+/// The kept sequences of one scheduler.
 pub struct PromptCache {
-    open: OpenSession,
-    /// Most sessions kept (and KV caches held) at once.
+    scheduler: Scheduler,
+    /// Most sequences kept at once.
     limit: usize,
-    /// Largest capacity a session gets (the model's context).
-    context: usize,
     kept: Mutex<(Vec<Kept>, u64)>,
 }
 
 impl PromptCache {
-    pub fn new(open: OpenSession, limit: usize, context: usize) -> PromptCache {
+    pub fn new(scheduler: Scheduler, limit: usize) -> PromptCache {
         PromptCache {
-            open,
+            scheduler,
             limit,
-            context,
             kept: Mutex::new((Vec::new(), 0)),
         }
     }
 
-    /// A session for `prompt` with room for `needed` tokens: the kept one sharing the longest prefix with
-    /// it (truncated to that prefix, and always leaving one prompt token to feed), or a new one when none
-    /// shares anything and there is room to keep another.
-    pub fn take(&self, prompt: &[u32], needed: usize) -> Lease {
-        let best = {
-            let mut guard = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-            let kept = &mut guard.0;
-            let shared =
-                |k: &Kept| common_prefix(&k.tokens, prompt).min(prompt.len().saturating_sub(1));
-            let fits: Vec<usize> = (0..kept.len())
-                .filter(|&i| kept[i].capacity >= needed)
-                .collect();
-            let best = fits
-                .iter()
-                .copied()
-                .max_by_key(|&i| (shared(&kept[i]), kept[i].last_used));
-            match best {
-                Some(i) if shared(&kept[i]) > 0 || kept.len() >= self.limit => {
-                    let k = kept.swap_remove(i);
-                    Some((shared(&k), k))
-                }
-                _ => {
-                    // Make room for the new session's cache: drop the least recently used.
-                    if kept.len() >= self.limit {
-                        if let Some(i) = (0..kept.len()).min_by_key(|&i| kept[i].last_used) {
-                            kept.swap_remove(i);
-                        }
-                    }
-                    None
-                }
-            }
-        };
-        match best {
-            Some((cached, mut k)) => {
-                k.session.truncate(cached);
-                Lease {
-                    session: k.session,
-                    cached,
-                    capacity: k.capacity,
-                }
-            }
-            None => {
-                // The whole context: a session's cache grows with the tokens it holds, so this costs
-                // memory only as a conversation uses it, and every later request fits.
-                let capacity = self.context.max(needed);
-                Lease {
-                    session: (self.open)(capacity),
-                    cached: 0,
-                    capacity,
+    /// A session for `prompt`: a fork of the kept sequence sharing the longest prefix with it (always
+    /// leaving one prompt token to feed), or a new one when none shares anything.
+    pub fn take(&self, prompt: &[u32]) -> Lease {
+        let mut guard = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        guard.1 += 1;
+        let now = guard.1;
+        let shared =
+            |k: &Kept| common_prefix(&k.tokens, prompt).min(prompt.len().saturating_sub(1));
+        let best = (0..guard.0.len()).max_by_key(|&i| (shared(&guard.0[i]), guard.0[i].last_used));
+        if let Some(i) = best {
+            let k = &mut guard.0[i];
+            let cached = shared(k);
+            if cached > 0 {
+                if let Ok(session) = k.session.fork(cached) {
+                    k.last_used = now;
+                    return Lease { session, cached };
                 }
             }
         }
+        Lease {
+            session: self.scheduler.session(),
+            cached: 0,
+        }
     }
 
-    /// Keeps a lent session again, its cache holding `fed` (the prompt and the ids after it, cut to what the
-    /// session holds); `None` after a failure, when the cache's contents are unknown.
-    pub fn give_back(&self, mut lease: Lease, fed: Option<Vec<u32>>) {
-        let tokens = match fed {
-            Some(mut t) => {
-                t.truncate(lease.session.position());
-                t
-            }
-            None => {
-                lease.session.reset();
-                Vec::new()
-            }
+    /// Keeps a lent session's sequence, its cache holding `fed` (the prompt and the ids after it, cut to
+    /// what the session holds); `None` after a failure, when the cache's contents are unknown (dropped).
+    pub fn give_back(&self, lease: Lease, fed: Option<Vec<u32>>) {
+        let Some(mut tokens) = fed else {
+            return;
         };
+        tokens.truncate(lease.session.position());
         let mut guard = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         guard.1 += 1;
         let last_used = guard.1;
-        if guard.0.len() < self.limit {
-            guard.0.push(Kept {
-                session: lease.session,
-                tokens,
-                capacity: lease.capacity,
-                last_used,
-            });
+        // A kept sequence whose tokens this one begins with adds nothing any more.
+        guard
+            .0
+            .retain(|k| common_prefix(&k.tokens, &tokens) < k.tokens.len());
+        guard.0.push(Kept {
+            session: lease.session,
+            tokens,
+            last_used,
+        });
+        if guard.0.len() > self.limit {
+            if let Some(i) = (0..guard.0.len()).min_by_key(|&i| guard.0[i].last_used) {
+                guard.0.swap_remove(i);
+            }
         }
     }
 }

@@ -197,9 +197,9 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let _running = Gauge::enter(&served.metrics.running);
-            let mut lease = served.sessions.take(&job.prompt, job.kv_tokens);
+            let mut lease = served.sessions.take(&job.prompt);
             let out = chat::decode_after(
-                &mut *lease.session,
+                &mut lease.session,
                 &served.text.tokenizer,
                 &job.prompt,
                 lease.cached,
@@ -268,9 +268,9 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
         // With tools offered, <tool_call> blocks are held back and sent as tool_calls at the end.
         let mut tool_stream = job.tools.then(ToolCallStream::new);
         let _running = Gauge::enter(&served.metrics.running);
-        let mut lease = served.sessions.take(&job.prompt, job.kv_tokens);
+        let mut lease = served.sessions.take(&job.prompt);
         let result = chat::decode_after(
-            &mut *lease.session,
+            &mut lease.session,
             &served.text.tokenizer,
             &job.prompt,
             lease.cached,

@@ -479,3 +479,40 @@ fn concurrent_requests_are_batched_and_answer_as_alone() {
         assert_eq!(r["usage"]["completion_tokens"], 24, "{r}");
     }
 }
+
+/// Concurrent requests after the same system prompt all reuse its KV cache: each gets a fork of the kept
+/// sequence (shared blocks), not the kept sequence itself, so the second does not start from scratch.
+#[test]
+fn concurrent_requests_share_a_kept_system_prompt() {
+    let s = start();
+    let system = "You are a careful assistant who answers briefly. ".repeat(12);
+    let ask = |user: &str| {
+        request(json!({
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": 8,
+            "chat_template_kwargs": {"enable_thinking": false},
+        }))
+        .to_string()
+    };
+    let cached = |r: &Value| {
+        r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let (status, first) = post(&s, &ask("What is 2+2?"));
+    assert_eq!(status, 200, "{first}");
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ["Name a color.", "Name an animal."]
+            .iter()
+            .map(|q| {
+                let body = ask(q);
+                let s = &s;
+                scope.spawn(move || post(s, &body).1)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &answers {
+        assert!(cached(r) > 100, "{r}");
+    }
+}

@@ -19,6 +19,10 @@ pub trait Batch {
     /// Forgets a sequence and frees its cache.
     fn close(&mut self, seq: SeqId);
 
+    /// A new sequence holding the first `len` tokens of `from` (at most those it holds), as if it had been
+    /// fed them: the cache of those tokens is shared where the executor can, not recomputed.
+    fn fork(&mut self, from: SeqId, len: usize) -> Result<SeqId, RuntimeError>;
+
     /// Tokens sequence `seq` holds (0 for one that is not open).
     fn position(&self, seq: SeqId) -> usize;
 
@@ -38,10 +42,11 @@ pub trait Batch {
 }
 
 /// A [`Batch`] of independent sessions, each fed in turn (for executors without batched calls: the
-/// reference executor).
+/// reference executor). A fork is a new session fed the tokens again.
 pub struct SessionBatch<'m> {
     open: Box<dyn Fn() -> Box<dyn Session + Send + 'm> + Send + 'm>,
-    sessions: HashMap<SeqId, Box<dyn Session + Send + 'm>>,
+    /// Each sequence's session and the tokens it holds.
+    sessions: HashMap<SeqId, (Box<dyn Session + Send + 'm>, Vec<u32>)>,
     next: SeqId,
     capacity: usize,
     vocab: usize,
@@ -68,7 +73,7 @@ impl Batch for SessionBatch<'_> {
     fn open(&mut self) -> SeqId {
         let id = self.next;
         self.next += 1;
-        self.sessions.insert(id, (self.open)());
+        self.sessions.insert(id, ((self.open)(), Vec::new()));
         id
     }
 
@@ -76,13 +81,33 @@ impl Batch for SessionBatch<'_> {
         self.sessions.remove(&seq);
     }
 
+    fn fork(&mut self, from: SeqId, len: usize) -> Result<SeqId, RuntimeError> {
+        let tokens = match self.sessions.get(&from) {
+            Some((_, tokens)) => tokens[..len.min(tokens.len())].to_vec(),
+            None => {
+                return Err(RuntimeError::Input(format!(
+                    "no sequence {from} in this batch"
+                )))
+            }
+        };
+        let id = self.open();
+        if !tokens.is_empty() {
+            if let Err(e) = self.forward_last(&[(id, &tokens)]) {
+                self.close(id);
+                return Err(e);
+            }
+        }
+        Ok(id)
+    }
+
     fn position(&self, seq: SeqId) -> usize {
-        self.sessions.get(&seq).map_or(0, |s| s.position())
+        self.sessions.get(&seq).map_or(0, |(s, _)| s.position())
     }
 
     fn truncate(&mut self, seq: SeqId, len: usize) {
-        if let Some(s) = self.sessions.get_mut(&seq) {
+        if let Some((s, tokens)) = self.sessions.get_mut(&seq) {
             s.truncate(len);
+            tokens.truncate(s.position());
         }
     }
 
@@ -91,7 +116,7 @@ impl Batch for SessionBatch<'_> {
     }
 
     fn forward_last(&mut self, work: &[(SeqId, &[u32])]) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        let held: usize = self.sessions.values().map(|s| s.position()).sum();
+        let held: usize = self.sessions.values().map(|(s, _)| s.position()).sum();
         let new: usize = work.iter().map(|(_, ids)| ids.len()).sum();
         if held + new > self.capacity {
             return Err(RuntimeError::Input(format!(
@@ -114,14 +139,18 @@ impl Batch for SessionBatch<'_> {
         }
         let mut out = Vec::with_capacity(work.len());
         for (i, (seq, ids)) in work.iter().enumerate() {
-            let session = self.sessions.get_mut(seq).expect("checked");
+            let (session, tokens) = self.sessions.get_mut(seq).expect("checked");
             match session.forward_last(ids) {
-                Ok(row) => out.push(row),
+                Ok(row) => {
+                    tokens.extend_from_slice(ids);
+                    out.push(row);
+                }
                 Err(e) => {
                     // Undo the sequences already fed.
                     for (seq, ids) in &work[..i] {
-                        let s = self.sessions.get_mut(seq).expect("checked");
+                        let (s, tokens) = self.sessions.get_mut(seq).expect("checked");
                         s.truncate(s.position() - ids.len());
+                        tokens.truncate(s.position());
                     }
                     return Err(e);
                 }

@@ -28,6 +28,11 @@ enum Msg {
         ids: Vec<u32>,
         reply: Sender<Result<Vec<f32>, RuntimeError>>,
     },
+    Fork {
+        from: SeqId,
+        len: usize,
+        reply: Sender<Result<SeqId, RuntimeError>>,
+    },
     Truncate(SeqId, usize),
     Close(SeqId),
 }
@@ -113,6 +118,23 @@ pub struct BatchedSession {
 impl BatchedSession {
     fn stopped() -> RuntimeError {
         RuntimeError::Internal("the batch scheduler has stopped".into())
+    }
+
+    /// A new session holding this one's first `len` tokens (at most those it holds), sharing their cache
+    /// instead of recomputing it ([`Batch::fork`]).
+    pub fn fork(&self, len: usize) -> Result<BatchedSession, RuntimeError> {
+        let from = self.seq.ok_or_else(Self::stopped)?;
+        let (reply, answer) = mpsc::channel();
+        self.tx
+            .send(Msg::Fork { from, len, reply })
+            .map_err(|_| Self::stopped())?;
+        let seq = answer.recv().map_err(|_| Self::stopped())??;
+        Ok(BatchedSession {
+            tx: self.tx.clone(),
+            seq: Some(seq),
+            position: len.min(self.position),
+            vocab: self.vocab,
+        })
     }
 }
 
@@ -248,6 +270,9 @@ fn handle(msg: Msg, batch: &mut dyn Batch, jobs: &mut Vec<Job>, awaited: &mut Ha
                 done: 0,
                 reply,
             });
+        }
+        Msg::Fork { from, len, reply } => {
+            let _ = reply.send(batch.fork(from, len));
         }
         Msg::Truncate(seq, len) => batch.truncate(seq, len),
         Msg::Close(seq) => {

@@ -51,9 +51,8 @@ pub fn run(args: Args) -> Result<()> {
     let scheduler =
         q3c_runtime::Scheduler::start(model, 2 * args.max_concurrent * context, args.batch_tokens);
     let batch = scheduler.stats();
-    let open: crate::prompt_cache::OpenSession = Box::new(move |_| Box::new(scheduler.session()));
     let served = crate::server::Served {
-        sessions: crate::prompt_cache::PromptCache::new(open, args.max_concurrent, context),
+        sessions: crate::prompt_cache::PromptCache::new(scheduler, args.max_concurrent),
         text,
         name,
         context,

@@ -5,6 +5,10 @@
 //! only when used; growing moves the buffers but not the blocks' numbers, so block tables stay valid.
 //! Sequences take free blocks as they grow and give them back when cut or closed, so several sequences
 //! share one pool without reserving their whole context each.
+//!
+//! A sequence can start as a copy of another's first tokens ([`SeqBlocks::fork`]): the full blocks are
+//! shared (counted references; a full block is never written again, as positions only grow), and a partial
+//! last block is copied, so that a sequence only ever writes into a block it holds alone.
 
 use q3c_abi::{KvGeometry, KV_BLOCK_TOKENS};
 
@@ -21,6 +25,8 @@ pub(crate) struct KvPool {
     max_blocks: usize,
     /// Blocks no sequence holds (taken from the end).
     free: Vec<u32>,
+    /// Sequences holding each block.
+    refs: Vec<u32>,
 }
 
 impl KvPool {
@@ -32,6 +38,7 @@ impl KvPool {
             blocks: 0,
             max_blocks: tokens.div_ceil(KV_BLOCK_TOKENS),
             free: Vec::new(),
+            refs: Vec::new(),
         };
         pool.grow(INITIAL_BLOCKS.min(pool.max_blocks));
         pool
@@ -56,6 +63,7 @@ impl KvPool {
         // Free blocks are taken from the end: the lowest numbers first.
         self.free
             .splice(0..0, (self.blocks as u32..blocks as u32).rev());
+        self.refs.resize(blocks, 0);
         self.blocks = blocks;
     }
 
@@ -64,7 +72,28 @@ impl KvPool {
         if self.free.is_empty() && self.blocks < self.max_blocks {
             self.grow((2 * self.blocks).clamp(1, self.max_blocks));
         }
-        self.free.pop()
+        let block = self.free.pop()?;
+        self.refs[block as usize] = 1;
+        Some(block)
+    }
+
+    /// Drops one sequence's hold on `block`, freeing it with the last.
+    fn release(&mut self, block: u32) {
+        let refs = &mut self.refs[block as usize];
+        *refs -= 1;
+        if *refs == 0 {
+            self.free.push(block);
+        }
+    }
+
+    /// Copies the first `rows` rows of block `from` into block `to`, in every layer's K and V.
+    fn copy_rows(&mut self, from: u32, to: u32, rows: usize) {
+        let words = KV_BLOCK_TOKENS * self.row_bytes / 4;
+        let n = (rows * self.row_bytes).div_ceil(4);
+        for b in &mut self.buffers {
+            let src = from as usize * words;
+            b.copy_within(src..src + n, to as usize * words);
+        }
     }
 
     /// The buffers' addresses, as `q3c_step.kv` lists them (valid until the pool grows).
@@ -103,10 +132,43 @@ impl SeqBlocks {
     /// Keeps the first `len` positions (at most those held) and gives back the blocks past them.
     pub(crate) fn truncate(&mut self, pool: &mut KvPool, len: usize) {
         self.len = self.len.min(len);
-        let keep = len.div_ceil(KV_BLOCK_TOKENS);
+        let keep = self.len.div_ceil(KV_BLOCK_TOKENS);
         while self.blocks.len() > keep {
-            pool.free.push(self.blocks.pop().expect("counted"));
+            pool.release(self.blocks.pop().expect("counted"));
         }
+        // The next position's block must be this sequence's alone: copy a shared partial one.
+        let within = self.len % KV_BLOCK_TOKENS;
+        if let Some(&last) = self.blocks.last() {
+            if within != 0 && pool.refs[last as usize] > 1 {
+                match pool.take() {
+                    Some(own) => {
+                        pool.copy_rows(last, own, within);
+                        pool.release(last);
+                        *self.blocks.last_mut().expect("non-empty") = own;
+                    }
+                    // No block to copy into: keep only the whole blocks.
+                    None => self.truncate(pool, self.len - within),
+                }
+            }
+        }
+    }
+
+    /// A new sequence holding the first `len` tokens of this one (at most those held): its whole blocks
+    /// shared, a partial last one copied. `None` if the pool has no block for that copy.
+    pub(crate) fn fork(&self, pool: &mut KvPool, len: usize) -> Option<SeqBlocks> {
+        let len = len.min(self.len);
+        let whole = len / KV_BLOCK_TOKENS;
+        let mut blocks: Vec<u32> = self.blocks[..whole].to_vec();
+        let within = len % KV_BLOCK_TOKENS;
+        if within != 0 {
+            let own = pool.take()?;
+            pool.copy_rows(self.blocks[whole], own, within);
+            blocks.push(own);
+        }
+        for &b in &blocks[..whole] {
+            pool.refs[b as usize] += 1;
+        }
+        Some(SeqBlocks { blocks, len })
     }
 }
 
@@ -144,5 +206,44 @@ mod tests {
         assert!(!b.reserve(&mut pool, 2000));
         assert_eq!(pool.free_tokens(), free);
         assert_eq!(b.blocks.len(), 1);
+    }
+
+    #[test]
+    fn forks_share_whole_blocks_and_copy_a_partial_one() {
+        let mut pool = KvPool::new(&geometry(), 1000);
+        let mut a = SeqBlocks::default();
+        assert!(a.reserve(&mut pool, 40));
+        a.len = 40;
+        // Mark each of a's rows (every layer's K and V) with its position.
+        let row_of = |s: &SeqBlocks, p: usize| {
+            s.blocks[p / KV_BLOCK_TOKENS] as usize * KV_BLOCK_TOKENS + p % KV_BLOCK_TOKENS
+        };
+        for p in 0..40 {
+            let row = row_of(&a, p);
+            for b in &mut pool.buffers {
+                b[row * 4..row * 4 + 4].fill(p as f32);
+            }
+        }
+        let free = pool.free_tokens();
+        let mut f = a.fork(&mut pool, 37).unwrap();
+        assert_eq!(f.len, 37);
+        assert_eq!(&f.blocks[..2], &a.blocks[..2]);
+        assert_ne!(f.blocks[2], a.blocks[2]);
+        assert_eq!(pool.free_tokens(), free - KV_BLOCK_TOKENS);
+        let row = row_of(&f, 36);
+        assert!(pool.buffers.iter().all(|b| b[row * 4] == 36.0));
+        // Closing a keeps the shared blocks for f; only a's own third block comes back.
+        a.truncate(&mut pool, 0);
+        assert_eq!(pool.free_tokens(), free);
+        // Forking at a block boundary shares everything; cutting inside a shared block copies it.
+        let mut g = f.fork(&mut pool, 32).unwrap();
+        assert_eq!(g.blocks, f.blocks[..2]);
+        g.truncate(&mut pool, 20);
+        assert_ne!(g.blocks[1], f.blocks[1]);
+        let row = row_of(&g, 19);
+        assert!(pool.buffers.iter().all(|b| b[row * 4] == 19.0));
+        f.truncate(&mut pool, 0);
+        g.truncate(&mut pool, 0);
+        assert_eq!(pool.free_tokens(), pool.capacity());
     }
 }

@@ -359,6 +359,23 @@ impl Batch for CompiledBatch<'_> {
         }
     }
 
+    fn fork(&mut self, from: SeqId, len: usize) -> Result<SeqId, RuntimeError> {
+        let forked = self
+            .seqs
+            .get(&from)
+            .ok_or_else(|| RuntimeError::Input(format!("no sequence {from} in this batch")))?
+            .fork(&mut self.pool, len)
+            .ok_or_else(|| {
+                RuntimeError::Input(format!(
+                    "KV cache full: no free block for a fork of sequence {from} (the batch holds {} tokens)",
+                    self.pool.capacity()
+                ))
+            })?;
+        let id = self.open();
+        self.seqs.insert(id, forked);
+        Ok(id)
+    }
+
     fn position(&self, id: SeqId) -> usize {
         self.seqs.get(&id).map_or(0, |s| s.len)
     }
