@@ -348,26 +348,31 @@ fn the_api_answers_streams_and_survives_bad_clients() {
     assert_eq!(status, 200);
 }
 
+/// A request asking `user` after a long system prompt (~130 tokens, the same for every call), thinking off.
+fn after_system_prompt(user: &str, max_tokens: usize) -> String {
+    let system = "You are a careful assistant who answers briefly. ".repeat(12);
+    request(json!({
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "max_tokens": max_tokens,
+        "chat_template_kwargs": {"enable_thinking": false},
+    }))
+    .to_string()
+}
+
+/// Prompt tokens a response says came from a kept KV cache.
+fn cached(r: &Value) -> u64 {
+    r["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap()
+}
+
 /// Requests whose prompts begin alike reuse the KV cache a kept session holds: a shared system prompt is
 /// not computed again, a repeated request feeds only its last prompt token, and the answers are the ones
 /// computed from scratch (greedy).
 #[test]
 fn prompts_sharing_a_prefix_reuse_the_kv_cache() {
     let s = start();
-    let system = "You are a careful assistant who answers briefly. ".repeat(12);
-    let ask = |user: &str| {
-        request(json!({
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "max_tokens": 12,
-            "chat_template_kwargs": {"enable_thinking": false},
-        }))
-        .to_string()
-    };
-    let cached = |r: &Value| {
-        r["usage"]["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap()
-    };
+    let ask = |user: &str| after_system_prompt(user, 12);
     let prompt = |r: &Value| r["usage"]["prompt_tokens"].as_u64().unwrap();
     let content = |r: &Value| r["choices"][0]["message"]["content"].clone();
 
@@ -485,20 +490,7 @@ fn concurrent_requests_are_batched_and_answer_as_alone() {
 #[test]
 fn concurrent_requests_share_a_kept_system_prompt() {
     let s = start();
-    let system = "You are a careful assistant who answers briefly. ".repeat(12);
-    let ask = |user: &str| {
-        request(json!({
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "max_tokens": 8,
-            "chat_template_kwargs": {"enable_thinking": false},
-        }))
-        .to_string()
-    };
-    let cached = |r: &Value| {
-        r["usage"]["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap()
-    };
+    let ask = |user: &str| after_system_prompt(user, 8);
     let (status, first) = post(&s, &ask("What is 2+2?"));
     assert_eq!(status, 200, "{first}");
     let answers: Vec<Value> = std::thread::scope(|scope| {
