@@ -67,6 +67,7 @@ impl PromptCache {
     /// Keeps a lent session's sequence, its cache holding `fed` (the prompt and the ids after it, cut to
     /// what the session holds); `None` after a failure, when the cache's contents are unknown (dropped).
     pub fn give_back(&self, lease: Lease, fed: Option<Vec<u32>>) {
+        lease.session.idle();
         let Some(mut tokens) = fed else {
             return;
         };

@@ -4,7 +4,7 @@
 //! Callers keep their own decoding loops (`chat::decode`, `generate`): each holds a [`BatchedSession`],
 //! a [`Session`] whose `forward_last` hands its ids to the scheduler and waits for its row of logits. The
 //! scheduler gathers the feeds that arrive together — after a step it waits for the sequences it just
-//! answered to come back with their next token, up to a fraction of the step's time (5 ms at least) — and runs them as
+//! answered to come back with their next token, up to a fraction of the step's time (20 ms at least) unless they said they are idle — and runs them as
 //! one batched step: decode tokens first, then prompt chunks up to a per-step token budget (chunked
 //! prefill: a long prompt is fed over several steps and does not stall the others). Sequences join and
 //! leave between steps; dropping a session frees its sequence's KV blocks.
@@ -34,6 +34,7 @@ enum Msg {
         reply: Sender<Result<SeqId, RuntimeError>>,
     },
     Truncate(SeqId, usize),
+    Idle(SeqId),
     Close(SeqId),
 }
 
@@ -65,9 +66,11 @@ pub struct BatchStats {
 }
 
 /// Longest a step waits for sequences to come back: a share of the last step's time, but at least
-/// [`MIN_WAIT`] (a loaded machine may not run a woken thread within a fraction of a short step).
+/// [`MIN_WAIT`] (a loaded machine may not run a woken thread within a fraction of a short step). Sessions
+/// that will not come back soon say so ([`BatchedSession::idle`]), so the wait is only paid for a decoding
+/// loop that is late.
 const WAIT_SHARE: f64 = 0.25;
-const MIN_WAIT: Duration = Duration::from_millis(5);
+const MIN_WAIT: Duration = Duration::from_millis(20);
 
 impl Scheduler {
     /// Starts the thread, with a KV cache of `tokens` tokens shared by all sequences and at most
@@ -118,6 +121,13 @@ pub struct BatchedSession {
 impl BatchedSession {
     fn stopped() -> RuntimeError {
         RuntimeError::Internal("the batch scheduler has stopped".into())
+    }
+
+    /// Tells the scheduler not to wait for this session's next feed (its decoding loop has ended for now).
+    pub fn idle(&self) {
+        if let Some(seq) = self.seq {
+            let _ = self.tx.send(Msg::Idle(seq));
+        }
     }
 
     /// A new session holding this one's first `len` tokens (at most those it holds), sharing their cache
@@ -275,6 +285,9 @@ fn handle(msg: Msg, batch: &mut dyn Batch, jobs: &mut Vec<Job>, awaited: &mut Ha
             let _ = reply.send(batch.fork(from, len));
         }
         Msg::Truncate(seq, len) => batch.truncate(seq, len),
+        Msg::Idle(seq) => {
+            awaited.remove(&seq);
+        }
         Msg::Close(seq) => {
             awaited.remove(&seq);
             batch.close(seq);
