@@ -45,6 +45,8 @@ pub struct Served {
     pub context: usize,
     /// Requests decoding at once; more wait in line (each holds a KV cache while it runs).
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// Most requests waiting in line; more are refused with 503 and `Retry-After`.
+    pub queue: usize,
     /// Served at `GET /metrics`.
     pub metrics: Metrics,
 }
@@ -66,8 +68,35 @@ pub fn run(served: Served, addr: &str, ready: impl FnOnce(std::net::SocketAddr))
             .route("/metrics", get(metrics))
             .route("/v1/chat/completions", post(completions))
             .with_state(Arc::new(served));
-        axum::serve(listener, app).await.context("serving")
+        // SIGTERM or Ctrl-C: stop accepting, let running requests (streams included) finish, then exit.
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop_signal())
+            .await
+            .context("serving")
     })
+}
+
+/// Resolves at SIGTERM or SIGINT.
+async fn stop_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = interrupt => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    eprintln!("q3c serve: stopping: finishing the running requests");
 }
 
 async fn metrics(State(s): State<Arc<Served>>) -> Response {
@@ -181,9 +210,29 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
         Ok(job) => job,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let waiting = Gauge::enter(&s.metrics.waiting);
-    let slot = Arc::clone(&s.slots).acquire_owned().await;
-    drop(waiting);
+    // A full line gets a 503 at once (clients retry), rather than a wait without end.
+    let slot = match Arc::clone(&s.slots).try_acquire_owned() {
+        Ok(slot) => Ok(slot),
+        Err(_) if s.metrics.waiting.load(Ordering::Relaxed) as usize >= s.queue => {
+            let mut refused = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the server is busy: {} requests are waiting (--queue); retry later",
+                    s.queue
+                ),
+            );
+            refused
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            return refused;
+        }
+        Err(_) => {
+            let waiting = Gauge::enter(&s.metrics.waiting);
+            let slot = Arc::clone(&s.slots).acquire_owned().await;
+            drop(waiting);
+            slot
+        }
+    };
     let Ok(slot) = slot else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -318,6 +367,13 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
                 let mut last = chunk(json!({}), Some(finish));
                 last["usage"] = usage(&out);
                 send(last);
+                if job.include_usage {
+                    // As OpenAI's stream_options.include_usage: a chunk with no choices and the usage.
+                    let mut tail = chunk(json!({}), None);
+                    tail["choices"] = json!([]);
+                    tail["usage"] = usage(&out);
+                    send(tail);
+                }
             }
             Err(e) => send(json!({"error": {"message": e.to_string(), "type": "server_error"}})),
         }

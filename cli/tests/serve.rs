@@ -23,6 +23,11 @@ impl Drop for Server {
 }
 
 fn start() -> Server {
+    start_with(&["--max-concurrent", "2"])
+}
+
+/// A server of the tiny model with these extra `serve` arguments.
+fn start_with(extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let config = json!({
         "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
@@ -64,16 +69,8 @@ fn start() -> Server {
             "--weights",
             model.to_str().unwrap(),
         ])
-        .args([
-            "--port",
-            "0",
-            "--threads",
-            "2",
-            "--name",
-            "tiny",
-            "--max-concurrent",
-            "2",
-        ])
+        .args(["--port", "0", "--threads", "2", "--name", "tiny"])
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -507,4 +504,94 @@ fn concurrent_requests_share_a_kept_system_prompt() {
     for r in &answers {
         assert!(cached(r) > 100, "{r}");
     }
+}
+
+/// Beyond `--max-concurrent` running and `--queue` waiting, a request gets a 503 with `Retry-After` at once.
+#[test]
+fn a_full_queue_is_refused_with_retry_after() {
+    let s = start_with(&["--max-concurrent", "1", "--queue", "0"]);
+    let body =
+        request(json!({"max_tokens": 200, "chat_template_kwargs": {"enable_thinking": false}}))
+            .to_string();
+    // Four at once: one runs (each takes well over the time the others need to arrive), none may wait.
+    let answers: Vec<(u16, Option<String>, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (url, body) = (&s.url, &body);
+                scope.spawn(move || {
+                    match ureq::post(&format!("{url}/v1/chat/completions")).send_string(body) {
+                        Ok(r) => (r.status(), None, r.into_string().unwrap()),
+                        Err(ureq::Error::Status(code, r)) => (
+                            code,
+                            r.header("retry-after").map(str::to_string),
+                            r.into_string().unwrap(),
+                        ),
+                        Err(e) => panic!("{e}"),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
+    assert!(ok >= 1 && !refused.is_empty(), "{answers:?}");
+    assert_eq!(ok + refused.len(), 4, "{answers:?}");
+    for (_, retry, text) in refused {
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert!(text.contains("the server is busy"), "{text}");
+    }
+}
+
+/// `stream_options.include_usage` ends a stream with a chunk of no choices and the usage; SIGTERM lets a
+/// running stream finish, then the server exits cleanly.
+#[test]
+fn streams_report_usage_and_sigterm_drains_running_requests() {
+    let mut s = start();
+    let resp = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .send_string(
+            &request(
+                json!({"stream": true, "max_tokens": 5, "stream_options": {"include_usage": true}}),
+            )
+            .to_string(),
+        )
+        .unwrap();
+    let body = resp.into_string().unwrap();
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let tail: Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+    assert_eq!(tail["choices"], json!([]), "{tail}");
+    assert_eq!(tail["usage"]["completion_tokens"], 5, "{tail}");
+
+    // A stream in flight when SIGTERM arrives still completes.
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let body = request(json!({"stream": true, "max_tokens": 120})).to_string();
+    let mut conn = TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    let st = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(TcpStream::connect(&addr).is_err());
 }

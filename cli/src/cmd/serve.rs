@@ -27,6 +27,9 @@ pub struct Args {
     /// prompts up to this (a long prompt is fed over several steps instead of stalling the others).
     #[arg(long, default_value_t = 512)]
     batch_tokens: usize,
+    /// Most requests waiting for a slot; more are answered 503 with `Retry-After: 1`.
+    #[arg(long, default_value_t = 256)]
+    queue: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -57,6 +60,7 @@ pub fn run(args: Args) -> Result<()> {
         name,
         context,
         slots: std::sync::Arc::new(tokio::sync::Semaphore::new(args.max_concurrent)),
+        queue: args.queue,
         metrics: crate::metrics::Metrics {
             batch,
             ..Default::default()

@@ -19,6 +19,8 @@ pub struct ChatRequest {
     pub messages: Vec<Value>,
     #[serde(default)]
     pub stream: bool,
+    /// `stream_options.include_usage`: a last chunk with the usage and no choices.
+    pub stream_options: Option<StreamOptions>,
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
     /// `temperature`, `top_p`, `top_k`, `min_p`, `presence_penalty`, `repetition_penalty`, `seed`.
@@ -44,6 +46,13 @@ pub enum Stop {
     Many(Vec<String>),
 }
 
+/// `stream_options`.
+#[derive(Deserialize, Debug, Clone)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
 /// The template arguments a request may set.
 #[derive(Deserialize, Debug, Clone)]
 pub struct TemplateKwargs {
@@ -57,6 +66,8 @@ pub struct Planned {
     /// KV-cache capacity the request needs (prompt, answer and the decoder's insertions).
     pub kv_tokens: usize,
     pub stream: bool,
+    /// Whether a stream ends with a chunk holding only the usage (`stream_options.include_usage`).
+    pub include_usage: bool,
     /// Whether the request offered tools (so `<tool_call>` blocks in the answer are calls).
     pub tools: bool,
 }
@@ -157,6 +168,7 @@ impl ChatRequest {
                 cancel: Some(Arc::new(AtomicBool::new(false))),
             },
             stream: self.stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             tools,
         })
     }
