@@ -90,6 +90,16 @@ fn start_with(extra: &[&str]) -> Server {
     }
 }
 
+/// The `data:` payloads of a server-sent event stream, which must end with `[DONE]`.
+fn sse_data(body: &str) -> Vec<&str> {
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
+    data
+}
+
 /// POSTs `body` (any text) and returns (status, JSON body).
 fn post(s: &Server, body: &str) -> (u16, Value) {
     let r = ureq::post(&format!("{}/v1/chat/completions", s.url))
@@ -174,11 +184,7 @@ fn the_api_answers_streams_and_survives_bad_clients() {
         .unwrap();
     assert_eq!(resp.content_type(), "text/event-stream");
     let body = resp.into_string().unwrap();
-    let data: Vec<&str> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(data.last(), Some(&"[DONE]"));
+    let data = sse_data(&body);
     let chunks: Vec<Value> = data[..data.len() - 1]
         .iter()
         .map(|d| serde_json::from_str(d).unwrap())
@@ -557,11 +563,7 @@ fn streams_report_usage_and_sigterm_drains_running_requests() {
         )
         .unwrap();
     let body = resp.into_string().unwrap();
-    let data: Vec<&str> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(data.last(), Some(&"[DONE]"));
+    let data = sse_data(&body);
     let tail: Value = serde_json::from_str(data[data.len() - 2]).unwrap();
     assert_eq!(tail["choices"], json!([]), "{tail}");
     assert_eq!(tail["usage"]["completion_tokens"], 5, "{tail}");
