@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use q3c_runtime::scheduler::BatchStats;
 
@@ -23,6 +24,60 @@ pub struct Metrics {
     pub completion_tokens: AtomicU64,
     /// The batch scheduler's steps, sequences and tokens.
     pub batch: Arc<BatchStats>,
+    /// Seconds from a request's start (a slot granted) to its first piece of text, to its end, and per
+    /// output token after the first.
+    pub time_to_first_token: Histogram,
+    pub request_duration: Histogram,
+    pub time_per_output_token: Histogram,
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const LATENCY_BOUNDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// A Prometheus histogram of seconds over [`LATENCY_BOUNDS`] (relaxed atomics).
+pub struct Histogram {
+    /// Observations at or below each bound (not cumulative), and above the last.
+    counts: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Counts one observation of `seconds`.
+    pub fn observe(&self, seconds: f64) {
+        let bucket = LATENCY_BOUNDS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Appends the text exposition: cumulative buckets, `+Inf`, sum and count.
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        *out += &format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
+        let mut total = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            total += c.load(Ordering::Relaxed);
+            let le = LATENCY_BOUNDS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            *out += &format!("{name}_bucket{{le=\"{le}\"}} {total}\n");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        *out += &format!("{name}_sum {sum}\n{name}_count {total}\n");
+    }
 }
 
 /// Adds one to `gauge` until the guard is dropped.
@@ -42,6 +97,21 @@ impl Drop for Gauge<'_> {
 }
 
 impl Metrics {
+    /// Records the latencies of a request that started at `start`, showed its first text at `first` and
+    /// produced `tokens` tokens.
+    pub fn latencies(&self, start: Instant, first: Option<Instant>, tokens: usize) {
+        let total = start.elapsed().as_secs_f64();
+        self.request_duration.observe(total);
+        if let Some(first) = first {
+            let ttft = first.duration_since(start).as_secs_f64();
+            self.time_to_first_token.observe(ttft);
+            if tokens > 1 {
+                self.time_per_output_token
+                    .observe((total - ttft) / (tokens - 1) as f64);
+            }
+        }
+    }
+
     /// Counts a finished request's tokens.
     pub fn tokens(&self, prompt: usize, cached: usize, completion: usize) {
         self.prompt_tokens
@@ -123,6 +193,21 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        self.time_to_first_token.render(
+            "q3c_time_to_first_token_seconds",
+            "From a request's start (a slot granted) to its first text.",
+            &mut out,
+        );
+        self.request_duration.render(
+            "q3c_request_duration_seconds",
+            "From a request's start (a slot granted) to its end.",
+            &mut out,
+        );
+        self.time_per_output_token.render(
+            "q3c_time_per_output_token_seconds",
+            "Seconds per output token after the first text.",
+            &mut out,
+        );
         out
     }
 }

@@ -4,7 +4,7 @@
 //!   and deltas; `usage` with `completion_tokens_details.reasoning_tokens`; per-request `enable_thinking`
 //!   (also as `chat_template_kwargs.enable_thinking`) and `thinking_budget`.
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: requests, running and waiting ones,
-//!   prompt, cached and completion tokens).
+//!   prompt, cached and completion tokens, batched steps, latency histograms).
 //!
 //! Each request decodes on a blocking thread in a session (KV cache) of its own for the time it runs; up to
 //! `--max-concurrent` requests run at once, interleaving token by token on the model's thread pool, and the
@@ -15,7 +15,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -246,6 +246,8 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let _running = Gauge::enter(&served.metrics.running);
+            let start = Instant::now();
+            let mut first = None;
             let mut lease = served.sessions.take(&job.prompt);
             let out = chat::decode_after(
                 &mut lease.session,
@@ -253,10 +255,13 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
                 &job.prompt,
                 lease.cached,
                 &job.opts,
-                |_| {},
+                |_| {
+                    first.get_or_insert_with(Instant::now);
+                },
             );
             served.sessions.give_back(lease, fed(&job.prompt, &out));
             if let Ok(o) = &out {
+                served.metrics.latencies(start, first, o.ids.len());
                 served
                     .metrics
                     .tokens(o.prompt_tokens, o.cached_tokens, o.ids.len());
@@ -317,6 +322,8 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
         // With tools offered, <tool_call> blocks are held back and sent as tool_calls at the end.
         let mut tool_stream = job.tools.then(ToolCallStream::new);
         let _running = Gauge::enter(&served.metrics.running);
+        let start = Instant::now();
+        let mut first = None;
         let mut lease = served.sessions.take(&job.prompt);
         let result = chat::decode_after(
             &mut lease.session,
@@ -325,8 +332,12 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
             lease.cached,
             &job.opts,
             |p| match p {
-                Piece::Reasoning(t) => send(chunk(json!({"reasoning_content": t}), None)),
+                Piece::Reasoning(t) => {
+                    first.get_or_insert_with(Instant::now);
+                    send(chunk(json!({"reasoning_content": t}), None))
+                }
                 Piece::Content(t) => {
+                    first.get_or_insert_with(Instant::now);
                     let shown = match tool_stream.as_mut() {
                         Some(ts) => ts.push(&t),
                         None => Some(t),
@@ -339,6 +350,7 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
         );
         served.sessions.give_back(lease, fed(&job.prompt, &result));
         if let Ok(o) = &result {
+            served.metrics.latencies(start, first, o.ids.len());
             served
                 .metrics
                 .tokens(o.prompt_tokens, o.cached_tokens, o.ids.len());

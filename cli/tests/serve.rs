@@ -421,6 +421,28 @@ fn prompts_sharing_a_prefix_reuse_the_kv_cache() {
     assert_eq!(metric("q3c_prompt_tokens_cached_total"), sum(&cached));
     assert_eq!(metric("q3c_completion_tokens_total"), sum(&completion));
     assert!(text.contains("# TYPE q3c_requests_total counter"));
+    // Latency histograms: every successful request's duration; a first-text time for those with text.
+    assert!(text.contains("# TYPE q3c_request_duration_seconds histogram"));
+    assert_eq!(metric("q3c_request_duration_seconds_count"), 4, "{text}");
+    assert_eq!(
+        metric("q3c_request_duration_seconds_bucket{le=\"+Inf\"}"),
+        4
+    );
+    let with_text = all
+        .iter()
+        .filter(|r| {
+            let m = &r["choices"][0]["message"];
+            m["content"].as_str().is_some_and(|c| !c.is_empty())
+                || m["reasoning_content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+        })
+        .count() as u64;
+    assert_eq!(
+        metric("q3c_time_to_first_token_seconds_count"),
+        with_text,
+        "{text}"
+    );
 }
 
 /// Requests running together are fed by one batched step per token (continuous batching): each answers
