@@ -4,7 +4,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use q3c_runtime::chat::ChatOutput;
 use q3c_runtime::scheduler::BatchStats;
+
+/// Writes one access-log line (a JSON object after `q3c serve: request `) to stderr.
+pub fn access_log(fields: &serde_json::Value) {
+    eprintln!("q3c serve: request {fields}");
+}
 
 /// Counters and gauges of one server (relaxed atomics: each is read on its own).
 #[derive(Default)]
@@ -112,6 +118,22 @@ impl Metrics {
         }
     }
 
+    /// Counts a finished request (tokens and latencies) and writes its access-log line.
+    pub fn finished(&self, start: Instant, first: Option<Instant>, out: &ChatOutput, stream: bool) {
+        self.latencies(start, first, out.ids.len());
+        self.tokens(out.prompt_tokens, out.cached_tokens, out.ids.len());
+        access_log(&serde_json::json!({
+            "status": 200,
+            "stream": stream,
+            "prompt_tokens": out.prompt_tokens,
+            "cached_tokens": out.cached_tokens,
+            "completion_tokens": out.ids.len(),
+            "finish_reason": out.finish_reason,
+            "ttft_s": first.map(|f| f.duration_since(start).as_secs_f64()),
+            "duration_s": start.elapsed().as_secs_f64(),
+        }));
+    }
+
     /// Counts a finished request's tokens.
     pub fn tokens(&self, prompt: usize, cached: usize, completion: usize) {
         self.prompt_tokens
@@ -124,7 +146,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
             (
                 "q3c_requests_total",
                 "counter",
@@ -184,6 +206,18 @@ impl Metrics {
                 "counter",
                 "Tokens fed, summed over the steps.",
                 &self.batch.tokens,
+            ),
+            (
+                "q3c_kv_tokens_used",
+                "gauge",
+                "Tokens of KV cache held by running and kept sequences (whole blocks; shared blocks once).",
+                &self.batch.kv_in_use,
+            ),
+            (
+                "q3c_kv_tokens_capacity",
+                "gauge",
+                "Tokens the KV cache may hold (--ctx-size).",
+                &self.batch.kv_capacity,
             ),
         ];
         let mut out = String::new();

@@ -193,10 +193,16 @@ async fn read_body(body: Body) -> Result<Vec<u8>, Response> {
 }
 
 async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
+    let start = Instant::now();
     let response = answer(Arc::clone(&s), body).await;
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    // Answered requests are logged where they finish (with their tokens); refusals and failures here.
     if !response.status().is_success() {
         s.metrics.failed.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::access_log(&json!({
+            "status": response.status().as_u16(),
+            "duration_s": start.elapsed().as_secs_f64(),
+        }));
     }
     response
 }
@@ -261,10 +267,7 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
             );
             served.sessions.give_back(lease, fed(&job.prompt, &out));
             if let Ok(o) = &out {
-                served.metrics.latencies(start, first, o.ids.len());
-                served
-                    .metrics
-                    .tokens(o.prompt_tokens, o.cached_tokens, o.ids.len());
+                served.metrics.finished(start, first, o, false);
             }
             out
         })
@@ -349,11 +352,12 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
             },
         );
         served.sessions.give_back(lease, fed(&job.prompt, &result));
-        if let Ok(o) = &result {
-            served.metrics.latencies(start, first, o.ids.len());
-            served
-                .metrics
-                .tokens(o.prompt_tokens, o.cached_tokens, o.ids.len());
+        match &result {
+            Ok(o) => served.metrics.finished(start, first, o, true),
+            Err(e) => crate::metrics::access_log(&json!({
+                "status": 200, "stream": true, "error": e.to_string(),
+                "duration_s": start.elapsed().as_secs_f64(),
+            })),
         }
         match result {
             Ok(out) => {

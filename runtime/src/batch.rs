@@ -32,6 +32,10 @@ pub trait Batch {
     /// Tokens the shared cache may hold, all sequences together.
     fn capacity(&self) -> usize;
 
+    /// Tokens of cache the sequences hold now (whole blocks where the cache is paged; a block shared by
+    /// forks counts once).
+    fn in_use(&self) -> usize;
+
     /// Feeds each listed sequence (each at most once) its ids after what it holds, all in one pass, and
     /// returns the logits after each one's last id, in the order given. On error every sequence is left
     /// as it was.
@@ -113,6 +117,10 @@ impl Batch for SessionBatch<'_> {
 
     fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    fn in_use(&self) -> usize {
+        self.sessions.values().map(|(s, _)| s.position()).sum()
     }
 
     fn forward_last(&mut self, work: &[(SeqId, &[u32])]) -> Result<Vec<Vec<f32>>, RuntimeError> {

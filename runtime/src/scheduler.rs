@@ -63,6 +63,9 @@ pub struct BatchStats {
     pub sequences: AtomicU64,
     /// Tokens fed, summed over the steps.
     pub tokens: AtomicU64,
+    /// Tokens of KV cache the sequences hold, and the most the cache may hold.
+    pub kv_in_use: AtomicU64,
+    pub kv_capacity: AtomicU64,
 }
 
 /// Longest a step waits for sequences to come back: a share of the last step's time, but at least
@@ -80,6 +83,9 @@ impl Scheduler {
         let batch = model.batch(tokens);
         let vocab = batch.vocab_size();
         let stats = Arc::new(BatchStats::default());
+        stats
+            .kv_capacity
+            .store(batch.capacity() as u64, Ordering::Relaxed);
         let counted = Arc::clone(&stats);
         std::thread::Builder::new()
             .name("q3c-scheduler".into())
@@ -250,11 +256,17 @@ fn run(
             };
             handle(msg, &mut *batch, &mut jobs, &mut awaited);
         }
+        stats
+            .kv_in_use
+            .store(batch.in_use() as u64, Ordering::Relaxed);
         if jobs.is_empty() {
             continue;
         }
         let started = Instant::now();
         awaited = step(&mut *batch, &mut jobs, step_tokens, stats);
+        stats
+            .kv_in_use
+            .store(batch.in_use() as u64, Ordering::Relaxed);
         last_step = started.elapsed();
     }
 }

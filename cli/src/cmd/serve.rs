@@ -27,6 +27,10 @@ pub struct Args {
     /// prompts up to this (a long prompt is fed over several steps instead of stalling the others).
     #[arg(long, default_value_t = 512)]
     batch_tokens: usize,
+    /// Tokens of KV cache in all, shared by running and kept requests (default: room for every running and
+    /// every kept request to hold the model's whole context; memory is taken only as used).
+    #[arg(long)]
+    ctx_size: Option<usize>,
     /// Most requests waiting for a slot; more are answered 503 with `Retry-After: 1`.
     #[arg(long, default_value_t = 256)]
     queue: usize,
@@ -51,8 +55,11 @@ pub fn run(args: Args) -> Result<()> {
     let model: &'static q3c_runtime::Model = Box::leak(Box::new(model));
     // Requests hold sequences of one batch, fed by one scheduler; at most max_concurrent are running and
     // as many kept for their prompts' prefixes, each up to the context.
-    let scheduler =
-        q3c_runtime::Scheduler::start(model, 2 * args.max_concurrent * context, args.batch_tokens);
+    let kv_tokens = args.ctx_size.unwrap_or(2 * args.max_concurrent * context);
+    if kv_tokens == 0 {
+        bail!("--ctx-size must be at least 1");
+    }
+    let scheduler = q3c_runtime::Scheduler::start(model, kv_tokens, args.batch_tokens);
     let batch = scheduler.stats();
     let served = crate::server::Served {
         sessions: crate::prompt_cache::PromptCache::new(scheduler, args.max_concurrent),

@@ -390,6 +390,10 @@ impl Batch for CompiledBatch<'_> {
         self.pool.capacity()
     }
 
+    fn in_use(&self) -> usize {
+        self.pool.capacity() - self.pool.free_tokens()
+    }
+
     fn forward_last(&mut self, work: &[(SeqId, &[u32])]) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let vocab = self.model.manifest.vocab_size;
         for (i, (id, ids)) in work.iter().enumerate() {
