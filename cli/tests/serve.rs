@@ -619,3 +619,149 @@ fn streams_report_usage_and_sigterm_drains_running_requests() {
     assert!(status.success(), "{status}");
     assert!(TcpStream::connect(&addr).is_err());
 }
+
+/// A bounded soak: 64 clients at once (two requests each) mixing streamed and non-streamed requests,
+/// malformed bodies and budgets, and clients that vanish mid-stream. The server keeps answering; every
+/// well-formed request gets a complete answer equal to the same request alone (greedy); afterwards nothing
+/// runs or waits, and the KV cache holds no more than the kept sequences.
+#[test]
+fn a_soak_of_64_clients_leaves_the_server_answering_and_clean() {
+    let s = start_with(&["--max-concurrent", "8"]);
+    let ask = |extra: Value| request(extra).to_string();
+    let kinds = [
+        ask(
+            json!({"max_tokens": 10, "chat_template_kwargs": {"enable_thinking": false},
+                   "messages": [{"role": "user", "content": "Say hi."}]}),
+        ),
+        ask(json!({"max_tokens": 12, "thinking_budget": 3,
+                   "messages": [{"role": "user", "content": "Count to three."}]})),
+        ask(json!({"max_tokens": 8, "messages": [{"role": "user", "content": "Name a fruit."}]})),
+    ];
+    let message = |r: &Value| {
+        let m = &r["choices"][0]["message"];
+        (
+            m["content"].as_str().unwrap_or("").to_string(),
+            m["reasoning_content"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let solo: Vec<(String, String)> = kinds
+        .iter()
+        .map(|k| {
+            let (status, r) = post(&s, k);
+            assert_eq!(status, 200, "{r}");
+            message(&r)
+        })
+        .collect();
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let streamed = |body: &str| -> String {
+        let with_stream = {
+            let mut v: Value = serde_json::from_str(body).unwrap();
+            v["stream"] = true.into();
+            v.to_string()
+        };
+        ureq::post(&format!("{}/v1/chat/completions", s.url))
+            .send_string(&with_stream)
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    std::thread::scope(|scope| {
+        for c in 0..64usize {
+            let (kinds, solo, addr) = (&kinds, &solo, &addr);
+            let (streamed, message) = (&streamed, &message);
+            let s = &s;
+            scope.spawn(move || {
+                for n in 0..2 {
+                    let kind = (c + n) % kinds.len();
+                    match (2 * c + n) % 6 {
+                        0..=2 => {
+                            let (status, r) = post(s, &kinds[kind]);
+                            assert_eq!(status, 200, "{r}");
+                            assert_eq!(message(&r), solo[kind], "client {c}, request {n}");
+                        }
+                        3 => {
+                            let body = streamed(&kinds[kind]);
+                            let data = sse_data(&body);
+                            let chunks: Vec<Value> = data[..data.len() - 1]
+                                .iter()
+                                .map(|d| serde_json::from_str(d).unwrap())
+                                .collect();
+                            let join = |f: &str| -> String {
+                                chunks
+                                    .iter()
+                                    .filter_map(|c| c["choices"][0]["delta"][f].as_str())
+                                    .collect()
+                            };
+                            assert_eq!(
+                                (join("content"), join("reasoning_content")),
+                                solo[kind],
+                                "client {c}, request {n} (streamed)"
+                            );
+                            assert!(chunks.last().unwrap()["usage"].is_object());
+                        }
+                        4 => {
+                            let bad = ["{", r#"{"messages": [], "max_tokens": 3}"#,
+                                r#"{"messages": [{"role": "user", "content": "hi"}], "thinking_budget": -1}"#];
+                            let (status, r) = post(s, bad[c % bad.len()]);
+                            assert_eq!(status, 400, "{r}");
+                            assert!(r["error"]["message"].is_string(), "{r}");
+                        }
+                        _ => {
+                            // A client that vanishes after the first chunk.
+                            let mut v: Value = serde_json::from_str(&kinds[kind]).unwrap();
+                            v["stream"] = true.into();
+                            v["max_tokens"] = 60.into();
+                            let body = v.to_string();
+                            let mut conn = TcpStream::connect(addr).unwrap();
+                            write!(
+                                conn,
+                                "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .unwrap();
+                            let mut reader = BufReader::new(conn);
+                            let mut line = String::new();
+                            while !line.starts_with("data: ") {
+                                line.clear();
+                                if reader.read_line(&mut line).unwrap() == 0 {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    // Still answering, the same as before.
+    let (status, r) = post(&s, &kinds[0]);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(message(&r), solo[0]);
+    // Nothing left running or waiting once the cancelled streams have noticed (at their next token).
+    let metric = |name: &str| -> u64 {
+        let text = ureq::get(&format!("{}/metrics", s.url))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric("q3c_requests_running") > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(metric("q3c_requests_running"), 0);
+    assert_eq!(metric("q3c_requests_waiting"), 0);
+    assert_eq!(metric("q3c_requests_total"), 3 + 128 + 1);
+    // At most 8 kept sequences of at most 3 blocks each (prompts and answers under 48 tokens), not the
+    // blocks of 130 requests.
+    assert!(
+        metric("q3c_kv_tokens_used") <= 8 * 48,
+        "{}",
+        metric("q3c_kv_tokens_used")
+    );
+}
