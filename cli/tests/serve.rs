@@ -100,6 +100,41 @@ fn sse_data(body: &str) -> Vec<&str> {
     data
 }
 
+/// Sends a streaming chat request over a raw connection (closed by the server after the response) and
+/// reads up to its first `data:` line; the rest is left unread in the returned reader.
+fn open_stream(addr: &str, body: &str) -> BufReader<TcpStream> {
+    let mut conn = TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("the stream ended before its first data line");
+        }
+    }
+    reader
+}
+
+/// The value of metric `name` in the server's `/metrics` text.
+fn metric_of(s: &Server, name: &str) -> f64 {
+    let text = ureq::get(&format!("{}/metrics", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
 /// POSTs `body` (any text) and returns (status, JSON body).
 fn post(s: &Server, body: &str) -> (u16, Value) {
     let r = ureq::post(&format!("{}/v1/chat/completions", s.url))
@@ -593,19 +628,7 @@ fn streams_report_usage_and_sigterm_drains_running_requests() {
     // A stream in flight when SIGTERM arrives still completes.
     let addr = s.url.strip_prefix("http://").unwrap().to_string();
     let body = request(json!({"stream": true, "max_tokens": 120})).to_string();
-    let mut conn = TcpStream::connect(&addr).unwrap();
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reader = BufReader::new(conn);
-    let mut line = String::new();
-    while !line.starts_with("data: ") {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-    }
+    let mut reader = open_stream(&addr, &body);
     let st = Command::new("kill")
         .args(["-TERM", &s.child.id().to_string()])
         .status()
@@ -711,22 +734,7 @@ fn a_soak_of_64_clients_leaves_the_server_answering_and_clean() {
                             let mut v: Value = serde_json::from_str(&kinds[kind]).unwrap();
                             v["stream"] = true.into();
                             v["max_tokens"] = 60.into();
-                            let body = v.to_string();
-                            let mut conn = TcpStream::connect(addr).unwrap();
-                            write!(
-                                conn,
-                                "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .unwrap();
-                            let mut reader = BufReader::new(conn);
-                            let mut line = String::new();
-                            while !line.starts_with("data: ") {
-                                line.clear();
-                                if reader.read_line(&mut line).unwrap() == 0 {
-                                    break;
-                                }
-                            }
+                            drop(open_stream(addr, &v.to_string()));
                         }
                     }
                 }
@@ -738,18 +746,7 @@ fn a_soak_of_64_clients_leaves_the_server_answering_and_clean() {
     assert_eq!(status, 200, "{r}");
     assert_eq!(message(&r), solo[0]);
     // Nothing left running or waiting once the cancelled streams have noticed (at their next token).
-    let metric = |name: &str| -> u64 {
-        let text = ureq::get(&format!("{}/metrics", s.url))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("{name} in {text}"))
-            .parse()
-            .unwrap()
-    };
+    let metric = |name: &str| metric_of(&s, name) as u64;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while metric("q3c_requests_running") > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
