@@ -3,11 +3,14 @@
 
     benches/server_load.py URL [--clients 4] [--requests 2] [--max-tokens 64] [--label NAME]
 
-Each of CLIENTS threads sends REQUESTS chat completions one after another (non-streaming, greedy, thinking
-off, a ~110-token prompt that differs per client so that no prompt cache helps), and the script prints the
-aggregate completion tokens per second over the wall time of the whole run (after one untimed request), the mean per-request latency
-and the mean completion tokens per request (from each response's `usage`). Run it against both servers on
-the same checkpoint, alternating, and compare the aggregate rates.
+Each of CLIENTS threads sends REQUESTS streamed chat completions one after another (greedy, thinking off,
+a ~110-token prompt that differs per client and request so that no prompt cache helps, `ignore_eos` so that
+every answer runs to MAX_TOKENS, `stream_options.include_usage` for the token count). After one untimed
+request, it prints: completion tokens of all clients per second of wall time (aggregate), request latency
+(p50, p99), and — where the stream's text arrives token by token — time to first text and the time between
+text chunks (p50, p99). A model with random weights mostly writes byte tokens that are not whole UTF-8
+characters, which both servers hold back until they are, so for such a checkpoint only the first two mean
+anything. Run it against both servers on the same checkpoint, alternating, and compare.
 """
 
 import argparse
@@ -31,14 +34,39 @@ def prompt(client: int, n: int) -> str:
     )
 
 
-def post(url: str, body: dict) -> dict:
+def stream(url: str, body: dict) -> tuple[float, float, list[float], int]:
+    """Sends one streamed request; returns (latency, time to first text, gaps between text chunks, tokens)."""
     req = urllib.request.Request(
         url + "/v1/chat/completions",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
+    t0 = time.perf_counter()
+    first, last, gaps, tokens = None, None, [], 0
     with urllib.request.urlopen(req, timeout=600) as resp:
-        return json.loads(resp.read())
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            choices = chunk.get("choices") or []
+            delta = choices[0].get("delta", {}) if choices else {}
+            if delta.get("content") or delta.get("reasoning_content"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now - t0
+                else:
+                    gaps.append(now - last)
+                last = now
+    total = time.perf_counter() - t0
+    return total, (first if first is not None else total), gaps, tokens
+
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def main() -> None:
@@ -49,7 +77,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--label", default="server")
     args = ap.parse_args()
-    results: list[tuple[float, int]] = []
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    tokens = [0]
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -59,6 +90,8 @@ def main() -> None:
             "messages": [{"role": "user", "content": prompt(c, n)}],
             "max_tokens": args.max_tokens,
             "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
             "chat_template_kwargs": {"enable_thinking": False},
             # Run to max_tokens on both servers (random weights rarely stop, but never early).
             "ignore_eos": True,
@@ -66,18 +99,20 @@ def main() -> None:
 
     def client(c: int) -> None:
         for n in range(args.requests):
-            t0 = time.perf_counter()
             try:
-                r = post(args.url, body(c, n))
+                latency, ttft, g, t = stream(args.url, body(c, n))
             except Exception as e:  # noqa: BLE001 - reported below
                 with lock:
                     errors.append(str(e))
                 return
             with lock:
-                results.append((time.perf_counter() - t0, r["usage"]["completion_tokens"]))
+                latencies.append(latency)
+                ttfts.append(ttft)
+                gaps.extend(g)
+                tokens[0] += t
 
     # One untimed request first: the server's first pass faults in its weights and grows its caches.
-    post(args.url, body(args.clients, 0))
+    stream(args.url, body(args.clients, 99))
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
     for t in threads:
@@ -87,11 +122,11 @@ def main() -> None:
     wall = time.perf_counter() - start
     if errors:
         raise SystemExit(f"{len(errors)} requests failed: {errors[0]}")
-    tokens = sum(n for _, n in results)
     print(
-        f"{args.label}: {args.clients} clients x {args.requests} requests: {tokens / wall:.2f} tok/s aggregate, "
-        f"mean latency {sum(t for t, _ in results) / len(results):.2f} s, "
-        f"{tokens / len(results):.1f} completion tokens per request"
+        f"{args.label}: {args.clients} clients x {args.requests} requests: {tokens[0] / wall:.2f} tok/s aggregate; "
+        f"latency p50 {percentile(latencies, 50):.2f} s, p99 {percentile(latencies, 99):.2f} s; "
+        f"first text p50 {percentile(ttfts, 50):.3f} s, p99 {percentile(ttfts, 99):.3f} s; "
+        f"inter-token p50 {1000 * percentile(gaps, 50):.1f} ms, p99 {1000 * percentile(gaps, 99):.1f} ms"
     )
 
 

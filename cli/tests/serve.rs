@@ -762,3 +762,57 @@ fn a_soak_of_64_clients_leaves_the_server_answering_and_clean() {
         metric("q3c_kv_tokens_used")
     );
 }
+
+/// The official `openai` Python client (installed by `./x deps`) against the server: models, a chat
+/// completion, the same streamed with `stream_options.include_usage`, and a refused request as the
+/// client's own `BadRequestError`.
+#[test]
+fn the_official_openai_client_works_against_the_server() {
+    let has_client = Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_client {
+        let why = "the openai Python client is not installed (./x deps installs it)";
+        if std::env::var("Q3C_REQUIRE_FEATURES").as_deref() == Ok("1") {
+            panic!("{why}");
+        }
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let s = start();
+    let script = r#"
+import sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+assert [m.id for m in c.models.list().data] == ["tiny"]
+ask = dict(model="tiny", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=8,
+           temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+r = c.chat.completions.create(**ask)
+assert r.object == "chat.completion" and r.choices[0].finish_reason in ("length", "stop"), r
+assert 0 < r.usage.completion_tokens <= 8, r.usage
+parts, usage = [], None
+for chunk in c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **ask):
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+    if chunk.usage:
+        usage = chunk.usage
+assert "".join(parts) == r.choices[0].message.content, (parts, r)
+assert usage.completion_tokens == r.usage.completion_tokens, usage
+try:
+    c.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
+    raise SystemExit("an unknown role was accepted")
+except openai.BadRequestError as e:
+    assert "unknown role" in str(e), e
+print("openai client ok")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &s.url])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("openai client ok"), "{stdout}");
+}
