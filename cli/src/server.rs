@@ -3,6 +3,7 @@
 //! - `POST /v1/chat/completions`: streaming (SSE, `"stream": true`) or not; `reasoning_content` in messages
 //!   and deltas; `usage` with `completion_tokens_details.reasoning_tokens`; per-request `enable_thinking`
 //!   (also as `chat_template_kwargs.enable_thinking`) and `thinking_budget`.
+//! - `POST /v1/completions`: a raw prompt (text or token ids) continued as is, streamed or not.
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: requests, running and waiting ones,
 //!   prompt, cached and completion tokens, batched steps, latency histograms).
 //!
@@ -25,7 +26,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use q3c_runtime::chat::{self, ChatOutput, ChatRequest, FinishReason, Piece, ToolCallStream};
+use q3c_runtime::chat::{
+    self, ChatOutput, ChatRequest, CompletionRequest, FinishReason, Piece, ToolCallStream,
+};
 use q3c_runtime::text::TextModel;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
@@ -66,7 +69,14 @@ pub fn run(served: Served, addr: &str, ready: impl FnOnce(std::net::SocketAddr))
             .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
             .route("/v1/models", get(models))
             .route("/metrics", get(metrics))
-            .route("/v1/chat/completions", post(completions))
+            .route(
+                "/v1/chat/completions",
+                post(|s: State<Arc<Served>>, body: Body| completions(s, body, Kind::Chat)),
+            )
+            .route(
+                "/v1/completions",
+                post(|s: State<Arc<Served>>, body: Body| completions(s, body, Kind::Text)),
+            )
             .with_state(Arc::new(served));
         // SIGTERM or Ctrl-C: stop accepting, let running requests (streams included) finish, then exit.
         axum::serve(listener, app)
@@ -192,9 +202,18 @@ async fn read_body(body: Body) -> Result<Vec<u8>, Response> {
     Ok(kept)
 }
 
-async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
+/// Which endpoint a request came to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `/v1/chat/completions`: messages through the chat template; answers as messages and deltas.
+    Chat,
+    /// `/v1/completions`: a raw prompt continued; answers as `text`.
+    Text,
+}
+
+async fn completions(State(s): State<Arc<Served>>, body: Body, kind: Kind) -> Response {
     let start = Instant::now();
-    let response = answer(Arc::clone(&s), body).await;
+    let response = answer(Arc::clone(&s), body, kind).await;
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     // Answered requests are logged where they finish (with their tokens); refusals and failures here.
     if !response.status().is_success() {
@@ -207,12 +226,16 @@ async fn completions(State(s): State<Arc<Served>>, body: Body) -> Response {
     response
 }
 
-async fn answer(s: Arc<Served>, body: Body) -> Response {
+async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
     let body = match read_body(body).await {
         Ok(body) => body,
         Err(refused) => return refused,
     };
-    let job = match ChatRequest::parse(&body).and_then(|req| req.plan(&s.text, s.context)) {
+    let planned = match kind {
+        Kind::Chat => ChatRequest::parse(&body).and_then(|req| req.plan(&s.text, s.context)),
+        Kind::Text => CompletionRequest::parse(&body).and_then(|req| req.plan(&s.text, s.context)),
+    };
+    let job = match planned {
         Ok(job) => job,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
@@ -245,7 +268,11 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
             "the server is shutting down",
         );
     };
-    let id = format!("chatcmpl-{:x}", now() ^ (body.len() as u64).rotate_left(32));
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Text => "cmpl",
+    };
+    let id = format!("{prefix}-{:x}", now() ^ (body.len() as u64).rotate_left(32));
     if !job.stream {
         let offered_tools = job.tools;
         let served = Arc::clone(&s);
@@ -273,6 +300,13 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
         })
         .await;
         return match result {
+            Ok(Ok(out)) if kind == Kind::Text => Json(json!({
+                "id": id, "object": "text_completion", "created": now(), "model": s.name,
+                "choices": [{"index": 0, "text": out.content, "logprobs": null,
+                             "finish_reason": finish_reason(out.finish_reason)}],
+                "usage": usage(&out),
+            }))
+            .into_response(),
             Ok(Ok(out)) => {
                 let mut message = json!({"role": "assistant", "content": out.content, "reasoning_content": out.reasoning});
                 let mut finish = finish_reason(out.finish_reason);
@@ -306,11 +340,17 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
     let served = Arc::clone(&s);
     let (name, chunk_id) = (s.name.clone(), id.clone());
-    let chunk = move |delta: Value, finish: Option<&str>| {
-        json!({
+    let chunk = move |delta: Value, finish: Option<&str>| match kind {
+        Kind::Chat => json!({
             "id": chunk_id, "object": "chat.completion.chunk", "created": now(), "model": name,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        })
+        }),
+        // A raw completion has no reasoning and no tool calls: its deltas are content.
+        Kind::Text => json!({
+            "id": chunk_id, "object": "text_completion", "created": now(), "model": name,
+            "choices": [{"index": 0, "text": delta["content"].as_str().unwrap_or(""),
+                         "logprobs": null, "finish_reason": finish}],
+        }),
     };
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
@@ -321,7 +361,9 @@ async fn answer(s: Arc<Served>, body: Body) -> Response {
                 cancel.store(true, Ordering::Relaxed);
             }
         };
-        send(chunk(json!({"role": "assistant", "content": ""}), None));
+        if kind == Kind::Chat {
+            send(chunk(json!({"role": "assistant", "content": ""}), None));
+        }
         // With tools offered, <tool_call> blocks are held back and sent as tool_calls at the end.
         let mut tool_stream = job.tools.then(ToolCallStream::new);
         let _running = Gauge::enter(&served.metrics.running);

@@ -142,6 +142,7 @@ pub fn repl(
             thinking_budget: budget,
             stop: Vec::new(),
             cancel: None,
+            raw: false,
         };
         let start = Instant::now();
         let mut in_reasoning = false;

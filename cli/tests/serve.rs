@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 struct Server {
     child: Child,
     url: String,
+    /// The artifact served and its weights.
+    so: std::path::PathBuf,
+    model: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -86,6 +89,8 @@ fn start_with(extra: &[&str]) -> Server {
     Server {
         child,
         url,
+        so,
+        model,
         _dir: dir,
     }
 }
@@ -782,7 +787,7 @@ fn the_official_openai_client_works_against_the_server() {
     }
     let s = start();
     let script = r#"
-import sys, openai
+import json, sys, openai
 c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
 assert [m.id for m in c.models.list().data] == ["tiny"]
 ask = dict(model="tiny", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=8,
@@ -803,6 +808,12 @@ try:
     raise SystemExit("an unknown role was accepted")
 except openai.BadRequestError as e:
     assert "unknown role" in str(e), e
+done = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
+assert done.object == "text_completion" and done.usage.completion_tokens <= 6, done
+streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+    model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0, stream=True) if ch.choices)
+assert streamed == done.choices[0].text, (streamed, done)
+print("completion:" + json.dumps(done.choices[0].text))
 print("openai client ok")
 "#;
     let out = Command::new("python3")
@@ -815,4 +826,34 @@ print("openai client ok")
     );
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("openai client ok"), "{stdout}");
+    // /v1/completions continues the raw text as `q3c generate --prompt` does (greedy).
+    let text: String = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("completion:"))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .unwrap();
+    let generated = Command::new(env!("CARGO_BIN_EXE_q3c"))
+        .args([
+            "generate",
+            "--model",
+            s.so.to_str().unwrap(),
+            "--weights",
+            s.model.to_str().unwrap(),
+        ])
+        .args([
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(generated.status.success());
+    assert!(!text.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&generated.stdout).trim_end(),
+        text.trim_end()
+    );
 }

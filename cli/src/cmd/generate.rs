@@ -150,6 +150,7 @@ fn chat(args: Args) -> Result<()> {
         thinking_budget: args.thinking_budget,
         stop: args.stop.clone(),
         cancel: None,
+        raw: false,
     };
     opts.sampling.check()?;
     let model = args.model.load()?;

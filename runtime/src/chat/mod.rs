@@ -15,7 +15,7 @@
 mod request;
 mod tools;
 
-pub use request::{ChatRequest, Planned, Stop, TemplateKwargs};
+pub use request::{ChatRequest, CompletionRequest, Planned, Stop, TemplateKwargs};
 pub use tools::{parse_tool_calls, ToolCallStream};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +50,9 @@ pub struct ChatOptions {
     pub stop: Vec<String>,
     /// Set from another thread (or the piece callback) to stop early, e.g. when a client disconnects.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The prompt is raw text (a completion, not a chat turn): no thinking block is opened or closed, and
+    /// every generated token is answer text, leading newlines kept.
+    pub raw: bool,
 }
 
 /// Whether a request thinks: `enable_thinking` (default on), unless the budget is 0 or the latest `/think`
@@ -219,11 +222,14 @@ pub fn decode_after(
         finish_reason: FinishReason::Length,
     };
     let (mut reasoning, mut answer) = (StreamDecoder::new(), StreamDecoder::new());
-    let mut text = Text::default();
+    let mut text = Text {
+        keep_newlines: opts.raw,
+        ..Text::default()
+    };
     let mut stopped_by_string = false;
 
     let closed = tok.encode("</think>\n\n")?;
-    let mut phase = if opts.thinking {
+    let mut phase = if opts.thinking && !opts.raw {
         Phase::Opening
     } else {
         Phase::Answer
@@ -233,7 +239,7 @@ pub fn decode_after(
     // Without thinking, the answer starts after an empty block; write it unless the template did (if it
     // does not fit in `max`, nothing is generated).
     let mut room = true;
-    if !opts.thinking && !prompt.ends_with(&closed) {
+    if !opts.raw && !opts.thinking && !prompt.ends_with(&closed) {
         let forced = tok.encode(EMPTY_THINK)?;
         room = forced.len() <= max;
         if room {
@@ -350,6 +356,8 @@ struct Text {
     content: String,
     /// Content not yet streamed because it might be the start of a stop string.
     held: String,
+    /// Keep the answer's leading newlines (raw completions).
+    keep_newlines: bool,
 }
 
 impl Text {
@@ -368,7 +376,7 @@ impl Text {
     /// Adds answer text; returns true when a stop string was reached.
     fn content(&mut self, piece: &str, stop: &[String], on_piece: &mut impl FnMut(Piece)) -> bool {
         let mut pending = std::mem::take(&mut self.held) + piece;
-        if self.content.is_empty() {
+        if self.content.is_empty() && !self.keep_newlines {
             pending = pending.trim_start_matches('\n').to_string();
         }
         if let Some(at) = stop

@@ -72,6 +72,65 @@ pub struct Planned {
     pub tools: bool,
 }
 
+/// The error of a request that does not fit in the context.
+fn too_long(context: usize, prompt: usize, max_new_tokens: usize) -> RuntimeError {
+    RuntimeError::Input(format!(
+        "this model's context is {context} tokens; the prompt has {prompt} and asks for {max_new_tokens} more"
+    ))
+}
+
+/// How long and in which mode a planned request decodes.
+struct Limits {
+    max_new_tokens: usize,
+    thinking: bool,
+    thinking_budget: Option<usize>,
+    raw: bool,
+}
+
+impl Planned {
+    /// A non-streamed plan of `prompt` with these sampling parameters (checked), limits and stop strings.
+    fn settle(
+        prompt: Vec<u32>,
+        kv_tokens: usize,
+        sampling: SamplingParams,
+        limits: Limits,
+        stop: Option<Stop>,
+    ) -> Result<Planned, RuntimeError> {
+        sampling.check()?;
+        let stop = match stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        Ok(Planned {
+            kv_tokens,
+            prompt,
+            opts: ChatOptions {
+                max_new_tokens: limits.max_new_tokens,
+                sampling,
+                thinking: limits.thinking,
+                thinking_budget: limits.thinking_budget,
+                stop,
+                cancel: Some(Arc::new(AtomicBool::new(false))),
+                raw: limits.raw,
+            },
+            stream: false,
+            include_usage: false,
+            tools: false,
+        })
+    }
+
+    /// The plan with the request's streaming choices and whether it offered tools.
+    fn streamed(self, stream: bool, options: Option<StreamOptions>, tools: bool) -> Planned {
+        Planned {
+            stream,
+            include_usage: options.is_some_and(|o| o.include_usage),
+            tools,
+            ..self
+        }
+    }
+}
+
 impl ChatRequest {
     /// Parses a JSON body; every error names what is wrong.
     pub fn parse(body: &[u8]) -> Result<ChatRequest, RuntimeError> {
@@ -144,33 +203,109 @@ impl ChatRequest {
             .or(self.max_tokens)
             .unwrap_or(room);
         if fixed >= context || max_new_tokens > room {
-            return Err(RuntimeError::Input(format!(
-                "this model's context is {context} tokens; the prompt has {} and asks for {max_new_tokens} more",
-                prompt.len()
-            )));
+            return Err(too_long(context, prompt.len(), max_new_tokens));
         }
         let sampling = self.sampling.over(SamplingParams::for_mode(thinking));
-        sampling.check()?;
-        let stop = match self.stop {
-            None => vec![],
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
+        let opts = Limits {
+            max_new_tokens,
+            thinking,
+            thinking_budget: budget,
+            raw: false,
         };
-        Ok(Planned {
-            kv_tokens: fixed + max_new_tokens,
-            prompt,
-            opts: ChatOptions {
-                max_new_tokens,
-                sampling,
-                thinking,
-                thinking_budget: budget,
-                stop,
-                cancel: Some(Arc::new(AtomicBool::new(false))),
-            },
-            stream: self.stream,
-            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
-            tools,
-        })
+        Planned::settle(prompt, fixed + max_new_tokens, sampling, opts, self.stop)
+            .map(|p| p.streamed(self.stream, self.stream_options, tools))
+    }
+}
+
+/// A text completion request (`/v1/completions`): a raw `prompt` (text, or token ids) continued as is — no
+/// chat template, no thinking block; control-token strings in the text are control tokens (the client owns
+/// the whole prompt).
+#[derive(Deserialize, Debug, Clone)]
+pub struct CompletionRequest {
+    pub prompt: PromptInput,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    /// OpenAI's default is 16.
+    pub max_tokens: Option<usize>,
+    #[serde(flatten)]
+    pub sampling: SamplingOverrides,
+    pub stop: Option<Stop>,
+    pub n: Option<usize>,
+    pub echo: Option<bool>,
+    pub logprobs: Option<Value>,
+    pub suffix: Option<String>,
+}
+
+/// `prompt`: a string, token ids, or a list holding one of those.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+impl CompletionRequest {
+    /// Parses a JSON body; every error names what is wrong.
+    pub fn parse(body: &[u8]) -> Result<CompletionRequest, RuntimeError> {
+        let req: CompletionRequest = serde_json::from_slice(body)
+            .map_err(|e| RuntimeError::Input(format!("invalid request body: {e}")))?;
+        let refuse = |what: &str| Err(RuntimeError::Input(what.to_string()));
+        if let Some(n) = req.n.filter(|&n| n != 1) {
+            return refuse(&format!(
+                "n is {n}: q3c gives one choice per request (send {n} requests)"
+            ));
+        }
+        if req.echo == Some(true) {
+            return refuse("echo is not supported");
+        }
+        if req.logprobs.as_ref().is_some_and(|l| !l.is_null()) {
+            return refuse("logprobs are not supported");
+        }
+        if req.suffix.is_some() {
+            return refuse("suffix is not supported");
+        }
+        Ok(req)
+    }
+
+    /// Tokenizes the prompt and settles the options for a model whose sequences hold `context` tokens.
+    pub fn plan(self, text: &TextModel, context: usize) -> Result<Planned, RuntimeError> {
+        let prompt = match self.prompt {
+            PromptInput::Text(t) => text.tokenizer.encode(&t)?,
+            PromptInput::Ids(ids) => ids,
+            PromptInput::Texts(mut t) if t.len() == 1 => text.tokenizer.encode(&t.remove(0))?,
+            PromptInput::IdLists(mut l) if l.len() == 1 => l.remove(0),
+            _ => {
+                return Err(RuntimeError::Input(
+                    "prompt: one prompt per request (a string or a list of token ids)".into(),
+                ))
+            }
+        };
+        if prompt.is_empty() {
+            return Err(RuntimeError::Input("prompt is empty".into()));
+        }
+        let vocab = text.tokenizer.vocab_size();
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RuntimeError::Input(format!(
+                "prompt: token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        let max_new_tokens = self.max_tokens.unwrap_or(16);
+        if prompt.len() + max_new_tokens > context {
+            return Err(too_long(context, prompt.len(), max_new_tokens));
+        }
+        let sampling = self.sampling.over(SamplingParams::for_mode(false));
+        let opts = Limits {
+            max_new_tokens,
+            thinking: false,
+            thinking_budget: None,
+            raw: true,
+        };
+        let kv_tokens = prompt.len() + max_new_tokens;
+        Planned::settle(prompt, kv_tokens, sampling, opts, self.stop)
+            .map(|p| p.streamed(self.stream, self.stream_options, false))
     }
 }
 
