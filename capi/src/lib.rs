@@ -142,6 +142,7 @@ pub unsafe extern "C" fn q3c_chat(
                 let (kind, text) = match piece {
                     Piece::Reasoning(t) => (0, t),
                     Piece::Content(t) => (1, t),
+                    Piece::Logprob(_) => return,
                 };
                 let text = CString::new(text.replace('\0', "")).expect("no NUL left");
                 if f(user, kind, text.as_ptr()) != 0 {

@@ -27,7 +27,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use q3c_runtime::chat::{
-    self, ChatOutput, ChatRequest, CompletionRequest, FinishReason, Piece, ToolCallStream,
+    self, ChatOutput, ChatRequest, CompletionRequest, FinishReason, Piece, TokenLogprob,
+    ToolCallStream,
 };
 use q3c_runtime::text::TextModel;
 use serde_json::{json, Value};
@@ -157,6 +158,14 @@ fn fed<E>(prompt: &[u32], out: &Result<ChatOutput, E>) -> Option<Vec<u32>> {
     Some(prompt.iter().chain(&out.ids).copied().collect())
 }
 
+/// One token's entry of OpenAI's `logprobs.content`.
+fn logprob_json(lp: &TokenLogprob) -> Value {
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let mut v = entry(&lp.token, lp.logprob);
+    v["top_logprobs"] = lp.top.iter().map(|(_, t, l)| entry(t, *l)).collect();
+    v
+}
+
 fn usage(out: &ChatOutput) -> Value {
     let completion = out.ids.len();
     json!({
@@ -275,6 +284,7 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
     let id = format!("{prefix}-{:x}", now() ^ (body.len() as u64).rotate_left(32));
     if !job.stream {
         let offered_tools = job.tools;
+        let wants_logprobs = job.opts.logprobs.is_some();
         let served = Arc::clone(&s);
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
@@ -323,12 +333,16 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
                         finish = "tool_calls";
                     }
                 }
-                Json(json!({
+                let mut body = json!({
                     "id": id, "object": "chat.completion", "created": now(), "model": s.name,
                     "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                     "usage": usage(&out),
-                }))
-                .into_response()
+                });
+                if wants_logprobs {
+                    let content: Vec<Value> = out.logprobs.iter().map(logprob_json).collect();
+                    body["choices"][0]["logprobs"] = json!({"content": content});
+                }
+                Json(body).into_response()
             }
             Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             Err(e) => error(
@@ -370,6 +384,14 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
         let start = Instant::now();
         let mut first = None;
         let mut lease = served.sessions.take(&job.prompt);
+        // Log-probabilities ride on the next content chunk (their text may be held back a while).
+        let mut logprobs: Vec<Value> = Vec::new();
+        let with_logprobs = |mut c: Value, logprobs: &mut Vec<Value>| {
+            if !logprobs.is_empty() {
+                c["choices"][0]["logprobs"] = json!({"content": std::mem::take(logprobs)});
+            }
+            c
+        };
         let result = chat::decode_after(
             &mut lease.session,
             &served.text.tokenizer,
@@ -377,6 +399,7 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
             lease.cached,
             &job.opts,
             |p| match p {
+                Piece::Logprob(lp) => logprobs.push(logprob_json(&lp)),
                 Piece::Reasoning(t) => {
                     first.get_or_insert_with(Instant::now);
                     send(chunk(json!({"reasoning_content": t}), None))
@@ -388,7 +411,10 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
                         None => Some(t),
                     };
                     if let Some(t) = shown {
-                        send(chunk(json!({"content": t}), None));
+                        send(with_logprobs(
+                            chunk(json!({"content": t}), None),
+                            &mut logprobs,
+                        ));
                     }
                 }
             },
@@ -422,7 +448,7 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
                         finish = "tool_calls";
                     }
                 }
-                let mut last = chunk(json!({}), Some(finish));
+                let mut last = with_logprobs(chunk(json!({}), Some(finish)), &mut logprobs);
                 last["usage"] = usage(&out);
                 send(last);
                 if job.include_usage {

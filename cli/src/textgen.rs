@@ -143,6 +143,7 @@ pub fn repl(
             stop: Vec::new(),
             cancel: None,
             raw: false,
+            logprobs: None,
         };
         let start = Instant::now();
         let mut in_reasoning = false;
@@ -160,6 +161,7 @@ pub fn repl(
                     }
                     write!(stdout, "{t}")
                 }
+                Piece::Logprob(_) => Ok(()),
             };
             let _ = stdout.flush();
         })?;

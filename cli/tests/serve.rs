@@ -808,6 +808,18 @@ try:
     raise SystemExit("an unknown role was accepted")
 except openai.BadRequestError as e:
     assert "unknown role" in str(e), e
+# Log-probabilities: greedy picks the most likely token, so each chosen token is its step's first alternative.
+lp = c.chat.completions.create(logprobs=True, top_logprobs=3, **ask)
+assert lp.choices[0].message.content == r.choices[0].message.content
+entries = lp.choices[0].logprobs.content
+assert 0 < len(entries) <= 8, entries
+for e in entries:
+    assert e.logprob <= 0 and len(e.top_logprobs) == 3, e
+    assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True), e
+    assert e.token == e.top_logprobs[0].token and abs(e.logprob - e.top_logprobs[0].logprob) < 1e-6, e
+streamed_lp = [e for ch in c.chat.completions.create(stream=True, logprobs=True, top_logprobs=3, **ask)
+               if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+assert [e.token for e in streamed_lp] == [e.token for e in entries], (streamed_lp, entries)
 done = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
 assert done.object == "text_completion" and done.usage.completion_tokens <= 6, done
 streamed = "".join(ch.choices[0].text for ch in c.completions.create(

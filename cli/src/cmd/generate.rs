@@ -151,6 +151,7 @@ fn chat(args: Args) -> Result<()> {
         stop: args.stop.clone(),
         cancel: None,
         raw: false,
+        logprobs: None,
     };
     opts.sampling.check()?;
     let model = args.model.load()?;
@@ -167,6 +168,7 @@ fn chat(args: Args) -> Result<()> {
                 let _ = match piece {
                     Piece::Reasoning(t) => write!(std::io::stderr(), "{t}"),
                     Piece::Content(t) => write!(stdout, "{t}"),
+                    Piece::Logprob(_) => Ok(()),
                 };
                 let _ = stdout.flush();
             }

@@ -16,6 +16,7 @@ mod request;
 mod tools;
 
 pub use request::{ChatRequest, CompletionRequest, Planned, Stop, TemplateKwargs};
+
 pub use tools::{parse_tool_calls, ToolCallStream};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +54,9 @@ pub struct ChatOptions {
     /// The prompt is raw text (a completion, not a chat turn): no thinking block is opened or closed, and
     /// every generated token is answer text, leading newlines kept.
     pub raw: bool,
+    /// Report each answer token's log-probability and this many most likely alternatives
+    /// ([`Piece::Logprob`], [`ChatOutput::logprobs`]); `None`: none.
+    pub logprobs: Option<usize>,
 }
 
 /// Whether a request thinks: `enable_thinking` (default on), unless the budget is 0 or the latest `/think`
@@ -103,6 +107,54 @@ pub fn kv_tokens(
 pub enum Piece {
     Reasoning(String),
     Content(String),
+    /// The log-probability of an answer token just sampled (with [`ChatOptions::logprobs`]); its text
+    /// follows in a `Content` piece (at once, or later when it completes a character or a stop string
+    /// might begin there).
+    Logprob(TokenLogprob),
+}
+
+/// An answer token's log-probability under the model (the log-softmax of its logits, before any
+/// sampling transform), with the most likely alternatives.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub token: String,
+    pub logprob: f32,
+    /// The most likely tokens at that step and their log-probabilities, most likely first.
+    pub top: Vec<(u32, String, f32)>,
+}
+
+impl TokenLogprob {
+    /// Token `id`'s entry, with the `top` most likely tokens of `logits`.
+    fn of(
+        tok: &Tokenizer,
+        logits: &[f32],
+        id: u32,
+        top: usize,
+    ) -> Result<TokenLogprob, RuntimeError> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        let norm = max + sum.ln() as f32;
+        let mut best: Vec<u32> = (0..logits.len() as u32).collect();
+        let top = top.min(best.len());
+        if top > 0 {
+            let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+            best.select_nth_unstable_by(top - 1, by_logit);
+            best.truncate(top);
+            best.sort_by(by_logit);
+        } else {
+            best.clear();
+        }
+        Ok(TokenLogprob {
+            id,
+            token: tok.decode(&[id])?,
+            logprob: logits[id as usize] - norm,
+            top: best
+                .into_iter()
+                .map(|t| Ok((t, tok.decode(&[t])?, logits[t as usize] - norm)))
+                .collect::<Result<_, RuntimeError>>()?,
+        })
+    }
 }
 
 /// Why generation ended.
@@ -139,6 +191,8 @@ pub struct ChatOutput {
     /// Prompt tokens that were already in the session's KV cache (not fed again).
     pub cached_tokens: usize,
     pub finish_reason: FinishReason,
+    /// With [`ChatOptions::logprobs`]: each answer token's log-probability (stop tokens left out).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -220,6 +274,7 @@ pub fn decode_after(
         prompt_tokens: prompt.len(),
         cached_tokens: cached,
         finish_reason: FinishReason::Length,
+        logprobs: Vec::new(),
     };
     let (mut reasoning, mut answer) = (StreamDecoder::new(), StreamDecoder::new());
     let mut text = Text {
@@ -302,6 +357,11 @@ pub fn decode_after(
             }
             Phase::Answer => {
                 out.answer_tokens += 1;
+                if let Some(top) = opts.logprobs {
+                    let lp = TokenLogprob::of(tok, &logits, next, top)?;
+                    on_piece(Piece::Logprob(lp.clone()));
+                    out.logprobs.push(lp);
+                }
                 if let Some(piece) = answer.push(tok, next)? {
                     if text.content(&piece, &opts.stop, &mut on_piece) {
                         out.ids.push(next);
@@ -455,7 +515,7 @@ mod tests {
             .iter()
             .map(|p| match p {
                 Piece::Content(t) => t.as_str(),
-                Piece::Reasoning(_) => unreachable!(),
+                Piece::Reasoning(_) | Piece::Logprob(_) => unreachable!(),
             })
             .collect();
         assert_eq!(joined, text.content);

@@ -33,6 +33,9 @@ pub struct ChatRequest {
     pub chat_template_kwargs: Option<TemplateKwargs>,
     /// Choices asked for: q3c answers once, so only 1 is accepted.
     pub n: Option<usize>,
+    /// Each answer token's log-probability, with `top_logprobs` (0–20) alternatives.
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<usize>,
 }
 
 /// The roles a message may have (`developer` is read as `system`, as OpenAI defines it).
@@ -85,6 +88,7 @@ struct Limits {
     thinking: bool,
     thinking_budget: Option<usize>,
     raw: bool,
+    logprobs: Option<usize>,
 }
 
 impl Planned {
@@ -113,6 +117,7 @@ impl Planned {
                 stop,
                 cancel: Some(Arc::new(AtomicBool::new(false))),
                 raw: limits.raw,
+                logprobs: limits.logprobs,
             },
             stream: false,
             include_usage: false,
@@ -144,6 +149,19 @@ impl ChatRequest {
             return Err(RuntimeError::Input(format!(
                 "n is {n}: q3c gives one choice per request (send {n} requests)"
             )));
+        }
+        match (req.logprobs, req.top_logprobs) {
+            (_, Some(k)) if k > 20 => {
+                return Err(RuntimeError::Input(format!(
+                    "top_logprobs is {k}: at most 20"
+                )))
+            }
+            (Some(true), _) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(RuntimeError::Input(
+                    "top_logprobs needs \"logprobs\": true".into(),
+                ))
+            }
         }
         for (i, m) in req.messages.iter_mut().enumerate() {
             let bad = |what: String| RuntimeError::Input(format!("messages[{i}]: {what}"));
@@ -211,6 +229,7 @@ impl ChatRequest {
             thinking,
             thinking_budget: budget,
             raw: false,
+            logprobs: (self.logprobs == Some(true)).then(|| self.top_logprobs.unwrap_or(0)),
         };
         Planned::settle(prompt, fixed + max_new_tokens, sampling, opts, self.stop)
             .map(|p| p.streamed(self.stream, self.stream_options, tools))
@@ -302,6 +321,7 @@ impl CompletionRequest {
             thinking: false,
             thinking_budget: None,
             raw: true,
+            logprobs: None,
         };
         let kv_tokens = prompt.len() + max_new_tokens;
         Planned::settle(prompt, kv_tokens, sampling, opts, self.stop)
@@ -315,6 +335,24 @@ mod tests {
 
     fn parse(body: serde_json::Value) -> Result<ChatRequest, String> {
         ChatRequest::parse(body.to_string().as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn logprobs_are_asked_for_within_bounds() {
+        let msgs = serde_json::json!([{"role": "user", "content": "hi"}]);
+        assert!(
+            parse(serde_json::json!({"messages": msgs, "logprobs": true, "top_logprobs": 20}))
+                .is_ok()
+        );
+        assert_eq!(
+            parse(serde_json::json!({"messages": msgs, "top_logprobs": 2})).unwrap_err(),
+            "top_logprobs needs \"logprobs\": true"
+        );
+        assert_eq!(
+            parse(serde_json::json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}))
+                .unwrap_err(),
+            "top_logprobs is 21: at most 20"
+        );
     }
 
     #[test]
