@@ -1,6 +1,6 @@
 //! The thread pool lent to artifacts as `parallel_for`: persistent workers, the caller thread takes part.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -20,15 +20,20 @@ struct Job {
     kernel: Kernel,
     args: usize,
     n: u64,
+    /// The job's generation (see [`Shared::next`]).
+    generation: u64,
 }
 
 struct Shared {
     /// Bumped once per job; workers run a job when they see it change.
     generation: AtomicU64,
     job: Mutex<Option<Job>>,
-    /// Workers still running the current job.
-    remaining: AtomicUsize,
-    /// The next unclaimed chunk of the current job.
+    /// Chunks of the current job finished.
+    done: AtomicU64,
+    /// The next unclaimed chunk of the current job, tagged with the job's generation in the high 32 bits:
+    /// a worker that read an older job fails to claim (its compare-exchange sees another tag), so the
+    /// caller waits only for chunks actually claimed — never for a worker that has not woken up yet (under
+    /// CPU contention a descheduled worker used to hold every kernel up for a time slice).
     next: AtomicU64,
     shutdown: AtomicBool,
     /// Parked workers wait here; `parked` guards against lost wake-ups.
@@ -55,7 +60,7 @@ impl ThreadPool {
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
             job: Mutex::new(None),
-            remaining: AtomicUsize::new(0),
+            done: AtomicU64::new(0),
             next: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             parked: Mutex::new(0),
@@ -89,20 +94,24 @@ impl ThreadPool {
             kernel(args, 0, n);
             return;
         }
-        *sh.job.lock().expect("pool lock") = Some(Job {
+        let generation = sh.generation.load(Ordering::Acquire) + 1;
+        let job = Job {
             kernel,
             args: args as usize,
             n,
-        });
-        sh.remaining.store(sh.threads - 1, Ordering::Release);
-        sh.next.store(0, Ordering::Release);
-        sh.generation.fetch_add(1, Ordering::AcqRel);
+            generation,
+        };
+        *sh.job.lock().expect("pool lock") = Some(job);
+        sh.done.store(0, Ordering::Release);
+        sh.next.store(tag(generation), Ordering::Release);
+        sh.generation.store(generation, Ordering::Release);
         if *sh.parked.lock().expect("pool lock") > 0 {
             sh.wake.notify_all();
         }
-        run_chunks(sh, kernel, args as usize, n);
+        run_chunks(sh, job);
+        let chunks = chunks_of(sh, n);
         let mut spins = 0u32;
-        while sh.remaining.load(Ordering::Acquire) > 0 {
+        while sh.done.load(Ordering::Acquire) < chunks {
             spins += 1;
             if spins < SPINS {
                 std::hint::spin_loop();
@@ -113,16 +122,38 @@ impl ThreadPool {
     }
 }
 
-/// Claims chunks of the current job until none are left and runs them.
-unsafe fn run_chunks(sh: &Shared, kernel: Kernel, args: usize, n: u64) {
-    let chunks = (sh.threads as u64 * CHUNKS_PER_THREAD).min(n);
+/// The chunk counter's value for the first chunk of generation `generation`.
+fn tag(generation: u64) -> u64 {
+    (generation & 0xffff_ffff) << 32
+}
+
+/// Chunks a job of `n` items is cut into.
+fn chunks_of(sh: &Shared, n: u64) -> u64 {
+    (sh.threads as u64 * CHUNKS_PER_THREAD).min(n)
+}
+
+/// Claims chunks of `job` until none are left (or another job has replaced it) and runs them, counting each
+/// finished one.
+unsafe fn run_chunks(sh: &Shared, job: Job) {
+    let chunks = chunks_of(sh, job.n);
+    let mine = tag(job.generation);
+    let mut seen = sh.next.load(Ordering::Acquire);
     loop {
-        let c = sh.next.fetch_add(1, Ordering::AcqRel);
-        if c >= chunks {
+        if seen & !0xffff_ffff != mine || seen - mine >= chunks {
             return;
         }
-        let (s, e) = chunk(n, c, chunks);
-        kernel(args as *const u64, s, e);
+        match sh
+            .next
+            .compare_exchange_weak(seen, seen + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                let (s, e) = chunk(job.n, seen - mine, chunks);
+                (job.kernel)(job.args as *const u64, s, e);
+                sh.done.fetch_add(1, Ordering::AcqRel);
+                seen = sh.next.load(Ordering::Acquire);
+            }
+            Err(now) => seen = now,
+        }
     }
 }
 
@@ -158,9 +189,9 @@ fn worker(sh: &Shared) {
             .lock()
             .expect("pool lock")
             .expect("a job comes with a new generation");
-        // SAFETY: the caller of `run` keeps the kernel and args valid until every worker is done.
-        unsafe { run_chunks(sh, job.kernel, job.args, job.n) };
-        sh.remaining.fetch_sub(1, Ordering::AcqRel);
+        // SAFETY: the caller of `run` keeps the kernel and args valid until every chunk it counts is done,
+        // and a chunk of this job can only be claimed while the counter still carries its generation.
+        unsafe { run_chunks(sh, job) };
     }
 }
 
@@ -196,6 +227,19 @@ mod tests {
         let counter = &*(args as *const AtomicU64);
         for i in start..end {
             counter.fetch_add(i + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Thousands of jobs back to back, where workers wake late or not at all between them: every item of
+    /// every job still runs exactly once, and no worker runs an item of a job that has ended.
+    #[test]
+    fn back_to_back_jobs_never_mix() {
+        let pool = ThreadPool::new(3);
+        for round in 0..20_000u64 {
+            let n = round % 37;
+            let counter = AtomicU64::new(0);
+            unsafe { pool.run(add_range, &counter as *const AtomicU64 as *const u64, n) };
+            assert_eq!(counter.load(Ordering::Relaxed), n * (n + 1) / 2, "round {round}");
         }
     }
 
