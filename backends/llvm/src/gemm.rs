@@ -6,6 +6,7 @@
 //! per step, and reduces the lanes at the end.
 
 use inkwell::values::{BasicValue, FloatValue, IntValue, PointerValue, VectorValue};
+use inkwell::IntPredicate;
 use q3c_ir::{DType, Q8_GROUP, Q8_PANEL};
 use q3c_kernels::MatMul;
 
@@ -14,6 +15,11 @@ use crate::q8;
 
 /// Rows of a register tile in prefill.
 pub const TILE_ROWS: usize = 4;
+/// Up to this many rows (batched decode), a product reads each weight row once, sequentially, for every
+/// row at once (blocks of 8, 4, 2, 1 rows) instead of interleaving four weight rows per tile.
+pub const STREAM_ROWS: usize = 8;
+/// Rows of a streaming block.
+const STREAM_BLOCK: usize = 4;
 /// Columns of a register tile (4 × 4 accumulators + 4 + 4 operands fit AVX-512's 32 registers).
 pub const TILE_COLS: usize = 4;
 
@@ -261,10 +267,11 @@ pub fn columns<'ctx>(
     let staged = bf16_staged(fb.flavor, dt, k);
     let x_stride = if staged { k * 2 } else { x_stride };
     let x = fb.addr(x, first_row, x_stride);
-    let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
-        // A single row streams one weight row at a time: sequential reads, which the prefetcher follows
-        // (four interleaved rows measured 1.6× slower in decode), with four accumulator chains.
-        let per_matrix = if nrows == 1 { 1 } else { per_matrix };
+    let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize, stream: bool| {
+        // Few rows (decode, batched decode) stream one weight row at a time: sequential reads, which the
+        // prefetcher follows (four interleaved rows measured 1.6× slower in decode), each weight load
+        // shared by every row of the block.
+        let per_matrix = if nrows == 1 || stream { 1 } else { per_matrix };
         let x_block = fb.addr(x, r, x_stride);
         let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect();
         let o = fb.addr(o0, r, n * 4);
@@ -293,7 +300,7 @@ pub fn columns<'ctx>(
             }
         });
     };
-    row_blocks(fb, rows, block);
+    row_blocks(fb, rows, STREAM_ROWS, block);
 }
 
 /// [`columns`] over `q8` or `q4` weights: the work item is one panel of 16 columns of every matrix, `x` the
@@ -334,7 +341,8 @@ fn q8_columns<'ctx>(
     let o0 = fb.addr(fb.addr(out, first_row, n * 4), item, Q8_PANEL * 4);
     let row = q8::row_bytes(k);
     let x = fb.addr(x, first_row, row);
-    row_blocks(fb, rows, |fb, r, nrows| {
+    // Quantized panels keep an integer and a float accumulator per row and matrix: four rows at most.
+    row_blocks(fb, rows, 1, |fb, r, nrows, _| {
         let x_block = fb.addr(x, r, row);
         let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * row)).collect();
         let o = fb.addr(o0, r, n * 4);
@@ -344,15 +352,39 @@ fn q8_columns<'ctx>(
     });
 }
 
-/// `block(r, rows)` over `rows` activation rows: blocks of TILE_ROWS, then one at a time (all of decode).
+/// `block(r, rows, stream)` over `rows` activation rows: up to `stream_rows` rows, one streaming block
+/// per power of two in the count (`stream` set); more, blocks of TILE_ROWS, then one at a time.
 fn row_blocks<'ctx>(
     fb: &Fb<'_, 'ctx>,
     rows: IntValue<'ctx>,
-    block: impl Fn(&Fb<'_, 'ctx>, IntValue<'ctx>, usize),
+    stream_rows: usize,
+    block: impl Fn(&Fb<'_, 'ctx>, IntValue<'ctx>, usize, bool),
 ) {
-    let full = fb.mul_c(fb.udiv_c(rows, TILE_ROWS), TILE_ROWS);
-    fb.for_range(fb.i64c(0), full, TILE_ROWS, |fb, r| block(fb, r, TILE_ROWS));
-    fb.for_range(full, rows, 1, |fb, r| block(fb, r, 1));
+    let few = fb.icmp(IntPredicate::ULE, rows, fb.i64c(stream_rows));
+    fb.when(few, |fb| {
+        // Blocks of STREAM_BLOCK rows, then one of each smaller power of two the rest holds.
+        let big = STREAM_BLOCK.min(stream_rows);
+        let full = fb.mul_c(fb.udiv_c(rows, big), big);
+        fb.for_range(fb.i64c(0), full, big, |fb, r| block(fb, r, big, true));
+        let at = fb.var(full);
+        for size in [4, 2, 1].into_iter().filter(|&s| s < big) {
+            let bit = fb.urem_c(fb.udiv_c(rows, size), 2);
+            let set = fb.icmp(IntPredicate::NE, bit, fb.i64c(0));
+            fb.when(set, |fb| {
+                let r = fb.get(at).into_int_value();
+                block(fb, r, size, true);
+                fb.set(at, fb.add_c(r, size));
+            });
+        }
+    });
+    let many = fb.icmp(IntPredicate::UGT, rows, fb.i64c(stream_rows));
+    fb.when(many, |fb| {
+        let full = fb.mul_c(fb.udiv_c(rows, TILE_ROWS), TILE_ROWS);
+        fb.for_range(fb.i64c(0), full, TILE_ROWS, |fb, r| {
+            block(fb, r, TILE_ROWS, false)
+        });
+        fb.for_range(full, rows, 1, |fb, r| block(fb, r, 1, false));
+    });
 }
 
 /// The epilogue of a (grouped) matrix product over several rows: `parts[m][r]` is matrix `m`'s sum for

@@ -84,7 +84,8 @@ pub fn run(args: Args) -> Result<()> {
         if sequences == 0 {
             bail!("--batch must be at least 1");
         }
-        let mut batch = model.batch(sequences * tokens);
+        // Each sequence holds whole cache blocks.
+        let mut batch = model.batch(sequences * tokens.next_multiple_of(q3c_abi::KV_BLOCK_TOKENS));
         let work = crate::bench::Workload {
             prompt_len: args.prompt_len,
             gen: args.gen,

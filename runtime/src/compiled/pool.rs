@@ -239,7 +239,11 @@ mod tests {
             let n = round % 37;
             let counter = AtomicU64::new(0);
             unsafe { pool.run(add_range, &counter as *const AtomicU64 as *const u64, n) };
-            assert_eq!(counter.load(Ordering::Relaxed), n * (n + 1) / 2, "round {round}");
+            assert_eq!(
+                counter.load(Ordering::Relaxed),
+                n * (n + 1) / 2,
+                "round {round}"
+            );
         }
     }
 
