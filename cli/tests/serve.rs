@@ -16,7 +16,12 @@ struct Server {
     so: std::path::PathBuf,
     model: std::path::PathBuf,
     _dir: tempfile::TempDir,
+    /// Servers run one at a time: the batching and soak tests measure how requests share steps, which a
+    /// 64-client soak running beside them on two cores would distort.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -31,6 +36,7 @@ fn start() -> Server {
 
 /// A server of the tiny model with these extra `serve` arguments.
 fn start_with(extra: &[&str]) -> Server {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let config = json!({
         "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
@@ -92,6 +98,7 @@ fn start_with(extra: &[&str]) -> Server {
         so,
         model,
         _dir: dir,
+        _serial: serial,
     }
 }
 
