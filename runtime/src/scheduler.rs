@@ -4,10 +4,12 @@
 //! Callers keep their own decoding loops (`chat::decode`, `generate`): each holds a [`BatchedSession`],
 //! a [`Session`] whose `forward_last` hands its ids to the scheduler and waits for its row of logits. The
 //! scheduler gathers the feeds that arrive together — after a step it waits for the sequences it just
-//! answered to come back with their next token, up to a fraction of the step's time (20 ms at least) unless they said they are idle — and runs them as
-//! one batched step: decode tokens first, then prompt chunks up to a per-step token budget (chunked
-//! prefill: a long prompt is fed over several steps and does not stall the others). Sequences join and
-//! leave between steps; dropping a session frees its sequence's KV blocks.
+//! answered to come back with their next token, up to a quarter of the step's time and at least 50 ms,
+//! unless they said they are idle — and runs them as one batched step: decode tokens first, then prompt
+//! chunks up to a per-step token budget (chunked prefill: a long prompt is fed over several steps and does
+//! not stall the others). Sequences join and leave between steps; dropping a session frees its sequence's
+//! KV blocks. Every way out of a decoding loop (done, failed, cancelled) gives its session back idle or
+//! drops it, so the wait is only paid for a loop that is late (a starved thread, a client reading slowly).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,7 +75,7 @@ pub struct BatchStats {
 /// that will not come back soon say so ([`BatchedSession::idle`]), so the wait is only paid for a decoding
 /// loop that is late.
 const WAIT_SHARE: f64 = 0.25;
-const MIN_WAIT: Duration = Duration::from_millis(20);
+const MIN_WAIT: Duration = Duration::from_millis(50);
 
 impl Scheduler {
     /// Starts the thread, with a KV cache of `tokens` tokens shared by all sequences and at most
