@@ -547,6 +547,11 @@ fn concurrent_requests_are_batched_and_answer_as_alone() {
         sequences / steps > 1.5,
         "{sequences} sequences in {steps} steps: {text}"
     );
+    // Each request's tokens after its first were timed as they came: at least 23 gaps each.
+    assert!(
+        metric("q3c_inter_token_latency_seconds_count") >= 46.0,
+        "{text}"
+    );
     for (q, r) in questions.iter().zip(&together) {
         let (_, alone) = post(&s, &ask(q));
         assert_eq!(

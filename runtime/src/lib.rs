@@ -23,6 +23,7 @@ pub mod reference;
 pub mod sampling;
 pub mod scheduler;
 mod session;
+pub mod stats;
 pub mod text;
 
 pub use batch::{Batch, SeqId, SessionBatch};

@@ -11,7 +11,7 @@
 //! KV blocks. Every way out of a decoding loop (done, failed, cancelled) gives its session back idle or
 //! drops it, so the wait is only paid for a loop that is late (a starved thread, a client reading slowly).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use crate::batch::{Batch, SeqId};
 use crate::error::RuntimeError;
 use crate::model::Model;
 use crate::session::{Logits, Session};
+use crate::stats::Histogram;
 
 /// What sessions ask of the scheduler thread.
 enum Msg {
@@ -68,6 +69,9 @@ pub struct BatchStats {
     /// Tokens of KV cache the sequences hold, and the most the cache may hold.
     pub kv_in_use: AtomicU64,
     pub kv_capacity: AtomicU64,
+    /// Seconds between consecutive answers to one sequence while its decoding loop runs: the latency of
+    /// each token as that loop sees it.
+    pub inter_token: Histogram,
 }
 
 /// Longest a step waits for sequences to come back: a share of the last step's time, but at least
@@ -234,11 +238,13 @@ fn run(
     // Sequences answered by the last step, expected back with their next token.
     let mut awaited: HashSet<SeqId> = HashSet::new();
     let mut last_step = Duration::ZERO;
+    // When each running sequence was last answered (forgotten when it goes idle or closes).
+    let mut answered_at: HashMap<SeqId, Instant> = HashMap::new();
     loop {
         // Idle: block for the next message.
         if jobs.is_empty() {
             match rx.recv() {
-                Ok(msg) => handle(msg, &mut *batch, &mut jobs, &mut awaited),
+                Ok(msg) => handle(msg, &mut *batch, &mut jobs, &mut awaited, &mut answered_at),
                 Err(_) => return,
             }
         }
@@ -256,7 +262,7 @@ fn run(
                     Err(RecvTimeoutError::Disconnected) => break,
                 },
             };
-            handle(msg, &mut *batch, &mut jobs, &mut awaited);
+            handle(msg, &mut *batch, &mut jobs, &mut awaited, &mut answered_at);
         }
         stats
             .kv_in_use
@@ -266,6 +272,14 @@ fn run(
         }
         let started = Instant::now();
         awaited = step(&mut *batch, &mut jobs, step_tokens, stats);
+        let now = Instant::now();
+        for &seq in &awaited {
+            if let Some(before) = answered_at.insert(seq, now) {
+                stats
+                    .inter_token
+                    .observe(now.duration_since(before).as_secs_f64());
+            }
+        }
         stats
             .kv_in_use
             .store(batch.in_use() as u64, Ordering::Relaxed);
@@ -274,7 +288,13 @@ fn run(
 }
 
 /// Applies one message.
-fn handle(msg: Msg, batch: &mut dyn Batch, jobs: &mut Vec<Job>, awaited: &mut HashSet<SeqId>) {
+fn handle(
+    msg: Msg,
+    batch: &mut dyn Batch,
+    jobs: &mut Vec<Job>,
+    awaited: &mut HashSet<SeqId>,
+    answered_at: &mut HashMap<SeqId, Instant>,
+) {
     match msg {
         Msg::Open(reply) => {
             let _ = reply.send(batch.open());
@@ -301,9 +321,11 @@ fn handle(msg: Msg, batch: &mut dyn Batch, jobs: &mut Vec<Job>, awaited: &mut Ha
         Msg::Truncate(seq, len) => batch.truncate(seq, len),
         Msg::Idle(seq) => {
             awaited.remove(&seq);
+            answered_at.remove(&seq);
         }
         Msg::Close(seq) => {
             awaited.remove(&seq);
+            answered_at.remove(&seq);
             batch.close(seq);
         }
     }
