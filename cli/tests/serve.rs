@@ -112,6 +112,23 @@ fn sse_data(body: &str) -> Vec<&str> {
     data
 }
 
+/// The JSON chunks of a server-sent event stream (which must end with `[DONE]`).
+fn sse_chunks(body: &str) -> Vec<Value> {
+    let data = sse_data(body);
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// The text of one delta field (`content`, `reasoning_content`) over a stream's chunks.
+fn joined_deltas(chunks: &[Value], field: &str) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"][field].as_str())
+        .collect()
+}
+
 /// Sends a streaming chat request over a raw connection (closed by the server after the response) and
 /// reads up to its first `data:` line; the rest is left unread in the returned reader.
 fn open_stream(addr: &str, body: &str) -> BufReader<TcpStream> {
@@ -231,18 +248,9 @@ fn the_api_answers_streams_and_survives_bad_clients() {
         .unwrap();
     assert_eq!(resp.content_type(), "text/event-stream");
     let body = resp.into_string().unwrap();
-    let data = sse_data(&body);
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(&body);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let join = |field: &str| -> String {
-        chunks
-            .iter()
-            .filter_map(|c| c["choices"][0]["delta"][field].as_str())
-            .collect()
-    };
+    let join = |field: &str| joined_deltas(&chunks, field);
     assert_eq!(
         join("content"),
         choice["message"]["content"].as_str().unwrap()
@@ -637,8 +645,7 @@ fn streams_report_usage_and_sigterm_drains_running_requests() {
         )
         .unwrap();
     let body = resp.into_string().unwrap();
-    let data = sse_data(&body);
-    let tail: Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+    let tail = sse_chunks(&body).pop().unwrap();
     assert_eq!(tail["choices"], json!([]), "{tail}");
     assert_eq!(tail["usage"]["completion_tokens"], 5, "{tail}");
 
@@ -720,18 +727,8 @@ fn a_soak_of_64_clients_leaves_the_server_answering_and_clean() {
                             assert_eq!(message(&r), solo[kind], "client {c}, request {n}");
                         }
                         3 => {
-                            let body = streamed(&kinds[kind]);
-                            let data = sse_data(&body);
-                            let chunks: Vec<Value> = data[..data.len() - 1]
-                                .iter()
-                                .map(|d| serde_json::from_str(d).unwrap())
-                                .collect();
-                            let join = |f: &str| -> String {
-                                chunks
-                                    .iter()
-                                    .filter_map(|c| c["choices"][0]["delta"][f].as_str())
-                                    .collect()
-                            };
+                            let chunks = sse_chunks(&streamed(&kinds[kind]));
+                            let join = |f: &str| joined_deltas(&chunks, f);
                             assert_eq!(
                                 (join("content"), join("reasoning_content")),
                                 solo[kind],

@@ -45,6 +45,37 @@ pub trait Batch {
     fn vocab_size(&self) -> usize;
 }
 
+/// The error for a sequence that is not open in a batch.
+pub(crate) fn no_sequence(seq: SeqId) -> RuntimeError {
+    RuntimeError::Input(format!("no sequence {seq} in this batch"))
+}
+
+/// The error for a feed of `new` tokens that the batch's cache (`capacity` tokens, `free` of them free)
+/// cannot hold.
+pub(crate) fn cache_full(new: usize, capacity: usize, free: usize) -> RuntimeError {
+    RuntimeError::Input(format!(
+        "KV cache full: {new} new tokens do not fit in the batch's {capacity} tokens ({free} free)"
+    ))
+}
+
+/// Checks that every sequence `work` feeds is open (`is_open`) and fed once.
+pub(crate) fn check_work(
+    work: &[(SeqId, &[u32])],
+    is_open: impl Fn(SeqId) -> bool,
+) -> Result<(), RuntimeError> {
+    for (i, (seq, _)) in work.iter().enumerate() {
+        if !is_open(*seq) {
+            return Err(no_sequence(*seq));
+        }
+        if work[..i].iter().any(|(other, _)| other == seq) {
+            return Err(RuntimeError::Input(format!(
+                "sequence {seq} is fed twice in one call"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A [`Batch`] of independent sessions, each fed in turn (for executors without batched calls: the
 /// reference executor). A fork is a new session fed the tokens again.
 pub struct SessionBatch<'m> {
@@ -88,11 +119,7 @@ impl Batch for SessionBatch<'_> {
     fn fork(&mut self, from: SeqId, len: usize) -> Result<SeqId, RuntimeError> {
         let tokens = match self.sessions.get(&from) {
             Some((_, tokens)) => tokens[..len.min(tokens.len())].to_vec(),
-            None => {
-                return Err(RuntimeError::Input(format!(
-                    "no sequence {from} in this batch"
-                )))
-            }
+            None => return Err(no_sequence(from)),
         };
         let id = self.open();
         if !tokens.is_empty() {
@@ -124,27 +151,13 @@ impl Batch for SessionBatch<'_> {
     }
 
     fn forward_last(&mut self, work: &[(SeqId, &[u32])]) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        let held: usize = self.sessions.values().map(|(s, _)| s.position()).sum();
+        let held = self.in_use();
         let new: usize = work.iter().map(|(_, ids)| ids.len()).sum();
         if held + new > self.capacity {
-            return Err(RuntimeError::Input(format!(
-                "KV cache full: {new} new tokens do not fit in the batch's {} tokens ({} free)",
-                self.capacity,
-                self.capacity.saturating_sub(held)
-            )));
+            let free = self.capacity.saturating_sub(held);
+            return Err(cache_full(new, self.capacity, free));
         }
-        for (i, (seq, _)) in work.iter().enumerate() {
-            if !self.sessions.contains_key(seq) {
-                return Err(RuntimeError::Input(format!(
-                    "no sequence {seq} in this batch"
-                )));
-            }
-            if work[..i].iter().any(|(other, _)| other == seq) {
-                return Err(RuntimeError::Input(format!(
-                    "sequence {seq} is fed twice in one call"
-                )));
-            }
-        }
+        check_work(work, |seq| self.sessions.contains_key(&seq))?;
         let mut out = Vec::with_capacity(work.len());
         for (i, (seq, ids)) in work.iter().enumerate() {
             let (session, tokens) = self.sessions.get_mut(seq).expect("checked");

@@ -241,6 +241,10 @@ fn run(
     // When each running sequence was last answered (forgotten when it goes idle or closes).
     let mut answered_at: HashMap<SeqId, Instant> = HashMap::new();
     loop {
+        // After the last step or the messages handled since (closes, forks, truncations).
+        stats
+            .kv_in_use
+            .store(batch.in_use() as u64, Ordering::Relaxed);
         // Idle: block for the next message.
         if jobs.is_empty() {
             match rx.recv() {
@@ -264,9 +268,6 @@ fn run(
             };
             handle(msg, &mut *batch, &mut jobs, &mut awaited, &mut answered_at);
         }
-        stats
-            .kv_in_use
-            .store(batch.in_use() as u64, Ordering::Relaxed);
         if jobs.is_empty() {
             continue;
         }
@@ -280,9 +281,6 @@ fn run(
                     .observe(now.duration_since(before).as_secs_f64());
             }
         }
-        stats
-            .kv_in_use
-            .store(batch.in_use() as u64, Ordering::Relaxed);
         last_step = started.elapsed();
     }
 }
@@ -299,15 +297,9 @@ fn handle(
         Msg::Open(reply) => {
             let _ = reply.send(batch.open());
         }
+        // A feed with bad ids fails its step, whose feeds then run one by one (see `step`): only it fails.
         Msg::Feed { seq, ids, reply } => {
             awaited.remove(&seq);
-            let vocab = batch.vocab_size();
-            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-                let _ = reply.send(Err(RuntimeError::Input(format!(
-                    "token id {bad} is outside the vocabulary (0..{vocab})"
-                ))));
-                return;
-            }
             jobs.push(Job {
                 seq,
                 ids,
@@ -364,7 +356,7 @@ fn step(
     stats.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
     let results: Vec<Result<Vec<f32>, RuntimeError>> = match batch.forward_last(&work) {
         Ok(rows) => rows.into_iter().map(Ok).collect(),
-        // One feed's failure (a full cache) must not fail the others: run them one by one.
+        // One feed's failure (a full cache, a bad id) must not fail the others: run them one by one.
         Err(_) if work.len() > 1 => work
             .iter()
             .map(|w| {

@@ -80,18 +80,19 @@ pub fn run(args: Args) -> Result<()> {
             model.max_positions()
         );
     }
+    // (--batch and --depth exclude each other.)
+    let work = crate::bench::Workload {
+        prompt_len: args.prompt_len,
+        gen: args.gen,
+        depth: args.depth,
+        reps: args.reps,
+    };
     if let Some(sequences) = args.batch {
         if sequences == 0 {
             bail!("--batch must be at least 1");
         }
         // Each sequence holds whole cache blocks.
         let mut batch = model.batch(sequences * tokens.next_multiple_of(q3c_abi::KV_BLOCK_TOKENS));
-        let work = crate::bench::Workload {
-            prompt_len: args.prompt_len,
-            gen: args.gen,
-            depth: None,
-            reps: args.reps,
-        };
         let mut r = crate::bench::run_batch(&mut *batch, sequences, work, threads)?;
         r.load_s = load_s;
         r.resident_after_load_bytes = resident;
@@ -114,12 +115,6 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut session = model.session_with_capacity(tokens);
     let vocab = session.vocab_size();
-    let work = crate::bench::Workload {
-        prompt_len: args.prompt_len,
-        gen: args.gen,
-        depth: args.depth,
-        reps: args.reps,
-    };
     let mut r = crate::bench::run(&mut *session, vocab, work, threads)?;
     r.load_s = load_s;
     r.resident_after_load_bytes = resident;

@@ -8,7 +8,7 @@ use q3c_abi::{Seq, Services, Step};
 
 use super::kv::{KvPool, SeqBlocks};
 use super::{pool, CompiledModel, Entry, ThreadPool, DEFAULT_CONTEXT};
-use crate::batch::{Batch, SeqId};
+use crate::batch::{cache_full, check_work, no_sequence, Batch, SeqId};
 use crate::error::RuntimeError;
 use crate::session::{Logits, Session};
 
@@ -337,12 +337,6 @@ impl CompiledBatch<'_> {
     pub fn kv_resident_bytes(&self) -> usize {
         self.pool.resident_bytes()
     }
-
-    fn seq_mut(&mut self, id: SeqId) -> Result<&mut SeqBlocks, RuntimeError> {
-        self.seqs
-            .get_mut(&id)
-            .ok_or_else(|| RuntimeError::Input(format!("no sequence {id} in this batch")))
-    }
 }
 
 impl Batch for CompiledBatch<'_> {
@@ -363,7 +357,7 @@ impl Batch for CompiledBatch<'_> {
         let forked = self
             .seqs
             .get(&from)
-            .ok_or_else(|| RuntimeError::Input(format!("no sequence {from} in this batch")))?
+            .ok_or_else(|| no_sequence(from))?
             .fork(&mut self.pool, len)
             .ok_or_else(|| {
                 RuntimeError::Input(format!(
@@ -396,15 +390,10 @@ impl Batch for CompiledBatch<'_> {
 
     fn forward_last(&mut self, work: &[(SeqId, &[u32])]) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let vocab = self.model.manifest.vocab_size;
-        for (i, (id, ids)) in work.iter().enumerate() {
+        for (_, ids) in work {
             check_ids(self.model, ids)?;
-            self.seq_mut(*id)?;
-            if work[..i].iter().any(|(other, _)| other == id) {
-                return Err(RuntimeError::Input(format!(
-                    "sequence {id} is fed twice in one call"
-                )));
-            }
         }
+        check_work(work, |seq| self.seqs.contains_key(&seq))?;
         // Reserve every sequence's blocks first; if the pool cannot hold them, give back what was taken.
         let held: Vec<usize> = work.iter().map(|(id, _)| self.seqs[id].len).collect();
         for (i, (id, ids)) in work.iter().enumerate() {
@@ -414,12 +403,12 @@ impl Batch for CompiledBatch<'_> {
                     let seq = self.seqs.get_mut(id).expect("checked");
                     seq.truncate(&mut self.pool, held[k]);
                 }
-                return Err(RuntimeError::Input(format!(
-                    "KV cache full: {} new tokens do not fit in the batch's {} tokens ({} free)",
-                    work.iter().map(|(_, ids)| ids.len()).sum::<usize>(),
+                let new = work.iter().map(|(_, ids)| ids.len()).sum();
+                return Err(cache_full(
+                    new,
                     self.pool.capacity(),
-                    self.pool.free_tokens()
-                )));
+                    self.pool.free_tokens(),
+                ));
             }
         }
         // Take the sequences out of the map to borrow them together, in work order.
