@@ -42,9 +42,23 @@ pub struct Dispatch {
     /// of their source.
     #[serde(default)]
     pub logits: bool,
+    /// Threads that take one work item together, as one block of a GPU launch (`items` blocks); 1: one
+    /// thread per item, in blocks of [`LaunchPlan::threads_per_block`]. Set by GPU code generators for
+    /// the kernels whose GPU code cooperates within a block (matrix products).
+    #[serde(default = "one")]
+    pub threads_per_item: usize,
 }
 
 impl Dispatch {
+    /// Blocks and threads per block of a GPU launch over `items` work items, with `threads_per_block`
+    /// threads in a block of single-thread items.
+    pub fn grid(&self, items: usize, threads_per_block: usize) -> (usize, usize) {
+        match self.threads_per_item {
+            1 => (items.div_ceil(threads_per_block), threads_per_block),
+            t => (items, t),
+        }
+    }
+
     /// Work items for a call of `t` tokens.
     pub fn item_count(&self, t: usize) -> usize {
         if self.per_token {

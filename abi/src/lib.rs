@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod cuda;
 pub mod launch;
 
 /// Version of the contract below; an artifact with another version is refused. (3: the KV cache's element

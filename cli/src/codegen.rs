@@ -43,8 +43,11 @@ impl Backend {
 pub enum Target {
     /// A shared library for this (or `--target-cpu`'s) CPU.
     Cpu,
-    /// A PTX module with every kernel, for `--gpu` (LLVM).
+    /// A PTX module with every kernel, for `--gpu` (LLVM); nothing runs it by itself.
     Nvptx,
+    /// A CUDA artifact for `--gpu` (LLVM): the PTX with the manifest and launch plan that the runtime's
+    /// CUDA executor loads (`q3c_abi::cuda`).
+    Cuda,
 }
 
 /// `--quantize`: how the matrices of linear and expert products are bound.
@@ -223,33 +226,39 @@ fn llvm_object(
     bail!(NO_LLVM)
 }
 
-/// Compiles every kernel of a fused graph to PTX for `gpu` (LLVM only). Returns the PTX text and the
-/// number of kernel dispatches per forward call.
+/// Settings of a GPU compilation (`--target nvptx|cuda`).
+#[cfg_attr(not(feature = "llvm"), allow(dead_code))]
+pub struct GpuCodegen<'a> {
+    /// sm_80, sm_90, ...
+    pub gpu: &'a str,
+    pub max_tokens: usize,
+    pub fusion: &'a str,
+    pub kv_dtype: q3c_ir::DType,
+}
+
+/// Every kernel of a fused graph compiled to PTX for a GPU (LLVM only): the PTX text and the manifest with
+/// its launch plan.
 #[cfg(feature = "llvm")]
-pub fn compile_ptx(
+pub fn compile_gpu(
     graph: &q3c_ir::Graph,
     cfg: &Qwen3Config,
-    gpu: &str,
-    max_tokens: usize,
-    fusion: &str,
-) -> Result<(String, usize)> {
+    how: &GpuCodegen,
+) -> Result<(String, q3c_abi::Manifest)> {
     let opts = q3c_backend_llvm::PtxOptions {
-        gpu: gpu.to_string(),
-        max_tokens_per_call: max_tokens,
-        fusion: fusion.to_string(),
-        kv_dtype: q3c_ir::DType::F32,
+        gpu: how.gpu.to_string(),
+        max_tokens_per_call: how.max_tokens,
+        fusion: how.fusion.to_string(),
+        kv_dtype: how.kv_dtype,
     };
     let m = q3c_backend_llvm::compile_ptx(graph, cfg, q3c_compiler::LOGITS, &opts)?;
-    Ok((m.ptx, m.kernels.len()))
+    Ok((m.ptx, m.manifest))
 }
 
 #[cfg(not(feature = "llvm"))]
-pub fn compile_ptx(
+pub fn compile_gpu(
     _: &q3c_ir::Graph,
     _: &Qwen3Config,
-    _: &str,
-    _: usize,
-    _: &str,
-) -> Result<(String, usize)> {
+    _: &GpuCodegen,
+) -> Result<(String, q3c_abi::Manifest)> {
     bail!(NO_LLVM)
 }

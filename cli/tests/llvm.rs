@@ -208,3 +208,71 @@ fn default_activations_follow_the_weights_and_the_cpu() {
         assert_eq!(activations("tied_bf16", &[]), "bf16");
     }
 }
+
+/// `q3c compile --target cuda` writes a CUDA artifact that `inspect` reads. Where q3c has CUDA support and
+/// the machine an NVIDIA GPU it generates the ids the CPU artifact does; elsewhere running it fails with
+/// one clear message saying what is missing. A cut-short artifact and GPU weight quantization are refused.
+#[cfg(feature = "llvm")]
+#[test]
+fn cuda_artifacts_compile_inspect_and_run_or_are_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures_dir().join("dense_gqa");
+    let art = tmp.path().join("model.q3c");
+    let compile = |extra: &[&str]| {
+        let mut args = vec![
+            "compile",
+            path(&model),
+            "--target",
+            "cuda",
+            "-o",
+            path(&art),
+        ];
+        args.extend_from_slice(extra);
+        q3c(&args)
+    };
+    assert_error(
+        &compile(&["--quantize", "q8"]),
+        "--quantize is not supported on GPUs yet",
+    );
+    assert!(!art.exists());
+    assert!(compile(&["--gpu", "sm_80"]).status.success());
+    let shown = ok(&["inspect", path(&art)]);
+    assert!(
+        shown.contains("llvm-nvptx") && shown.contains("sm_80"),
+        "{shown}"
+    );
+    let generate = |artifact: &Path| {
+        q3c(&[
+            "generate",
+            "--model",
+            path(artifact),
+            "--weights",
+            path(&model),
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "8",
+        ])
+    };
+    let out = generate(&art);
+    if !cfg!(feature = "cuda") {
+        assert_error(&out, "this q3c was built without CUDA support");
+    } else if !q3c_runtime::compiled::cuda_available() {
+        eprintln!("skipped: running the CUDA artifact: no NVIDIA driver found on this machine");
+        assert_error(&out, "no NVIDIA driver found");
+    } else {
+        let cpu = tmp.path().join("cpu.so");
+        ok(&["compile", path(&model), "-o", path(&cpu)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, generate(&cpu).stdout);
+    }
+    let bytes = std::fs::read(&art).unwrap();
+    let cut = tmp.path().join("cut.q3c");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_error(&generate(&cut), "truncated CUDA artifact");
+    assert_error(&q3c(&["inspect", path(&cut)]), "truncated CUDA artifact");
+}

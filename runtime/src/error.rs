@@ -13,6 +13,9 @@ pub enum RuntimeError {
     Artifact { path: String, message: String },
     #[error(transparent)]
     Checkpoint(#[from] q3c_models::CheckpointError),
+    /// The GPU or its driver failed or refused (no driver, out of device memory, a failed launch).
+    #[error("GPU: {0}")]
+    Gpu(String),
     #[error("internal error (a q3c bug): {0}")]
     Internal(String),
 }

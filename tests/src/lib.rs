@@ -3,6 +3,8 @@
 //! Each fixture directory (made by `reference/make_fixtures.py`) holds a tiny random checkpoint, the logits
 //! transformers computed over a prompt, and transformers' 24-token greedy continuation.
 
+pub mod batching;
+
 use std::path::PathBuf;
 
 use q3c_models::{Checkpoint, Qwen3Config};
@@ -314,4 +316,48 @@ pub fn cpu_feature(feature: &str, what: &str) -> bool {
         );
     }
     has
+}
+
+/// A CUDA artifact of fixture `name` (fusion all, KV cache of `kv_dtype`, 64 tokens per call) in `out_dir`:
+/// compiled here with LLVM, or, in a build without it (what travels to a GPU machine), taken from the
+/// directory `$Q3C_CUDA_ARTIFACTS` as `NAME-KV.q3c` (made by `q3c compile FIXTURE --target cuda`). `None`,
+/// saying why, where there is neither.
+pub fn cuda_artifact(
+    name: &str,
+    kv_dtype: q3c_ir::DType,
+    out_dir: &std::path::Path,
+) -> Option<PathBuf> {
+    let file = format!("{name}-{kv_dtype}.q3c");
+    if let Some(dir) = std::env::var_os("Q3C_CUDA_ARTIFACTS") {
+        let path = PathBuf::from(dir).join(&file);
+        return match path.is_file() {
+            true => Some(path),
+            false => {
+                eprintln!("skipped: no {} (Q3C_CUDA_ARTIFACTS)", path.display());
+                None
+            }
+        };
+    }
+    #[cfg(feature = "llvm")]
+    {
+        let (cfg, _) = open_fixture(name);
+        let graph = fused_graph(&cfg, "all");
+        let opts = q3c_backend_llvm::PtxOptions {
+            gpu: "sm_80".into(),
+            max_tokens_per_call: 64,
+            fusion: "all".into(),
+            kv_dtype,
+        };
+        let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
+            .expect("compile PTX");
+        let path = out_dir.join(file);
+        std::fs::write(&path, m.cuda_artifact()).expect("write the CUDA artifact");
+        Some(path)
+    }
+    #[cfg(not(feature = "llvm"))]
+    {
+        let _ = out_dir;
+        eprintln!("skipped: {file}: no LLVM in this build and no Q3C_CUDA_ARTIFACTS directory");
+        None
+    }
 }

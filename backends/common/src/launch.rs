@@ -156,6 +156,7 @@ pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
                 per_token: false,
                 tokens_per_item: 1,
                 logits: false,
+                threads_per_item: 1,
             });
             launch.nodes.push(None);
         }
@@ -182,6 +183,7 @@ impl Launch {
             per_token: items.scales_with_t,
             tokens_per_item: items.tokens_per_item,
             logits,
+            threads_per_item: 1,
         });
         self.nodes.push(Some(id));
     }
@@ -241,6 +243,7 @@ impl Launch {
             per_token,
             tokens_per_item: 1,
             logits: false,
+            threads_per_item: 1,
         });
         self.nodes.push(None);
     }
@@ -283,6 +286,7 @@ impl Launch {
             per_token: true,
             tokens_per_item: 1,
             logits: product.logits,
+            threads_per_item: 1,
         };
         self.plan.dispatches.insert(at, staging);
         self.nodes.insert(at, None);

@@ -224,6 +224,19 @@ pub trait KernelBuilder: Sized {
 
     // ---- matrix products (each backend tiles them its own way)
 
+    /// Where several threads take one work item (a GPU warp for row kernels): this thread's index among
+    /// them and their number. Loops over a row's elements ([`crate::ops`]' `map_row`) then take every
+    /// `threads`-th vector from the thread's index on (the scalar tail in thread 0), [`KernelBuilder::dot`]
+    /// splits the same way and gives every thread the whole sum, and partial sums meet through
+    /// [`KernelBuilder::share_sum`]. `None`: this thread takes the item alone.
+    fn item_lane(&mut self) -> Option<(Self::Int, usize)> {
+        None
+    }
+    /// The sum of `x` over the threads of the item (see [`KernelBuilder::item_lane`]), in every thread.
+    fn share_sum(&mut self, x: Self::F32) -> Self::F32 {
+        x
+    }
+
     /// `Σ_i x[i] · w[i]` over `k` elements: f32 activations at `x`, weights of `dt` at `w`.
     fn dot(&mut self, x: Self::Ptr, w: Self::Ptr, dt: DType, k: usize) -> Self::F32;
 

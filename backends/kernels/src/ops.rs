@@ -481,9 +481,27 @@ pub(crate) fn copy_row<B: KernelBuilder>(
 /// unrolled.
 fn map_row<B: KernelBuilder>(b: &mut B, n: usize, mut f: impl FnMut(&mut B, At<B::Int>)) {
     let lanes = b.lanes();
-    b.for_n(n / lanes, |b, v| f(b, At::Vector(v)));
-    for i in n / lanes * lanes..n {
-        f(b, At::Scalar(i));
+    match b.item_lane() {
+        None => {
+            b.for_n(n / lanes, |b, v| f(b, At::Vector(v)));
+            for i in n / lanes * lanes..n {
+                f(b, At::Scalar(i));
+            }
+        }
+        // Threads sharing the item: every `threads`-th vector from this thread's on, the tail in thread 0.
+        Some((lane, threads)) => {
+            let end = b.iconst(n / lanes);
+            b.for_range(lane, end, threads, |b, v| f(b, At::Vector(v)));
+            if !n.is_multiple_of(lanes) {
+                let zero = b.iconst(0);
+                let first = b.ieq(lane, zero);
+                b.when(first, |b| {
+                    for i in n / lanes * lanes..n {
+                        f(b, At::Scalar(i));
+                    }
+                });
+            }
+        }
     }
 }
 

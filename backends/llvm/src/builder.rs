@@ -307,7 +307,19 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
         dt: DType,
         k: usize,
     ) -> FloatValue<'ctx> {
-        Fb::dot(self, x, w, dt, k)
+        match crate::gpu_gemm::row_lane(self) {
+            Some(lane) => crate::gpu_gemm::row_dot(self, lane, x, w, dt, k),
+            None => Fb::dot(self, x, w, dt, k),
+        }
+    }
+    fn item_lane(&mut self) -> Option<(IntValue<'ctx>, usize)> {
+        crate::gpu_gemm::row_lane(self).map(|lane| (lane, crate::gpu_gemm::WARP))
+    }
+    fn share_sum(&mut self, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        match crate::gpu_gemm::row_lane(self) {
+            Some(_) => crate::gpu_gemm::warp_sum(self, x),
+            None => x,
+        }
     }
     fn matmul_columns(
         &mut self,

@@ -63,6 +63,9 @@ pub struct Fb<'a, 'ctx> {
     pub b: Builder<'ctx>,
     pub f: FunctionValue<'ctx>,
     pub flavor: Flavor,
+    /// On GPUs: the threads that take one work item together (`Dispatch::threads_per_item`): a block for
+    /// matrix products ([`crate::gpu_gemm`]), a warp for row kernels, else 1.
+    pub item_threads: usize,
     /// Allocas go here, ahead of the body, so SROA can promote them.
     entry: BasicBlock<'ctx>,
     entry_b: Builder<'ctx>,
@@ -88,6 +91,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             b,
             f,
             flavor,
+            item_threads: 1,
             entry,
             entry_b,
         }

@@ -257,6 +257,9 @@ pub fn columns<'ctx>(
     if matches!(dt, DType::Q8 | DType::Q4) {
         return q8_columns(fb, mm, x, w, out, n, item);
     }
+    if fb.flavor == Flavor::Gpu && fb.item_threads > 1 {
+        return crate::gpu_gemm::columns(fb, mm, x, w, out, n, item);
+    }
     let (x_stride, w_stride) = (k * 4, k * dt.size());
     // Two matrices: a tile takes half its columns from each, so gate and up share every x load.
     let per_matrix = (TILE_COLS / w.len()).clamp(1, tile.width);

@@ -17,10 +17,11 @@ use q3c_backend_common::launch::{self, Body};
 use q3c_backend_common::manifest::{self, ManifestParts};
 use q3c_backend_common::plan::{self, Plan};
 use q3c_backend_common::BackendError;
-use q3c_ir::Graph;
+use q3c_ir::{Graph, Op};
 use q3c_models::Qwen3Config;
 
 use crate::fb::{Fb, Flavor, BUG};
+use crate::gpu_gemm::{BLOCK_THREADS, WARP};
 use crate::module::{finish_object, kernel_body, nounwind, optimise, Compiled};
 use crate::target;
 
@@ -41,10 +42,18 @@ pub struct PtxModule {
     /// The entry point each kernel dispatch of a forward call launches, in order (names repeat where nodes
     /// share a kernel).
     pub kernels: Vec<String>,
-    /// The manifest a CPU artifact of the same graph would carry (weights, KV geometry, scratch size).
+    /// The manifest: weights, KV geometry, scratch size, and (`launch`) every dispatch of a forward call.
     pub manifest: Manifest,
     /// Every dispatch of a forward call: kernel, argument block, work items.
     pub launch: LaunchPlan,
+}
+
+impl PtxModule {
+    /// The CUDA artifact holding this module and its manifest (`q3c_abi::cuda`).
+    pub fn cuda_artifact(&self) -> Vec<u8> {
+        let manifest = serde_json::to_vec(&self.manifest).expect("a manifest serialises");
+        q3c_abi::cuda::encode(&manifest, &self.ptx)
+    }
 }
 
 /// Where an entry point finds its work item.
@@ -56,7 +65,34 @@ enum Indices {
     Parameters,
 }
 
+/// Threads that take one work item of `body` together on a GPU: a block of [`BLOCK_THREADS`] for the
+/// matrix products of linear-type nodes ([`crate::gpu_gemm`]), a warp of [`WARP`] for the row kernels
+/// whose loops over a row's elements split across lanes (`q3c_kernels`' `map_row`, `share_sum`), else 1.
+fn item_threads(graph: &Graph, body: Body) -> usize {
+    match body {
+        Body::Node(id) => match graph.node(id).op {
+            Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => BLOCK_THREADS,
+            Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Embedding => WARP,
+            _ => 1,
+        },
+        _ => 1,
+    }
+}
+
+/// The launch plan of `graph` for GPUs: `launch::build`'s, with each dispatch's threads per item.
+fn gpu_launch(graph: &Graph, plan: &mut Plan) -> Result<launch::Launch, BackendError> {
+    let mut launch = launch::build(graph, plan)?;
+    for d in &mut launch.plan.dispatches {
+        d.threads_per_item = item_threads(graph, launch.bodies[d.kernel]);
+    }
+    Ok(launch)
+}
+
 /// Defines the entry points of every kernel of `launch` in `m`, bodies of flavour `flavor`.
+///
+/// A single-thread kernel runs work item `block · threads + thread`. A kernel whose items take several
+/// threads runs item `block` with every thread of the block on the GPU; on the CPU (`Indices::Parameters`)
+/// thread 0 of the block runs the whole item with the CPU's code and the others return.
 fn entries<'ctx>(
     cx: &'ctx Context,
     m: &Module<'ctx>,
@@ -75,7 +111,18 @@ fn entries<'ctx>(
                 "no staging kernels on GPUs yet ({name})"
             )));
         }
-        let body = kernel_body(cx, m, graph, plan, *body, &format!("{name}_body"), flavor)?;
+        let threads_per_item = item_threads(graph, *body);
+        let cooperative = threads_per_item > 1;
+        let body = kernel_body(
+            cx,
+            m,
+            graph,
+            plan,
+            *body,
+            &format!("{name}_body"),
+            flavor,
+            threads_per_item,
+        )?;
         let inline = Attribute::get_named_enum_kind_id("alwaysinline");
         body.add_attribute(AttributeLoc::Function, cx.create_enum_attribute(inline, 0));
         let params: Vec<_> = match indices {
@@ -108,8 +155,20 @@ fn entries<'ctx>(
             }),
             Indices::Parameters => [param(2), param(3), param(4)],
         };
-        let item = fb.add(fb.b.build_int_mul(block, threads, "").expect(BUG), thread);
-        let inside = fb.icmp(inkwell::IntPredicate::ULT, item, param(1));
+        let (item, inside) = if cooperative {
+            let inside = fb.icmp(inkwell::IntPredicate::ULT, block, param(1));
+            let inside = match indices {
+                Indices::Registers => inside,
+                Indices::Parameters => {
+                    let first = fb.icmp(inkwell::IntPredicate::EQ, thread, fb.i64c(0));
+                    fb.b.build_and(inside, first, "").expect(BUG)
+                }
+            };
+            (block, inside)
+        } else {
+            let item = fb.add(fb.b.build_int_mul(block, threads, "").expect(BUG), thread);
+            (item, fb.icmp(inkwell::IntPredicate::ULT, item, param(1)))
+        };
         let args = entry.get_nth_param(0).expect("entry params");
         fb.when(inside, |fb| {
             let next = fb.add_c(item, 1);
@@ -144,7 +203,7 @@ pub fn compile_ptx(
     let machine = target::ptx(&opts.gpu)?;
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
     plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
-    let launch = launch::build(graph, &mut plan)?;
+    let launch = gpu_launch(graph, &mut plan)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_kernels");
     entries(
@@ -171,7 +230,7 @@ pub fn compile_ptx(
         .iter()
         .map(|d| launch.plan.kernels[d.kernel].clone())
         .collect();
-    let manifest = manifest::build(ManifestParts {
+    let mut manifest = manifest::build(ManifestParts {
         cfg,
         plan: &plan,
         backend: "llvm-nvptx",
@@ -181,6 +240,7 @@ pub fn compile_ptx(
         required_cpu_features: Vec::new(),
         kernels: names.len(),
     });
+    manifest.launch = Some(launch.plan.clone());
     Ok(PtxModule {
         ptx,
         kernels: names,
@@ -202,7 +262,7 @@ pub fn compile_gpu_emulation(
     let target = target::cpu("native", false)?;
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
     plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
-    let launch = launch::build(graph, &mut plan)?;
+    let launch = gpu_launch(graph, &mut plan)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_gpu_on_cpu");
     let functions = entries(

@@ -20,6 +20,8 @@ mod gemm;
 #[cfg(feature = "llvm")]
 mod gpu;
 #[cfg(feature = "llvm")]
+mod gpu_gemm;
+#[cfg(feature = "llvm")]
 mod module;
 #[cfg(feature = "llvm")]
 mod q8;

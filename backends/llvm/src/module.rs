@@ -86,6 +86,7 @@ fn rope_table<'ctx>(
 }
 
 /// Declares `name(ptr args, i64 start, i64 end)` and emits `body` (one written in `q3c_kernels`) into it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn kernel_body<'ctx>(
     cx: &'ctx Context,
     m: &Module<'ctx>,
@@ -94,6 +95,7 @@ pub(crate) fn kernel_body<'ctx>(
     body: Body,
     name: &str,
     flavor: Flavor,
+    item_threads: usize,
 ) -> Result<FunctionValue<'ctx>, BackendError> {
     let i64t = cx.i64_type();
     let ptr = cx.ptr_type(AddressSpace::default());
@@ -104,6 +106,7 @@ pub(crate) fn kernel_body<'ctx>(
     nounwind(cx, f);
     let table = q3c_kernels::body_node(body).and_then(|id| rope_table(cx, m, graph, id, name));
     let mut fb = Fb::new(cx, m, f, flavor);
+    fb.item_threads = item_threads;
     let param = |i| f.get_nth_param(i).expect("3 params");
     let params = Params {
         args: param(0).into_pointer_value(),
@@ -183,7 +186,7 @@ pub fn compile(
         .zip(&launch.bodies)
         .map(|(name, body)| match *body {
             Body::Stage { prep, k } => Ok(staging::kernel(&cx, &m, name, prep, k, target.flavor)),
-            body => kernel_body(&cx, &m, graph, &plan, body, name, target.flavor),
+            body => kernel_body(&cx, &m, graph, &plan, body, name, target.flavor, 1),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let forward_fn = forward::build(

@@ -20,10 +20,11 @@ pub struct Args {
     /// Code generator (auto: LLVM in a build with `--features llvm`, else Cranelift).
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     backend: Backend,
-    /// What to generate: a CPU `.so`, or (LLVM) a PTX module with every kernel for --gpu.
+    /// What to generate: a CPU `.so`; or (LLVM) for NVIDIA GPUs of --gpu, a CUDA artifact that `--model`
+    /// runs on the GPU (`cuda`, needs a q3c built with the `cuda` feature to run), or the bare PTX module.
     #[arg(long, value_enum, default_value_t = Target::Cpu)]
     target: Target,
-    /// With --target nvptx: the GPU architecture (sm_80, sm_90, ...).
+    /// With --target cuda|nvptx: the GPU architecture (sm_80, sm_90, ...).
     #[arg(long, default_value = "sm_90")]
     gpu: String,
     /// CPU to generate code for: native, or a CPU name (x86-64-v2, x86-64-v3, x86-64-v4, znver4, ...).
@@ -64,18 +65,42 @@ pub fn run(args: Args) -> Result<()> {
     let strategy = Strategy::parse(&args.fusion)?;
     let backend = args.backend.resolve()?;
     let model = &args.model;
-    if args.target == Target::Nvptx {
+    if matches!(args.target, Target::Nvptx | Target::Cuda) {
         if backend != Backend::Llvm {
-            bail!("--target nvptx needs --backend llvm");
+            let target = if args.target == Target::Cuda {
+                "cuda"
+            } else {
+                "nvptx"
+            };
+            bail!("--target {target} needs --backend llvm");
+        }
+        if args.quantize.is_some_and(|q| q != Quantize::None) {
+            bail!(
+                "--quantize is not supported on GPUs yet: the GPU kernels read weights as stored"
+            );
         }
         let graph = codegen::fused_graph(&cfg, &strategy)?;
-        let (ptx, kernels) =
-            codegen::compile_ptx(&graph, &cfg, &args.gpu, args.max_tokens, strategy.name())?;
-        write_atomically(&args.out, ptx.as_bytes())?;
+        let how = codegen::GpuCodegen {
+            gpu: &args.gpu,
+            max_tokens: args.max_tokens,
+            fusion: strategy.name(),
+            kv_dtype: args.kv_dtype.resolve(&cfg),
+        };
+        let (ptx, manifest) = codegen::compile_gpu(&graph, &cfg, &how)?;
+        let (what, bytes) = match args.target {
+            Target::Cuda => {
+                let json = serde_json::to_vec(&manifest)?;
+                ("a CUDA artifact", q3c_abi::cuda::encode(&json, &ptx))
+            }
+            _ => ("PTX", ptx.into_bytes()),
+        };
+        write_atomically(&args.out, &bytes)?;
         eprintln!(
-            "compiled {model} to PTX for {} into {} ({kernels} kernels) in {:.2} s",
+            "compiled {model} to {what} for {} ({} KV cache) into {} ({} kernels) in {:.2} s",
             args.gpu,
+            manifest.kv.dtype,
             args.out.display(),
+            manifest.kernels,
             start.elapsed().as_secs_f64()
         );
         return Ok(());

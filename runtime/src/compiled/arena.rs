@@ -46,6 +46,12 @@ impl Arena {
         })
     }
 
+    /// Every byte of every slot, as filled.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
     /// Every slot, zeroed, in the order of the sizes given at creation.
     pub fn slots(&mut self) -> Vec<&mut [u8]> {
         let mut rest: &mut [u8] = match &mut self.map {

@@ -9,16 +9,66 @@
 //! A sequence can start as a copy of another's first tokens ([`SeqBlocks::fork`]): the full blocks are
 //! shared (counted references; a full block is never written again, as positions only grow), and a partial
 //! last block is copied, so that a sequence only ever writes into a block it holds alone.
+//!
+//! The buffers live where the artifact's kernels read them ([`KvMemory`]): in host memory, or in a GPU's.
 
 use q3c_abi::{KvGeometry, KV_BLOCK_TOKENS};
+
+/// The buffers of a pool (one per layer's K and V), in the memory the kernels read.
+pub(crate) trait KvMemory: Send {
+    /// Makes every buffer `bytes` long, keeping what its first bytes held and zeroing the rest; `false`
+    /// (buffers unchanged) if the memory cannot be had.
+    fn resize(&mut self, bytes: usize) -> bool;
+    /// Copies `n` bytes at byte `from` to byte `to` (not overlapping) in every buffer; `false` if it failed.
+    fn copy_within(&mut self, from: usize, to: usize, n: usize) -> bool;
+    /// The buffers' addresses as the kernels see them (valid until the next resize).
+    fn pointers(&mut self) -> Vec<*mut f32>;
+    /// Bytes held now.
+    fn resident_bytes(&self) -> usize;
+}
+
+/// Buffers in host memory, for artifacts that run on the CPU.
+pub(crate) struct HostKv(Vec<Vec<f32>>);
+
+impl HostKv {
+    pub(crate) fn new(kv: &KvGeometry) -> HostKv {
+        HostKv(vec![Vec::new(); 2 * kv.layers])
+    }
+}
+
+impl KvMemory for HostKv {
+    fn resize(&mut self, bytes: usize) -> bool {
+        for b in &mut self.0 {
+            b.resize(bytes.div_ceil(4), 0.0);
+        }
+        true
+    }
+
+    fn copy_within(&mut self, from: usize, to: usize, n: usize) -> bool {
+        // Blocks start on whole f32 words (a row is a whole number of 2- or 4-byte elements times 16).
+        let (from, to, words) = (from / 4, to / 4, n.div_ceil(4));
+        for b in &mut self.0 {
+            b.copy_within(from..from + words, to);
+        }
+        true
+    }
+
+    fn pointers(&mut self) -> Vec<*mut f32> {
+        self.0.iter_mut().map(|b| b.as_mut_ptr()).collect()
+    }
+
+    fn resident_bytes(&self) -> usize {
+        self.0.iter().map(|b| 4 * b.len()).sum()
+    }
+}
 
 /// Blocks a pool starts with (256 tokens).
 const INITIAL_BLOCKS: usize = 256 / KV_BLOCK_TOKENS;
 
 /// Every layer's K and V blocks.
 pub(crate) struct KvPool {
-    /// 2 per layer (K, V), each `blocks · KV_BLOCK_TOKENS` rows of `row_bytes`, held as f32 words.
-    buffers: Vec<Vec<f32>>,
+    /// 2 per layer (K, V), each `blocks · KV_BLOCK_TOKENS` rows of `row_bytes`.
+    memory: Box<dyn KvMemory>,
     row_bytes: usize,
     /// Blocks the buffers hold now, and may grow to.
     blocks: usize,
@@ -30,10 +80,10 @@ pub(crate) struct KvPool {
 }
 
 impl KvPool {
-    /// An empty pool for up to `tokens` cached tokens (rounded up to whole blocks).
-    pub(crate) fn new(kv: &KvGeometry, tokens: usize) -> KvPool {
+    /// An empty pool for up to `tokens` cached tokens (rounded up to whole blocks) in `memory`.
+    pub(crate) fn new(kv: &KvGeometry, tokens: usize, memory: Box<dyn KvMemory>) -> KvPool {
         let mut pool = KvPool {
-            buffers: vec![Vec::new(); 2 * kv.layers],
+            memory,
             row_bytes: kv.row_bytes(),
             blocks: 0,
             max_blocks: tokens.div_ceil(KV_BLOCK_TOKENS),
@@ -54,11 +104,15 @@ impl KvPool {
         (self.free.len() + self.max_blocks - self.blocks) * KV_BLOCK_TOKENS
     }
 
-    /// Makes the buffers hold `blocks` blocks, the new ones free.
+    /// Makes the buffers hold `blocks` blocks, the new ones free. Where the memory cannot be had, the pool
+    /// stops growing: its limit becomes what it holds.
     fn grow(&mut self, blocks: usize) {
-        let words = (blocks * KV_BLOCK_TOKENS * self.row_bytes).div_ceil(4);
-        for b in &mut self.buffers {
-            b.resize(words, 0.0);
+        if !self
+            .memory
+            .resize(blocks * KV_BLOCK_TOKENS * self.row_bytes)
+        {
+            self.max_blocks = self.blocks;
+            return;
         }
         // Free blocks are taken from the end: the lowest numbers first.
         self.free
@@ -86,24 +140,25 @@ impl KvPool {
         }
     }
 
-    /// Copies the first `rows` rows of block `from` into block `to`, in every layer's K and V.
-    fn copy_rows(&mut self, from: u32, to: u32, rows: usize) {
-        let words = KV_BLOCK_TOKENS * self.row_bytes / 4;
-        let n = (rows * self.row_bytes).div_ceil(4);
-        for b in &mut self.buffers {
-            let src = from as usize * words;
-            b.copy_within(src..src + n, to as usize * words);
-        }
+    /// Copies the first `rows` rows of block `from` into block `to`, in every layer's K and V; `false` if
+    /// the memory failed to.
+    fn copy_rows(&mut self, from: u32, to: u32, rows: usize) -> bool {
+        let block = KV_BLOCK_TOKENS * self.row_bytes;
+        self.memory.copy_within(
+            from as usize * block,
+            to as usize * block,
+            rows * self.row_bytes,
+        )
     }
 
     /// The buffers' addresses, as `q3c_step.kv` lists them (valid until the pool grows).
     pub(crate) fn pointers(&mut self) -> Vec<*mut f32> {
-        self.buffers.iter_mut().map(|b| b.as_mut_ptr()).collect()
+        self.memory.pointers()
     }
 
     /// Bytes of cache memory held now.
     pub(crate) fn resident_bytes(&self) -> usize {
-        self.buffers.iter().map(|b| 4 * b.len()).sum()
+        self.memory.resident_bytes()
     }
 }
 
@@ -123,9 +178,18 @@ impl SeqBlocks {
         if more * KV_BLOCK_TOKENS > pool.free_tokens() {
             return false;
         }
+        let mut taken = Vec::with_capacity(more);
         for _ in 0..more {
-            self.blocks.push(pool.take().expect("counted free blocks"));
+            match pool.take() {
+                Some(block) => taken.push(block),
+                // The memory for more blocks could not be had: give back what was taken.
+                None => {
+                    taken.into_iter().for_each(|b| pool.release(b));
+                    return false;
+                }
+            }
         }
+        self.blocks.extend(taken);
         true
     }
 
@@ -141,13 +205,17 @@ impl SeqBlocks {
         if let Some(&last) = self.blocks.last() {
             if within != 0 && pool.refs[last as usize] > 1 {
                 match pool.take() {
-                    Some(own) => {
-                        pool.copy_rows(last, own, within);
+                    Some(own) if pool.copy_rows(last, own, within) => {
                         pool.release(last);
                         *self.blocks.last_mut().expect("non-empty") = own;
                     }
                     // No block to copy into: keep only the whole blocks.
-                    None => self.truncate(pool, self.len - within),
+                    taken => {
+                        if let Some(own) = taken {
+                            pool.release(own);
+                        }
+                        self.truncate(pool, self.len - within);
+                    }
                 }
             }
         }
@@ -162,7 +230,10 @@ impl SeqBlocks {
         let within = len % KV_BLOCK_TOKENS;
         if within != 0 {
             let own = pool.take()?;
-            pool.copy_rows(self.blocks[whole], own, within);
+            if !pool.copy_rows(self.blocks[whole], own, within) {
+                pool.release(own);
+                return None;
+            }
             blocks.push(own);
         }
         for &b in &blocks[..whole] {
@@ -185,9 +256,23 @@ mod tests {
         }
     }
 
+    fn host_pool(tokens: usize) -> KvPool {
+        KvPool::new(&geometry(), tokens, Box::new(HostKv::new(&geometry())))
+    }
+
+    /// Every buffer of a host pool as f32 words.
+    fn buffers(pool: &mut KvPool) -> Vec<&mut [f32]> {
+        let words = pool.resident_bytes() / 4 / pool.pointers().len();
+        pool.pointers()
+            .into_iter()
+            // SAFETY: a host pool's buffers are `words` f32s each, not overlapping.
+            .map(|p| unsafe { std::slice::from_raw_parts_mut(p, words) })
+            .collect()
+    }
+
     #[test]
     fn sequences_take_and_give_back_blocks() {
-        let mut pool = KvPool::new(&geometry(), 1000);
+        let mut pool = host_pool(1000);
         assert_eq!(pool.capacity(), 1008);
         let (mut a, mut b) = (SeqBlocks::default(), SeqBlocks::default());
         assert!(a.reserve(&mut pool, 40));
@@ -210,7 +295,7 @@ mod tests {
 
     #[test]
     fn forks_share_whole_blocks_and_copy_a_partial_one() {
-        let mut pool = KvPool::new(&geometry(), 1000);
+        let mut pool = host_pool(1000);
         let mut a = SeqBlocks::default();
         assert!(a.reserve(&mut pool, 40));
         a.len = 40;
@@ -220,7 +305,7 @@ mod tests {
         };
         for p in 0..40 {
             let row = row_of(&a, p);
-            for b in &mut pool.buffers {
+            for b in buffers(&mut pool) {
                 b[row * 4..row * 4 + 4].fill(p as f32);
             }
         }
@@ -231,7 +316,7 @@ mod tests {
         assert_ne!(f.blocks[2], a.blocks[2]);
         assert_eq!(pool.free_tokens(), free - KV_BLOCK_TOKENS);
         let row = row_of(&f, 36);
-        assert!(pool.buffers.iter().all(|b| b[row * 4] == 36.0));
+        assert!(buffers(&mut pool).iter().all(|b| b[row * 4] == 36.0));
         // Closing a keeps the shared blocks for f; only a's own third block comes back.
         a.truncate(&mut pool, 0);
         assert_eq!(pool.free_tokens(), free);
@@ -241,7 +326,7 @@ mod tests {
         g.truncate(&mut pool, 20);
         assert_ne!(g.blocks[1], f.blocks[1]);
         let row = row_of(&g, 19);
-        assert!(pool.buffers.iter().all(|b| b[row * 4] == 19.0));
+        assert!(buffers(&mut pool).iter().all(|b| b[row * 4] == 19.0));
         f.truncate(&mut pool, 0);
         g.truncate(&mut pool, 0);
         assert_eq!(pool.free_tokens(), pool.capacity());

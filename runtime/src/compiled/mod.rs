@@ -5,6 +5,8 @@
 //! for, and the checkpoint holds exactly the weights the manifest lists (names, shapes, dtypes).
 
 mod arena;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod elf;
 mod kv;
 mod launcher;
@@ -51,6 +53,17 @@ enum Entry {
     Forward(Forward),
     /// The runtime launches its kernels ([`launcher::Launcher`]).
     Launched(launcher::Launcher),
+    /// A CUDA artifact: its kernels run on the GPU.
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda::Gpu>),
+}
+
+/// Whether this build can run CUDA artifacts and this machine has an NVIDIA driver to run them with.
+pub fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    return cuda::driver_present();
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 // SAFETY: the weights are immutable after loading; the generated code keeps no global state, so concurrent
@@ -65,18 +78,36 @@ fn artifact_err(path: &Path, message: impl Into<String>) -> RuntimeError {
     }
 }
 
-/// Reads the ABI version and manifest of an artifact without binding anything.
+/// Reads the ABI version and manifest of an artifact (a `.so` or a CUDA artifact) without binding anything.
 pub fn read_manifest(path: &Path) -> Result<Manifest, RuntimeError> {
+    let bytes = read_artifact(path)?;
+    if q3c_abi::cuda::is_cuda_artifact(&bytes) {
+        return read_cuda(path, &bytes).map(|(manifest, _)| manifest);
+    }
     let lib = open_library(path)?;
     let manifest = check_library(path, &lib)?;
     Ok(manifest)
 }
 
-fn open_library(path: &Path) -> Result<libloading::Library, RuntimeError> {
+fn read_artifact(path: &Path) -> Result<Vec<u8>, RuntimeError> {
     if !path.is_file() {
         return Err(artifact_err(path, "no such file"));
     }
-    let bytes = std::fs::read(path).map_err(|e| artifact_err(path, format!("cannot read: {e}")))?;
+    std::fs::read(path).map_err(|e| artifact_err(path, format!("cannot read: {e}")))
+}
+
+/// The manifest and PTX of a CUDA artifact, checked as a `.so`'s are.
+fn read_cuda<'a>(path: &Path, bytes: &'a [u8]) -> Result<(Manifest, &'a [u8]), RuntimeError> {
+    let artifact = q3c_abi::cuda::decode(bytes).map_err(|why| artifact_err(path, why))?;
+    let manifest = check_manifest(path, artifact.abi_version, artifact.manifest)?;
+    if manifest.launch.is_none() {
+        return Err(artifact_err(path, "a CUDA artifact without a launch plan"));
+    }
+    Ok((manifest, artifact.ptx))
+}
+
+fn open_library(path: &Path) -> Result<libloading::Library, RuntimeError> {
+    let bytes = read_artifact(path)?;
     elf::check(&bytes)
         .map_err(|why| artifact_err(path, format!("not a loadable shared library ({why})")))?;
     // SAFETY: q3c artifacts are linked with -nostartfiles and have no initialisers; for any other library,
@@ -94,17 +125,28 @@ fn check_library(path: &Path, lib: &libloading::Library) -> Result<Manifest, Run
     let version = unsafe { lib.get::<*const u32>(q3c_abi::SYM_ABI_VERSION.as_bytes()) }
         .map_err(|_| not_q3c(q3c_abi::SYM_ABI_VERSION))?;
     let version = unsafe { **version };
+    check_version(path, version)?;
+    let len = unsafe { lib.get::<*const u64>(q3c_abi::SYM_MANIFEST_LEN.as_bytes()) }
+        .map_err(|_| not_q3c(q3c_abi::SYM_MANIFEST_LEN))?;
+    let data = unsafe { lib.get::<*const u8>(q3c_abi::SYM_MANIFEST.as_bytes()) }
+        .map_err(|_| not_q3c(q3c_abi::SYM_MANIFEST))?;
+    let bytes = unsafe { std::slice::from_raw_parts(*data, **len as usize) };
+    check_manifest(path, version, bytes)
+}
+
+fn check_version(path: &Path, version: u32) -> Result<(), RuntimeError> {
     if version != ABI_VERSION {
         return Err(artifact_err(
             path,
             format!("built for q3c ABI version {version}, this runtime speaks version {ABI_VERSION}; recompile it with this q3c"),
         ));
     }
-    let len = unsafe { lib.get::<*const u64>(q3c_abi::SYM_MANIFEST_LEN.as_bytes()) }
-        .map_err(|_| not_q3c(q3c_abi::SYM_MANIFEST_LEN))?;
-    let data = unsafe { lib.get::<*const u8>(q3c_abi::SYM_MANIFEST.as_bytes()) }
-        .map_err(|_| not_q3c(q3c_abi::SYM_MANIFEST))?;
-    let bytes = unsafe { std::slice::from_raw_parts(*data, **len as usize) };
+    Ok(())
+}
+
+/// The manifest of an artifact of ABI `version`, checked: ours, parseable, a KV type this runtime holds.
+fn check_manifest(path: &Path, version: u32, bytes: &[u8]) -> Result<Manifest, RuntimeError> {
+    check_version(path, version)?;
     let manifest: Manifest = serde_json::from_slice(bytes)
         .map_err(|e| artifact_err(path, format!("corrupt manifest: {e}")))?;
     if manifest.abi_version != ABI_VERSION {
@@ -203,6 +245,12 @@ impl CompiledModel {
         threads: usize,
         residency: Residency,
     ) -> Result<CompiledModel, RuntimeError> {
+        if artifact.is_file() {
+            let bytes = read_artifact(artifact)?;
+            if q3c_abi::cuda::is_cuda_artifact(&bytes) {
+                return Self::load_cuda(artifact, &bytes, weights_dir, threads);
+            }
+        }
         let library = open_library(artifact)?;
         let manifest = check_library(artifact, &library)?;
         let missing = missing_cpu_features(&manifest.required_cpu_features);
@@ -255,6 +303,75 @@ impl CompiledModel {
             threads,
             residency,
         )
+    }
+
+    /// Loads a CUDA artifact onto the first GPU and binds the weights there (uploaded in one copy; the host
+    /// copy is dropped).
+    #[cfg(feature = "cuda")]
+    fn load_cuda(
+        artifact: &Path,
+        bytes: &[u8],
+        weights_dir: &Path,
+        threads: usize,
+    ) -> Result<CompiledModel, RuntimeError> {
+        let (manifest, ptx) = read_cuda(artifact, bytes)?;
+        let gpu = cuda::Gpu::open(&manifest, ptx)?;
+        let mut model = Self::bind(
+            artifact,
+            manifest,
+            Entry::Cuda(Box::new(gpu)),
+            Box::new(()),
+            weights_dir,
+            threads,
+            Residency::Copied,
+        )?;
+        if let Entry::Cuda(gpu) = &mut model.entry {
+            gpu.upload_weights(model._arena.bytes(), &mut model.weight_ptrs)?;
+        }
+        model._arena = Arena::with_sizes(Vec::new())
+            .map_err(|e| RuntimeError::Internal(format!("an empty arena: {e}")))?;
+        Ok(model)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn load_cuda(
+        artifact: &Path,
+        bytes: &[u8],
+        _: &Path,
+        _: usize,
+    ) -> Result<CompiledModel, RuntimeError> {
+        read_cuda(artifact, bytes)?;
+        Err(artifact_err(
+            artifact,
+            "a CUDA artifact, and this q3c was built without CUDA support (build it with --features cuda)",
+        ))
+    }
+
+    /// The GPU running this model, if it runs on one (`NAME (sm_XY)`).
+    pub fn gpu(&self) -> Option<&str> {
+        match &self.entry {
+            #[cfg(feature = "cuda")]
+            Entry::Cuda(gpu) => Some(&gpu.name),
+            _ => None,
+        }
+    }
+
+    /// An empty KV pool's memory, where this model's kernels read it.
+    fn kv_memory(&self) -> Box<dyn kv::KvMemory> {
+        match &self.entry {
+            #[cfg(feature = "cuda")]
+            Entry::Cuda(gpu) => gpu.kv_memory(&self.manifest.kv),
+            _ => Box::new(kv::HostKv::new(&self.manifest.kv)),
+        }
+    }
+
+    /// Bytes of host scratch memory a forward call needs (none where the kernels run on a GPU).
+    fn host_scratch_bytes(&self) -> usize {
+        match &self.entry {
+            #[cfg(feature = "cuda")]
+            Entry::Cuda(_) => 0,
+            _ => self.manifest.scratch_bytes_per_token * self.manifest.max_tokens_per_call,
+        }
     }
 
     /// Binds weights to code already in memory (e.g. compiled in process by a JIT). `code` is kept alive as

@@ -26,11 +26,7 @@ struct Scratch(Vec<u8>);
 
 impl Scratch {
     fn new(model: &CompiledModel) -> Scratch {
-        let m = &model.manifest;
-        Scratch(vec![
-            0u8;
-            m.scratch_bytes_per_token * m.max_tokens_per_call + 64
-        ])
+        Scratch(vec![0u8; model.host_scratch_bytes() + 64])
     }
 
     /// The 64-aligned start.
@@ -190,6 +186,8 @@ fn forward_call(
     let status = match &model.entry {
         Entry::Forward(forward) => unsafe { forward(&step) },
         Entry::Launched(launcher) => unsafe { launcher.run(&step) },
+        #[cfg(feature = "cuda")]
+        Entry::Cuda(gpu) => unsafe { gpu.run(&step)? },
     };
     match status {
         q3c_abi::OK => Ok(()),
@@ -227,7 +225,7 @@ impl CompiledModel {
     pub fn session_with_capacity(&self, capacity: usize) -> CompiledSession<'_> {
         CompiledSession {
             model: self,
-            pool: KvPool::new(&self.manifest.kv, capacity),
+            pool: KvPool::new(&self.manifest.kv, capacity, self.kv_memory()),
             seq: SeqBlocks::default(),
             capacity,
             scratch: Scratch::new(self),
@@ -243,7 +241,7 @@ impl CompiledModel {
     pub fn batch(&self, tokens: usize) -> CompiledBatch<'_> {
         CompiledBatch {
             model: self,
-            pool: KvPool::new(&self.manifest.kv, tokens),
+            pool: KvPool::new(&self.manifest.kv, tokens, self.kv_memory()),
             seqs: HashMap::new(),
             next: 0,
             scratch: Scratch::new(self),

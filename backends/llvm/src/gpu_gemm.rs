@@ -1,0 +1,245 @@
+//! Matrix products on NVIDIA GPUs: one thread block per work item (a panel of output columns), one warp
+//! per column at a time, the warp's 32 lanes splitting `k`.
+//!
+//! Each lane reads `v` consecutive weights (up to 8 bf16 = 16 bytes) per step and the warp a contiguous
+//! `32·v`-element run of the weight row, so the loads are coalesced; the activations come from L1/L2 (every
+//! warp of the call reads the same rows). Rows go in blocks of four, each weight load shared by them. A
+//! warp's partial sums meet in a butterfly of `shfl.sync.bfly` (every lane ends with the sum) and lane 0
+//! applies the epilogue and stores. Used for the kernels the launch plan gives [`BLOCK_THREADS`] threads
+//! per item (`q3c_abi::launch::Dispatch::threads_per_item`); on the CPU emulation of the GPU flavour the
+//! same items run with the CPU tiling on one thread of the block.
+
+use inkwell::values::{FloatValue, IntValue, PointerValue};
+use inkwell::IntPredicate;
+use q3c_ir::DType;
+use q3c_kernels::MatMul;
+
+use crate::fb::{Fb, BUG};
+use crate::gemm::epilogue;
+
+/// Threads of the block that takes one work item of a cooperative product.
+pub const BLOCK_THREADS: usize = 256;
+/// Threads of a warp: the threads of a row kernel's item.
+pub const WARP: usize = 32;
+/// Rows that share each weight load.
+const ROWS: usize = 4;
+
+/// `threadIdx.x` as an i64.
+pub fn thread_index<'ctx>(fb: &Fb<'_, 'ctx>) -> IntValue<'ctx> {
+    let name = "llvm.nvvm.read.ptx.sreg.tid.x";
+    let i32t = fb.cx.i32_type();
+    let f =
+        fb.m.get_function(name)
+            .unwrap_or_else(|| fb.m.add_function(name, i32t.fn_type(&[], false), None));
+    let v = fb.call(f, &[]).into_int_value();
+    fb.b.build_int_z_extend(v, fb.i64t(), "").expect(BUG)
+}
+
+/// The warp's sum of `x`, in every lane.
+pub fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
+    let i32t = fb.cx.i32_type();
+    let all = i32t.const_int(0xffff_ffff, false);
+    let clamp = i32t.const_int(0x1f, false);
+    let mut s = x;
+    for mask in [16u64, 8, 4, 2, 1] {
+        let other = fb
+            .named_intrinsic(
+                "llvm.nvvm.shfl.sync.bfly.f32",
+                &[
+                    all.into(),
+                    s.into(),
+                    i32t.const_int(mask, false).into(),
+                    clamp.into(),
+                ],
+            )
+            .into_float_value();
+        s = fb.fadd(s, other);
+    }
+    s
+}
+
+/// `n` elements of `dt` (f32 or bf16) at `p`, aligned to their whole size, as f32.
+fn load_run<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    dt: DType,
+    p: PointerValue<'ctx>,
+    n: usize,
+) -> Vec<FloatValue<'ctx>> {
+    let align = (n * dt.size()) as u32;
+    match dt {
+        DType::BF16 => {
+            let halves = fb
+                .load_aligned(fb.cx.i16_type().vec_type(n as u32), p, align)
+                .into_vector_value();
+            let i32v = fb.cx.i32_type().vec_type(n as u32);
+            let wide = fb.b.build_int_z_extend(halves, i32v, "").expect(BUG);
+            let sixteen = fb.b.build_left_shift(
+                wide,
+                inkwell::types::VectorType::const_vector(&vec![
+                    fb.cx
+                        .i32_type()
+                        .const_int(16, false);
+                    n
+                ]),
+                "",
+            );
+            let f =
+                fb.b.build_bit_cast(sixteen.expect(BUG), fb.f32t().vec_type(n as u32), "")
+                    .expect(BUG)
+                    .into_vector_value();
+            fb.unpack(f)
+        }
+        DType::F32 => {
+            let v = fb
+                .load_aligned(fb.f32t().vec_type(n as u32), p, align)
+                .into_vector_value();
+            fb.unpack(v)
+        }
+        other => (0..n)
+            .map(|i| fb.load_weight(other, fb.off(p, i * other.size())))
+            .collect(),
+    }
+}
+
+/// Work item `item` of a linear kernel (columns `item · tile.width ..` of `out`), computed by the block.
+pub fn columns<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    mm: MatMul<IntValue<'ctx>>,
+    x: PointerValue<'ctx>,
+    w: &[PointerValue<'ctx>],
+    out: PointerValue<'ctx>,
+    n: usize,
+    item: IntValue<'ctx>,
+) {
+    let MatMul {
+        k,
+        dt,
+        rows,
+        first_row,
+        tile,
+    } = mm;
+    let tid = thread_index(fb);
+    let warp = fb.udiv_c(tid, WARP);
+    let lane = fb.urem_c(tid, WARP);
+    // Elements per lane and step: the widest run that tiles k exactly (and whole runs are aligned).
+    let v = [8, 4, 2, 1]
+        .into_iter()
+        .find(|v| k.is_multiple_of(WARP * v))
+        .unwrap_or(1);
+    let chunk = WARP * v;
+    let steps = k / chunk;
+    let done = steps * chunk;
+    let (x_stride, w_stride) = (k * 4, k * dt.size());
+    let x = fb.addr(x, first_row, x_stride);
+    let o0 = fb.addr(out, first_row, n * 4);
+    let col0 = fb.mul_c(item, tile.width);
+    let lane_x = fb.mul_c(lane, v * 4);
+    let lane_w = fb.mul_c(lane, v * dt.size());
+    let warps = BLOCK_THREADS / WARP;
+    fb.for_range(warp, fb.i64c(tile.width), warps, |fb, c| {
+        let col = fb.add(col0, c);
+        let wrow: Vec<_> = w.iter().map(|&m| fb.addr(m, col, w_stride)).collect();
+        let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
+            let xr: Vec<_> = (0..nrows)
+                .map(|i| fb.off(fb.addr(x, r, x_stride), i * x_stride))
+                .collect();
+            let zero = fb.f32c(0.0);
+            let accs: Vec<Vec<_>> = (0..nrows)
+                .map(|_| w.iter().map(|_| fb.var(zero)).collect())
+                .collect();
+            fb.for_n(steps, |fb, j| {
+                let w_at = fb.add(fb.mul_c(j, chunk * dt.size()), lane_w);
+                let ws: Vec<_> = wrow
+                    .iter()
+                    .map(|&m| load_run(fb, dt, ptr_at(fb, m, w_at), v))
+                    .collect();
+                let x_at = fb.add(fb.mul_c(j, chunk * 4), lane_x);
+                for (ri, &xrow) in xr.iter().enumerate() {
+                    let xs = load_run(fb, DType::F32, ptr_at(fb, xrow, x_at), v);
+                    for (mi, wv) in ws.iter().enumerate() {
+                        let mut a = fb.getf(accs[ri][mi]);
+                        for e in 0..v {
+                            a = fb.fma(xs[e], wv[e], a).into_float_value();
+                        }
+                        fb.set(accs[ri][mi], a);
+                    }
+                }
+            });
+            // Elements past the whole runs, one per lane.
+            if done < k {
+                fb.for_range(fb.add_c(lane, done), fb.i64c(k), WARP, |fb, i| {
+                    for (ri, &xrow) in xr.iter().enumerate() {
+                        let xi = fb.load_f32(ptr_at(fb, xrow, fb.mul_c(i, 4)));
+                        for (mi, &m) in wrow.iter().enumerate() {
+                            let wi = fb.load_weight(dt, ptr_at(fb, m, fb.mul_c(i, dt.size())));
+                            let a = fb.getf(accs[ri][mi]);
+                            fb.set(accs[ri][mi], fb.fma(xi, wi, a));
+                        }
+                    }
+                });
+            }
+            let parts: Vec<Vec<FloatValue>> = (0..w.len())
+                .map(|mi| {
+                    (0..nrows)
+                        .map(|ri| warp_sum(fb, fb.getf(accs[ri][mi])))
+                        .collect()
+                })
+                .collect();
+            let first = fb.icmp(IntPredicate::EQ, lane, fb.i64c(0));
+            fb.when(first, |fb| {
+                let o = fb.addr(fb.addr(o0, r, n * 4), col, 4);
+                for (ri, s) in epilogue(fb, &parts).into_iter().enumerate() {
+                    fb.store(s, fb.off(o, ri * n * 4));
+                }
+            });
+        };
+        let full = fb.mul_c(fb.udiv_c(rows, ROWS), ROWS);
+        fb.for_range(fb.i64c(0), full, ROWS, |fb, r| block(fb, r, ROWS));
+        fb.for_range(full, rows, 1, |fb, r| block(fb, r, 1));
+    });
+}
+
+/// `base + bytes` for a byte count computed at run time.
+fn ptr_at<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    base: PointerValue<'ctx>,
+    bytes: IntValue<'ctx>,
+) -> PointerValue<'ctx> {
+    fb.addr(base, bytes, 1)
+}
+
+/// `Σ_i x[i] · w[i]` over `k` elements by the lanes of a warp (a row kernel's item, [`WARP`] threads): lane
+/// `l` takes the vectors `l, l + 32, ...` of `fb.lanes()` elements, as `map_row` splits rows, so each lane
+/// reads what it wrote itself; lane 0 the scalar tail. Every lane gets the sum.
+pub fn row_dot<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    lane: IntValue<'ctx>,
+    x: PointerValue<'ctx>,
+    w: PointerValue<'ctx>,
+    dt: DType,
+    k: usize,
+) -> FloatValue<'ctx> {
+    let lanes = fb.lanes();
+    let acc = fb.var(fb.vsplat_c(0.0));
+    fb.for_range(lane, fb.i64c(k / lanes), WARP, |fb, v| {
+        let xv = fb.vload(fb.addr(x, v, lanes * 4));
+        let wv = fb.vload_weight(dt, fb.addr(w, v, lanes * dt.size()));
+        fb.set(acc, fb.vfma(xv, wv, fb.getv(acc)));
+    });
+    let sum = fb.var(fb.hsum(fb.getv(acc)));
+    let first = fb.icmp(IntPredicate::EQ, lane, fb.i64c(0));
+    fb.when(first, |fb| {
+        for i in k / lanes * lanes..k {
+            let xi = fb.load_f32(fb.off(x, i * 4));
+            let wi = fb.load_weight(dt, fb.off(w, i * dt.size()));
+            fb.set(sum, fb.fma(xi, wi, fb.getf(sum)));
+        }
+    });
+    warp_sum(fb, fb.getf(sum))
+}
+
+/// This thread's lane, where the kernel's items are taken by a warp ([`WARP`] threads per item).
+pub fn row_lane<'ctx>(fb: &Fb<'_, 'ctx>) -> Option<IntValue<'ctx>> {
+    (fb.flavor == crate::fb::Flavor::Gpu && fb.item_threads == WARP)
+        .then(|| fb.urem_c(thread_index(fb), WARP))
+}

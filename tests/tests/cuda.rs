@@ -1,0 +1,114 @@
+//! The CUDA executor (`q3c compile --target cuda`, run through the runtime's `cuda` feature) on a real
+//! NVIDIA GPU: every golden fixture against transformers (max |Δlogit| ≤ [`LOGIT_TOLERANCE`] with an f32 KV
+//! cache, identical greedy ids), token-by-token decoding against the full forward, an f16 cache within
+//! f16 rounding (the bound and its derivation: `tests/compiled.rs`), and a batch of sequences against
+//! lone sessions (`q3c_tests::batching`). Where this build has no CUDA support or this machine no NVIDIA
+//! driver, each test says it is skipped; loading a CUDA artifact without a driver must then fail with one
+//! clear message, which is checked instead.
+
+#![cfg(feature = "cuda")]
+
+use q3c_ir::DType;
+use q3c_runtime::{Batch, CompiledModel, RuntimeError, Session};
+use q3c_tests::batching::*;
+use q3c_tests::*;
+
+/// The GPU model of fixture `name` with a KV cache of `kv`, or `None` (said) where none can run here.
+fn gpu_model(name: &str, kv: DType, dir: &std::path::Path) -> Option<CompiledModel> {
+    let artifact = cuda_artifact(name, kv, dir)?;
+    let loaded = CompiledModel::load(&artifact, &golden(name).dir, 2);
+    if !q3c_runtime::compiled::cuda_available() {
+        let err = loaded
+            .err()
+            .expect("no driver, yet the CUDA artifact loaded");
+        assert!(
+            matches!(&err, RuntimeError::Gpu(m) if m.starts_with("no NVIDIA driver found")),
+            "{err}"
+        );
+        eprintln!("skipped: {name} on the GPU: no NVIDIA driver found on this machine");
+        return None;
+    }
+    let model = loaded.unwrap_or_else(|e| panic!("{name}: {e}"));
+    eprintln!("{name}: running on {}", model.gpu().expect("a GPU model"));
+    Some(model)
+}
+
+#[test]
+fn every_fixture_matches_transformers_on_the_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let g = golden(name);
+        let Some(model) = gpu_model(name, DType::F32, tmp.path()) else {
+            continue;
+        };
+        let full = model.session().forward(&g.prompt_ids).unwrap();
+        let diff = max_abs_diff(&full.data, &g.logits);
+        eprintln!("{name}: GPU max |dlogit| vs transformers {diff:.2e}");
+        assert!(diff <= LOGIT_TOLERANCE, "{name}: {diff:e}");
+        assert_eq!(
+            greedy_continuation(&mut model.session(), &g),
+            g.greedy_ids,
+            "{name}: greedy ids"
+        );
+        // A prefill of half the prompt, then one token at a time: each step reads the cache the ones
+        // before wrote (same kernels, same order of additions per row: 1e-4 as for the CPU artifacts).
+        let mut s = model.session();
+        let split = g.prompt_ids.len() / 2;
+        let mut rows = s.forward(&g.prompt_ids[..split]).unwrap().data;
+        for &id in &g.prompt_ids[split..] {
+            rows.extend(s.forward(&[id]).unwrap().data);
+        }
+        let diff = max_abs_diff(&rows, &full.data);
+        assert!(diff <= 1e-4, "{name}: incremental vs full {diff:e}");
+    }
+}
+
+#[test]
+fn an_f16_cache_on_the_gpu_stays_within_f16_rounding() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let g = golden(name);
+        let Some(model) = gpu_model(name, DType::F16, tmp.path()) else {
+            continue;
+        };
+        assert_eq!(model.manifest().kv.dtype, "f16");
+        let want = reference_model(name)
+            .session()
+            .forward(&g.prompt_ids)
+            .unwrap()
+            .data;
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let got = model.session().forward(&g.prompt_ids).unwrap().data;
+        let diff = max_abs_diff(&got, &want);
+        eprintln!("{name}: GPU f16 KV max |dlogit| {diff:e} (scale {scale})");
+        assert!(diff <= scale / 512.0, "{name}: {diff:e}");
+        assert_eq!(
+            greedy_continuation(&mut model.session(), &g),
+            g.greedy_ids,
+            "{name}: greedy ids"
+        );
+    }
+}
+
+#[test]
+fn a_gpu_batch_feeds_each_sequence_as_its_own_session_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["dense_gqa", "moe"] {
+        for kv in [DType::F32, DType::F16] {
+            let Some(model) = gpu_model(name, kv, tmp.path()) else {
+                continue;
+            };
+            let vocab = model.manifest().vocab_size;
+            let mut batch = model.batch(4096);
+            let session = || Box::new(model.session()) as Box<dyn Session>;
+            check_against_sessions(
+                &format!("{name}, GPU, {kv}"),
+                kv,
+                &mut batch,
+                &session,
+                vocab,
+            );
+            assert!(batch.in_use() > 0);
+        }
+    }
+}
