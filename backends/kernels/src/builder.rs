@@ -236,6 +236,11 @@ pub trait KernelBuilder: Sized {
     fn share_sum(&mut self, x: Self::F32) -> Self::F32 {
         x
     }
+    /// Emits `f` as code this thread runs alone: inside it, [`KernelBuilder::item_lane`] is `None` (for a
+    /// kernel that splits its item's work by some other index, e.g. heads, across the threads).
+    fn alone<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        f(self)
+    }
 
     /// `Σ_i x[i] · w[i]` over `k` elements: f32 activations at `x`, weights of `dt` at `w`.
     fn dot(&mut self, x: Self::Ptr, w: Self::Ptr, dt: DType, k: usize) -> Self::F32;

@@ -206,21 +206,45 @@ pub fn emit<B: KernelBuilder>(
                     tok
                 };
                 let dst = b.addr(out, row, heads * d * kv.size());
-                // Fused: normalise each head into the output row, then rotate it in place (still in L1).
-                let src = match norm {
-                    Some((eps, dt)) => {
-                        let to = normed.unwrap_or(dst);
-                        for h in 0..heads {
-                            let (x, o) = (b.off(src, h * d * 4), b.off(to, h * d * 4));
-                            rms_row(b, x, ptr[1], dt, o, d, eps);
-                        }
-                        to
-                    }
-                    None => src,
-                };
                 let p = rows.pos(b, tok);
                 let pf = b.int_to_f32(p);
-                rope_token(b, src, (dst, kv), heads, d, pf, table, scale);
+                let Some((lane, threads)) = b.item_lane() else {
+                    // Fused: normalise each head into the output row, then rotate it in place (still
+                    // in L1).
+                    let src = match norm {
+                        Some((eps, dt)) => {
+                            let to = normed.unwrap_or(dst);
+                            for h in 0..heads {
+                                let (x, o) = (b.off(src, h * d * 4), b.off(to, h * d * 4));
+                                rms_row(b, x, ptr[1], dt, o, d, eps);
+                            }
+                            to
+                        }
+                        None => src,
+                    };
+                    rope_token(b, src, (dst, kv), heads, d, pf, table, scale);
+                    return;
+                };
+                // Threads sharing the token: each normalises and rotates every `threads`-th head alone.
+                let heads_end = b.iconst(heads);
+                b.for_range(lane, heads_end, threads, |b, h| {
+                    b.alone(|b| {
+                        let x = b.addr(src, h, d * 4);
+                        let o = b.addr(dst, h, d * kv.size());
+                        let x = match norm {
+                            Some((eps, dt)) => {
+                                let to = match normed {
+                                    Some(stack) => b.addr(stack, h, d * 4),
+                                    None => o,
+                                };
+                                rms_row(b, x, ptr[1], dt, to, d, eps);
+                                to
+                            }
+                            None => x,
+                        };
+                        rope_token(b, x, (o, kv), 1, d, pf, table, scale);
+                    })
+                });
             });
         }
         Op::KvAppend { .. } => {
@@ -744,16 +768,18 @@ fn attention_segment<B: KernelBuilder>(
         let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
         b.store_f32(neg_inf, m);
         b.store_f32(zero, l);
+        // Every element, also where threads share the item: each keeps its own accumulators.
         let o = b.addr(acc, r, s.dv * 4);
-        map_row(b, s.dv, |b, at| {
-            let to = at.ptr(b, o, 4);
-            if at.is_vector() {
-                let z = b.vsplat(zero);
-                b.vstore(z, to);
-            } else {
-                b.store_f32(zero, to);
-            }
+        let lanes = b.lanes();
+        b.for_n(s.dv / lanes, |b, i| {
+            let to = b.addr(o, i, lanes * 4);
+            let z = b.vsplat(zero);
+            b.vstore(z, to);
         });
+        for i in s.dv / lanes * lanes..s.dv {
+            let to = b.off(o, i * 4);
+            b.store_f32(zero, to);
+        }
     });
     // Query row r: row t0 + r / group, head g · group + r % group; it sees keys 0..len.
     let query = |b: &mut B, r: B::Int| {
@@ -840,9 +866,9 @@ fn attention_segment<B: KernelBuilder>(
                     let c = b.add(c0, u);
                     let vr = head_row(b, c);
                     let vc = b.addr(v, vr, s.dv * s.kv.size());
-                    row.add(b, pu, vc, s.kv);
+                    row.add(b, pu, vc, s.kv, s.dv);
                 });
-                row.store(b, o);
+                row.store(b, o, s.dv);
             });
         });
     });
@@ -860,8 +886,8 @@ fn attention_segment<B: KernelBuilder>(
                 });
                 let vr = head_row(b, c);
                 let vc = b.addr(v, vr, s.dv * s.kv.size());
-                row.add(b, p, vc, s.kv);
-                row.store(b, o);
+                row.add(b, p, vc, s.kv, s.dv);
+                row.store(b, o, s.dv);
             });
         });
     });
@@ -877,7 +903,7 @@ fn attention_segment<B: KernelBuilder>(
             let o = b.addr(acc, r, s.dv * 4);
             let row = Accumulators::load(b, o, s.dv, inv);
             let to = b.addr(out, qi, s.dv * 4);
-            row.store(b, to);
+            row.store(b, to, s.dv);
         });
     });
 }
@@ -892,10 +918,46 @@ type Exps<'a, B> = dyn FnMut(
     + 'a;
 
 /// One query row's weighted sum of value rows while it is updated, in registers: whole vectors, then
-/// single lanes.
+/// single lanes. Where threads share the work item ([`KernelBuilder::item_lane`]), each keeps every
+/// `threads`-th vector from its index on (the last repeated where the vectors run out: a repeat computes
+/// and stores the same values as its owner) and every single lane.
 struct Accumulators<B: KernelBuilder> {
-    vectors: Vec<B::Var>,
+    vectors: Vec<(VectorAt<B::Int>, B::Var)>,
     scalars: Vec<B::Var>,
+}
+
+/// Which vector of a row: a constant index, or one computed from the thread's index.
+#[derive(Clone, Copy)]
+enum VectorAt<I> {
+    Const(usize),
+    At(I),
+}
+
+impl<I: Copy> VectorAt<I> {
+    /// The vectors of a row of `n` this thread keeps (see [`Accumulators`]).
+    fn of_row<B: KernelBuilder<Int = I>>(b: &mut B, n: usize) -> Vec<VectorAt<I>> {
+        match b.item_lane() {
+            None => (0..n).map(VectorAt::Const).collect(),
+            Some(_) if n == 0 => Vec::new(),
+            Some((lane, threads)) => (0..n.div_ceil(threads))
+                .map(|j| {
+                    let i = b.add_c(lane, j * threads);
+                    let last = b.iconst(n - 1);
+                    let inside = b.ult(i, last);
+                    VectorAt::At(b.select_int(inside, i, last))
+                })
+                .collect(),
+        }
+    }
+
+    /// Its address in a row at `base` of elements of `size` bytes.
+    fn ptr<B: KernelBuilder<Int = I>>(self, b: &mut B, base: B::Ptr, size: usize) -> B::Ptr {
+        let lanes = b.lanes();
+        match self {
+            VectorAt::Const(i) => b.off(base, i * lanes * size),
+            VectorAt::At(i) => b.addr(base, i, lanes * size),
+        }
+    }
 }
 
 impl<B: KernelBuilder> Accumulators<B> {
@@ -903,12 +965,13 @@ impl<B: KernelBuilder> Accumulators<B> {
     fn load(b: &mut B, o: B::Ptr, dv: usize, c: B::F32) -> Self {
         let lanes = b.lanes();
         let cv = b.vsplat(c);
-        let vectors = (0..dv / lanes)
+        let vectors = VectorAt::of_row(b, dv / lanes)
+            .into_iter()
             .map(|i| {
-                let at = b.off(o, i * lanes * 4);
+                let at = i.ptr(b, o, 4);
                 let x = b.vload(at);
                 let x = b.vmul(x, cv);
-                b.var_vec(x)
+                (i, b.var_vec(x))
             })
             .collect();
         let scalars = (dv / lanes * lanes..dv)
@@ -922,18 +985,18 @@ impl<B: KernelBuilder> Accumulators<B> {
         Accumulators { vectors, scalars }
     }
 
-    /// Adds `p ·` the value row at `vj` (elements of `dt`).
-    fn add(&self, b: &mut B, p: B::F32, vj: B::Ptr, dt: DType) {
+    /// Adds `p ·` the value row at `vj` (elements of `dt`), of `dv` elements.
+    fn add(&self, b: &mut B, p: B::F32, vj: B::Ptr, dt: DType, dv: usize) {
         let lanes = b.lanes();
         let pv = b.vsplat(p);
-        for (i, &a) in self.vectors.iter().enumerate() {
-            let at = b.off(vj, i * lanes * dt.size());
+        for &(i, a) in &self.vectors {
+            let at = i.ptr(b, vj, dt.size());
             let x = b.vload_weight(dt, at);
             let prev = b.get_vec(a);
             let y = b.vfma(pv, x, prev);
             b.set_vec(a, y);
         }
-        let base = self.vectors.len() * lanes;
+        let base = dv / lanes * lanes;
         for (i, &a) in self.scalars.iter().enumerate() {
             let at = b.off(vj, (base + i) * dt.size());
             let x = b.load_weight(dt, at);
@@ -943,15 +1006,15 @@ impl<B: KernelBuilder> Accumulators<B> {
         }
     }
 
-    /// Writes the accumulators to the row at `o`.
-    fn store(&self, b: &mut B, o: B::Ptr) {
+    /// Writes the accumulators to the row at `o`, of `dv` elements.
+    fn store(&self, b: &mut B, o: B::Ptr, dv: usize) {
         let lanes = b.lanes();
-        for (i, &a) in self.vectors.iter().enumerate() {
+        for &(i, a) in &self.vectors {
             let y = b.get_vec(a);
-            let to = b.off(o, i * lanes * 4);
+            let to = i.ptr(b, o, 4);
             b.vstore(y, to);
         }
-        let base = self.vectors.len() * lanes;
+        let base = dv / lanes * lanes;
         for (i, &a) in self.scalars.iter().enumerate() {
             let y = b.get_f32(a);
             let to = b.off(o, (base + i) * 4);

@@ -67,12 +67,19 @@ enum Indices {
 
 /// Threads that take one work item of `body` together on a GPU: a block of [`BLOCK_THREADS`] for the
 /// matrix products of linear-type nodes ([`crate::gpu_gemm`]), a warp of [`WARP`] for the row kernels
-/// whose loops over a row's elements split across lanes (`q3c_kernels`' `map_row`, `share_sum`), else 1.
+/// whose loops over a row's elements split across lanes (`q3c_kernels`' `map_row`, `dot` and attention's
+/// accumulators) or whose heads do (RoPE), else 1.
 fn item_threads(graph: &Graph, body: Body) -> usize {
     match body {
         Body::Node(id) => match graph.node(id).op {
             Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => BLOCK_THREADS,
-            Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Embedding => WARP,
+            Op::RmsNorm { .. }
+            | Op::AddRmsNorm { .. }
+            | Op::Embedding
+            | Op::Attention { .. }
+            | Op::Rope(_)
+            | Op::NormRope { .. }
+            | Op::KvAppend { .. } => WARP,
             _ => 1,
         },
         _ => 1,

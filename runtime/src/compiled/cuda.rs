@@ -65,7 +65,10 @@ impl DevBuf {
                 let ptr = result::malloc_sync(bytes).map_err(|e| {
                     gpu_err(&format!("allocating {bytes} bytes of device memory"), e)
                 })?;
-                if let Err(e) = result::memset_d8_sync(ptr, 0, bytes) {
+                // The zeros land before any stream uses the buffer.
+                if let Err(e) =
+                    result::memset_d8_sync(ptr, 0, bytes).and_then(|_| result::ctx::synchronize())
+                {
                     let _ = result::free_sync(ptr);
                     return Err(gpu_err("zeroing device memory", e));
                 }
@@ -115,6 +118,12 @@ struct CallMemory {
     host: Vec<u8>,
     /// With `Q3C_CUDA_PROFILE` set: every dispatch timed by events, summed per kernel.
     profile: Option<Profile>,
+    /// The stream calls run on.
+    stream: sys::CUstream,
+    /// Captured calls of few rows, by (area address, rows, logit rows): see [`GRAPH_ROWS`].
+    graphs: std::collections::HashMap<(u64, u64, u64), sys::CUgraphExec>,
+    /// Whether to capture graphs (`Q3C_CUDA_GRAPHS=0` turns them off, to compare).
+    graphs_wanted: bool,
 }
 
 /// Time per kernel over the calls of a model (`Q3C_CUDA_PROFILE=1`), printed when the model is dropped.
@@ -259,6 +268,10 @@ impl Gpu {
                 Some(_) => Some(Profile::new(plan.dispatches.len(), plan.kernels.len())?),
                 None => None,
             },
+            stream: result::stream::create(result::stream::StreamKind::NonBlocking)
+                .map_err(|e| gpu_err("creating a stream", e))?,
+            graphs: std::collections::HashMap::new(),
+            graphs_wanted: std::env::var("Q3C_CUDA_GRAPHS").map_or(true, |v| v != "0"),
         };
         Ok(Gpu {
             name,
@@ -386,11 +399,20 @@ impl Gpu {
                 .map(|d| 2 + d.args.len())
                 .sum::<usize>();
         if call.area.bytes < 8 * data_words {
+            // Graphs captured with the old area's addresses go with it.
+            call.drop_graphs();
             call.area = DevBuf::new(&self.ctx, (8 * data_words).next_power_of_two())?;
         }
         let (base, scratch, logits) = (call.area.ptr, call.scratch.ptr, call.logits.ptr);
         let mut area = Area::new(&mut call.host, base);
         area.skip(step_words);
+        // The argument blocks next, at offsets that depend on the plan alone (a captured graph keeps
+        // their addresses), then the rows' data.
+        let mut block_word = Vec::with_capacity(self.plan.dispatches.len());
+        for d in &self.plan.dispatches {
+            block_word.push(area.words());
+            area.skip(2 + d.args.len());
+        }
         let kv_at = area.u64s(&kv.iter().map(|&p| p as u64).collect::<Vec<_>>());
         let ids_at = area.u32s(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>());
         let pos_at = area.u32s(pos);
@@ -429,7 +451,7 @@ impl Gpu {
         );
         let mut launches = Vec::with_capacity(self.plan.dispatches.len());
         let mut block = Vec::new();
-        for d in &self.plan.dispatches {
+        for (d, &word) in self.plan.dispatches.iter().zip(&block_word) {
             let items = arguments(d, step, n_logits, base, &mut block, |a| match a {
                 Arg::Weight(index) => self.weight_addrs[index],
                 Arg::WeightTable(index) => table + 8 * index as u64,
@@ -438,58 +460,164 @@ impl Gpu {
                 Arg::Cache(slot) => kv[slot] as u64,
                 Arg::Logits => logits,
             });
-            let grid = d.grid(items, self.plan.threads_per_block);
-            launches.push((d.kernel, area.u64s(&block), items as u64, grid));
+            area.set_u64s(word, &block);
+            if items > 0 {
+                let grid = d.grid(items, self.plan.threads_per_block);
+                launches.push(Launch {
+                    kernel: d.kernel,
+                    args: base + 8 * word as u64,
+                    items: items as u64,
+                    grid,
+                });
+            }
         }
         let bytes = area.finish();
-        // SAFETY: the area holds at least `bytes` (sized above); copies and launches run in order on the
-        // default stream, and the synchronous copy back waits for the last kernel.
+        let stream = call.stream;
+        // SAFETY: the area holds at least `bytes` (sized above); the copy in, the kernels and the copy out
+        // run in order on the call's stream, which is synchronised before the host buffers are used again.
         unsafe {
-            result::memcpy_htod_sync(base, &call.host[..bytes])
+            result::memcpy_htod_async(base, &call.host[..bytes], stream)
                 .map_err(|e| gpu_err("copying the step to the GPU", e))?;
-            let stream = result::stream::null();
-            let mut timed = Vec::new();
-            for (kernel, mut args, mut items, (blocks, threads)) in launches {
-                if items == 0 {
-                    continue;
+            if call.profile.is_some() {
+                self.launch_timed(&mut call, &launches)?;
+            } else if t <= GRAPH_ROWS && call.graphs_wanted {
+                let key = (base, t as u64, n_logits as u64);
+                if !call.graphs.contains_key(&key) {
+                    if call.graphs.len() >= GRAPHS_KEPT {
+                        call.drop_graphs();
+                    }
+                    let exec = self.capture(stream, &launches)?;
+                    call.graphs.insert(key, exec);
                 }
-                if let Some(p) = &call.profile {
-                    result::event::record(p.events[timed.len()], stream)
-                        .map_err(|e| gpu_err("recording an event", e))?;
-                    timed.push(kernel);
-                }
-                let mut params = [
-                    &mut args as *mut u64 as *mut c_void,
-                    &mut items as *mut u64 as *mut c_void,
-                ];
+                result::graph::launch(call.graphs[&key], stream)
+                    .map_err(|e| gpu_err("launching the forward pass's graph", e))?;
+            } else {
+                self.launch(stream, &launches)?;
+            }
+            let out = std::slice::from_raw_parts_mut(step.logits, n_logits * self.vocab);
+            result::memcpy_dtoh_async(out, logits, stream)
+                .map_err(|e| gpu_err("copying the logits back", e))?;
+            result::stream::synchronize(stream)
+                .map_err(|e| gpu_err("running the forward pass", e))?;
+        }
+        if let Some(p) = &mut call.profile {
+            p.add(&launches.iter().map(|l| l.kernel).collect::<Vec<_>>());
+        }
+        Ok(q3c_abi::OK)
+    }
+}
+
+/// One kernel launch of a call: its kernel, the device address of its argument block, its work items, and
+/// its grid (blocks, threads per block).
+struct Launch {
+    kernel: usize,
+    args: u64,
+    items: u64,
+    grid: (usize, usize),
+}
+
+/// Calls of at most this many rows (decoding, batched decoding) run as a captured CUDA graph: one launch
+/// instead of one per kernel. Longer calls (prompts) launch their kernels one by one.
+const GRAPH_ROWS: usize = 16;
+/// Graphs kept per model (by area, rows and logit rows); all are dropped when a new one would exceed it.
+const GRAPHS_KEPT: usize = 64;
+
+impl Gpu {
+    /// Launches `launches` in order on `stream`.
+    ///
+    /// # Safety
+    /// The argument blocks must be in place (or copied ahead on the same stream).
+    unsafe fn launch(
+        &self,
+        stream: sys::CUstream,
+        launches: &[Launch],
+    ) -> Result<(), RuntimeError> {
+        for l in launches {
+            let (mut args, mut items) = (l.args, l.items);
+            let mut params = [
+                &mut args as *mut u64 as *mut c_void,
+                &mut items as *mut u64 as *mut c_void,
+            ];
+            // SAFETY: a kernel of the loaded module with its two parameters.
+            unsafe {
                 result::launch_kernel(
-                    self.kernels[kernel],
-                    (blocks as u32, 1, 1),
-                    (threads as u32, 1, 1),
+                    self.kernels[l.kernel],
+                    (l.grid.0 as u32, 1, 1),
+                    (l.grid.1 as u32, 1, 1),
                     0,
                     stream,
                     &mut params,
                 )
-                .map_err(|e| gpu_err("launching a kernel", e))?;
             }
-            if let Some(p) = &call.profile {
-                result::event::record(p.events[timed.len()], stream)
-                    .map_err(|e| gpu_err("recording an event", e))?;
-            }
-            let out = std::slice::from_raw_parts_mut(step.logits, n_logits * self.vocab);
-            result::memcpy_dtoh_sync(out, logits)
-                .map_err(|e| gpu_err("running the forward pass", e))?;
-            if let Some(p) = &mut call.profile {
-                p.add(&timed);
-            }
+            .map_err(|e| gpu_err("launching a kernel", e))?;
         }
-        Ok(q3c_abi::OK)
+        Ok(())
+    }
+
+    /// [`Gpu::launch`] with an event before each launch and after the last, for the profile.
+    ///
+    /// # Safety
+    /// As for [`Gpu::launch`].
+    unsafe fn launch_timed(
+        &self,
+        call: &mut CallMemory,
+        launches: &[Launch],
+    ) -> Result<(), RuntimeError> {
+        let stream = call.stream;
+        let events = &call.profile.as_ref().expect("profiling").events;
+        for (i, l) in launches.iter().enumerate() {
+            // SAFETY: events of this context, on the call's stream.
+            unsafe { result::event::record(events[i], stream) }
+                .map_err(|e| gpu_err("recording an event", e))?;
+            // SAFETY: as for this function.
+            unsafe { self.launch(stream, std::slice::from_ref(l))? };
+        }
+        // SAFETY: as above.
+        unsafe { result::event::record(events[launches.len()], stream) }
+            .map_err(|e| gpu_err("recording an event", e))
+    }
+
+    /// `launches` captured into an executable graph.
+    ///
+    /// # Safety
+    /// As for [`Gpu::launch`], whenever the graph is launched.
+    unsafe fn capture(
+        &self,
+        stream: sys::CUstream,
+        launches: &[Launch],
+    ) -> Result<sys::CUgraphExec, RuntimeError> {
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        // SAFETY: the call's stream; captured launches are recorded, not run.
+        unsafe {
+            result::stream::begin_capture(stream, mode)
+                .map_err(|e| gpu_err("capturing a graph", e))?;
+            let launched = self.launch(stream, launches);
+            let graph =
+                result::stream::end_capture(stream).map_err(|e| gpu_err("capturing a graph", e))?;
+            launched?;
+            let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0));
+            let _ = result::graph::destroy(graph);
+            exec.map_err(|e| gpu_err("instantiating a graph", e))
+        }
+    }
+}
+
+impl CallMemory {
+    fn drop_graphs(&mut self) {
+        for (_, exec) in self.graphs.drain() {
+            // SAFETY: instantiated by `Gpu::capture`, destroyed once, not running (calls synchronise).
+            let _ = unsafe { result::graph::exec_destroy(exec) };
+        }
     }
 }
 
 impl Drop for Gpu {
     fn drop(&mut self) {
         if let Ok(call) = self.call.get_mut() {
+            let _ = self.ctx.bind();
+            call.drop_graphs();
+            // SAFETY: created in `open`, destroyed once; every call synchronised it.
+            let _ = unsafe { result::stream::destroy(call.stream) };
             if let Some(p) = &call.profile {
                 eprint!("{}", p.report(&self.plan.kernels));
                 for &e in &p.events {
@@ -516,6 +644,11 @@ impl<'a> Area<'a> {
     fn new(bytes: &'a mut Vec<u8>, base: u64) -> Area<'a> {
         bytes.clear();
         Area { bytes, base }
+    }
+
+    /// Words written so far.
+    fn words(&self) -> usize {
+        self.bytes.len().div_ceil(8)
     }
 
     fn skip(&mut self, words: usize) {
@@ -585,6 +718,10 @@ impl KvMemory for DeviceKv {
             }
             grown.push(new);
         }
+        // Device copies may run behind the host: done before a call's stream reads the buffers.
+        if result::ctx::synchronize().is_err() {
+            return false;
+        }
         self.buffers = grown;
         self.bytes = bytes;
         true
@@ -597,7 +734,7 @@ impl KvMemory for DeviceKv {
         self.buffers.iter().all(|b| {
             // SAFETY: the pool copies within its blocks, inside the buffers.
             unsafe { result::memcpy_dtod_sync(b.ptr + to as u64, b.ptr + from as u64, n) }.is_ok()
-        })
+        }) && result::ctx::synchronize().is_ok()
     }
 
     fn pointers(&mut self) -> Vec<*mut f32> {
