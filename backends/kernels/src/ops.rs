@@ -514,8 +514,18 @@ fn map_row<B: KernelBuilder>(b: &mut B, n: usize, mut f: impl FnMut(&mut B, At<B
         }
         // Threads sharing the item: every `threads`-th vector from this thread's on, the tail in thread 0.
         Some((lane, threads)) => {
-            let end = b.iconst(n / lanes);
-            b.for_range(lane, end, threads, |b, v| f(b, At::Vector(v)));
+            let vectors = n / lanes;
+            if vectors.is_multiple_of(threads) {
+                // A constant trip count, which the code generator unrolls: more loads in flight.
+                b.for_n(vectors / threads, |b, j| {
+                    let step = b.mul_c(j, threads);
+                    let v = b.add(lane, step);
+                    f(b, At::Vector(v))
+                });
+            } else {
+                let end = b.iconst(vectors);
+                b.for_range(lane, end, threads, |b, v| f(b, At::Vector(v)));
+            }
             if !n.is_multiple_of(lanes) {
                 let zero = b.iconst(0);
                 let first = b.ieq(lane, zero);

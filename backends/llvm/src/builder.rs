@@ -313,17 +313,17 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
         }
     }
     fn item_lane(&mut self) -> Option<(IntValue<'ctx>, usize)> {
-        crate::gpu_gemm::row_lane(self).map(|lane| (lane, crate::gpu_gemm::WARP))
+        crate::gpu_gemm::row_lane(self).map(|lane| (lane, self.share.threads()))
     }
     fn alone<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
-        let threads = std::mem::replace(&mut self.item_threads, 1);
+        let share = std::mem::replace(&mut self.share, crate::fb::ItemShare::One);
         let r = f(self);
-        self.item_threads = threads;
+        self.share = share;
         r
     }
     fn share_sum(&mut self, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
         match crate::gpu_gemm::row_lane(self) {
-            Some(_) => crate::gpu_gemm::warp_sum(self, x),
+            Some(_) => crate::gpu_gemm::item_sum(self, x),
             None => x,
         }
     }

@@ -49,6 +49,28 @@ impl Flavor {
     }
 }
 
+/// How the threads that take one work item together on a GPU share it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ItemShare {
+    /// One thread per item.
+    One,
+    /// A matrix product's block ([`crate::gpu_gemm::columns`]).
+    Product,
+    /// `n` threads split the item's loops over a row's elements (or its heads).
+    Rows(usize),
+}
+
+impl ItemShare {
+    /// Threads per item.
+    pub fn threads(self) -> usize {
+        match self {
+            ItemShare::One => 1,
+            ItemShare::Product => crate::gpu_gemm::BLOCK_THREADS,
+            ItemShare::Rows(n) => n,
+        }
+    }
+}
+
 /// A mutable stack variable.
 #[derive(Clone, Copy)]
 pub struct Var<'ctx> {
@@ -63,9 +85,8 @@ pub struct Fb<'a, 'ctx> {
     pub b: Builder<'ctx>,
     pub f: FunctionValue<'ctx>,
     pub flavor: Flavor,
-    /// On GPUs: the threads that take one work item together (`Dispatch::threads_per_item`): a block for
-    /// matrix products ([`crate::gpu_gemm`]), a warp for row kernels, else 1.
-    pub item_threads: usize,
+    /// On GPUs: how the threads of a block share one work item (`Dispatch::threads_per_item`).
+    pub share: ItemShare,
     /// Allocas go here, ahead of the body, so SROA can promote them.
     entry: BasicBlock<'ctx>,
     entry_b: Builder<'ctx>,
@@ -91,7 +112,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             b,
             f,
             flavor,
-            item_threads: 1,
+            share: ItemShare::One,
             entry,
             entry_b,
         }

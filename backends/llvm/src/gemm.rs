@@ -257,7 +257,7 @@ pub fn columns<'ctx>(
     if matches!(dt, DType::Q8 | DType::Q4) {
         return q8_columns(fb, mm, x, w, out, n, item);
     }
-    if fb.flavor == Flavor::Gpu && fb.item_threads > 1 {
+    if fb.flavor == Flavor::Gpu && fb.share == crate::fb::ItemShare::Product {
         return crate::gpu_gemm::columns(fb, mm, x, w, out, n, item);
     }
     let (x_stride, w_stride) = (k * 4, k * dt.size());

@@ -20,8 +20,8 @@ use q3c_backend_common::BackendError;
 use q3c_ir::{Graph, Op};
 use q3c_models::Qwen3Config;
 
-use crate::fb::{Fb, Flavor, BUG};
-use crate::gpu_gemm::{BLOCK_THREADS, WARP};
+use crate::fb::{Fb, Flavor, ItemShare, BUG};
+use crate::gpu_gemm::WARP;
 use crate::module::{finish_object, kernel_body, nounwind, optimise, Compiled};
 use crate::target;
 
@@ -65,32 +65,32 @@ enum Indices {
     Parameters,
 }
 
-/// Threads that take one work item of `body` together on a GPU: a block of [`BLOCK_THREADS`] for the
-/// matrix products of linear-type nodes ([`crate::gpu_gemm`]), a warp of [`WARP`] for the row kernels
-/// whose loops over a row's elements split across lanes (`q3c_kernels`' `map_row`, `dot` and attention's
-/// accumulators) or whose heads do (RoPE), else 1.
-fn item_threads(graph: &Graph, body: Body) -> usize {
+/// How the threads of a GPU block share a work item of `body`: a block of [`crate::gpu_gemm::BLOCK_THREADS`] per matrix
+/// product of a linear-type node ([`crate::gpu_gemm`]); a block of [`ROW_THREADS`] for the row kernels
+/// whose loops over a row's elements split across threads (`q3c_kernels`' `map_row` and `dot`); a warp for
+/// attention (its accumulators and dot split across lanes) and RoPE (its heads split); else one thread.
+fn item_share(graph: &Graph, body: Body) -> ItemShare {
     match body {
         Body::Node(id) => match graph.node(id).op {
-            Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => BLOCK_THREADS,
-            Op::RmsNorm { .. }
-            | Op::AddRmsNorm { .. }
-            | Op::Embedding
-            | Op::Attention { .. }
-            | Op::Rope(_)
-            | Op::NormRope { .. }
-            | Op::KvAppend { .. } => WARP,
-            _ => 1,
+            Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => ItemShare::Product,
+            Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Embedding | Op::KvAppend { .. } => {
+                ItemShare::Rows(ROW_THREADS)
+            }
+            Op::Attention { .. } | Op::Rope(_) | Op::NormRope { .. } => ItemShare::Rows(WARP),
+            _ => ItemShare::One,
         },
-        _ => 1,
+        _ => ItemShare::One,
     }
 }
+
+/// Threads of a row kernel's block.
+const ROW_THREADS: usize = 256;
 
 /// The launch plan of `graph` for GPUs: `launch::build`'s, with each dispatch's threads per item.
 fn gpu_launch(graph: &Graph, plan: &mut Plan) -> Result<launch::Launch, BackendError> {
     let mut launch = launch::build(graph, plan)?;
     for d in &mut launch.plan.dispatches {
-        d.threads_per_item = item_threads(graph, launch.bodies[d.kernel]);
+        d.threads_per_item = item_share(graph, launch.bodies[d.kernel]).threads();
     }
     Ok(launch)
 }
@@ -118,8 +118,8 @@ fn entries<'ctx>(
                 "no staging kernels on GPUs yet ({name})"
             )));
         }
-        let threads_per_item = item_threads(graph, *body);
-        let cooperative = threads_per_item > 1;
+        let share = item_share(graph, *body);
+        let cooperative = share != ItemShare::One;
         let body = kernel_body(
             cx,
             m,
@@ -128,7 +128,7 @@ fn entries<'ctx>(
             *body,
             &format!("{name}_body"),
             flavor,
-            threads_per_item,
+            share,
         )?;
         let inline = Attribute::get_named_enum_kind_id("alwaysinline");
         body.add_attribute(AttributeLoc::Function, cx.create_enum_attribute(inline, 0));

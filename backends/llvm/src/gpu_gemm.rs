@@ -14,7 +14,7 @@ use inkwell::IntPredicate;
 use q3c_ir::DType;
 use q3c_kernels::MatMul;
 
-use crate::fb::{Fb, BUG};
+use crate::fb::{Fb, Flavor, ItemShare, BUG};
 use crate::gemm::epilogue;
 
 /// Threads of the block that takes one work item of a cooperative product.
@@ -208,9 +208,9 @@ fn ptr_at<'ctx>(
     fb.addr(base, bytes, 1)
 }
 
-/// `Σ_i x[i] · w[i]` over `k` elements by the lanes of a warp (a row kernel's item, [`WARP`] threads): lane
-/// `l` takes the vectors `l, l + 32, ...` of `fb.lanes()` elements, as `map_row` splits rows, so each lane
-/// reads what it wrote itself; lane 0 the scalar tail. Every lane gets the sum.
+/// `Σ_i x[i] · w[i]` over `k` elements by the threads of a row kernel's item: thread `l` of `n` takes the
+/// vectors `l, l + n, ...` of `fb.lanes()` elements, as `map_row` splits rows, so each thread reads what
+/// it wrote itself; thread 0 the scalar tail. Every thread gets the sum.
 pub fn row_dot<'ctx>(
     fb: &Fb<'_, 'ctx>,
     lane: IntValue<'ctx>,
@@ -220,26 +220,108 @@ pub fn row_dot<'ctx>(
     k: usize,
 ) -> FloatValue<'ctx> {
     let lanes = fb.lanes();
+    let threads = fb.share.threads();
     let acc = fb.var(fb.vsplat_c(0.0));
-    fb.for_range(lane, fb.i64c(k / lanes), WARP, |fb, v| {
+    let step = |fb: &Fb<'_, 'ctx>, v: IntValue<'ctx>| {
         let xv = fb.vload(fb.addr(x, v, lanes * 4));
         let wv = fb.vload_weight(dt, fb.addr(w, v, lanes * dt.size()));
         fb.set(acc, fb.vfma(xv, wv, fb.getv(acc)));
-    });
+    };
+    let vectors = k / lanes;
+    if vectors.is_multiple_of(threads) {
+        // A constant trip count, which LLVM unrolls: several loads in flight per thread.
+        fb.for_n(vectors / threads, |fb, j| {
+            step(fb, fb.add(lane, fb.mul_c(j, threads)))
+        });
+    } else {
+        fb.for_range(lane, fb.i64c(vectors), threads, step);
+    }
     let sum = fb.var(fb.hsum(fb.getv(acc)));
     let first = fb.icmp(IntPredicate::EQ, lane, fb.i64c(0));
     fb.when(first, |fb| {
-        for i in k / lanes * lanes..k {
+        for i in vectors * lanes..k {
             let xi = fb.load_f32(fb.off(x, i * 4));
             let wi = fb.load_weight(dt, fb.off(w, i * dt.size()));
             fb.set(sum, fb.fma(xi, wi, fb.getf(sum)));
         }
     });
-    warp_sum(fb, fb.getf(sum))
+    item_sum(fb, fb.getf(sum))
 }
 
-/// This thread's lane, where the kernel's items are taken by a warp ([`WARP`] threads per item).
+/// The sum of `x` over the threads of a row kernel's item, in every thread: a warp's through shuffles;
+/// a block's through each warp's sum in shared memory, between two barriers (the first keeps a previous
+/// sum's readers ahead of the writes).
+pub fn item_sum<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
+    let s = warp_sum(fb, x);
+    let warps = fb.share.threads() / WARP;
+    if warps <= 1 {
+        return s;
+    }
+    let shared = shared_sums(fb);
+    let tid = thread_index(fb);
+    let (warp, lane) = (fb.udiv_c(tid, WARP), fb.urem_c(tid, WARP));
+    barrier(fb);
+    let first = fb.icmp(IntPredicate::EQ, lane, fb.i64c(0));
+    fb.when(first, |fb| {
+        let at = shared_at(fb, shared, warp);
+        fb.b.build_store(at, s).expect(BUG);
+    });
+    barrier(fb);
+    let mut total = fb.f32c(0.0);
+    for w in 0..warps {
+        let at = shared_at(fb, shared, fb.i64c(w));
+        let v =
+            fb.b.build_load(fb.f32t(), at, "")
+                .expect(BUG)
+                .into_float_value();
+        total = fb.fadd(total, v);
+    }
+    total
+}
+
+/// Warps of a block at most ([`BLOCK_THREADS`] threads).
+const MAX_WARPS: usize = BLOCK_THREADS / WARP;
+
+/// The module's shared-memory array of one f32 per warp (address space 3).
+fn shared_sums<'ctx>(fb: &Fb<'_, 'ctx>) -> PointerValue<'ctx> {
+    let name = "q3c_warp_sums";
+    let g = fb.m.get_global(name).unwrap_or_else(|| {
+        let ty = fb.f32t().array_type(MAX_WARPS as u32);
+        let g =
+            fb.m.add_global(ty, Some(inkwell::AddressSpace::from(3u16)), name);
+        g.set_linkage(inkwell::module::Linkage::Internal);
+        g.set_initializer(&ty.get_undef());
+        g.set_alignment(4);
+        g
+    });
+    g.as_pointer_value()
+}
+
+fn shared_at<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    shared: PointerValue<'ctx>,
+    i: IntValue<'ctx>,
+) -> PointerValue<'ctx> {
+    // SAFETY (of the IR): i < MAX_WARPS.
+    unsafe {
+        fb.b.build_in_bounds_gep(fb.f32t(), shared, &[i], "")
+            .expect(BUG)
+    }
+}
+
+/// `bar.sync 0`: every thread of the block waits for the others.
+fn barrier(fb: &Fb<'_, '_>) {
+    let name = "llvm.nvvm.barrier0";
+    let f = fb.m.get_function(name).unwrap_or_else(|| {
+        fb.m.add_function(name, fb.cx.void_type().fn_type(&[], false), None)
+    });
+    fb.b.build_call(f, &[], "").expect(BUG);
+}
+
+/// This thread's index among those of its item, where a row kernel's item is shared.
 pub fn row_lane<'ctx>(fb: &Fb<'_, 'ctx>) -> Option<IntValue<'ctx>> {
-    (fb.flavor == crate::fb::Flavor::Gpu && fb.item_threads == WARP)
-        .then(|| fb.urem_c(thread_index(fb), WARP))
+    match fb.share {
+        ItemShare::Rows(_) if fb.flavor == Flavor::Gpu => Some(thread_index(fb)),
+        _ => None,
+    }
 }

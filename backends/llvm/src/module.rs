@@ -18,7 +18,7 @@ use q3c_ir::{DType, Graph, NodeId};
 use q3c_kernels::ops::Params;
 use q3c_models::Qwen3Config;
 
-use crate::fb::{Fb, Flavor, BUG};
+use crate::fb::{Fb, Flavor, ItemShare, BUG};
 use crate::{forward, staging, target};
 
 /// Settings of one CPU compilation.
@@ -95,7 +95,7 @@ pub(crate) fn kernel_body<'ctx>(
     body: Body,
     name: &str,
     flavor: Flavor,
-    item_threads: usize,
+    share: ItemShare,
 ) -> Result<FunctionValue<'ctx>, BackendError> {
     let i64t = cx.i64_type();
     let ptr = cx.ptr_type(AddressSpace::default());
@@ -106,7 +106,7 @@ pub(crate) fn kernel_body<'ctx>(
     nounwind(cx, f);
     let table = q3c_kernels::body_node(body).and_then(|id| rope_table(cx, m, graph, id, name));
     let mut fb = Fb::new(cx, m, f, flavor);
-    fb.item_threads = item_threads;
+    fb.share = share;
     let param = |i| f.get_nth_param(i).expect("3 params");
     let params = Params {
         args: param(0).into_pointer_value(),
@@ -186,7 +186,16 @@ pub fn compile(
         .zip(&launch.bodies)
         .map(|(name, body)| match *body {
             Body::Stage { prep, k } => Ok(staging::kernel(&cx, &m, name, prep, k, target.flavor)),
-            body => kernel_body(&cx, &m, graph, &plan, body, name, target.flavor, 1),
+            body => kernel_body(
+                &cx,
+                &m,
+                graph,
+                &plan,
+                body,
+                name,
+                target.flavor,
+                ItemShare::One,
+            ),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let forward_fn = forward::build(
