@@ -14,6 +14,9 @@
 //! the grid `Dispatch::grid` gives each dispatch (a block per item for cooperative kernels), the argument block
 //! `[T, step, arguments...]` (`crate::launch`) and the `q3c_step` it points to in device memory.
 
+/// The manifest's `backend` in a CUDA artifact (`target_cpu` is then the GPU architecture, e.g. `sm_90`).
+pub const BACKEND: &str = "llvm-nvptx";
+
 /// The first bytes of a CUDA artifact.
 pub const MAGIC: &[u8; 8] = b"Q3CCUDA\0";
 

@@ -240,7 +240,7 @@ pub fn compile_ptx(
     let mut manifest = manifest::build(ManifestParts {
         cfg,
         plan: &plan,
-        backend: "llvm-nvptx",
+        backend: q3c_abi::cuda::BACKEND,
         fusion: &opts.fusion,
         matmul_activations: "f32",
         target_cpu: &opts.gpu,

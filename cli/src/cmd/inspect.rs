@@ -69,10 +69,16 @@ fn describe(m: &q3c_abi::Manifest) -> String {
         "kernels:   {} per forward call, fusion {}, {} activations in products\n",
         m.kernels, m.fusion, m.matmul_activations
     );
-    s += &format!(
-        "target:    {} ({})\n",
-        m.target_cpu,
-        m.required_cpu_features.join(" ")
-    );
+    s += &match m.backend.as_str() {
+        q3c_abi::cuda::BACKEND => format!(
+            "target:    NVIDIA GPU {} and newer (a CUDA artifact: --model runs it with the cuda feature)\n",
+            m.target_cpu
+        ),
+        _ => format!(
+            "target:    {} ({})\n",
+            m.target_cpu,
+            m.required_cpu_features.join(" ")
+        ),
+    };
     s
 }

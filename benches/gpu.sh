@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU check of issue 16, in two halves (a GPU machine here is lent without Rust or LLVM):
+#
+#   benches/gpu.sh prepare DIR   here: a q3c and the CUDA test binary built with `--features cuda` (no LLVM
+#                                needed to run), and CUDA artifacts of every golden fixture (f32 and f16 KV)
+#                                and of the Qwen3-0.6B and Qwen3-8B shapes, all into DIR (with this script)
+#   bash DIR/gpu.sh run DIR      on the GPU machine, from the repository root: the CUDA tests on the fixtures,
+#                                a device-to-device copy (the bandwidth roof, through PyTorch where present),
+#                                then q3c bench of both shapes on random bf16 weights made there: prefill 512,
+#                                decode after 512 and after 16 tokens, 8 sequences together, one profiled decode
+set -euo pipefail
+what=${1:?prepare DIR | run DIR}
+dir=$(realpath -m "${2:?DIR}")
+case "$what" in
+  prepare)
+    cd "$(dirname "$0")/.."
+    mkdir -p "$dir"
+    cargo build --release -q --features llvm,cuda -p q3c
+    CARGO_TARGET_DIR=target/gpu cargo build --release -q -p q3c --features cuda
+    test=$(CARGO_TARGET_DIR=target/gpu cargo test --release -q -p q3c-tests --features cuda --test cuda --no-run \
+      --message-format=json | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["executable"])')
+    cp target/gpu/release/q3c "$dir/q3c"; cp "$test" "$dir/cuda-test"; strip "$dir/q3c" "$dir/cuda-test"
+    for f in dense_gqa tied_bf16 moe moe_sparse_step yarn sharded_f16; do
+      for kv in f32 f16; do
+        target/release/q3c compile "tests/reference/fixtures/$f" --target cuda --gpu sm_80 --max-tokens 64 \
+          --kv-dtype "$kv" -o "$dir/$f-$kv.q3c" 2>/dev/null
+      done
+    done
+    target/release/q3c compile Qwen3-0.6B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/q06.q3c"
+    target/release/q3c compile Qwen3-8B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/q8b.q3c"
+    cp "$0" "$dir/gpu.sh"
+    ;;
+  run)
+    # The tests find the fixtures where they were built: /work/main here.
+    mkdir -p /work && { [ -e /work/main ] || ln -sfn "$PWD" /work/main; }
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    export Q3C_CUDA_ARTIFACTS=$dir
+    echo "== tests"; timeout 150 "$dir/cuda-test" --nocapture --test-threads 1 2>&1 | grep -v "running on" | tail -40
+    echo "== copy bandwidth"
+    timeout 60 python3 -c '
+import torch
+x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize(); s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
+s.record()
+for _ in range(10): y.copy_(x)
+e.record(); torch.cuda.synchronize(); ms = s.elapsed_time(e) / 10
+print(f"d2d copy of 4 GiB: {ms:.3f} ms, {2 * x.numel() / ms / 1e6:.0f} GB/s (read + write)")' || true
+    b() { timeout 150 "$dir/q3c" bench "$@" 2>&1 | grep -v "^(16 threads\|^loaded"; }
+    # MODEL ARTIFACT REPS: random weights, prefill 512, decode after 512 and 16 tokens, 8 sequences.
+    shape() {
+      echo "== $1"
+      timeout 150 "$dir/q3c" random-weights "$1" -o "/tmp/w-$2" 2>&1 | tail -1
+      w=(--model "$dir/$2.q3c" --weights "/tmp/w-$2")
+      b "${w[@]}" --prompt-len 512 --gen 64 --reps "$3"
+      b "${w[@]}" --prompt-len 16 --gen 128 --reps "$3"
+      b "${w[@]}" --batch 8 --prompt-len 128 --gen 32 --reps 1
+    }
+    shape Qwen3-0.6B q06 3
+    shape Qwen3-8B q8b 2
+    echo "== profile (8B, decode after 16 tokens)"
+    Q3C_CUDA_PROFILE=1 timeout 100 "$dir/q3c" bench "${w[@]}" --prompt-len 16 --gen 32 --reps 1 2>&1 | tail -24
+    ;;
+  *) echo "usage: benches/gpu.sh prepare DIR | run DIR" >&2; exit 2 ;;
+esac
