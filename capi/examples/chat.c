@@ -56,6 +56,14 @@ int main(int argc, char **argv) {
         return 1;
     }
     printf("bad request refused: %s\n", q3c_last_error());
+    /* q3c_chat answers one choice. */
+    char *several = q3c_chat(model, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"n\": 2}",
+                             NULL, NULL);
+    if (several || !strstr(q3c_last_error(), "n is 2")) {
+        fprintf(stderr, "n = 2 was not refused\n");
+        return 1;
+    }
+    printf("n refused: %s\n", q3c_last_error());
     q3c_model_free(model);
     return 0;
 }

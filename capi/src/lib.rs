@@ -130,6 +130,12 @@ pub unsafe extern "C" fn q3c_chat(
         let planned = ChatRequest::parse(body.as_bytes())
             .and_then(|r| r.plan(&m.text, m.context))
             .map_err(|e: RuntimeError| e.to_string())?;
+        if planned.n > 1 {
+            return Err(format!(
+                "n is {}: q3c_chat returns one choice (call it once per choice)",
+                planned.n
+            ));
+        }
         let cancel = planned.opts.cancel.clone().expect("plan sets it");
         let mut session = m.model.session_with_capacity(planned.kv_tokens);
         let out = chat::decode(

@@ -85,6 +85,7 @@ fn the_c_example_builds_and_chats() {
         reasoning.chars().take(3).collect::<String>()
     )));
     assert!(stdout.contains("bad request refused: invalid request body"));
+    assert!(stdout.contains("n refused: n is 2: q3c_chat returns one choice"));
 }
 
 #[test]

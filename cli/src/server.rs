@@ -7,9 +7,9 @@
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: requests, running and waiting ones,
 //!   prompt, cached and completion tokens, batched steps, latency histograms).
 //!
-//! Each request decodes on a blocking thread in a session (KV cache) of its own for the time it runs; up to
-//! `--max-concurrent` requests run at once, interleaving token by token on the model's thread pool, and the
-//! rest wait in line. Sessions are kept between requests ([`PromptCache`]): a prompt that begins with the
+//! Each request decodes on a blocking thread in a session (KV cache) of its own for the time it runs (a
+//! request with `n` choices decodes each in its own session, on a thread each); up to `--max-concurrent`
+//! sequences run at once, fed together by the scheduler, and the rest wait in line. Sessions are kept between requests ([`PromptCache`]): a prompt that begins with the
 //! tokens a kept session holds (a system prompt, a chat's earlier turns) feeds only the rest, and
 //! `usage.prompt_tokens_details.cached_tokens` says how many were reused. Bad requests get a 400 with an OpenAI-style
 //! `{"error": {...}}` body; a client that disconnects from a stream cancels its request.
@@ -27,10 +27,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use q3c_runtime::chat::{
-    self, ChatOutput, ChatRequest, CompletionRequest, FinishReason, Piece, TokenLogprob,
+    self, ChatOutput, ChatRequest, CompletionRequest, FinishReason, Piece, Planned, TokenLogprob,
     ToolCallStream,
 };
 use q3c_runtime::text::TextModel;
+use q3c_runtime::RuntimeError;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -47,8 +48,10 @@ pub struct Served {
     pub name: String,
     /// Most tokens a conversation may hold (prompt and answer).
     pub context: usize,
-    /// Requests decoding at once; more wait in line (each holds a KV cache while it runs).
+    /// Sequences decoding at once (a request takes one per choice); more wait in line.
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The permits `slots` started with (`--max-concurrent`).
+    pub parallel: usize,
     /// Most requests waiting in line; more are refused with 503 and `Retry-After`.
     pub queue: usize,
     /// Served at `GET /metrics`.
@@ -166,16 +169,104 @@ fn logprob_json(lp: &TokenLogprob) -> Value {
     v
 }
 
-fn usage(out: &ChatOutput) -> Value {
-    let completion = out.ids.len();
+/// The usage of a request's choices: the prompt (and its cached part) as the first choice fed it, the
+/// answers' tokens summed.
+fn usage(outs: &[&ChatOutput]) -> Value {
+    let sum = |f: fn(&ChatOutput) -> usize| outs.iter().map(|o| f(o)).sum::<usize>();
+    let completion = sum(|o| o.ids.len());
+    let thinking = sum(|o| o.thinking_tokens);
+    let (prompt, cached) = outs
+        .first()
+        .map_or((0, 0), |o| (o.prompt_tokens, o.cached_tokens));
     json!({
-        "prompt_tokens": out.prompt_tokens,
-        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
+        "prompt_tokens": prompt,
+        "prompt_tokens_details": {"cached_tokens": cached},
         "completion_tokens": completion,
-        "total_tokens": out.prompt_tokens + completion,
-        "completion_tokens_details": {"reasoning_tokens": out.thinking_tokens},
-        "thinking": {"tokens": out.thinking_tokens, "budget_hit": out.budget_hit, "answer_tokens": out.answer_tokens},
+        "total_tokens": prompt + completion,
+        "completion_tokens_details": {"reasoning_tokens": thinking},
+        "thinking": {"tokens": thinking, "budget_hit": outs.iter().any(|o| o.budget_hit),
+                     "answer_tokens": sum(|o| o.answer_tokens)},
     })
+}
+
+/// Runs `f(i)` for each choice `i` of `n`, each on a thread of its own (the scheduler feeds their steps
+/// together); `f(0)` in place when there is one.
+fn per_choice<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    if n == 1 {
+        return vec![f(0)];
+    }
+    std::thread::scope(|scope| {
+        let f = &f;
+        let running: Vec<_> = (0..n).map(|i| scope.spawn(move || f(i))).collect();
+        running
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+/// Decodes choice `i` of `job` in a session lent by the prompt cache (given back after), passing each piece
+/// to `on_piece`, and counts it in the metrics.
+fn run_choice(
+    served: &Served,
+    job: &Planned,
+    i: usize,
+    stream: bool,
+    mut on_piece: impl FnMut(Piece),
+) -> Result<ChatOutput, RuntimeError> {
+    let _running = Gauge::enter(&served.metrics.running);
+    let start = Instant::now();
+    let mut first = None;
+    let opts = job.choice_options(i);
+    let mut lease = served.sessions.take(&job.prompt);
+    let out = chat::decode_after(
+        &mut lease.session,
+        &served.text.tokenizer,
+        &job.prompt,
+        lease.cached,
+        &opts,
+        |p| {
+            first.get_or_insert_with(Instant::now);
+            on_piece(p)
+        },
+    );
+    served.sessions.give_back(lease, fed(&job.prompt, &out));
+    match &out {
+        Ok(o) => served.metrics.finished(start, first, o, stream),
+        Err(e) if stream => crate::metrics::access_log(&json!({
+            "status": 200, "stream": true, "error": e.to_string(),
+            "duration_s": start.elapsed().as_secs_f64(),
+        })),
+        Err(_) => {}
+    }
+    out
+}
+
+/// Choice `i` of a chat completion: the message (with tool calls parsed where tools were offered), its
+/// finish reason and, if asked for, its tokens' log-probabilities.
+fn chat_choice(i: usize, out: &ChatOutput, offered_tools: bool, logprobs: bool) -> Value {
+    let mut message =
+        json!({"role": "assistant", "content": out.content, "reasoning_content": out.reasoning});
+    let mut finish = finish_reason(out.finish_reason);
+    // With tools offered, <tool_call> blocks become structured calls.
+    if offered_tools {
+        let (text, calls) = chat::parse_tool_calls(&out.content);
+        if !calls.is_empty() {
+            message["content"] = if text.is_empty() {
+                Value::Null
+            } else {
+                text.into()
+            };
+            message["tool_calls"] = calls.into();
+            finish = "tool_calls";
+        }
+    }
+    let mut choice = json!({"index": i, "message": message, "finish_reason": finish});
+    if logprobs {
+        let content: Vec<Value> = out.logprobs.iter().map(logprob_json).collect();
+        choice["logprobs"] = json!({"content": content});
+    }
+    choice
 }
 
 /// The largest request body read (a chat with a long history fits many times over).
@@ -248,8 +339,19 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
         Ok(job) => job,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    // Each choice is a sequence of its own: a request takes one slot per choice.
+    if job.n > s.parallel {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "n is {}: this server decodes at most {} sequences at once (--max-concurrent)",
+                job.n, s.parallel
+            ),
+        );
+    }
+    let permits = job.n as u32;
     // A full line gets a 503 at once (clients retry), rather than a wait without end.
-    let slot = match Arc::clone(&s.slots).try_acquire_owned() {
+    let slot = match Arc::clone(&s.slots).try_acquire_many_owned(permits) {
         Ok(slot) => Ok(slot),
         Err(_) if s.metrics.waiting.load(Ordering::Relaxed) as usize >= s.queue => {
             let mut refused = error(
@@ -266,7 +368,7 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
         }
         Err(_) => {
             let waiting = Gauge::enter(&s.metrics.waiting);
-            let slot = Arc::clone(&s.slots).acquire_owned().await;
+            let slot = Arc::clone(&s.slots).acquire_many_owned(permits).await;
             drop(waiting);
             slot
         }
@@ -282,87 +384,67 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
         Kind::Text => "cmpl",
     };
     let id = format!("{prefix}-{:x}", now() ^ (body.len() as u64).rotate_left(32));
+    let job = Arc::new(job);
     if !job.stream {
-        let offered_tools = job.tools;
-        let wants_logprobs = job.opts.logprobs.is_some();
-        let served = Arc::clone(&s);
+        let (served, planned) = (Arc::clone(&s), Arc::clone(&job));
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let _running = Gauge::enter(&served.metrics.running);
-            let start = Instant::now();
-            let mut first = None;
-            let mut lease = served.sessions.take(&job.prompt);
-            let out = chat::decode_after(
-                &mut lease.session,
-                &served.text.tokenizer,
-                &job.prompt,
-                lease.cached,
-                &job.opts,
-                |_| {
-                    first.get_or_insert_with(Instant::now);
-                },
-            );
-            served.sessions.give_back(lease, fed(&job.prompt, &out));
-            if let Ok(o) = &out {
-                served.metrics.finished(start, first, o, false);
-            }
-            out
+            per_choice(planned.n, |i| {
+                run_choice(&served, &planned, i, false, |_| {})
+            })
         })
         .await;
-        return match result {
-            Ok(Ok(out)) if kind == Kind::Text => Json(json!({
-                "id": id, "object": "text_completion", "created": now(), "model": s.name,
-                "choices": [{"index": 0, "text": out.content, "logprobs": null,
-                             "finish_reason": finish_reason(out.finish_reason)}],
-                "usage": usage(&out),
-            }))
-            .into_response(),
-            Ok(Ok(out)) => {
-                let mut message = json!({"role": "assistant", "content": out.content, "reasoning_content": out.reasoning});
-                let mut finish = finish_reason(out.finish_reason);
-                // With tools offered, <tool_call> blocks become structured calls.
-                if offered_tools {
-                    let (text, calls) = chat::parse_tool_calls(&out.content);
-                    if !calls.is_empty() {
-                        message["content"] = if text.is_empty() {
-                            Value::Null
-                        } else {
-                            text.into()
-                        };
-                        message["tool_calls"] = calls.into();
-                        finish = "tool_calls";
-                    }
-                }
-                let mut body = json!({
-                    "id": id, "object": "chat.completion", "created": now(), "model": s.name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                    "usage": usage(&out),
-                });
-                if wants_logprobs {
-                    let content: Vec<Value> = out.logprobs.iter().map(logprob_json).collect();
-                    body["choices"][0]["logprobs"] = json!({"content": content});
-                }
-                Json(body).into_response()
+        let outs = match result {
+            Ok(outs) => outs.into_iter().collect::<Result<Vec<_>, _>>(),
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the request failed: {e}"),
+                )
             }
-            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            Err(e) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the request failed: {e}"),
+        };
+        let outs = match outs {
+            Ok(outs) => outs,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        let all: Vec<&ChatOutput> = outs.iter().collect();
+        let (object, choices): (_, Vec<Value>) = match kind {
+            Kind::Text => (
+                "text_completion",
+                outs.iter()
+                    .enumerate()
+                    .map(|(i, out)| {
+                        json!({"index": i, "text": out.content, "logprobs": null,
+                               "finish_reason": finish_reason(out.finish_reason)})
+                    })
+                    .collect(),
+            ),
+            Kind::Chat => (
+                "chat.completion",
+                outs.iter()
+                    .enumerate()
+                    .map(|(i, out)| chat_choice(i, out, job.tools, job.opts.logprobs.is_some()))
+                    .collect(),
             ),
         };
+        return Json(json!({
+            "id": id, "object": object, "created": now(), "model": s.name,
+            "choices": choices, "usage": usage(&all),
+        }))
+        .into_response();
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
     let served = Arc::clone(&s);
     let (name, chunk_id) = (s.name.clone(), id.clone());
-    let chunk = move |delta: Value, finish: Option<&str>| match kind {
+    let chunk = move |i: usize, delta: Value, finish: Option<&str>| match kind {
         Kind::Chat => json!({
             "id": chunk_id, "object": "chat.completion.chunk", "created": now(), "model": name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [{"index": i, "delta": delta, "finish_reason": finish}],
         }),
         // A raw completion has no reasoning and no tool calls: its deltas are content.
         Kind::Text => json!({
             "id": chunk_id, "object": "text_completion", "created": now(), "model": name,
-            "choices": [{"index": 0, "text": delta["content"].as_str().unwrap_or(""),
+            "choices": [{"index": i, "text": delta["content"].as_str().unwrap_or(""),
                          "logprobs": null, "finish_reason": finish}],
         }),
     };
@@ -371,95 +453,78 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
         let cancel = job.opts.cancel.clone().expect("set in prepare");
         let send = |v: Value| {
             if tx.blocking_send(v).is_err() {
-                // The client went away: stop decoding.
+                // The client went away: stop decoding (every choice).
                 cancel.store(true, Ordering::Relaxed);
             }
         };
-        if kind == Kind::Chat {
-            send(chunk(json!({"role": "assistant", "content": ""}), None));
-        }
-        // With tools offered, <tool_call> blocks are held back and sent as tool_calls at the end.
-        let mut tool_stream = job.tools.then(ToolCallStream::new);
-        let _running = Gauge::enter(&served.metrics.running);
-        let start = Instant::now();
-        let mut first = None;
-        let mut lease = served.sessions.take(&job.prompt);
-        // Log-probabilities ride on the next content chunk (their text may be held back a while).
-        let mut logprobs: Vec<Value> = Vec::new();
-        let with_logprobs = |mut c: Value, logprobs: &mut Vec<Value>| {
-            if !logprobs.is_empty() {
-                c["choices"][0]["logprobs"] = json!({"content": std::mem::take(logprobs)});
+        let results = per_choice(job.n, |i| {
+            if kind == Kind::Chat {
+                send(chunk(i, json!({"role": "assistant", "content": ""}), None));
             }
-            c
-        };
-        let result = chat::decode_after(
-            &mut lease.session,
-            &served.text.tokenizer,
-            &job.prompt,
-            lease.cached,
-            &job.opts,
-            |p| match p {
-                Piece::Logprob(lp) => logprobs.push(logprob_json(&lp)),
-                Piece::Reasoning(t) => {
-                    first.get_or_insert_with(Instant::now);
-                    send(chunk(json!({"reasoning_content": t}), None))
+            // With tools offered, <tool_call> blocks are held back and sent as tool_calls at the end.
+            let mut tool_stream = job.tools.then(ToolCallStream::new);
+            // Log-probabilities ride on the next content chunk (their text may be held back a while).
+            let mut logprobs: Vec<Value> = Vec::new();
+            let with_logprobs = |mut c: Value, logprobs: &mut Vec<Value>| {
+                if !logprobs.is_empty() {
+                    c["choices"][0]["logprobs"] = json!({"content": std::mem::take(logprobs)});
                 }
+                c
+            };
+            let result = run_choice(&served, &job, i, true, |p| match p {
+                Piece::Logprob(lp) => logprobs.push(logprob_json(&lp)),
+                Piece::Reasoning(t) => send(chunk(i, json!({"reasoning_content": t}), None)),
                 Piece::Content(t) => {
-                    first.get_or_insert_with(Instant::now);
                     let shown = match tool_stream.as_mut() {
                         Some(ts) => ts.push(&t),
                         None => Some(t),
                     };
                     if let Some(t) = shown {
                         send(with_logprobs(
-                            chunk(json!({"content": t}), None),
+                            chunk(i, json!({"content": t}), None),
                             &mut logprobs,
                         ));
                     }
                 }
-            },
-        );
-        served.sessions.give_back(lease, fed(&job.prompt, &result));
-        match &result {
-            Ok(o) => served.metrics.finished(start, first, o, true),
-            Err(e) => crate::metrics::access_log(&json!({
-                "status": 200, "stream": true, "error": e.to_string(),
-                "duration_s": start.elapsed().as_secs_f64(),
-            })),
-        }
-        match result {
-            Ok(out) => {
-                let mut finish = finish_reason(out.finish_reason);
-                if let Some(ts) = tool_stream {
-                    let (rest, calls) = ts.finish();
-                    if let Some(rest) = rest {
-                        send(chunk(json!({"content": rest}), None));
+            });
+            match &result {
+                Ok(out) => {
+                    let mut finish = finish_reason(out.finish_reason);
+                    if let Some(ts) = tool_stream {
+                        let (rest, calls) = ts.finish();
+                        if let Some(rest) = rest {
+                            send(chunk(i, json!({"content": rest}), None));
+                        }
+                        if !calls.is_empty() {
+                            let calls: Vec<Value> = calls
+                                .into_iter()
+                                .enumerate()
+                                .map(|(k, mut c)| {
+                                    c["index"] = k.into();
+                                    c
+                                })
+                                .collect();
+                            send(chunk(i, json!({"tool_calls": calls}), None));
+                            finish = "tool_calls";
+                        }
                     }
-                    if !calls.is_empty() {
-                        let calls: Vec<Value> = calls
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, mut c)| {
-                                c["index"] = i.into();
-                                c
-                            })
-                            .collect();
-                        send(chunk(json!({"tool_calls": calls}), None));
-                        finish = "tool_calls";
-                    }
+                    let mut last = with_logprobs(chunk(i, json!({}), Some(finish)), &mut logprobs);
+                    last["usage"] = usage(&[out]);
+                    send(last);
                 }
-                let mut last = with_logprobs(chunk(json!({}), Some(finish)), &mut logprobs);
-                last["usage"] = usage(&out);
-                send(last);
-                if job.include_usage {
-                    // As OpenAI's stream_options.include_usage: a chunk with no choices and the usage.
-                    let mut tail = chunk(json!({}), None);
-                    tail["choices"] = json!([]);
-                    tail["usage"] = usage(&out);
-                    send(tail);
+                Err(e) => {
+                    send(json!({"error": {"message": e.to_string(), "type": "server_error"}}))
                 }
             }
-            Err(e) => send(json!({"error": {"message": e.to_string(), "type": "server_error"}})),
+            result
+        });
+        let outs: Vec<&ChatOutput> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        if job.include_usage && outs.len() == results.len() {
+            // As OpenAI's stream_options.include_usage: a chunk with no choices and the usage.
+            let mut tail = chunk(0, json!({}), None);
+            tail["choices"] = json!([]);
+            tail["usage"] = usage(&outs);
+            send(tail);
         }
     });
     let events = ReceiverStream::new(rx)

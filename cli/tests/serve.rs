@@ -570,6 +570,105 @@ fn concurrent_requests_are_batched_and_answer_as_alone() {
     }
 }
 
+/// `n` choices decode as sequences of their own, fed together: greedy ones each equal the single answer,
+/// seeded samples differ from each other (choice 0 is the single answer with that seed), streams tag every
+/// chunk with its choice, usage sums the answers, and `n` past the server's sequences or the limit is a 400.
+#[test]
+fn several_choices_decode_as_sequences_of_their_own() {
+    let s = start();
+    let body = |extra: Value| {
+        let mut r = json!({"max_tokens": 12, "chat_template_kwargs": {"enable_thinking": false}});
+        r.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        request(r).to_string()
+    };
+    let (_, one) = post(&s, &body(json!({})));
+    let (status, two) = post(&s, &body(json!({"n": 2})));
+    assert_eq!(status, 200, "{two}");
+    let choices = two["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{two}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(
+            c["message"]["content"], one["choices"][0]["message"]["content"],
+            "{two}"
+        );
+    }
+    let answer = |r: &Value| r["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(answer(&two), 2 * answer(&one), "{two}");
+    assert_eq!(two["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    // Sampled: different seeds per choice.
+    let sampled = json!({"temperature": 1.0, "seed": 7});
+    let (_, alone) = post(&s, &body(sampled.clone()));
+    let mut both = sampled.clone();
+    both["n"] = 2.into();
+    let (_, pair) = post(&s, &body(both.clone()));
+    let content = |r: &Value, i: usize| r["choices"][i]["message"]["content"].clone();
+    assert_eq!(content(&pair, 0), content(&alone, 0), "{pair}");
+    assert_ne!(content(&pair, 0), content(&pair, 1), "{pair}");
+    // Streamed: each chunk names its choice; each choice's deltas join into its answer.
+    both["stream"] = true.into();
+    both["stream_options"] = json!({"include_usage": true});
+    let streamed = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .set("Content-Type", "application/json")
+        .send_string(&body(both))
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let chunks = sse_chunks(&streamed);
+    for i in 0..2 {
+        let mine: Vec<Value> = chunks
+            .iter()
+            .filter(|c| c["choices"].get(0).is_some_and(|c| c["index"] == i))
+            .cloned()
+            .collect();
+        assert_eq!(
+            joined_deltas(&mine, "content"),
+            content(&pair, i as usize),
+            "{streamed}"
+        );
+        assert!(mine
+            .iter()
+            .any(|c| !c["choices"][0]["finish_reason"].is_null()));
+    }
+    let tail = chunks.last().unwrap();
+    assert_eq!(tail["choices"], json!([]), "{streamed}");
+    assert_eq!(
+        tail["usage"]["completion_tokens"],
+        pair["usage"]["completion_tokens"]
+    );
+    // A raw completion's choices too.
+    let raw = ureq::post(&format!("{}/v1/completions", s.url))
+        .set("Content-Type", "application/json")
+        .send_string(
+            &json!({"prompt": "The sky is", "max_tokens": 6, "temperature": 0, "n": 2}).to_string(),
+        )
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let raw: Value = serde_json::from_str(&raw).unwrap();
+    let texts: Vec<&Value> = raw["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["text"])
+        .collect();
+    assert_eq!(texts.len(), 2, "{raw}");
+    assert_eq!(texts[0], texts[1], "{raw}");
+    assert_eq!(raw["choices"][1]["index"], 1, "{raw}");
+    // More choices than the server decodes at once (--max-concurrent 2), or than any request may ask.
+    for (n, why) in [
+        (3, "at most 2 sequences at once"),
+        (0, "1 to 8 choices"),
+        (9, "1 to 8 choices"),
+    ] {
+        let (status, r) = post(&s, &body(json!({ "n": n })));
+        assert_eq!(status, 400, "{r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains(why), "{r}");
+    }
+}
+
 /// Concurrent requests after the same system prompt all reuse its KV cache: each gets a fork of the kept
 /// sequence (shared blocks), not the kept sequence itself, so the second does not start from scratch.
 #[test]
@@ -812,6 +911,9 @@ for chunk in c.chat.completions.create(stream=True, stream_options={"include_usa
         usage = chunk.usage
 assert "".join(parts) == r.choices[0].message.content, (parts, r)
 assert usage.completion_tokens == r.usage.completion_tokens, usage
+two = c.chat.completions.create(n=2, **ask)
+assert [ch.index for ch in two.choices] == [0, 1], two
+assert all(ch.message.content == r.choices[0].message.content for ch in two.choices), two
 try:
     c.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
     raise SystemExit("an unknown role was accepted")

@@ -67,6 +67,7 @@ pub fn run(args: Args) -> Result<()> {
         name,
         context,
         slots: std::sync::Arc::new(tokio::sync::Semaphore::new(args.max_concurrent)),
+        parallel: args.max_concurrent,
         queue: args.queue,
         metrics: crate::metrics::Metrics {
             batch,

@@ -15,7 +15,7 @@
 mod request;
 mod tools;
 
-pub use request::{ChatRequest, CompletionRequest, Planned, Stop, TemplateKwargs};
+pub use request::{ChatRequest, CompletionRequest, Planned, Stop, TemplateKwargs, MAX_CHOICES};
 
 pub use tools::{parse_tool_calls, ToolCallStream};
 

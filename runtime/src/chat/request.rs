@@ -31,11 +31,24 @@ pub struct ChatRequest {
     pub enable_thinking: Option<bool>,
     pub thinking_budget: Option<usize>,
     pub chat_template_kwargs: Option<TemplateKwargs>,
-    /// Choices asked for: q3c answers once, so only 1 is accepted.
+    /// Choices asked for (1 to [`MAX_CHOICES`]): each decoded as its own sequence after the shared prompt.
     pub n: Option<usize>,
     /// Each answer token's log-probability, with `top_logprobs` (0–20) alternatives.
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<usize>,
+}
+
+/// Most choices (`n`) one request may ask for.
+pub const MAX_CHOICES: usize = 8;
+
+/// The number of choices a request's `n` asks for, or why it cannot.
+fn choices(n: Option<usize>) -> Result<usize, RuntimeError> {
+    match n.unwrap_or(1) {
+        n @ 1..=MAX_CHOICES => Ok(n),
+        n => Err(RuntimeError::Input(format!(
+            "n is {n}: a request asks for 1 to {MAX_CHOICES} choices"
+        ))),
+    }
 }
 
 /// The roles a message may have (`developer` is read as `system`, as OpenAI defines it).
@@ -73,6 +86,8 @@ pub struct Planned {
     pub include_usage: bool,
     /// Whether the request offered tools (so `<tool_call>` blocks in the answer are calls).
     pub tools: bool,
+    /// Choices to decode (`n`), each its own sequence after the prompt.
+    pub n: usize,
 }
 
 /// The error of a request that does not fit in the context.
@@ -122,15 +137,31 @@ impl Planned {
             stream: false,
             include_usage: false,
             tools: false,
+            n: 1,
         })
     }
 
-    /// The plan with the request's streaming choices and whether it offered tools.
-    fn streamed(self, stream: bool, options: Option<StreamOptions>, tools: bool) -> Planned {
+    /// The options of choice `i` (of `n`): the request's, with the sampling seed advanced by `i`, so seeded
+    /// choices differ from each other and choice 0 is what `n = 1` gives.
+    pub fn choice_options(&self, i: usize) -> ChatOptions {
+        let mut opts = self.opts.clone();
+        opts.sampling.seed = opts.sampling.seed.wrapping_add(i as u64);
+        opts
+    }
+
+    /// The plan with the request's streaming choices, whether it offered tools, and its choices.
+    fn streamed(
+        self,
+        stream: bool,
+        options: Option<StreamOptions>,
+        tools: bool,
+        n: usize,
+    ) -> Planned {
         Planned {
             stream,
             include_usage: options.is_some_and(|o| o.include_usage),
             tools,
+            n,
             ..self
         }
     }
@@ -145,11 +176,7 @@ impl ChatRequest {
         if req.messages.is_empty() {
             return Err(RuntimeError::Input("messages must not be empty".into()));
         }
-        if let Some(n) = req.n.filter(|&n| n != 1) {
-            return Err(RuntimeError::Input(format!(
-                "n is {n}: q3c gives one choice per request (send {n} requests)"
-            )));
-        }
+        choices(req.n)?;
         match (req.logprobs, req.top_logprobs) {
             (_, Some(k)) if k > 20 => {
                 return Err(RuntimeError::Input(format!(
@@ -231,8 +258,9 @@ impl ChatRequest {
             raw: false,
             logprobs: (self.logprobs == Some(true)).then(|| self.top_logprobs.unwrap_or(0)),
         };
+        let n = choices(self.n)?;
         Planned::settle(prompt, fixed + max_new_tokens, sampling, opts, self.stop)
-            .map(|p| p.streamed(self.stream, self.stream_options, tools))
+            .map(|p| p.streamed(self.stream, self.stream_options, tools, n))
     }
 }
 
@@ -272,11 +300,7 @@ impl CompletionRequest {
         let req: CompletionRequest = serde_json::from_slice(body)
             .map_err(|e| RuntimeError::Input(format!("invalid request body: {e}")))?;
         let refuse = |what: &str| Err(RuntimeError::Input(what.to_string()));
-        if let Some(n) = req.n.filter(|&n| n != 1) {
-            return refuse(&format!(
-                "n is {n}: q3c gives one choice per request (send {n} requests)"
-            ));
-        }
+        choices(req.n)?;
         if req.echo == Some(true) {
             return refuse("echo is not supported");
         }
@@ -324,14 +348,15 @@ impl CompletionRequest {
             logprobs: None,
         };
         let kv_tokens = prompt.len() + max_new_tokens;
+        let n = choices(self.n)?;
         Planned::settle(prompt, kv_tokens, sampling, opts, self.stop)
-            .map(|p| p.streamed(self.stream, self.stream_options, false))
+            .map(|p| p.streamed(self.stream, self.stream_options, false, n))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::ChatRequest;
+    use super::{ChatRequest, MAX_CHOICES};
 
     fn parse(body: serde_json::Value) -> Result<ChatRequest, String> {
         ChatRequest::parse(body.to_string().as_bytes()).map_err(|e| e.to_string())
@@ -373,12 +398,17 @@ mod tests {
             .contains("content[0] is a \"image_url\" part"));
         let role = parse(serde_json::json!({"messages": [{"role": "wizard", "content": "hi"}]}));
         assert!(role.unwrap_err().contains("unknown role \"wizard\""));
-        let n = parse(serde_json::json!({"n": 3, "messages": [{"role": "user", "content": "hi"}]}));
-        assert!(n.unwrap_err().contains("n is 3"));
-        assert!(parse(
-            serde_json::json!({"n": 1, "messages": [{"role": "user", "content": "hi"}]})
-        )
-        .is_ok());
+        for n in [0, MAX_CHOICES + 1] {
+            let refused =
+                parse(serde_json::json!({"n": n, "messages": [{"role": "user", "content": "hi"}]}));
+            assert!(refused.unwrap_err().contains(&format!("n is {n}")));
+        }
+        for n in [1, 3, MAX_CHOICES] {
+            assert!(parse(
+                serde_json::json!({"n": n, "messages": [{"role": "user", "content": "hi"}]})
+            )
+            .is_ok());
+        }
         let number = parse(serde_json::json!({"messages": [{"role": "user", "content": 7}]}));
         assert!(number.unwrap_err().contains("must be a string"));
     }
