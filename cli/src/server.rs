@@ -31,7 +31,7 @@ use q3c_runtime::chat::{
     ToolCallStream,
 };
 use q3c_runtime::text::TextModel;
-use q3c_runtime::RuntimeError;
+use q3c_runtime::{RuntimeError, Session};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -169,15 +169,13 @@ fn logprob_json(lp: &TokenLogprob) -> Value {
     v
 }
 
-/// The usage of a request's choices: the prompt (and its cached part) as the first choice fed it, the
+/// The usage of a request's choices: its prompt, `cached` of its tokens found in the KV cache, and the
 /// answers' tokens summed.
-fn usage(outs: &[&ChatOutput]) -> Value {
+fn usage(outs: &[&ChatOutput], cached: usize) -> Value {
     let sum = |f: fn(&ChatOutput) -> usize| outs.iter().map(|o| f(o)).sum::<usize>();
     let completion = sum(|o| o.ids.len());
     let thinking = sum(|o| o.thinking_tokens);
-    let (prompt, cached) = outs
-        .first()
-        .map_or((0, 0), |o| (o.prompt_tokens, o.cached_tokens));
+    let prompt = outs.first().map_or(0, |o| o.prompt_tokens);
     json!({
         "prompt_tokens": prompt,
         "prompt_tokens_details": {"cached_tokens": cached},
@@ -187,6 +185,33 @@ fn usage(outs: &[&ChatOutput]) -> Value {
         "thinking": {"tokens": thinking, "budget_hit": outs.iter().any(|o| o.budget_hit),
                      "answer_tokens": sum(|o| o.answer_tokens)},
     })
+}
+
+/// Before the choices of a request with several: feeds its prompt (all but the last token) once into a
+/// sequence the prompt cache keeps, so that each choice forks it and feeds one token instead of the whole
+/// prompt. Returns the prompt tokens the cache held before (the request's `cached_tokens`).
+fn prefill_shared(served: &Served, job: &Planned) -> Result<usize, RuntimeError> {
+    let mut lease = served.sessions.take(&job.prompt);
+    let (cached, upto) = (lease.cached, job.prompt.len() - 1);
+    let fed = match cached < upto {
+        true => lease
+            .session
+            .forward_last(&job.prompt[cached..upto])
+            .map(|_| ()),
+        false => Ok(()),
+    };
+    let held = fed.as_ref().ok().map(|_| job.prompt[..upto].to_vec());
+    served.sessions.give_back(lease, held);
+    fed.map(|_| cached)
+}
+
+/// The prompt tokens a request with several choices found cached ([`prefill_shared`]); `None` for one
+/// choice, which reports its own.
+fn choices_cached(job: &Planned, served: &Served) -> Result<Option<usize>, RuntimeError> {
+    match job.n {
+        1 => Ok(None),
+        _ => prefill_shared(served, job).map(Some),
+    }
 }
 
 /// Runs `f(i)` for each choice `i` of `n`, each on a thread of its own (the scheduler feeds their steps
@@ -389,23 +414,23 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
         let (served, planned) = (Arc::clone(&s), Arc::clone(&job));
         let result = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            per_choice(planned.n, |i| {
+            let cached = choices_cached(&planned, &served)?;
+            let outs = per_choice(planned.n, |i| {
                 run_choice(&served, &planned, i, false, |_| {})
-            })
+            });
+            let outs = outs.into_iter().collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, RuntimeError>((cached.unwrap_or(outs[0].cached_tokens), outs))
         })
         .await;
-        let outs = match result {
-            Ok(outs) => outs.into_iter().collect::<Result<Vec<_>, _>>(),
+        let (cached, outs) = match result {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             Err(e) => {
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("the request failed: {e}"),
                 )
             }
-        };
-        let outs = match outs {
-            Ok(outs) => outs,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
         let all: Vec<&ChatOutput> = outs.iter().collect();
         let (object, choices): (_, Vec<Value>) = match kind {
@@ -429,7 +454,7 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
         };
         return Json(json!({
             "id": id, "object": object, "created": now(), "model": s.name,
-            "choices": choices, "usage": usage(&all),
+            "choices": choices, "usage": usage(&all, cached),
         }))
         .into_response();
     }
@@ -455,6 +480,13 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
             if tx.blocking_send(v).is_err() {
                 // The client went away: stop decoding (every choice).
                 cancel.store(true, Ordering::Relaxed);
+            }
+        };
+        let shared = match choices_cached(&job, &served) {
+            Ok(cached) => cached,
+            Err(e) => {
+                send(json!({"error": {"message": e.to_string(), "type": "server_error"}}));
+                return;
             }
         };
         let results = per_choice(job.n, |i| {
@@ -509,7 +541,7 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
                         }
                     }
                     let mut last = with_logprobs(chunk(i, json!({}), Some(finish)), &mut logprobs);
-                    last["usage"] = usage(&[out]);
+                    last["usage"] = usage(&[out], shared.unwrap_or(out.cached_tokens));
                     send(last);
                 }
                 Err(e) => {
@@ -523,7 +555,7 @@ async fn answer(s: Arc<Served>, body: Body, kind: Kind) -> Response {
             // As OpenAI's stream_options.include_usage: a chunk with no choices and the usage.
             let mut tail = chunk(0, json!({}), None);
             tail["choices"] = json!([]);
-            tail["usage"] = usage(&outs);
+            tail["usage"] = usage(&outs, shared.unwrap_or(outs[0].cached_tokens));
             send(tail);
         }
     });

@@ -598,6 +598,29 @@ fn several_choices_decode_as_sequences_of_their_own() {
     let answer = |r: &Value| r["usage"]["completion_tokens"].as_u64().unwrap();
     assert_eq!(answer(&two), 2 * answer(&one), "{two}");
     assert_eq!(two["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    // The prompt is computed once for all choices: a new prompt with n = 2 feeds it (less its last token)
+    // once, then each choice its last token and its answer.
+    let fed = metric_of(&s, "q3c_batch_tokens_total");
+    let long =
+        "Tell me, in as many words as you like, why the sky looks blue on a clear afternoon.";
+    let (_, fresh) = post(
+        &s,
+        &body(json!({"n": 2, "messages": [{"role": "user", "content": long}]})),
+    );
+    let prompt = fresh["usage"]["prompt_tokens"].as_u64().unwrap() as f64;
+    // Only the chat template's opening is shared with earlier requests.
+    let cached = fresh["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap() as f64;
+    assert!(cached < prompt / 2.0, "{fresh}");
+    let fed = metric_of(&s, "q3c_batch_tokens_total") - fed;
+    // Once: prompt - cached - 1, then 1 + its answer per choice; each choice feeding the prompt would be
+    // 2 · (prompt - cached) + the answers.
+    let once = prompt - cached + 1.0 + answer(&fresh) as f64;
+    assert!(
+        fed <= once,
+        "{fed} tokens fed, {once} expected at most: {fresh}"
+    );
     // Sampled: different seeds per choice.
     let sampled = json!({"temperature": 1.0, "seed": 7});
     let (_, alone) = post(&s, &body(sampled.clone()));
