@@ -181,7 +181,7 @@ pub struct WeightEntry {
 }
 
 /// KV-cache geometry: per layer, K and V pools of `[blocks · KV_BLOCK_TOKENS, kv_heads, head_dim]` elements of `dtype`
-/// (`f32`, or IEEE `f16`).
+/// (`f32`, IEEE `f16`, or `bf16`, the upper half of an f32).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvGeometry {
     pub layers: usize,
@@ -191,12 +191,12 @@ pub struct KvGeometry {
 }
 
 impl KvGeometry {
-    /// Bytes of one element: 2 for `f16`, else 4 (a runtime refuses dtypes other than f32 and f16).
+    /// Bytes of one element: 2 for `f16` and `bf16`, else 4 (a runtime refuses dtypes other than f32, f16
+    /// and bf16).
     pub fn element_bytes(&self) -> usize {
-        if self.dtype == "f16" {
-            2
-        } else {
-            4
+        match self.dtype.as_str() {
+            "f16" | "bf16" => 2,
+            _ => 4,
         }
     }
 

@@ -132,6 +132,8 @@ pub enum KvDtype {
     F32,
     /// Half the bytes: rounded to nearest even when written, widened when read.
     F16,
+    /// Half the bytes with f32's range and 8 bits of precision (f16 has 11), as llama.cpp's `-ctk bf16`.
+    Bf16,
 }
 
 impl KvDtype {
@@ -140,6 +142,7 @@ impl KvDtype {
         match self {
             KvDtype::F32 => q3c_ir::DType::F32,
             KvDtype::F16 => q3c_ir::DType::F16,
+            KvDtype::Bf16 => q3c_ir::DType::BF16,
             KvDtype::Auto if cfg.torch_dtype == q3c_models::DType::F32 => q3c_ir::DType::F32,
             KvDtype::Auto => q3c_ir::DType::F16,
         }

@@ -280,6 +280,16 @@ pub fn greedy_continuation(session: &mut dyn q3c_runtime::Session, g: &Golden) -
     q3c_runtime::generate(session, &g.prompt_ids, &opts).expect("generation")
 }
 
+/// The reference executor's logits for fixture `name` over `ids`, and their largest magnitude (the scale
+/// the rounding bounds of half-precision tests are shares of).
+pub fn reference_logits(name: &str, ids: &[u32]) -> (Vec<f32>, f32) {
+    let want = q3c_runtime::Session::forward(&mut reference_model(name).session(), ids)
+        .unwrap()
+        .data;
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    (want, scale)
+}
+
 /// Largest absolute difference between two equally long slices; infinite if either holds a NaN or an
 /// infinity (a plain `f32::max` fold would count a NaN as no difference at all).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

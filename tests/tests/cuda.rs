@@ -72,12 +72,7 @@ fn an_f16_cache_on_the_gpu_stays_within_f16_rounding() {
             continue;
         };
         assert_eq!(model.manifest().kv.dtype, "f16");
-        let want = reference_model(name)
-            .session()
-            .forward(&g.prompt_ids)
-            .unwrap()
-            .data;
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (want, scale) = reference_logits(name, &g.prompt_ids);
         let got = model.session().forward(&g.prompt_ids).unwrap().data;
         let diff = max_abs_diff(&got, &want);
         eprintln!("{name}: GPU f16 KV max |dlogit| {diff:e} (scale {scale})");

@@ -52,9 +52,9 @@ pub struct Plan {
 /// The KV-cache element types a backend can be asked for.
 pub fn check_kv_dtype(kv: DType) -> Result<DType, BackendError> {
     match kv {
-        DType::F32 | DType::F16 => Ok(kv),
+        DType::F32 | DType::F16 | DType::BF16 => Ok(kv),
         other => Err(BackendError::Unsupported(format!(
-            "a KV cache of {other} (f32 and f16 exist)"
+            "a KV cache of {other} (f32, f16 and bf16 exist)"
         ))),
     }
 }

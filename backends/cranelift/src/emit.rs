@@ -120,6 +120,24 @@ impl Emit<'_, '_> {
 
     /// An f32 rounded to IEEE half precision (to nearest even; overflow to infinity, NaN kept a quiet NaN,
     /// subnormals exact), as bits in the low 16 of an I32 (F. Giesen's `float_to_half_fast3_rtne`).
+    /// The bf16 bits (low half of an I32) of `x` rounded to nearest even; a NaN stays a (quiet) NaN.
+    fn f32_to_bf16_bits(&mut self, x: Value) -> Value {
+        let bits = self.b.ins().bitcast(I32, MemFlagsData::new(), x);
+        let lsb = self.b.ins().ushr_imm_u(bits, 16);
+        let lsb = self.b.ins().band_imm_u(lsb, 1);
+        let rounded = self.b.ins().iadd_imm_u(bits, 0x7fff);
+        let rounded = self.b.ins().iadd(rounded, lsb);
+        let rounded = self.b.ins().ushr_imm_u(rounded, 16);
+        let magnitude = self.b.ins().band_imm_u(bits, 0x7fff_ffff);
+        let nan = self
+            .b
+            .ins()
+            .icmp_imm_u(IntCC::UnsignedGreaterThan, magnitude, 0x7f80_0000);
+        let quiet = self.b.ins().ushr_imm_u(bits, 16);
+        let quiet = self.b.ins().bor_imm_u(quiet, 0x40);
+        self.b.ins().select(nan, quiet, rounded)
+    }
+
     fn f32_to_f16_bits(&mut self, x: Value) -> Value {
         let bits = self.b.ins().bitcast(I32, MemFlagsData::new(), x);
         let sign = self.b.ins().band_imm_u(bits, 0x8000_0000);
@@ -401,15 +419,22 @@ impl KernelBuilder for Emit<'_, '_> {
                 let h = self.f32_to_f16_bits(v);
                 self.b.ins().istore16(mem(), h, p, 0);
             }
+            DType::BF16 => {
+                let h = self.f32_to_bf16_bits(v);
+                self.b.ins().istore16(mem(), h, p, 0);
+            }
             _ => self.store_at(v, p, 0),
         }
     }
     fn vstore_as(&mut self, dt: DType, v: Value, p: Value) {
         match dt {
-            DType::F16 => {
+            DType::F16 | DType::BF16 => {
                 for lane in 0..4u8 {
                     let x = self.b.ins().extractlane(v, lane);
-                    let h = self.f32_to_f16_bits(x);
+                    let h = match dt {
+                        DType::F16 => self.f32_to_f16_bits(x),
+                        _ => self.f32_to_bf16_bits(x),
+                    };
                     self.b.ins().istore16(mem(), h, p, 2 * i32::from(lane));
                 }
             }
@@ -698,6 +723,15 @@ mod tests {
         assert!(exp(1e4).is_finite() && exp(1e4) > 1e38);
     }
 
+    /// `n` pseudo-random 32-bit words (a fixed linear congruential sequence).
+    fn random_bits(n: usize) -> impl Iterator<Item = u32> {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n).map(move |_| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 32) as u32
+        })
+    }
+
     /// f32 → f16 (as the cache stores it) → f32 (as attention reads it, scalar and 4-lane) against the
     /// `half` crate's conversions: round to nearest even, subnormals, overflow to infinity, NaN kept.
     #[test]
@@ -733,14 +767,11 @@ mod tests {
             2049.0,
             2051.0,
         ];
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..200_000 {
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            let bits = (seed >> 32) as u32;
-            // Exponents around f16's range (subnormals to overflow), any mantissa and sign.
+        // Exponents around f16's range (subnormals to overflow), any mantissa and sign.
+        xs.extend(random_bits(200_000).map(|bits| {
             let exp = 100 + (bits >> 24) % 50;
-            xs.push(f32::from_bits((bits & 0x807f_ffff) | (exp << 23)));
-        }
+            f32::from_bits((bits & 0x807f_ffff) | (exp << 23))
+        }));
         for x in xs {
             let want = half::f16::from_f32(x).to_f32();
             for (what, got) in [("scalar", scalar(x)), ("vector", vector(x))] {
@@ -752,5 +783,44 @@ mod tests {
             }
         }
         assert!(scalar(f32::NAN).is_nan() && vector(f32::NAN).is_nan());
+    }
+
+    /// f32 → bf16 (as the cache stores it) → f32 (as attention reads it) against the `half` crate's
+    /// conversions: round to nearest even, overflow to infinity, NaN kept a NaN.
+    #[test]
+    fn bf16_conversions_match_ieee() {
+        let (_m, round_trip) = jit_f32(|e, x| {
+            let h = e.f32_to_bf16_bits(x);
+            let h = e.b.ins().band_imm_u(h, 0xffff);
+            let bits = e.b.ins().ishl_imm_u(h, 16);
+            e.b.ins().bitcast(F32, MemFlagsData::new(), bits)
+        });
+        let mut xs: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.003_906_3,
+            1.011_718_8,
+            0.333_333_34,
+        ];
+        xs.extend(random_bits(200_000).map(f32::from_bits));
+        for x in xs.into_iter().filter(|x| !x.is_nan()) {
+            let want = half::bf16::from_f32(x).to_f32();
+            let got = round_trip(x);
+            assert!(
+                got.to_bits() == want.to_bits(),
+                "{x:e} ({:#x}) -> {got:e}, want {want:e}",
+                x.to_bits()
+            );
+        }
+        assert!(round_trip(f32::NAN).is_nan());
+        assert!(round_trip(f32::from_bits(0x7f80_0001)).is_nan());
     }
 }

@@ -283,7 +283,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             _ => self.load_f32(p),
         }
     }
-    /// `v` stored as one element of `dt` (f32, or f16 rounded to nearest even).
+    /// `v` stored as one element of `dt` (f32, or f16 or bf16 rounded to nearest even).
     pub fn store_as(&self, dt: DType, v: FloatValue<'ctx>, p: PointerValue<'ctx>) {
         match dt {
             DType::F16 => {
@@ -293,6 +293,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
                     .expect(BUG);
                 self.store(h, p);
             }
+            DType::BF16 => self.store(self.bf16_bits(v), p),
             _ => self.store(v, p),
         }
     }
@@ -304,8 +305,38 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
                 let h = self.b.build_float_trunc(v, half, "").expect(BUG);
                 self.store(h, p);
             }
+            DType::BF16 => {
+                for (i, x) in self.unpack(v).into_iter().enumerate() {
+                    self.store(self.bf16_bits(x), self.off(p, 2 * i));
+                }
+            }
             _ => self.store(v, p),
         }
+    }
+    /// The bf16 bits (an i16) of `v` rounded to nearest even, a NaN kept a (quiet) NaN. Integer arithmetic,
+    /// so no target needs a conversion instruction or a library call.
+    fn bf16_bits(&self, v: FloatValue<'ctx>) -> inkwell::values::IntValue<'ctx> {
+        let i32t = self.cx.i32_type();
+        let c = |x: u64| i32t.const_int(x, false);
+        let b = &self.b;
+        let bits = b.build_bit_cast(v, i32t, "").expect(BUG).into_int_value();
+        let lsb = b.build_right_shift(bits, c(16), false, "").expect(BUG);
+        let lsb = b.build_and(lsb, c(1), "").expect(BUG);
+        let rounded = b.build_int_add(bits, c(0x7fff), "").expect(BUG);
+        let rounded = b.build_int_add(rounded, lsb, "").expect(BUG);
+        let rounded = b.build_right_shift(rounded, c(16), false, "").expect(BUG);
+        let magnitude = b.build_and(bits, c(0x7fff_ffff), "").expect(BUG);
+        let nan = b
+            .build_int_compare(inkwell::IntPredicate::UGT, magnitude, c(0x7f80_0000), "")
+            .expect(BUG);
+        let quiet = b.build_right_shift(bits, c(16), false, "").expect(BUG);
+        let quiet = b.build_or(quiet, c(0x40), "").expect(BUG);
+        let out = b
+            .build_select(nan, quiet, rounded, "")
+            .expect(BUG)
+            .into_int_value();
+        b.build_int_truncate(out, self.cx.i16_type(), "")
+            .expect(BUG)
     }
     /// A vector of f32 activations.
     pub fn vload(&self, p: PointerValue<'ctx>) -> VectorValue<'ctx> {

@@ -46,7 +46,8 @@ pub struct Args {
     /// pre-quantized, else none.
     #[arg(long, value_enum)]
     quantize: Option<Quantize>,
-    /// The KV cache's element type: f16 (half the bytes of f32, rounded to nearest even) or f32 (exact).
+    /// The KV cache's element type: f16 or bf16 (half the bytes of f32, rounded to nearest even; bf16 keeps
+    /// f32's range with 8 bits of precision, f16 11) or f32 (exact).
     /// auto: f16 for a bf16 or f16 checkpoint (as llama.cpp), f32 for an f32 one.
     #[arg(long, value_enum, default_value_t = KvDtype::Auto)]
     kv_dtype: KvDtype,

@@ -158,11 +158,11 @@ fn check_manifest(path: &Path, version: u32, bytes: &[u8]) -> Result<Manifest, R
             ),
         ));
     }
-    if !matches!(manifest.kv.dtype.as_str(), "f32" | "f16") {
+    if !matches!(manifest.kv.dtype.as_str(), "f32" | "f16" | "bf16") {
         return Err(artifact_err(
             path,
             format!(
-                "the manifest's KV cache is {}; this runtime holds f32 or f16 caches",
+                "the manifest's KV cache is {}; this runtime holds f32, f16 or bf16 caches",
                 manifest.kv.dtype
             ),
         ));
