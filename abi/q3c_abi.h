@@ -63,7 +63,10 @@ int32_t q3c_forward(const q3c_step *step);
 
 /* An artifact whose manifest has a "launch" plan (the GPU flavour compiled for the CPU) exports no q3c_forward:
  * the runtime fills each dispatch's argument block ([T, the step, pointers...] as the plan's "args" say) and calls
- * the dispatch's kernel for every block and thread of its grid, ceil(items / threads) blocks: */
+ * the dispatch's kernel for every block and thread of its grid: ceil(items / threads) blocks, or, where the
+ * dispatch's "threads_per_item" is above 1, one block of that many threads per item (thread 0 runs it on a CPU).
+ * A CUDA artifact (`q3c compile --target cuda`; layout in abi/src/cuda.rs) holds the same kernels as PTX entries
+ * kernel(const uint64_t *args, uint64_t items), launched on the same grids with the step in device memory. */
 typedef void (*q3c_launched_kernel)(const uint64_t *args, uint64_t items, uint64_t block, uint64_t threads,
                                     uint64_t thread);
 
