@@ -748,6 +748,34 @@ impl KvMemory for DeviceKv {
 
 #[cfg(test)]
 mod tests {
+    use super::Area;
+
+    /// A call's area: each array starts on a word, at the device address it is returned with, and words
+    /// set later (the step, the argument blocks) land where they were skipped.
+    #[test]
+    fn the_area_places_arrays_on_words_at_their_device_addresses() {
+        let mut host = vec![0xaa; 5];
+        let base = 0x1000;
+        let mut area = Area::new(&mut host, base);
+        area.skip(2);
+        assert_eq!(area.words(), 2);
+        let odd = area.u32s(&[7, 8, 9]);
+        assert_eq!(odd, base + 16);
+        let wide = area.u64s(&[u64::MAX]);
+        assert_eq!(
+            wide,
+            base + 32,
+            "after three u32s the next array starts on a word"
+        );
+        area.set_u64s(1, &[42]);
+        let bytes = area.finish();
+        assert_eq!(bytes, 40);
+        let word = |i: usize| u64::from_ne_bytes(host[8 * i..8 * i + 8].try_into().unwrap());
+        assert_eq!((word(0), word(1), word(4)), (0, 42, u64::MAX));
+        assert_eq!(&host[16..28], [7u32, 8, 9].map(u32::to_ne_bytes).concat());
+        assert_eq!(&host[28..32], [0; 4]);
+    }
+
     #[test]
     fn architectures_parse() {
         assert_eq!(super::compute_capability("sm_90"), Some((9, 0)));
