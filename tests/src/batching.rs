@@ -12,6 +12,7 @@
 //! on these random weights (1.9 measured when attention read the first sequence's blocks for every row).
 
 use q3c_ir::DType;
+use q3c_runtime::generate::argmax;
 use q3c_runtime::{Batch, SeqId, Session};
 
 use crate::{max_abs_diff, LOGIT_TOLERANCE};
@@ -42,16 +43,6 @@ pub fn tolerance(kv: DType) -> f32 {
         DType::F32 => 1e-4,
         _ => LOGIT_TOLERANCE,
     }
-}
-
-pub fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Runs a schedule on `batch` and on one session per sequence, asserting equal logits at every step:

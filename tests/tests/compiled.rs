@@ -140,8 +140,7 @@ fn greedy_within(s: &mut dyn Session, g: &Golden, margin: f32, what: &str) {
             eprintln!("{what}: greedy ids compared for {step} steps (then a top-two gap within {margin:e})");
             return;
         }
-        let got =
-            (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32;
+        let got = q3c_runtime::generate::argmax(&row);
         assert_eq!(got, want, "{what}: greedy id {step}");
         row = s.forward_last(&[got]).unwrap();
     }
