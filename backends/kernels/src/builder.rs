@@ -224,11 +224,11 @@ pub trait KernelBuilder: Sized {
 
     // ---- matrix products (each backend tiles them its own way)
 
-    /// Where several threads take one work item (a GPU warp for row kernels): this thread's index among
-    /// them and their number. Loops over a row's elements ([`crate::ops`]' `map_row`) then take every
-    /// `threads`-th vector from the thread's index on (the scalar tail in thread 0), [`KernelBuilder::dot`]
-    /// splits the same way and gives every thread the whole sum, and partial sums meet through
-    /// [`KernelBuilder::share_sum`]. `None`: this thread takes the item alone.
+    /// Where several threads take one work item (a GPU warp or block for row kernels): this thread's index
+    /// among them and their number. Loops over a row's elements ([`crate::ops`]' `map_row`, and the dot
+    /// products written on it) then take every `threads`-th vector from the thread's index on (the scalar
+    /// tail in thread 0), and partial sums meet through [`KernelBuilder::share_sum`]. `None`: this thread
+    /// takes the item alone (and [`KernelBuilder::dot`] is the whole dot product).
     fn item_lane(&mut self) -> Option<(Self::Int, usize)> {
         None
     }

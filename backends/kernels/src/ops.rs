@@ -539,6 +539,37 @@ fn map_row<B: KernelBuilder>(b: &mut B, n: usize, mut f: impl FnMut(&mut B, At<B
     }
 }
 
+/// `Σ_i x[i] · w[i]` over a row of `k` elements (f32 at `x`, `dt` at `w`): [`KernelBuilder::dot`] for a
+/// thread alone; where threads share the item, each sums its part of the row as [`map_row`] splits it (so
+/// it reads what it wrote there itself) and the parts meet in [`KernelBuilder::share_sum`].
+fn dot_row<B: KernelBuilder>(b: &mut B, x: B::Ptr, w: B::Ptr, dt: DType, k: usize) -> B::F32 {
+    if b.item_lane().is_none() {
+        return b.dot(x, w, dt, k);
+    }
+    let zero = b.fconst(0.0);
+    let zeros = b.vsplat(zero);
+    let (acc, tail) = (b.var_vec(zeros), b.var_f32(zero));
+    map_row(b, k, |b, at| {
+        let (xa, wa) = (at.ptr(b, x, 4), at.ptr(b, w, dt.size()));
+        if at.is_vector() {
+            let (xv, wv) = (b.vload(xa), b.vload_weight(dt, wa));
+            let a = b.get_vec(acc);
+            let a = b.vfma(xv, wv, a);
+            b.set_vec(acc, a);
+        } else {
+            let (xs, ws) = (b.load_f32(xa), b.load_weight(dt, wa));
+            let t = b.get_f32(tail);
+            let t = b.fma(xs, ws, t);
+            b.set_f32(tail, t);
+        }
+    });
+    let a = b.get_vec(acc);
+    let sum = b.hsum(a);
+    let t = b.get_f32(tail);
+    let sum = b.fadd(sum, t);
+    b.share_sum(sum)
+}
+
 /// The epilogue of a matrix product over one output element: the plain dot product, or for SwiGLU
 /// `silu(gate) · up`.
 pub fn epilogue<B: KernelBuilder>(b: &mut B, parts: &[B::F32]) -> B::F32 {
@@ -821,7 +852,7 @@ fn attention_segment<B: KernelBuilder>(
         let qr = b.addr(q, qi, s.d * 4);
         let kr = head_row(b, c);
         let kc = b.addr(k, kr, s.d * s.kv.size());
-        let dot = b.dot(qr, kc, s.kv, s.d);
+        let dot = dot_row(b, qr, kc, s.kv, s.d);
         let sc = b.fconst(s.scale);
         b.fmul(dot, sc)
     };
@@ -1125,7 +1156,7 @@ fn rms_row<B: KernelBuilder>(
     d: usize,
     eps: f64,
 ) {
-    let ss = b.dot(x, x, DType::F32, d);
+    let ss = dot_row(b, x, x, DType::F32, d);
     let inv_d = b.fconst(1.0 / d as f32);
     let ms = b.fmul(ss, inv_d);
     let eps = b.fconst(eps as f32);

@@ -307,10 +307,7 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
         dt: DType,
         k: usize,
     ) -> FloatValue<'ctx> {
-        match crate::gpu_gemm::row_lane(self) {
-            Some(lane) => crate::gpu_gemm::row_dot(self, lane, x, w, dt, k),
-            None => Fb::dot(self, x, w, dt, k),
-        }
+        Fb::dot(self, x, w, dt, k)
     }
     fn item_lane(&mut self) -> Option<(IntValue<'ctx>, usize)> {
         crate::gpu_gemm::row_lane(self).map(|lane| (lane, self.share.threads()))

@@ -208,46 +208,6 @@ fn ptr_at<'ctx>(
     fb.addr(base, bytes, 1)
 }
 
-/// `Σ_i x[i] · w[i]` over `k` elements by the threads of a row kernel's item: thread `l` of `n` takes the
-/// vectors `l, l + n, ...` of `fb.lanes()` elements, as `map_row` splits rows, so each thread reads what
-/// it wrote itself; thread 0 the scalar tail. Every thread gets the sum.
-pub fn row_dot<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    lane: IntValue<'ctx>,
-    x: PointerValue<'ctx>,
-    w: PointerValue<'ctx>,
-    dt: DType,
-    k: usize,
-) -> FloatValue<'ctx> {
-    let lanes = fb.lanes();
-    let threads = fb.share.threads();
-    let acc = fb.var(fb.vsplat_c(0.0));
-    let step = |fb: &Fb<'_, 'ctx>, v: IntValue<'ctx>| {
-        let xv = fb.vload(fb.addr(x, v, lanes * 4));
-        let wv = fb.vload_weight(dt, fb.addr(w, v, lanes * dt.size()));
-        fb.set(acc, fb.vfma(xv, wv, fb.getv(acc)));
-    };
-    let vectors = k / lanes;
-    if vectors.is_multiple_of(threads) {
-        // A constant trip count, which LLVM unrolls: several loads in flight per thread.
-        fb.for_n(vectors / threads, |fb, j| {
-            step(fb, fb.add(lane, fb.mul_c(j, threads)))
-        });
-    } else {
-        fb.for_range(lane, fb.i64c(vectors), threads, step);
-    }
-    let sum = fb.var(fb.hsum(fb.getv(acc)));
-    let first = fb.icmp(IntPredicate::EQ, lane, fb.i64c(0));
-    fb.when(first, |fb| {
-        for i in vectors * lanes..k {
-            let xi = fb.load_f32(fb.off(x, i * 4));
-            let wi = fb.load_weight(dt, fb.off(w, i * dt.size()));
-            fb.set(sum, fb.fma(xi, wi, fb.getf(sum)));
-        }
-    });
-    item_sum(fb, fb.getf(sum))
-}
-
 /// The sum of `x` over the threads of a row kernel's item, in every thread: a warp's through shuffles;
 /// a block's through each warp's sum in shared memory, between two barriers (the first keeps a previous
 /// sum's readers ahead of the writes).
