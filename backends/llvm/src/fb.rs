@@ -344,31 +344,46 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
     /// A vector of weights of `dt` as f32 (bf16 widened by a shift into the high half).
     pub fn vload_weight(&self, dt: DType, p: PointerValue<'ctx>) -> VectorValue<'ctx> {
+        let align = if dt == DType::F32 { 4 } else { 2 };
+        self.load_weights(dt, p, self.flavor.lanes(), align)
+    }
+    /// `n` weights of `dt` at `p` (assumed aligned to `align` bytes) as a vector of f32 (bf16 widened by a
+    /// shift into the high half, f16 converted).
+    pub fn load_weights(
+        &self,
+        dt: DType,
+        p: PointerValue<'ctx>,
+        n: u32,
+        align: u32,
+    ) -> VectorValue<'ctx> {
         match dt {
             DType::BF16 => {
-                let lanes = self.flavor.lanes();
-                let i32v = self.cx.i32_type().vec_type(lanes);
+                let i32v = self.cx.i32_type().vec_type(n);
                 let h = self
-                    .load_aligned(self.cx.i16_type().vec_type(lanes), p, 2)
+                    .load_aligned(self.cx.i16_type().vec_type(n), p, align)
                     .into_vector_value();
                 let w = self.b.build_int_z_extend(h, i32v, "").expect(BUG);
                 let sixteen =
                     VectorType::const_vector(&vec![
                         self.cx.i32_type().const_int(16, false);
-                        lanes as usize
+                        n as usize
                     ]);
                 let w = self.b.build_left_shift(w, sixteen, "").expect(BUG);
                 self.b
-                    .build_bit_cast(w, self.vt(), "")
+                    .build_bit_cast(w, self.f32t().vec_type(n), "")
                     .expect(BUG)
                     .into_vector_value()
             }
             DType::F16 => {
-                let half = self.cx.f16_type().vec_type(self.flavor.lanes());
-                let h = self.load_aligned(half, p, 2).into_vector_value();
-                self.b.build_float_ext(h, self.vt(), "").expect(BUG)
+                let half = self.cx.f16_type().vec_type(n);
+                let h = self.load_aligned(half, p, align).into_vector_value();
+                self.b
+                    .build_float_ext(h, self.f32t().vec_type(n), "")
+                    .expect(BUG)
             }
-            _ => self.vload(p),
+            _ => self
+                .load_aligned(self.f32t().vec_type(n), p, align)
+                .into_vector_value(),
         }
     }
     pub fn store(&self, v: impl BasicValue<'ctx>, p: PointerValue<'ctx>) {

@@ -58,47 +58,15 @@ pub fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> FloatValue<'ctx
     s
 }
 
-/// `n` elements of `dt` (f32 or bf16) at `p`, aligned to their whole size, as f32.
+/// `n` elements of `dt` at `p`, aligned to their whole size, as f32.
 fn load_run<'ctx>(
     fb: &Fb<'_, 'ctx>,
     dt: DType,
     p: PointerValue<'ctx>,
     n: usize,
 ) -> Vec<FloatValue<'ctx>> {
-    let align = (n * dt.size()) as u32;
-    match dt {
-        DType::BF16 => {
-            let halves = fb
-                .load_aligned(fb.cx.i16_type().vec_type(n as u32), p, align)
-                .into_vector_value();
-            let i32v = fb.cx.i32_type().vec_type(n as u32);
-            let wide = fb.b.build_int_z_extend(halves, i32v, "").expect(BUG);
-            let sixteen = fb.b.build_left_shift(
-                wide,
-                inkwell::types::VectorType::const_vector(&vec![
-                    fb.cx
-                        .i32_type()
-                        .const_int(16, false);
-                    n
-                ]),
-                "",
-            );
-            let f =
-                fb.b.build_bit_cast(sixteen.expect(BUG), fb.f32t().vec_type(n as u32), "")
-                    .expect(BUG)
-                    .into_vector_value();
-            fb.unpack(f)
-        }
-        DType::F32 => {
-            let v = fb
-                .load_aligned(fb.f32t().vec_type(n as u32), p, align)
-                .into_vector_value();
-            fb.unpack(v)
-        }
-        other => (0..n)
-            .map(|i| fb.load_weight(other, fb.off(p, i * other.size())))
-            .collect(),
-    }
+    let v = fb.load_weights(dt, p, n as u32, (n * dt.size()) as u32);
+    fb.unpack(v)
 }
 
 /// Work item `item` of a linear kernel (columns `item · tile.width ..` of `out`), computed by the block.
