@@ -84,7 +84,7 @@ pub fn read_manifest(path: &Path) -> Result<Manifest, RuntimeError> {
     if q3c_abi::cuda::is_cuda_artifact(&bytes) {
         return read_cuda(path, &bytes).map(|(manifest, _)| manifest);
     }
-    let lib = open_library(path)?;
+    let lib = open_library(path, &bytes)?;
     let manifest = check_library(path, &lib)?;
     Ok(manifest)
 }
@@ -106,9 +106,9 @@ fn read_cuda<'a>(path: &Path, bytes: &'a [u8]) -> Result<(Manifest, &'a [u8]), R
     Ok((manifest, artifact.ptx))
 }
 
-fn open_library(path: &Path) -> Result<libloading::Library, RuntimeError> {
-    let bytes = read_artifact(path)?;
-    elf::check(&bytes)
+/// Loads the shared library at `path`, whose contents are `bytes`, once they are checked as an ELF object.
+fn open_library(path: &Path, bytes: &[u8]) -> Result<libloading::Library, RuntimeError> {
+    elf::check(bytes)
         .map_err(|why| artifact_err(path, format!("not a loadable shared library ({why})")))?;
     // SAFETY: q3c artifacts are linked with -nostartfiles and have no initialisers; for any other library,
     // loading may run its initialisers, as dlopen always does.
@@ -245,13 +245,11 @@ impl CompiledModel {
         threads: usize,
         residency: Residency,
     ) -> Result<CompiledModel, RuntimeError> {
-        if artifact.is_file() {
-            let bytes = read_artifact(artifact)?;
-            if q3c_abi::cuda::is_cuda_artifact(&bytes) {
-                return Self::load_cuda(artifact, &bytes, weights_dir, threads);
-            }
+        let bytes = read_artifact(artifact)?;
+        if q3c_abi::cuda::is_cuda_artifact(&bytes) {
+            return Self::load_cuda(artifact, &bytes, weights_dir, threads);
         }
-        let library = open_library(artifact)?;
+        let library = open_library(artifact, &bytes)?;
         let manifest = check_library(artifact, &library)?;
         let missing = missing_cpu_features(&manifest.required_cpu_features);
         if !missing.is_empty() {
