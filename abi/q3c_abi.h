@@ -1,4 +1,4 @@
-/* q3c model artifact ABI, version 4.
+/* q3c model artifact ABI, version 5.
  *
  * A q3c artifact (model.so) exports exactly these symbols; everything else in it is hidden.
  * It imports nothing beyond libc/libm: runtime services arrive through q3c_services.
@@ -7,7 +7,7 @@
 #define Q3C_ABI_H
 #include <stdint.h>
 
-#define Q3C_ABI_VERSION 4u
+#define Q3C_ABI_VERSION 5u
 
 /* Status codes returned by q3c_forward. */
 #define Q3C_OK 0
@@ -23,7 +23,17 @@ typedef struct q3c_services {
      * and returns when all are done. */
     void (*parallel_for)(void *pool, q3c_kernel kernel, const uint64_t *args, uint64_t n);
     void *pool;
+    /* Only artifacts of sharded models (manifest.ranks > 1) call it: a collective among the ranks over
+     * args = [t, step, x, out], n = x's floats. op Q3C_ALL_GATHER: every rank's x side by side in each row
+     * of out, by rank (a row of x is n / t floats). op Q3C_ALL_REDUCE | parts << 8: out = the sum of x over
+     * the ranks r for which r * parts % ranks < parts (the first rank of each of `parts` parts). Returns
+     * when out holds the result; a rank that cannot complete it ends the job. */
+    void (*collective)(void *ctx, uint64_t op, const uint64_t *args, uint64_t n);
+    void *collective_ctx;
 } q3c_services;
+
+#define Q3C_ALL_REDUCE 0u
+#define Q3C_ALL_GATHER 1u
 
 /* Tokens a KV-cache block holds. The cache of each layer is a pool of blocks; a sequence's block table
  * lists the pool block holding each run of Q3C_KV_BLOCK_TOKENS consecutive positions, so position p of a

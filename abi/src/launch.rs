@@ -47,6 +47,53 @@ pub struct Dispatch {
     /// the kernels whose GPU code cooperates within a block (matrix products).
     #[serde(default = "one")]
     pub threads_per_item: usize,
+    /// Set on the dispatches the runtime runs itself between the ranks of a sharded model
+    /// (`q3c_services.collective`, over `args = [T, step, x, out]`, `items` floats of x per token);
+    /// `kernel` is then [`NO_KERNEL`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collective: Option<Collective>,
+}
+
+/// The `kernel` of a [`Dispatch`] that runs a collective, not a kernel.
+pub const NO_KERNEL: usize = usize::MAX;
+
+/// A collective among the ranks of a sharded model (`Q3C_ALL_REDUCE`, `Q3C_ALL_GATHER` in `q3c_abi.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Collective {
+    /// The sum over the first rank of each of `parts` parts (`r · parts mod ranks < parts`).
+    AllReduce { parts: usize },
+    /// Every rank's row side by side, by rank.
+    AllGather,
+}
+
+impl Collective {
+    /// The `op` word `q3c_services.collective` receives.
+    pub fn word(self) -> u64 {
+        match self {
+            Collective::AllReduce { parts } => (parts as u64) << 8,
+            Collective::AllGather => 1,
+        }
+    }
+
+    /// The collective an `op` word names.
+    pub fn from_word(word: u64) -> Option<Collective> {
+        match (word & 0xff, word >> 8) {
+            (0, parts) if parts > 0 => Some(Collective::AllReduce {
+                parts: parts as usize,
+            }),
+            (1, 0) => Some(Collective::AllGather),
+            _ => None,
+        }
+    }
+
+    /// Whether rank `rank` of `ranks` adds its part to an all-reduce (always, for a gather).
+    pub fn contributes(self, rank: usize, ranks: usize) -> bool {
+        match self {
+            Collective::AllReduce { parts } => rank * parts % ranks < parts,
+            Collective::AllGather => true,
+        }
+    }
 }
 
 impl Dispatch {

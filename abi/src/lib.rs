@@ -9,8 +9,9 @@ pub mod launch;
 
 /// Version of the contract below; an artifact with another version is refused. (3: the KV cache's element
 /// type is the manifest's `kv.dtype`, f32 or f16; 4: a call holds rows of several sequences, and the KV
-/// cache is a pool of blocks addressed through each sequence's block table.)
-pub const ABI_VERSION: u32 = 4;
+/// cache is a pool of blocks addressed through each sequence's block table; 5: sharded models — the
+/// `collective` service, the manifest's `ranks` and weight shards.)
+pub const ABI_VERSION: u32 = 5;
 
 /// The C header describing the ABI (shipped for services written in other languages).
 pub const HEADER: &str = include_str!("../q3c_abi.h");
@@ -61,12 +62,26 @@ pub const ERR_TOKEN_ID: i32 = 2;
 /// `q3c_kernel`: a kernel over work items `[start, end)`.
 pub type Kernel = unsafe extern "C" fn(args: *const u64, start: u64, end: u64);
 
+/// `q3c_services.collective`: a collective among the ranks of a sharded model ([`launch::Collective`]).
+pub type CollectiveFn =
+    unsafe extern "C" fn(ctx: *mut std::ffi::c_void, op: u64, args: *const u64, n: u64);
+
 /// `q3c_services`.
 #[repr(C)]
 pub struct Services {
     pub parallel_for:
         unsafe extern "C" fn(pool: *mut std::ffi::c_void, kernel: Kernel, args: *const u64, n: u64),
     pub pool: *mut std::ffi::c_void,
+    pub collective: CollectiveFn,
+    pub collective_ctx: *mut std::ffi::c_void,
+}
+
+/// Byte offsets of [`Services`]' fields, for code generators.
+pub mod services_offsets {
+    pub const PARALLEL_FOR: usize = 0;
+    pub const POOL: usize = 8;
+    pub const COLLECTIVE: usize = 16;
+    pub const COLLECTIVE_CTX: usize = 24;
 }
 
 /// Tokens a KV-cache block holds (`Q3C_KV_BLOCK_TOKENS`): position `p` of a sequence lives in cache row
@@ -178,6 +193,33 @@ pub struct WeightEntry {
     pub kernel_dtype: String,
     /// [`LAYOUT_ROW_MAJOR`], or [`LAYOUT_Q8_PANELS`] for `q8` weights.
     pub layout: String,
+    /// Set where each rank of a sharded model binds a slice: `shape` is the slice's, the checkpoint's is
+    /// [`WeightShard::full_shape`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<WeightShard>,
+}
+
+/// The slice of a checkpoint tensor a rank binds: the tensor cut into `parts` equal parts along `axis`,
+/// rank `r` of `ranks` taking part `r · parts / ranks` (ranks share a part when there are fewer parts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightShard {
+    pub axis: usize,
+    pub parts: usize,
+    pub ranks: usize,
+}
+
+impl WeightShard {
+    /// The part rank `rank` binds.
+    pub fn part(&self, rank: usize) -> usize {
+        rank * self.parts / self.ranks
+    }
+
+    /// The checkpoint tensor's shape, given the slice's.
+    pub fn full_shape(&self, slice: &[usize]) -> Vec<usize> {
+        let mut full = slice.to_vec();
+        full[self.axis] *= self.parts;
+        full
+    }
 }
 
 /// KV-cache geometry: per layer, K and V pools of `[blocks · KV_BLOCK_TOKENS, kv_heads, head_dim]` elements of `dtype`
@@ -239,6 +281,15 @@ pub struct Manifest {
     /// flavour compiled for the CPU): every dispatch of a forward call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch: Option<launch::LaunchPlan>,
+    /// Ranks the model is sharded over (one process each; 1: not sharded). Every rank loads this same
+    /// artifact, binding its slice of the sharded weights, and their forward calls meet in collectives
+    /// (`q3c_services.collective`).
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 fn f32_name() -> String {
@@ -278,6 +329,27 @@ mod tests {
         }
         assert_eq!(std::mem::size_of::<Seq>(), so::SEQ_BYTES);
         assert!(HEADER.contains("uint64_t n_logits;"));
+        for (field, at) in [
+            (std::mem::offset_of!(Services, pool), services_offsets::POOL),
+            (
+                std::mem::offset_of!(Services, collective),
+                services_offsets::COLLECTIVE,
+            ),
+            (
+                std::mem::offset_of!(Services, collective_ctx),
+                services_offsets::COLLECTIVE_CTX,
+            ),
+        ] {
+            assert_eq!(field, at);
+        }
+        assert!(HEADER.contains(&format!(
+            "#define Q3C_ALL_REDUCE {}u",
+            launch::Collective::AllReduce { parts: 0 }.word()
+        )));
+        assert!(HEADER.contains(&format!(
+            "#define Q3C_ALL_GATHER {}u",
+            launch::Collective::AllGather.word()
+        )));
         assert!(HEADER.contains(&format!("#define Q3C_KV_BLOCK_TOKENS {KV_BLOCK_TOKENS}u")));
         // launch::LaunchedKernel's C view.
         assert!(HEADER.contains(

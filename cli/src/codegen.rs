@@ -121,6 +121,8 @@ pub struct CpuCodegen<'a> {
     pub quantize: Quantize,
     /// The KV cache's element type (f32 or f16).
     pub kv_dtype: q3c_ir::DType,
+    /// Ranks (processes) the model is sharded over; 1: not sharded.
+    pub shards: usize,
 }
 
 /// `--kv-dtype`: the KV cache's element type.
@@ -151,7 +153,20 @@ impl KvDtype {
 
 /// `cfg` lowered and rewritten by `strategy`'s passes.
 pub fn fused_graph(cfg: &Qwen3Config, strategy: &Strategy) -> Result<q3c_ir::Graph> {
-    let mut graph = q3c_compiler::lower(cfg).context("lowering failed (a q3c bug)")?;
+    sharded_graph(cfg, strategy, 1)
+}
+
+/// One rank's graph of `cfg` sharded over `ranks` ranks (the whole model's for 1), rewritten by
+/// `strategy`'s passes.
+pub fn sharded_graph(
+    cfg: &Qwen3Config,
+    strategy: &Strategy,
+    ranks: usize,
+) -> Result<q3c_ir::Graph> {
+    let sharding = q3c_compiler::Sharding::new(cfg, ranks)
+        .map_err(|e| anyhow::anyhow!("cannot shard this model: {e}"))?;
+    let mut graph =
+        q3c_compiler::lower_sharded(cfg, &sharding).context("lowering failed (a q3c bug)")?;
     q3c_compiler::pipeline::run(&mut graph, strategy, true, |_, _| {})?;
     Ok(graph)
 }
@@ -164,7 +179,7 @@ pub fn compile_artifact(
     how: &CpuCodegen,
     out: &Path,
 ) -> Result<(q3c_abi::Manifest, q3c_ir::Graph)> {
-    let graph = fused_graph(cfg, strategy)?;
+    let graph = sharded_graph(cfg, strategy, how.shards)?;
     let (object, manifest) = compile_object(&graph, cfg, strategy.name(), how)?;
     q3c_backend_common::link_shared(&object, out)?;
     Ok((manifest, graph))

@@ -89,6 +89,7 @@ pub fn run(
                 bf16_activations: false,
                 quantize: crate::codegen::Quantize::None,
                 kv_dtype: q3c_ir::DType::F32,
+                shards: 1,
             },
             &so,
         )?;

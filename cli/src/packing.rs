@@ -28,8 +28,8 @@ impl PlanPacker {
         let plan =
             q3c_backend_common::plan::plan_with(&graph, q3c_compiler::LOGITS, 1, format.dtype())?;
         let mut forms: HashMap<String, Vec<DType>> = HashMap::new();
-        for (name, _, _, read_as) in &plan.weights {
-            forms.entry(name.clone()).or_default().push(*read_as);
+        for w in &plan.weights {
+            forms.entry(w.name.clone()).or_default().push(w.read_as);
         }
         // A weight's `kernel_dtype` is its read form's name (`q8`, `q4`).
         let formats = forms

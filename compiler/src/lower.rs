@@ -7,7 +7,8 @@
 //! Weight names come from `q3c_models::tensors`, so the graph and the checkpoint check agree by construction.
 
 use q3c_ir::{
-    DType, Dim, Graph, InputKind, KvKind, NodeId, Op, RopeSpec, Shape, TensorType, TypeError, Yarn,
+    DType, Dim, Graph, InputKind, KvKind, NodeId, Op, RopeSpec, Shape, Shard, TensorType,
+    TypeError, Yarn,
 };
 use q3c_models::tensors::{self, expert_stack, layer_tensor, EMBED, FINAL_NORM, LM_HEAD};
 use q3c_models::{MoeConfig, Qwen3Config};
@@ -20,10 +21,92 @@ pub const LOGITS: &str = "logits";
 /// Fails only if the builder produces an ill-typed node, which is a compiler bug: configs are checked when
 /// they are parsed.
 pub fn lower(cfg: &Qwen3Config) -> Result<Graph, TypeError> {
+    lower_sharded(cfg, &Sharding::one())
+}
+
+/// How a model is split over the ranks of a sharded job (tensor parallelism, as Megatron-LM splits a
+/// transformer): each rank computes a share of the query and KV heads, of every MLP's intermediate
+/// features (each expert's, in MoE layers) and of the vocabulary's logits, from its slice of the weights;
+/// an all-reduce after each attention and MLP block sums the ranks' partial outputs, and an all-gather
+/// puts the logits together. Embeddings, norms and the MoE router are whole on every rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sharding {
+    pub ranks: usize,
+    /// Parts the query heads are split into: `ranks`, or the heads themselves where there are fewer
+    /// (ranks then share a head, and compute it alike).
+    q_parts: usize,
+    /// Likewise for the KV heads.
+    kv_parts: usize,
+}
+
+impl Sharding {
+    /// No sharding: one process holds the whole model.
+    pub fn one() -> Sharding {
+        Sharding {
+            ranks: 1,
+            q_parts: 1,
+            kv_parts: 1,
+        }
+    }
+
+    /// How `cfg` splits over `ranks` ranks, or why it cannot: every split dimension must divide evenly
+    /// (heads may also be fewer than the ranks, if they divide them).
+    pub fn new(cfg: &Qwen3Config, ranks: usize) -> Result<Sharding, String> {
+        if ranks == 0 {
+            return Err("a model needs at least one rank".into());
+        }
+        let heads = |what: &str, n: usize| {
+            if n.is_multiple_of(ranks) {
+                Ok(ranks)
+            } else if ranks.is_multiple_of(n) {
+                Ok(n)
+            } else {
+                Err(format!(
+                    "{n} {what} cannot be split over {ranks} ranks (one must divide the other)"
+                ))
+            }
+        };
+        let q_parts = heads("attention heads", cfg.num_attention_heads)?;
+        let kv_parts = heads("key-value heads", cfg.num_key_value_heads)?;
+        let mut splits = vec![("vocab_size", cfg.vocab_size)];
+        if (0..cfg.num_hidden_layers).any(|l| !cfg.is_sparse_layer(l)) {
+            splits.push(("intermediate_size", cfg.intermediate_size));
+        }
+        if let Some(moe) = &cfg.moe {
+            splits.push(("moe_intermediate_size", moe.moe_intermediate_size));
+        }
+        for (what, n) in splits {
+            if !n.is_multiple_of(ranks) {
+                return Err(format!(
+                    "{what} {n} cannot be split over {ranks} ranks (not a multiple)"
+                ));
+            }
+        }
+        Ok(Sharding {
+            ranks,
+            q_parts,
+            kv_parts,
+        })
+    }
+
+    /// The shard of a weight split into `parts` along `axis` (none on one rank).
+    fn shard(&self, axis: u32, parts: usize) -> Option<Shard> {
+        (self.ranks > 1).then_some(Shard {
+            axis,
+            parts: parts as u32,
+            ranks: self.ranks as u32,
+        })
+    }
+}
+
+/// Lowers a config to the graph of one rank of `sharding` (every rank runs the same graph on its own
+/// slice of the weights); with [`Sharding::one`], to the whole model's.
+pub fn lower_sharded(cfg: &Qwen3Config, sharding: &Sharding) -> Result<Graph, TypeError> {
     let mut b = Builder {
         g: Graph::new(),
         cfg,
         dtype: weight_dtype(cfg),
+        sharding: *sharding,
     };
     let ids = b.g.add(Op::Input(InputKind::TokenIds), &[])?;
     let positions = b.g.add(Op::Input(InputKind::Positions), &[])?;
@@ -50,12 +133,17 @@ pub fn lower(cfg: &Qwen3Config) -> Result<Graph, TypeError> {
         x = b.g.add(Op::Add, &[x, mlp])?;
     }
     let x = b.norm(x, FINAL_NORM, cfg.hidden_size)?;
-    let head = if cfg.tie_word_embeddings {
-        embed
-    } else {
-        b.weight(LM_HEAD, &[cfg.vocab_size, cfg.hidden_size])?
+    let ranks = sharding.ranks;
+    let head = match (cfg.tie_word_embeddings, ranks) {
+        (true, 1) => embed,
+        (tied, _) => {
+            let name = if tied { EMBED } else { LM_HEAD };
+            let shard = sharding.shard(0, ranks);
+            b.sharded_weight(name, &[cfg.vocab_size / ranks, cfg.hidden_size], shard)?
+        }
     };
     let logits = b.g.add(Op::Linear, &[x, head])?;
+    let logits = b.gather(logits)?;
     b.g.set_output(LOGITS, logits);
     Ok(b.g)
 }
@@ -87,6 +175,7 @@ struct Builder<'a> {
     g: Graph,
     cfg: &'a Qwen3Config,
     dtype: DType,
+    sharding: Sharding,
 }
 
 fn fixed(n: usize) -> Dim {
@@ -95,11 +184,22 @@ fn fixed(n: usize) -> Dim {
 
 impl Builder<'_> {
     fn weight(&mut self, name: &str, shape: &[usize]) -> Result<NodeId, TypeError> {
+        self.sharded_weight(name, shape, None)
+    }
+
+    /// A weight of which this rank binds the slice `shard` (of type `shape`).
+    fn sharded_weight(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        shard: Option<Shard>,
+    ) -> Result<NodeId, TypeError> {
         let shape = Shape(shape.iter().map(|&n| fixed(n)).collect());
         self.g.add(
             Op::Weight {
                 name: name.to_string(),
                 ty: TensorType::new(self.dtype, shape),
+                shard,
             },
             &[],
         )
@@ -114,6 +214,59 @@ impl Builder<'_> {
     ) -> Result<NodeId, TypeError> {
         let w = self.weight(name, &[out, inp])?;
         self.g.add(Op::Linear, &[x, w])
+    }
+
+    /// `x · wᵀ` over this rank's `1/parts` of w's output features (w whole: `[out · parts, inp]`).
+    fn column_linear(
+        &mut self,
+        x: NodeId,
+        name: &str,
+        (out, inp): (usize, usize),
+        parts: usize,
+    ) -> Result<NodeId, TypeError> {
+        let w = self.sharded_weight(name, &[out, inp], self.sharding.shard(0, parts))?;
+        self.g.add(Op::Linear, &[x, w])
+    }
+
+    /// `x · wᵀ` over this rank's `1/parts` of w's input features, summed over the ranks (w whole:
+    /// `[out, inp · parts]`).
+    fn row_linear(
+        &mut self,
+        x: NodeId,
+        name: &str,
+        (out, inp): (usize, usize),
+        parts: usize,
+    ) -> Result<NodeId, TypeError> {
+        let w = self.sharded_weight(name, &[out, inp], self.sharding.shard(1, parts))?;
+        let partial = self.g.add(Op::Linear, &[x, w])?;
+        self.reduce(partial, parts)
+    }
+
+    /// The sum of the ranks' `x` (each of `parts` parts counted once); `x` itself on one rank.
+    fn reduce(&mut self, x: NodeId, parts: usize) -> Result<NodeId, TypeError> {
+        match self.sharding.ranks {
+            1 => Ok(x),
+            ranks => self.g.add(
+                Op::AllReduce {
+                    parts: parts as u32,
+                    ranks: ranks as u32,
+                },
+                &[x],
+            ),
+        }
+    }
+
+    /// The ranks' `x` side by side; `x` itself on one rank.
+    fn gather(&mut self, x: NodeId) -> Result<NodeId, TypeError> {
+        match self.sharding.ranks {
+            1 => Ok(x),
+            ranks => self.g.add(
+                Op::AllGather {
+                    ranks: ranks as u32,
+                },
+                &[x],
+            ),
+        }
     }
 
     fn norm(&mut self, x: NodeId, name: &str, dim: usize) -> Result<NodeId, TypeError> {
@@ -140,15 +293,27 @@ impl Builder<'_> {
     ) -> Result<NodeId, TypeError> {
         let cfg = self.cfg;
         let (hidden, d) = (cfg.hidden_size, cfg.head_dim);
-        let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let Sharding {
+            q_parts, kv_parts, ..
+        } = self.sharding;
+        // This rank's heads.
+        let (hq, hkv) = (
+            cfg.num_attention_heads / q_parts,
+            cfg.num_key_value_heads / kv_parts,
+        );
         let t = |s: &str| layer_tensor(layer, s);
 
-        let q = self.linear(h, &t("self_attn.q_proj.weight"), hq * d, hidden)?;
+        let q = self.column_linear(h, &t("self_attn.q_proj.weight"), (hq * d, hidden), q_parts)?;
         let q = self.reshape(q, vec![Dim::Seq, fixed(hq), fixed(d)])?;
         let q = self.norm(q, &t("self_attn.q_norm.weight"), d)?;
         let q = self.g.add(Op::Rope(rope.clone()), &[q, positions])?;
 
-        let k = self.linear(h, &t("self_attn.k_proj.weight"), hkv * d, hidden)?;
+        let k = self.column_linear(
+            h,
+            &t("self_attn.k_proj.weight"),
+            (hkv * d, hidden),
+            kv_parts,
+        )?;
         let k = self.reshape(k, vec![Dim::Seq, fixed(hkv), fixed(d)])?;
         let k = self.norm(k, &t("self_attn.k_norm.weight"), d)?;
         let k = self.g.add(Op::Rope(rope.clone()), &[k, positions])?;
@@ -160,7 +325,12 @@ impl Builder<'_> {
             &[k],
         )?;
 
-        let v = self.linear(h, &t("self_attn.v_proj.weight"), hkv * d, hidden)?;
+        let v = self.column_linear(
+            h,
+            &t("self_attn.v_proj.weight"),
+            (hkv * d, hidden),
+            kv_parts,
+        )?;
         let v = self.reshape(v, vec![Dim::Seq, fixed(hkv), fixed(d)])?;
         let v = self.g.add(
             Op::KvAppend {
@@ -173,27 +343,30 @@ impl Builder<'_> {
         let scale = 1.0 / (d as f64).sqrt();
         let a = self.g.add(Op::Attention { scale }, &[q, k, v])?;
         let a = self.reshape(a, vec![Dim::Seq, fixed(hq * d)])?;
-        self.linear(a, &t("self_attn.o_proj.weight"), hidden, hq * d)
+        self.row_linear(a, &t("self_attn.o_proj.weight"), (hidden, hq * d), q_parts)
     }
 
     /// `down(silu(gate(h)) · up(h))`.
     fn dense_mlp(&mut self, layer: usize, h: NodeId) -> Result<NodeId, TypeError> {
-        let (hidden, inter) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let ranks = self.sharding.ranks;
+        let (hidden, inter) = (self.cfg.hidden_size, self.cfg.intermediate_size / ranks);
         let t = |s: &str| layer_tensor(layer, s);
-        let gate = self.linear(h, &t("mlp.gate_proj.weight"), inter, hidden)?;
-        let up = self.linear(h, &t("mlp.up_proj.weight"), inter, hidden)?;
+        let gate = self.column_linear(h, &t("mlp.gate_proj.weight"), (inter, hidden), ranks)?;
+        let up = self.column_linear(h, &t("mlp.up_proj.weight"), (inter, hidden), ranks)?;
         let act = self.g.add(Op::Silu, &[gate])?;
         let prod = self.g.add(Op::Mul, &[act, up])?;
-        self.linear(prod, &t("mlp.down_proj.weight"), hidden, inter)
+        self.row_linear(prod, &t("mlp.down_proj.weight"), (hidden, inter), ranks)
     }
 
     /// Sparse MoE block: router softmax in f32, top-k, optional renormalisation, Σ p_e · expert_e(h).
     fn moe(&mut self, layer: usize, h: NodeId, moe: &MoeConfig) -> Result<NodeId, TypeError> {
         let hidden = self.cfg.hidden_size;
+        let ranks = self.sharding.ranks;
+        // Every rank routes alike and computes its share of each chosen expert's features.
         let (e, k, inter) = (
             moe.num_experts,
             moe.num_experts_per_tok,
-            moe.moe_intermediate_size,
+            moe.moe_intermediate_size / ranks,
         );
 
         let logits = self.linear(h, &layer_tensor(layer, tensors::ROUTER), e, hidden)?;
@@ -207,12 +380,13 @@ impl Builder<'_> {
         }
 
         let x = self.reshape(h, vec![Dim::Seq, fixed(1), fixed(hidden)])?;
-        let stack = |me: &mut Self, proj: &str, n: usize, kdim: usize| {
-            me.weight(&expert_stack(layer, proj), &[e, n, kdim])
+        let stack = |me: &mut Self, proj: &str, n: usize, kdim: usize, axis: u32| {
+            let shard = me.sharding.shard(axis, ranks);
+            me.sharded_weight(&expert_stack(layer, proj), &[e, n, kdim], shard)
         };
-        let w_gate = stack(self, "gate_proj", inter, hidden)?;
-        let w_up = stack(self, "up_proj", inter, hidden)?;
-        let w_down = stack(self, "down_proj", hidden, inter)?;
+        let w_gate = stack(self, "gate_proj", inter, hidden, 1)?;
+        let w_up = stack(self, "up_proj", inter, hidden, 1)?;
+        let w_down = stack(self, "down_proj", hidden, inter, 2)?;
         let gate = self.g.add(Op::ExpertLinear, &[x, chosen, w_gate])?;
         let up = self.g.add(Op::ExpertLinear, &[x, chosen, w_up])?;
         let act = self.g.add(Op::Silu, &[gate])?;
@@ -221,7 +395,8 @@ impl Builder<'_> {
 
         let weights = self.reshape(weights, vec![Dim::Seq, fixed(k), fixed(1)])?;
         let weighted = self.g.add(Op::Mul, &[down, weights])?;
-        self.g.add(Op::ReduceSum { axis: 1 }, &[weighted])
+        let partial = self.g.add(Op::ReduceSum { axis: 1 }, &[weighted])?;
+        self.reduce(partial, ranks)
     }
 }
 
@@ -267,6 +442,69 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn sharded_graphs_bind_slices_of_exactly_the_checkpoint_and_meet_in_collectives() {
+        for name in registry::names() {
+            let cfg = registry::lookup(name).unwrap();
+            let mut expected: Vec<(String, Vec<usize>)> = expected_tensors(&cfg)
+                .into_iter()
+                .map(|t| (t.name, t.shape))
+                .collect();
+            expected.sort();
+            for ranks in [2, 4, 8] {
+                let sharding = Sharding::new(&cfg, ranks).unwrap();
+                let g = lower_sharded(&cfg, &sharding).unwrap();
+                q3c_ir::verify(&g).unwrap_or_else(|e| panic!("{name}/{ranks}: {e}"));
+                // Whole shapes of what the slices come from: the tensors of the checkpoint, no others.
+                let mut names: Vec<(String, Vec<usize>)> = Vec::new();
+                for (id, name, ty) in g.weights() {
+                    let Op::Weight { shard, .. } = &g.node(id).op else {
+                        unreachable!("a weight")
+                    };
+                    let mut dims = ty.shape.resolve(0, 0);
+                    if let Some(s) = shard {
+                        assert_eq!(s.ranks as usize, ranks);
+                        dims[s.axis as usize] *= s.parts as usize;
+                    }
+                    if name.contains(EXPERT_PLACEHOLDER) {
+                        for e in 0..dims[0] {
+                            names.push((expert_tensor(name, e), dims[1..].to_vec()));
+                        }
+                    } else {
+                        names.push((name.to_string(), dims));
+                    }
+                }
+                // A tied table is read whole (embedding) and sliced (logits): one tensor.
+                names.sort();
+                names.dedup();
+                assert_eq!(names, expected, "{name}/{ranks}");
+                // Two all-reduces per layer (attention, MLP) and the gathered logits.
+                let collectives = g
+                    .node_ids()
+                    .iter()
+                    .filter(|&&id| {
+                        matches!(g.node(id).op, Op::AllReduce { .. } | Op::AllGather { .. })
+                    })
+                    .count();
+                assert_eq!(collectives, 2 * cfg.num_hidden_layers + 1, "{name}/{ranks}");
+                let logits = g.node(g.output(LOGITS).unwrap());
+                assert_eq!(
+                    *logits.tensor(),
+                    TensorType::f32(vec![Dim::Seq, fixed(cfg.vocab_size)])
+                );
+                let text = q3c_ir::text::print(&g);
+                assert_eq!(
+                    q3c_ir::text::print(&q3c_ir::text::parse(&text).unwrap()),
+                    text
+                );
+            }
+        }
+        let cfg = registry::lookup("Qwen3-30B-A3B").unwrap();
+        assert!(Sharding::new(&cfg, 3)
+            .unwrap_err()
+            .contains("32 attention heads cannot be split over 3 ranks"));
     }
 
     #[test]

@@ -258,7 +258,7 @@ impl Graph {
         self.node_ids()
             .into_iter()
             .filter_map(|id| match &self.node(id).op {
-                Op::Weight { name, ty } => Some((id, name.as_str(), ty)),
+                Op::Weight { name, ty, .. } => Some((id, name.as_str(), ty)),
                 _ => None,
             })
             .collect()

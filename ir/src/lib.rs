@@ -18,7 +18,7 @@ mod types;
 mod verify;
 
 pub use graph::{Graph, Node, NodeId, TypeError};
-pub use op::{InputKind, KvKind, Op};
+pub use op::{InputKind, KvKind, Op, Shard};
 pub use rope::{RopeSpec, Yarn};
 pub use types::{DType, Dim, Shape, TensorType, Type, Q8_GROUP, Q8_PANEL};
 pub use verify::{verify, VerifierError, VerifierErrors};

@@ -66,9 +66,12 @@ pub enum Op {
     Input(InputKind),
     /// A tensor bound from the checkpoint at load time. A `name` containing `{e}` is an expert stack:
     /// its type has a leading expert dim `E` and row `e` is the checkpoint tensor named with `{e}` → e.
+    /// With `shard`, a rank of a sharded model binds only its slice of the checkpoint tensor, and `ty` is
+    /// the slice's type.
     Weight {
         name: String,
         ty: TensorType,
+        shard: Option<Shard>,
     },
 
     // ---- data movement ----
@@ -166,6 +169,32 @@ pub enum Op {
     TopK {
         k: u32,
     },
+
+    // ---- collectives (between the ranks of a sharded model; see [`Shard`]) ----
+    /// (x `f32[...]`) → like x: the sum of x over the ranks that hold distinct parts of what made it — of
+    /// `ranks` ranks splitting it into `parts` parts, rank `r` counts when it is the first of its part
+    /// (`r · parts mod ranks < parts`); the others' x is computed but not added.
+    AllReduce {
+        parts: u32,
+        ranks: u32,
+    },
+    /// (x `f32[..., n]`) → `f32[..., n · ranks]`: every rank's x side by side, rank `r`'s at columns
+    /// `r·n .. (r+1)·n`.
+    AllGather {
+        ranks: u32,
+    },
+}
+
+/// The slice of a checkpoint tensor one rank of a sharded model binds: the tensor is cut into `parts`
+/// equal parts along `axis`, and rank `r` of `ranks` binds part `r · parts / ranks` — its own part when
+/// `parts == ranks`, one shared with its neighbours when there are fewer parts than ranks (a model with
+/// fewer KV heads than ranks, whose ranks then each compute a head they share). The runtime binds it as
+/// the manifest's `q3c_abi::WeightShard`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shard {
+    pub axis: u32,
+    pub parts: u32,
+    pub ranks: u32,
 }
 
 impl Op {
@@ -197,6 +226,8 @@ impl Op {
             Op::Softmax => "softmax",
             Op::ReduceSum { .. } => "reduce_sum",
             Op::TopK { .. } => "top_k",
+            Op::AllReduce { .. } => "all_reduce",
+            Op::AllGather { .. } => "all_gather",
         }
     }
 
@@ -227,7 +258,9 @@ impl Op {
             | Op::Silu
             | Op::Softmax
             | Op::ReduceSum { .. }
-            | Op::TopK { .. } => 1,
+            | Op::TopK { .. }
+            | Op::AllReduce { .. }
+            | Op::AllGather { .. } => 1,
             Op::KvAppend { .. } | Op::Select { .. } => 1,
             Op::MoeRoute { .. } => 2,
             Op::AddRmsNorm { .. } => 3,
@@ -317,7 +350,15 @@ impl Op {
             | Op::LinearGroup { .. }
             | Op::Select { .. } => Err(format!("{} gives a tuple or reads one", self.name())),
             Op::Input(_) => Ok(TensorType::i32(vec![Dim::Seq])),
-            Op::Weight { ty, .. } => {
+            Op::Weight { ty, shard, .. } => {
+                if let Some(s) = shard {
+                    if s.axis as usize >= ty.shape.rank() || s.parts == 0 || s.parts > s.ranks {
+                        return Err(format!(
+                            "shard (axis {}, {} parts, {} ranks) does not fit {}",
+                            s.axis, s.parts, s.ranks, ty.shape
+                        ));
+                    }
+                }
                 if !ty.dtype.is_float() {
                     return Err(format!(
                         "weight dtype must be a float type, is {}",
@@ -539,6 +580,27 @@ impl Op {
                 let mut dims = x.shape.0.clone();
                 *dims.last_mut().expect("rank checked") = Dim::Fixed(u64::from(*k));
                 Ok(TensorType::i32(dims))
+            }
+            Op::AllReduce { parts, ranks } => {
+                let x = inputs[0];
+                expect_dtype(x, DType::F32, "x")?;
+                if *parts == 0 || parts > ranks {
+                    return Err(format!("{parts} parts cannot be held by {ranks} ranks"));
+                }
+                Ok(x.clone())
+            }
+            Op::AllGather { ranks } => {
+                let x = inputs[0];
+                expect_dtype(x, DType::F32, "x")?;
+                let Dim::Fixed(n) = last(x, "x")? else {
+                    return Err(format!("the last dim must be fixed, x is {}", x.shape));
+                };
+                if *ranks == 0 {
+                    return Err("no ranks to gather from".into());
+                }
+                let mut dims = x.shape.0.clone();
+                *dims.last_mut().expect("rank checked") = Dim::Fixed(n * u64::from(*ranks));
+                Ok(TensorType::f32(dims))
             }
         }
     }

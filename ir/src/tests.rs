@@ -65,6 +65,7 @@ fn builder_infers_the_types_the_text_declares() {
             Op::Weight {
                 name: "embed".into(),
                 ty: TensorType::new(DType::BF16, Shape::fixed(&[32, 8])),
+                shard: None,
             },
             &[],
         )

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use crate::graph::{Graph, NodeId};
-use crate::op::{InputKind, KvKind, Op};
+use crate::op::{InputKind, KvKind, Op, Shard};
 use crate::rope::{RopeSpec, Yarn};
 use crate::types::{DType, Dim, Shape, TensorType, Type};
 
@@ -65,7 +65,15 @@ pub fn print(graph: &Graph) -> String {
 fn attrs(op: &Op) -> Vec<(&'static str, String)> {
     match op {
         Op::Input(kind) => vec![("kind", kind.name().into())],
-        Op::Weight { name, .. } => vec![("name", quote(name))],
+        Op::Weight { name, shard, .. } => {
+            let mut a = vec![("name", quote(name))];
+            if let Some(s) = shard {
+                a.push(("shard_axis", s.axis.to_string()));
+                a.push(("shard_parts", s.parts.to_string()));
+                a.push(("shard_ranks", s.ranks.to_string()));
+            }
+            a
+        }
         Op::Reshape { shape } => vec![("shape", shape.to_string())],
         Op::RmsNorm { eps } => vec![("eps", format!("{eps:?}"))],
         Op::Rope(spec) => rope_attrs(spec),
@@ -88,6 +96,10 @@ fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::MoeRoute { k, renorm } => vec![("k", k.to_string()), ("renorm", renorm.to_string())],
         Op::LinearGroup { n } => vec![("n", n.to_string())],
         Op::Select { index } => vec![("index", index.to_string())],
+        Op::AllReduce { parts, ranks } => {
+            vec![("parts", parts.to_string()), ("ranks", ranks.to_string())]
+        }
+        Op::AllGather { ranks } => vec![("ranks", ranks.to_string())],
         Op::Embedding | Op::GatherLast | Op::Linear | Op::ExpertLinear => vec![],
         Op::SwiGlu | Op::ExpertSwiGlu => vec![],
         Op::Add | Op::Mul | Op::Div | Op::Silu | Op::Softmax => vec![],
@@ -357,6 +369,15 @@ fn build_op(name: &str, mut a: Attrs, ty: &Type) -> Result<Op, String> {
             (Value::Str(n), Type::Tensor(ty)) => Op::Weight {
                 name: n,
                 ty: ty.clone(),
+                shard: if a.0.contains_key("shard_axis") {
+                    Some(Shard {
+                        axis: a.num("shard_axis")?,
+                        parts: a.num("shard_parts")?,
+                        ranks: a.num("shard_ranks")?,
+                    })
+                } else {
+                    None
+                },
             },
             (Value::Str(_), Type::Tuple(_)) => return Err("a weight cannot be a tuple".into()),
             _ => return Err("attribute 'name' must be a quoted string".into()),
@@ -416,6 +437,13 @@ fn build_op(name: &str, mut a: Attrs, ty: &Type) -> Result<Op, String> {
         "linear_group" => Op::LinearGroup { n: a.num("n")? },
         "select" => Op::Select {
             index: a.num("index")?,
+        },
+        "all_reduce" => Op::AllReduce {
+            parts: a.num("parts")?,
+            ranks: a.num("ranks")?,
+        },
+        "all_gather" => Op::AllGather {
+            ranks: a.num("ranks")?,
         },
         other => return Err(format!("unknown op '{other}'")),
     };

@@ -174,6 +174,24 @@ impl TensorRef<'_> {
         out
     }
 
+    /// The bytes of the slice `start .. start + len` along `axis` (plain tensors only), row-major: what a
+    /// rank of a sharded model binds.
+    pub fn slice_bytes(&self, axis: usize, start: usize, len: usize) -> Vec<u8> {
+        assert!(
+            self.packed.is_none(),
+            "a pre-quantized tensor has no plain elements"
+        );
+        let outer: usize = self.shape[..axis].iter().product();
+        let inner: usize = self.shape[axis + 1..].iter().product::<usize>() * self.dtype.size();
+        let run = self.shape[axis] * inner;
+        let mut out = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            let at = o * run + start * inner;
+            out.extend_from_slice(&self.bytes[at..at + len * inner]);
+        }
+        out
+    }
+
     /// Elements `start .. start + out.len()` widened to f32 into `out` (plain tensors only).
     pub fn widen_into(&self, start: usize, out: &mut [f32]) {
         assert!(

@@ -27,7 +27,9 @@ pub mod stats;
 pub mod text;
 
 pub use batch::{Batch, SeqId, SessionBatch};
-pub use compiled::{CompiledBatch, CompiledModel, CompiledSession, Residency};
+pub use compiled::{
+    CompiledBatch, CompiledModel, CompiledSession, Residency, ThreadTransport, Transport,
+};
 pub use error::RuntimeError;
 pub use generate::{generate, GenerateOptions};
 pub use model::Model;

@@ -96,6 +96,7 @@ impl Case {
                 Op::Weight {
                     name: name.into(),
                     ty,
+                    shard: None,
                 },
                 &[],
             )

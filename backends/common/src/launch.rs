@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use q3c_abi::launch::{Arg, Dispatch, LaunchPlan};
+use q3c_abi::launch::{Arg, Collective, Dispatch, LaunchPlan, NO_KERNEL};
 use q3c_ir::{Graph, NodeId, Op};
 
 use crate::items::{dims, element_dims, in_dtype, work_items};
@@ -113,9 +113,31 @@ pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
     let mut by_key: HashMap<String, usize> = HashMap::new();
     // The ids node whose grouping the MoE area holds.
     let mut grouped: Option<NodeId> = None;
+    // The logits output, and the product whose rows it takes (itself, or what it gathers from the ranks).
+    let logits_out = plan
+        .loc
+        .iter()
+        .find(|(_, &l)| l == Loc::Logits)
+        .map(|(&id, _)| id);
+    let logits_product = logits_out.and_then(|out| plan::logits_product(graph, out));
     for (n, &id) in plan.order.iter().enumerate() {
         let op = &graph.node(id).op;
         if op.is_leaf() || op.is_view() {
+            continue;
+        }
+        if let Some(collective) = collective(op) {
+            let x = graph.inputs(id)[0];
+            launch.plan.dispatches.push(Dispatch {
+                kernel: NO_KERNEL,
+                args: vec![arg(plan.input_loc(graph, id, 0)), arg(plan.loc[&id])],
+                items: element_dims(graph, x, 0)[1..].iter().product(),
+                per_token: true,
+                tokens_per_item: 1,
+                logits: Some(id) == logits_out,
+                threads_per_item: 1,
+                collective: Some(collective),
+            });
+            launch.nodes.push(Some(id));
             continue;
         }
         let kernel = *by_key
@@ -142,8 +164,8 @@ pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
             launch.grouped_product(graph, id, kernel, args, area, &mut grouped);
             continue;
         }
-        let logits = plan.loc[&id] == Loc::Logits;
-        if logits {
+        let logits = Some(id) == logits_out || Some(id) == logits_product;
+        if Some(id) == logits_product {
             // The logits product runs last, so its source is free to be compacted in place.
             let row_bytes = plan::bytes_per_token(graph, graph.inputs(id)[0])?;
             let compact = launch.kernel_of(Body::Compact { row_bytes }, || {
@@ -157,12 +179,24 @@ pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
                 tokens_per_item: 1,
                 logits: false,
                 threads_per_item: 1,
+                collective: None,
             });
             launch.nodes.push(None);
         }
         launch.push_node(graph, id, kernel, args, logits);
     }
     Ok(launch)
+}
+
+/// The collective the runtime runs for `op`, if it is one.
+fn collective(op: &Op) -> Option<Collective> {
+    match *op {
+        Op::AllReduce { parts, .. } => Some(Collective::AllReduce {
+            parts: parts as usize,
+        }),
+        Op::AllGather { .. } => Some(Collective::AllGather),
+        _ => None,
+    }
 }
 
 impl Launch {
@@ -184,6 +218,7 @@ impl Launch {
             tokens_per_item: items.tokens_per_item,
             logits,
             threads_per_item: 1,
+            collective: None,
         });
         self.nodes.push(Some(id));
     }
@@ -244,6 +279,7 @@ impl Launch {
             tokens_per_item: 1,
             logits: false,
             threads_per_item: 1,
+            collective: None,
         });
         self.nodes.push(None);
     }
@@ -287,6 +323,7 @@ impl Launch {
             tokens_per_item: 1,
             logits: product.logits,
             threads_per_item: 1,
+            collective: None,
         };
         self.plan.dispatches.insert(at, staging);
         self.nodes.insert(at, None);

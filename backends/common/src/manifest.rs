@@ -1,6 +1,6 @@
 //! The manifest every artifact embeds, built the same way by every backend.
 
-use q3c_abi::{KvGeometry, Manifest, WeightEntry, ABI_VERSION};
+use q3c_abi::{KvGeometry, Manifest, WeightEntry, WeightShard, ABI_VERSION};
 use q3c_models::Qwen3Config;
 
 use crate::plan::Plan;
@@ -34,12 +34,17 @@ pub fn build(parts: ManifestParts) -> Manifest {
     let weights = plan
         .weights
         .iter()
-        .map(|(name, shape, dtype, read_as)| WeightEntry {
-            name: name.clone(),
-            shape: shape.clone(),
-            dtype: dtype.name().into(),
-            kernel_dtype: read_as.name().into(),
-            layout: q3c_abi::layout_for(read_as.name()).into(),
+        .map(|w| WeightEntry {
+            name: w.name.clone(),
+            shape: w.shape.clone(),
+            dtype: w.dtype.name().into(),
+            kernel_dtype: w.read_as.name().into(),
+            layout: q3c_abi::layout_for(w.read_as.name()).into(),
+            shard: w.shard.map(|s| WeightShard {
+                axis: s.axis as usize,
+                parts: s.parts as usize,
+                ranks: s.ranks as usize,
+            }),
         })
         .collect();
     Manifest {
@@ -53,7 +58,7 @@ pub fn build(parts: ManifestParts) -> Manifest {
         weights,
         kv: KvGeometry {
             layers: plan.layers,
-            kv_heads: cfg.num_key_value_heads,
+            kv_heads: plan.kv_heads,
             head_dim: cfg.head_dim,
             dtype: plan.kv_dtype.name().into(),
         },
@@ -65,5 +70,6 @@ pub fn build(parts: ManifestParts) -> Manifest {
         required_cpu_features,
         kernels,
         launch: None,
+        ranks: plan.ranks,
     }
 }

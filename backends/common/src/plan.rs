@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use q3c_ir::{DType, Dim, Graph, InputKind, KvKind, NodeId, Op, TensorType};
+use q3c_ir::{DType, Dim, Graph, InputKind, KvKind, NodeId, Op, Shard, TensorType};
 
 use crate::BackendError;
 
@@ -36,17 +36,36 @@ pub struct Plan {
     pub loc: HashMap<NodeId, Loc>,
     /// Where each element of a tuple-valued node is.
     pub elements: HashMap<NodeId, Vec<Loc>>,
-    /// Weight table entries: (checkpoint name, shape, checkpoint dtype, dtype the kernels read). A tensor
-    /// read in two forms (the tied embedding: a bf16 table and a q8 matrix) has two entries.
-    pub weights: Vec<(String, Vec<usize>, DType, DType)>,
+    /// Weight table entries. A tensor read in two forms (the tied embedding: a bf16 table and a q8 matrix,
+    /// or a whole table and a rank's slice of it) has two entries.
+    pub weights: Vec<PlanWeight>,
     /// Inputs that read a weight in another form than `loc` says, by (node, input index).
     pub uses: HashMap<(NodeId, usize), Loc>,
     pub scratch_bytes_per_token: usize,
     pub max_tokens: usize,
     pub layers: usize,
+    /// KV heads each layer caches (a rank's share, in a sharded model).
+    pub kv_heads: usize,
+    /// Ranks the graph is one of (1: not sharded).
+    pub ranks: usize,
     /// The element type of the KV cache (f32, or f16: the kernels that write it round, those that read it
     /// widen). Set by the backend from its options; f32 unless told.
     pub kv_dtype: DType,
+}
+
+/// One entry of the weight table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanWeight {
+    /// Checkpoint tensor name.
+    pub name: String,
+    /// The shape bound (a rank's slice of a sharded weight).
+    pub shape: Vec<usize>,
+    /// Dtype in the checkpoint.
+    pub dtype: DType,
+    /// Dtype the kernels read.
+    pub read_as: DType,
+    /// The slice a rank of a sharded model binds, along an axis of `shape`.
+    pub shard: Option<Shard>,
 }
 
 /// The KV-cache element types a backend can be asked for.
@@ -162,10 +181,7 @@ pub fn plan_with(
     let out_id = graph
         .output(output)
         .ok_or_else(|| BackendError::Internal(format!("no output {output}")))?;
-    let logits_matrix = match graph.node(out_id).op {
-        Op::Linear => Some(graph.inputs(out_id)[1]),
-        _ => None,
-    };
+    let logits_matrix = logits_product(graph, out_id).map(|id| graph.inputs(id)[1]);
     let quantized_as = |id: NodeId| match quantize {
         Some(DType::Q4) if Some(id) != logits_matrix => DType::Q4,
         _ => DType::Q8,
@@ -174,6 +190,8 @@ pub fn plan_with(
     let mut weights = Vec::new();
     let mut uses = HashMap::new();
     let mut layers = 0;
+    let mut kv_heads = 0;
+    let mut model_ranks = 1;
     // Root buffer of each node (views — reshape chains, selects — resolve to their source) and the view's
     // per-token byte offset in it.
     let mut root: HashMap<NodeId, NodeId> = HashMap::new();
@@ -183,7 +201,7 @@ pub fn plan_with(
         root.insert(id, id);
         view_offset.insert(id, 0);
         match &node.op {
-            Op::Weight { name, ty } => {
+            Op::Weight { name, ty, shard } => {
                 let dims = ty.shape.resolve(0, 0);
                 let index = weights.len();
                 let read_as = if quantize.is_some() && quantizable(graph, id) {
@@ -191,17 +209,34 @@ pub fn plan_with(
                 } else {
                     kernel_dtype(ty.dtype)
                 };
+                let entry = |name: String, shape: Vec<usize>, read_as| PlanWeight {
+                    name,
+                    shape,
+                    dtype: ty.dtype,
+                    read_as,
+                    shard: *shard,
+                };
                 if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER) {
-                    for e in 0..dims[0] {
-                        weights.push((
-                            q3c_models::tensors::expert_tensor(name, e),
-                            dims[1..].to_vec(),
-                            ty.dtype,
-                            read_as,
+                    if shard.is_some_and(|s| s.axis == 0) {
+                        return Err(BackendError::Unsupported(
+                            "an expert stack sharded by experts".into(),
                         ));
                     }
+                    // Each expert's matrix: the stack's shard along the same axis, less the leading one.
+                    for e in 0..dims[0] {
+                        let mut w = entry(
+                            q3c_models::tensors::expert_tensor(name, e),
+                            dims[1..].to_vec(),
+                            read_as,
+                        );
+                        w.shard = shard.map(|s| Shard {
+                            axis: s.axis - 1,
+                            ..s
+                        });
+                        weights.push(w);
+                    }
                 } else {
-                    weights.push((name.clone(), dims.clone(), ty.dtype, read_as));
+                    weights.push(entry(name.clone(), dims.clone(), read_as));
                 }
                 // A matrix also read otherwise (the tied embedding table): its products read a q8 copy.
                 if quantize.is_some() && read_as.is_float() && q8_shape(graph, id) {
@@ -215,7 +250,7 @@ pub fn plan_with(
                             index: weights.len(),
                             dtype: DType::Q8,
                         };
-                        weights.push((name.clone(), dims, ty.dtype, DType::Q8));
+                        weights.push(entry(name.clone(), dims, DType::Q8));
                         for u in products {
                             for (i, _) in
                                 graph.inputs(u).iter().enumerate().filter(|(_, &n)| n == id)
@@ -242,8 +277,12 @@ pub fn plan_with(
             op if op.cache().is_some() => {
                 let (layer, kind) = op.cache().expect("checked");
                 layers = layers.max(layer as usize + 1);
+                kv_heads = node.tensor().shape.resolve(0, 0)[1];
                 let slot = 2 * layer as usize + usize::from(kind == KvKind::V);
                 loc.insert(id, Loc::Cache { slot });
+            }
+            Op::AllReduce { ranks, .. } | Op::AllGather { ranks } => {
+                model_ranks = *ranks as usize;
             }
             Op::Reshape { .. } => {
                 let src = graph.inputs(id)[0];
@@ -261,9 +300,9 @@ pub fn plan_with(
             _ => {}
         }
     }
-    if root[&out_id] != out_id || !matches!(graph.node(out_id).op, Op::Linear) {
+    if root[&out_id] != out_id || logits_product(graph, out_id).is_none() {
         return Err(BackendError::Unsupported(
-            "the logits output must be produced by a linear node".into(),
+            "the logits output must be produced by a linear node (or gathered from one)".into(),
         ));
     }
 
@@ -354,8 +393,20 @@ pub fn plan_with(
         scratch_bytes_per_token: top,
         max_tokens,
         layers,
+        kv_heads,
+        ranks: model_ranks,
         kv_dtype: DType::F32,
     })
+}
+
+/// The matrix product that computes the logits output `out_id`: the output itself, or the product whose
+/// slices the output gathers from the ranks of a sharded model.
+pub fn logits_product(graph: &Graph, out_id: NodeId) -> Option<NodeId> {
+    let id = match graph.node(out_id).op {
+        Op::AllGather { .. } => graph.inputs(out_id)[0],
+        _ => out_id,
+    };
+    matches!(graph.node(id).op, Op::Linear).then_some(id)
 }
 
 fn merge_free(free: &mut Vec<(usize, usize)>) {
@@ -387,8 +438,8 @@ mod tests {
     fn forms(plan: &Plan, name: &str) -> Vec<DType> {
         plan.weights
             .iter()
-            .filter(|w| w.0 == name)
-            .map(|w| w.3)
+            .filter(|w| w.name == name)
+            .map(|w| w.read_as)
             .collect()
     }
 
@@ -407,7 +458,7 @@ mod tests {
         );
         let logits = graph.output(q3c_compiler::LOGITS).unwrap();
         let read = |id, i| match plan.input_loc(&graph, id, i) {
-            Loc::Weight { index, dtype } => (plan.weights[index].0.clone(), dtype),
+            Loc::Weight { index, dtype } => (plan.weights[index].name.clone(), dtype),
             other => panic!("{other:?}"),
         };
         assert_eq!(read(logits, 1), (embed.to_string(), DType::Q8));

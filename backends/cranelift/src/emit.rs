@@ -27,7 +27,8 @@ pub struct Emit<'a, 'b> {
     pub fma: bool,
     /// `cosf`/`sinf` (kernels that rotate); `None` in `q3c_forward`.
     pub libm: Option<Libm>,
-    /// The signature of the runtime's `parallel_for` (in `q3c_forward` only).
+    /// The signature of the runtime's `parallel_for`, and of its `collective` (four 64-bit words, no
+    /// result; in `q3c_forward` only).
     pub parallel_for: Option<SigRef>,
 }
 
@@ -642,6 +643,13 @@ impl EntryBuilder for Emit<'_, '_> {
         self.b
             .ins()
             .call_indirect(sig, pf, &[pool, kernel, args, n]);
+    }
+    fn collective(&mut self, f: Value, ctx: Value, op: u64, args: Value, n: Value) {
+        let sig = self
+            .parallel_for
+            .expect("q3c_forward is built with parallel_for's signature");
+        let op = self.b.ins().iconst(I64, op as i64);
+        self.b.ins().call_indirect(sig, f, &[ctx, op, args, n]);
     }
 }
 

@@ -276,4 +276,6 @@ pub trait EntryBuilder: KernelBuilder {
         args: Self::Ptr,
         n: Self::Int,
     );
+    /// Calls the runtime's `collective(ctx, op, args, n)` through the function pointer at `f`.
+    fn collective(&mut self, f: Self::Ptr, ctx: Self::Ptr, op: u64, args: Self::Ptr, n: Self::Int);
 }

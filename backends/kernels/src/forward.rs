@@ -3,7 +3,7 @@
 //! `parallel_for`.
 
 use q3c_abi::launch::{Arg, LaunchPlan};
-use q3c_abi::step_offsets as so;
+use q3c_abi::{services_offsets, step_offsets as so};
 
 use crate::builder::EntryBuilder;
 
@@ -72,7 +72,7 @@ pub fn build<B: EntryBuilder>(
     let logits = load(b, so::LOGITS);
     let services = load(b, so::SERVICES);
     let parallel_for = b.load_ptr(services);
-    let at = b.off(services, 8);
+    let at = b.off(services, services_offsets::POOL);
     let pool = b.load_ptr(at);
     // Kernel arguments: T, the step (whose rows' positions and sequences kernels read), then the
     // dispatch's pointers.
@@ -126,7 +126,16 @@ pub fn build<B: EntryBuilder>(
                 b.mul_c(blocks, d.items)
             }
         };
-        b.parallel_for(parallel_for, pool, kernels[d.kernel], args, n);
+        match d.collective {
+            Some(c) => {
+                let at = b.off(services, services_offsets::COLLECTIVE);
+                let f = b.load_ptr(at);
+                let at = b.off(services, services_offsets::COLLECTIVE_CTX);
+                let ctx = b.load_ptr(at);
+                b.collective(f, ctx, c.word(), args, n);
+            }
+            None => b.parallel_for(parallel_for, pool, kernels[d.kernel], args, n),
+        }
     }
     b.return_(q3c_abi::OK);
 }

@@ -49,9 +49,14 @@ pub fn emit<B: KernelBuilder>(
         .collect();
     let (out, outs) = (ptr[n_in], &ptr[n_in..]);
     match &node.op {
-        Op::Input(_) | Op::Weight { .. } | Op::Reshape { .. } | Op::Select { .. } => {
+        Op::Input(_)
+        | Op::Weight { .. }
+        | Op::Reshape { .. }
+        | Op::Select { .. }
+        | Op::AllReduce { .. }
+        | Op::AllGather { .. } => {
             return Err(BackendError::Internal(format!(
-                "{} has no kernel (a leaf or a view)",
+                "{} has no kernel (a leaf, a view, or a collective the runtime runs)",
                 node.op.name()
             )));
         }

@@ -377,6 +377,26 @@ impl<'ctx> EntryBuilder for Fb<'_, 'ctx> {
             )
             .expect(BUG);
     }
+
+    fn collective(
+        &mut self,
+        f: PointerValue<'ctx>,
+        ctx: PointerValue<'ctx>,
+        op: u64,
+        args: PointerValue<'ctx>,
+        n: IntValue<'ctx>,
+    ) {
+        let ptr = self.cx.ptr_type(AddressSpace::default());
+        let i64t = self.i64t();
+        let ty = self
+            .cx
+            .void_type()
+            .fn_type(&[ptr.into(), i64t.into(), ptr.into(), i64t.into()], false);
+        let op = i64t.const_int(op, false);
+        self.b
+            .build_indirect_call(ty, f, &[ctx.into(), op.into(), args.into(), n.into()], "")
+            .expect(BUG);
+    }
 }
 
 /// `(cos x, sin x)` of an f32 angle. CPUs call LLVM's `cos`/`sin` (libm, correctly reduced for large

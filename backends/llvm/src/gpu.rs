@@ -89,6 +89,16 @@ const ROW_THREADS: usize = 256;
 /// The launch plan of `graph` for GPUs: `launch::build`'s, with each dispatch's threads per item.
 fn gpu_launch(graph: &Graph, plan: &mut Plan) -> Result<launch::Launch, BackendError> {
     let mut launch = launch::build(graph, plan)?;
+    if launch
+        .plan
+        .dispatches
+        .iter()
+        .any(|d| d.collective.is_some())
+    {
+        return Err(BackendError::Unsupported(
+            "a sharded model on GPUs (collectives over NCCL are not built yet)".into(),
+        ));
+    }
     for d in &mut launch.plan.dispatches {
         d.threads_per_item = item_share(graph, launch.bodies[d.kernel]).threads();
     }

@@ -58,6 +58,12 @@ pub struct Args {
     /// (see `q3c ir --help`).
     #[arg(long, default_value = "all")]
     fusion: String,
+    /// Shard the model over N processes (tensor parallel: heads, MLP features and logits split; an
+    /// all-reduce after each attention and MLP block, an all-gather of the logits), run as
+    /// `mpirun -np N q3c ...` with a q3c built with the `mpi` feature; each rank binds its slice of the
+    /// weights. CPU targets only.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    shards: u32,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -67,6 +73,9 @@ pub fn run(args: Args) -> Result<()> {
     let backend = args.backend.resolve()?;
     let model = &args.model;
     if matches!(args.target, Target::Nvptx | Target::Cuda) {
+        if args.shards > 1 {
+            bail!("--shards is for CPU targets: sharding over GPUs (NCCL) is not built yet");
+        }
         if backend != Backend::Llvm {
             let target = if args.target == Target::Cuda {
                 "cuda"
@@ -120,10 +129,15 @@ pub fn run(args: Args) -> Result<()> {
         },
         quantize,
         kv_dtype: args.kv_dtype.resolve(&cfg),
+        shards: args.shards as usize,
     };
     let (manifest, _) = codegen::compile_artifact(&cfg, &strategy, &how, &args.out)?;
     eprintln!(
-        "compiled {model} with {} (fusion {}, {} activations{}, {} KV cache) for {} [{}] into {} ({} kernels, {} weights) in {:.2} s",
+        "compiled {model}{} with {} (fusion {}, {} activations{}, {} KV cache) for {} [{}] into {} ({} kernels, {} weights) in {:.2} s",
+        match manifest.ranks {
+            1 => String::new(),
+            n => format!(" sharded over {n} ranks"),
+        },
         manifest.backend,
         manifest.fusion,
         manifest.matmul_activations,

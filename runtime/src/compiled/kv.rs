@@ -25,6 +25,10 @@ pub(crate) trait KvMemory: Send {
     fn pointers(&mut self) -> Vec<*mut f32>;
     /// Bytes held now.
     fn resident_bytes(&self) -> usize;
+    /// The id under which the other ranks of a sharded model mirror this memory (rank 0 only).
+    fn mirror(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Buffers in host memory, for artifacts that run on the CPU.
@@ -154,6 +158,11 @@ impl KvPool {
     /// The buffers' addresses, as `q3c_step.kv` lists them (valid until the pool grows).
     pub(crate) fn pointers(&mut self) -> Vec<*mut f32> {
         self.memory.pointers()
+    }
+
+    /// The id the other ranks of a sharded model know the pool by (on rank 0).
+    pub(crate) fn mirror(&self) -> Option<u64> {
+        self.memory.mirror()
     }
 
     /// Bytes of cache memory held now.

@@ -12,19 +12,21 @@ mod kv;
 mod launcher;
 mod pool;
 pub mod quant;
+mod ranks;
 mod sequences;
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use q3c_abi::launch::LaunchedKernel;
 use q3c_abi::{Forward, Manifest, ABI_VERSION};
 use q3c_models::tensors::TensorSpec;
-use q3c_models::{Checkpoint, Qwen3Config};
+use q3c_models::{Checkpoint, Qwen3Config, TensorRef};
 
 use arena::Arena;
 pub use arena::Residency;
 pub use pool::ThreadPool;
+pub use ranks::{ThreadTransport, Transport};
 pub use sequences::{CompiledBatch, CompiledSession};
 
 use crate::error::RuntimeError;
@@ -43,6 +45,8 @@ pub struct CompiledModel {
     /// Kept only while weights are read from it in place (`Residency::Mapped`).
     _checkpoint: Option<Checkpoint>,
     pool: Mutex<Box<ThreadPool>>,
+    /// The other ranks of a sharded model.
+    link: Option<Arc<ranks::Link>>,
     /// What keeps the code alive: the loaded library, or in-process JIT memory.
     _code: Box<dyn std::any::Any + Send + Sync>,
 }
@@ -245,9 +249,46 @@ impl CompiledModel {
         threads: usize,
         residency: Residency,
     ) -> Result<CompiledModel, RuntimeError> {
+        Self::load_bound(
+            artifact,
+            Binding {
+                weights_dir,
+                threads,
+                residency,
+                link: None,
+            },
+        )
+    }
+
+    /// Loads rank `transport.rank()` of a model sharded over `transport.ranks()` processes: binds this
+    /// rank's slice of the weights in `weights_dir`. Rank 0 then runs it as any model; every other rank
+    /// calls [`CompiledModel::follow`].
+    pub fn load_rank(
+        artifact: &Path,
+        weights_dir: &Path,
+        threads: usize,
+        transport: Arc<dyn Transport>,
+    ) -> Result<CompiledModel, RuntimeError> {
+        Self::load_bound(
+            artifact,
+            Binding {
+                weights_dir,
+                threads,
+                residency: Residency::Copied,
+                link: Some(Arc::new(ranks::Link::new(transport))),
+            },
+        )
+    }
+
+    /// The rank of a sharded model this is (0 for a model that is not sharded).
+    pub fn rank(&self) -> usize {
+        self.link.as_ref().map_or(0, |l| l.rank())
+    }
+
+    fn load_bound(artifact: &Path, binding: Binding) -> Result<CompiledModel, RuntimeError> {
         let bytes = read_artifact(artifact)?;
         if q3c_abi::cuda::is_cuda_artifact(&bytes) {
-            return Self::load_cuda(artifact, &bytes, weights_dir, threads);
+            return Self::load_cuda(artifact, &bytes, binding);
         }
         let library = open_library(artifact, &bytes)?;
         let manifest = check_library(artifact, &library)?;
@@ -292,15 +333,7 @@ impl CompiledModel {
                     artifact_err(artifact, "not a q3c artifact (no `q3c_forward` symbol)")
                 })?,
         };
-        Self::bind(
-            artifact,
-            manifest,
-            entry,
-            Box::new(library),
-            weights_dir,
-            threads,
-            residency,
-        )
+        Self::bind(artifact, manifest, entry, Box::new(library), binding)
     }
 
     /// Loads a CUDA artifact onto the first GPU and binds the weights there (uploaded in one copy; the host
@@ -309,19 +342,20 @@ impl CompiledModel {
     fn load_cuda(
         artifact: &Path,
         bytes: &[u8],
-        weights_dir: &Path,
-        threads: usize,
+        binding: Binding,
     ) -> Result<CompiledModel, RuntimeError> {
         let (manifest, ptx) = read_cuda(artifact, bytes)?;
         let gpu = cuda::Gpu::open(&manifest, ptx)?;
+        let binding = Binding {
+            residency: Residency::Copied,
+            ..binding
+        };
         let mut model = Self::bind(
             artifact,
             manifest,
             Entry::Cuda(Box::new(gpu)),
             Box::new(()),
-            weights_dir,
-            threads,
-            Residency::Copied,
+            binding,
         )?;
         if let Entry::Cuda(gpu) = &mut model.entry {
             gpu.upload_weights(model._arena.bytes(), &mut model.weight_ptrs)?;
@@ -332,12 +366,7 @@ impl CompiledModel {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn load_cuda(
-        artifact: &Path,
-        bytes: &[u8],
-        _: &Path,
-        _: usize,
-    ) -> Result<CompiledModel, RuntimeError> {
+    fn load_cuda(artifact: &Path, bytes: &[u8], _: Binding) -> Result<CompiledModel, RuntimeError> {
         read_cuda(artifact, bytes)?;
         Err(artifact_err(
             artifact,
@@ -359,7 +388,10 @@ impl CompiledModel {
         match &self.entry {
             #[cfg(feature = "cuda")]
             Entry::Cuda(gpu) => gpu.kv_memory(&self.manifest.kv),
-            _ => Box::new(kv::HostKv::new(&self.manifest.kv)),
+            _ => match &self.link {
+                Some(link) if link.rank() == 0 => Box::new(link.mirrored_kv(&self.manifest.kv)),
+                _ => Box::new(kv::HostKv::new(&self.manifest.kv)),
+            },
         }
     }
 
@@ -396,9 +428,12 @@ impl CompiledModel {
             manifest,
             Entry::Forward(forward),
             code,
-            weights_dir,
-            threads,
-            residency,
+            Binding {
+                weights_dir,
+                threads,
+                residency,
+                link: None,
+            },
         )
     }
 
@@ -407,21 +442,36 @@ impl CompiledModel {
         manifest: Manifest,
         entry: Entry,
         code: Box<dyn std::any::Any + Send + Sync>,
-        weights_dir: &Path,
-        threads: usize,
-        residency: Residency,
+        binding: Binding,
     ) -> Result<CompiledModel, RuntimeError> {
+        let Binding {
+            weights_dir,
+            threads,
+            residency,
+            link,
+        } = binding;
         let config = Qwen3Config::from_json(&manifest.config.to_string())
             .map_err(|e| artifact_err(artifact, format!("manifest config: {e}")))?;
+        let ranks = link.as_ref().map_or(1, |l| l.ranks());
+        if manifest.ranks != ranks {
+            let message = match (manifest.ranks, ranks) {
+                (1, _) => format!("a model for one process, and this job has {ranks} ranks: compile it with --shards {ranks}, or run it without mpirun"),
+                (n, 1) => format!("sharded over {n} ranks: run it as `mpirun -np {n} q3c ...`"),
+                (n, _) => format!("sharded over {n} ranks, and this job has {ranks}: run it with mpirun -np {n}"),
+            };
+            return Err(artifact_err(artifact, message));
+        }
+        let rank = link.as_ref().map_or(0, |l| l.rank());
         let checkpoint = Checkpoint::open(weights_dir)?;
         // The manifest lists exactly the tensors the graph reads (for a Qwen3 model, those its config
-        // implies); a tied checkpoint may still carry the unused `lm_head.weight`.
+        // implies; whole, where a rank binds a slice); a tied checkpoint may still carry the unused
+        // `lm_head.weight`.
         let mut expected: Vec<TensorSpec> = Vec::new();
         for w in &manifest.weights {
             if !expected.iter().any(|e| e.name == w.name) {
                 expected.push(TensorSpec {
                     name: w.name.clone(),
-                    shape: w.shape.clone(),
+                    shape: stored_shape(w),
                 });
             }
         }
@@ -447,12 +497,13 @@ impl CompiledModel {
                     name: w.name.clone(),
                     message: "missing from the checkpoint".into(),
                 })?;
-            if t.shape != w.shape.as_slice() {
+            if t.shape != stored_shape(w).as_slice() {
                 return Err(RuntimeError::Weight {
                     name: w.name.clone(),
                     message: format!(
                         "has shape {:?}, the artifact expects {:?}",
-                        t.shape, w.shape
+                        t.shape,
+                        stored_shape(w)
                     ),
                 });
             }
@@ -473,6 +524,12 @@ impl CompiledModel {
                 ));
             }
             let elements: usize = w.shape.iter().product();
+            if let (Some(_), Some(_)) = (w.shard, t.packed) {
+                return Err(RuntimeError::Weight {
+                    name: w.name.clone(),
+                    message: "is pre-quantized, and a sharded model binds slices of plain tensors: give it the bf16 checkpoint (the artifact quantizes what it was compiled to)".into(),
+                });
+            }
             if let Some(packed) = t.packed {
                 let size = bind_packed(w, packed, &t, residency).map_err(|message| {
                     RuntimeError::Weight {
@@ -486,8 +543,9 @@ impl CompiledModel {
             }
             let size = match w.kernel_dtype.as_str() {
                 k if k == w.dtype => match residency {
-                    Residency::Copied => t.bytes.len(),
-                    Residency::Mapped => 0,
+                    // A slice is copied out of the tensor.
+                    Residency::Mapped if w.shard.is_none() => 0,
+                    _ => elements * t.dtype.size(),
                 },
                 "f32" => elements * 4,
                 format @ (q3c_abi::Q8_LAYOUT | q3c_abi::Q4_LAYOUT)
@@ -542,6 +600,20 @@ impl CompiledModel {
                     let Ok(Some((w, t, slot))) = next else {
                         return;
                     };
+                    // This rank's slice of a sharded weight.
+                    let sliced;
+                    let t = match w.shard {
+                        Some(shard) => {
+                            let len = w.shape[shard.axis];
+                            sliced = t.slice_bytes(shard.axis, shard.part(rank) * len, len);
+                            TensorRef {
+                                shape: &w.shape,
+                                bytes: &sliced,
+                                ..*t
+                            }
+                        }
+                        None => *t,
+                    };
                     match w.kernel_dtype.as_str() {
                         _ if t.packed.is_some() => slot.copy_from_slice(t.bytes),
                         k if k == w.dtype => slot.copy_from_slice(t.bytes),
@@ -573,6 +645,7 @@ impl CompiledModel {
             _arena: arena,
             _checkpoint: checkpoint,
             pool: Mutex::new(Box::new(ThreadPool::new(threads))),
+            link,
             _code: code,
         })
     }
@@ -591,6 +664,20 @@ impl CompiledModel {
             .lock()
             .map_err(|_| RuntimeError::Internal("thread pool poisoned".into()))
     }
+}
+
+/// How a model binds its weights, besides what its artifact says.
+struct Binding<'a> {
+    weights_dir: &'a Path,
+    threads: usize,
+    residency: Residency,
+    /// The other ranks, for a sharded model.
+    link: Option<Arc<ranks::Link>>,
+}
+
+/// A weight's shape in the checkpoint (whole, where the artifact binds a slice of it).
+fn stored_shape(w: &q3c_abi::WeightEntry) -> Vec<usize> {
+    w.shard.map_or(w.shape.clone(), |s| s.full_shape(&w.shape))
 }
 
 /// The arena bytes a pre-quantized checkpoint tensor `t` takes for weight `w` (none when mapped in place),

@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 
-use q3c_abi::{Seq, Services, Step};
+use q3c_abi::{Seq, Services, Step, KV_BLOCK_TOKENS};
 
-use super::kv::{KvPool, SeqBlocks};
+use super::kv::{HostKv, KvMemory, KvPool, SeqBlocks};
+use super::ranks::{self, ForwardMsg, Msg};
 use super::{pool, CompiledModel, Entry, ThreadPool, DEFAULT_CONTEXT};
 use crate::batch::{cache_full, check_work, no_sequence, Batch, SeqId};
 use crate::error::RuntimeError;
@@ -22,10 +23,10 @@ enum Want {
 }
 
 /// A model's scratch arena for one call at a time.
-struct Scratch(Vec<u8>);
+pub(super) struct Scratch(Vec<u8>);
 
 impl Scratch {
-    fn new(model: &CompiledModel) -> Scratch {
+    pub(super) fn new(model: &CompiledModel) -> Scratch {
         Scratch(vec![0u8; model.host_scratch_bytes() + 64])
     }
 
@@ -64,10 +65,8 @@ fn run(
         .flat_map(|(w, (_, ids))| (0..ids.len()).map(move |index| Row { work: w, index }))
         .collect();
     let threads = model.threads()?;
-    let services = Services {
-        parallel_for: pool::parallel_for,
-        pool: &**threads as *const ThreadPool as *mut _,
-    };
+    let services = services(model, &threads);
+    let mirror = pool.mirror();
     let mut kv = pool.pointers();
     let mut done = 0;
     let mut last_rows = Vec::new();
@@ -104,6 +103,7 @@ fn run(
             seq: &seq,
             seqs: &seqs,
             kv: &mut kv,
+            mirror,
         };
         match want {
             Want::All => {
@@ -153,6 +153,59 @@ struct CallRows<'a> {
     seq: &'a [u32],
     seqs: &'a [Seq],
     kv: &'a mut [*mut f32],
+    /// The id of their KV pool on the other ranks, where this is rank 0 of a sharded model.
+    mirror: Option<u64>,
+}
+
+/// The services a forward call of `model` gets, on its thread pool.
+fn services(model: &CompiledModel, threads: &ThreadPool) -> Services {
+    Services {
+        parallel_for: pool::parallel_for,
+        pool: threads as *const ThreadPool as *mut _,
+        collective: ranks::collective,
+        collective_ctx: model
+            .link
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |l| l.as_ctx()),
+    }
+}
+
+/// Runs on this rank the forward call rank 0 sent, over `pool`'s blocks (the logits are rank 0's).
+pub(super) fn replay(
+    model: &CompiledModel,
+    pool: &mut HostKv,
+    scratch: &mut Scratch,
+    call: &ForwardMsg,
+) -> Result<(), RuntimeError> {
+    let threads = model.threads()?;
+    let services = services(model, &threads);
+    let mut kv = pool.pointers();
+    let seqs: Vec<Seq> = call
+        .seqs
+        .iter()
+        .map(|(end, blocks)| Seq {
+            blocks: blocks.as_ptr(),
+            end: *end,
+        })
+        .collect();
+    let rows = call.listed.as_ref().map_or(call.ids.len(), Vec::len);
+    let mut logits = vec![0f32; rows * model.manifest.vocab_size];
+    let call_rows = CallRows {
+        ids: &call.ids,
+        pos: &call.pos,
+        seq: &call.seq,
+        seqs: &seqs,
+        kv: &mut kv,
+        mirror: None,
+    };
+    forward_call(
+        model,
+        scratch,
+        &services,
+        call_rows,
+        call.listed.as_deref(),
+        &mut logits,
+    )
 }
 
 /// One forward call over `rows`, writing the logits of the `listed` rows (or of every row) into `logits`.
@@ -164,6 +217,34 @@ fn forward_call(
     listed: Option<&[u32]>,
     logits: &mut [f32],
 ) -> Result<(), RuntimeError> {
+    // Rank 0 of a sharded model: the other ranks run the same call, meeting it in its collectives.
+    let _turn = match (&model.link, rows.mirror) {
+        (Some(link), Some(pool)) => {
+            let turn = link.turn();
+            let seqs = rows
+                .seqs
+                .iter()
+                .map(|s| {
+                    // A sequence's last row has its highest position.
+                    let last = rows.pos[s.end as usize - 1] as usize;
+                    // SAFETY: the block table covers every position its rows reach.
+                    let blocks =
+                        unsafe { std::slice::from_raw_parts(s.blocks, last / KV_BLOCK_TOKENS + 1) };
+                    (s.end, blocks.to_vec())
+                })
+                .collect();
+            link.send(&Msg::Forward(ForwardMsg {
+                pool,
+                ids: rows.ids.to_vec(),
+                pos: rows.pos.to_vec(),
+                seq: rows.seq.to_vec(),
+                seqs,
+                listed: listed.map(<[u32]>::to_vec),
+            }));
+            Some(turn)
+        }
+        _ => None,
+    };
     let step = Step {
         ids: rows.ids.as_ptr(),
         t: rows.ids.len() as u64,

@@ -45,6 +45,16 @@ impl ReferenceModel {
         output: &str,
     ) -> Result<ReferenceModel, RuntimeError> {
         q3c_ir::verify(&graph)?;
+        if let Some(id) = graph
+            .node_ids()
+            .into_iter()
+            .find(|&id| sharded(&graph.node(id).op))
+        {
+            return Err(RuntimeError::Input(format!(
+                "the reference executor runs one process, and this graph is one rank's of a sharded model ({} at node {id:?}); compile it and run it with mpirun",
+                graph.node(id).op.name()
+            )));
+        }
         let order = graph
             .topo_order()
             .map_err(|_| RuntimeError::Internal("verified graph has a cycle".into()))?;
@@ -66,7 +76,7 @@ impl ReferenceModel {
         let mut vocab = 0;
         for &id in &order {
             match &graph.node(id).op {
-                Op::Weight { name, ty } => {
+                Op::Weight { name, ty, .. } => {
                     let shape = ty.shape.resolve(0, 0);
                     weights.insert(id, bind(ckpt, name, &shape)?);
                 }
@@ -376,6 +386,11 @@ impl ReferenceSession<'_> {
                         shape.clone(),
                     )
                 }
+                Op::AllReduce { .. } | Op::AllGather { .. } => {
+                    return Err(RuntimeError::Internal(
+                        "a collective in the reference executor".into(),
+                    ))
+                }
                 Op::GatherLast => {
                     let ((x, xs), (idx, is)) = (arg(0)?.f32()?, arg(1)?.i32()?);
                     f32_out(kernels::gather_last(
@@ -455,4 +470,12 @@ impl Session for ReferenceSession<'_> {
     fn vocab_size(&self) -> usize {
         self.model.vocab
     }
+}
+
+/// Whether `op` belongs to one rank of a sharded model: a collective, or a weight slice.
+fn sharded(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::AllReduce { .. } | Op::AllGather { .. } | Op::Weight { shard: Some(_), .. }
+    )
 }

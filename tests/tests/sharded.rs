@@ -1,0 +1,177 @@
+//! Sharded models (`q3c compile --shards N`) against the same model in one process, with the ranks as
+//! threads of this test (`ThreadTransport`; `cli/tests/mpi.rs` runs them as MPI processes).
+//!
+//! Every rank's partial products are exact slices of the single-process ones; what changes is the order
+//! of f32 additions: an output projection's or MLP's dot product over K inputs is summed as N partial sums
+//! of K/N terms, then added across ranks. Each order is within `γ_K·Σ|terms|` of the exact sum (K ≤ 128
+//! here: ~1e-5 relative), so logits must agree within 1e-4, the bound the compiled-vs-reference tests use
+//! for the same cause; greedy ids must be identical. A rank binding the wrong slice, a collective summing a
+//! shared head twice or gathering logits out of order moves logits by far more than that (the random
+//! weights' logits are of order 1).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use q3c_ir::DType;
+use q3c_runtime::{Batch, CompiledModel, Session, ThreadTransport};
+use q3c_tests::{
+    backends, batching, fixtures_dir, golden, greedy_continuation, max_abs_diff, FIXTURES,
+};
+
+const MAX_TOKENS: usize = batching::MAX_TOKENS;
+
+/// Compiles fixture `name` for `ranks` ranks with `backend` into `out`.
+fn compile(backend: &str, name: &str, ranks: usize, fusion: &str, out: &Path) -> PathBuf {
+    let (cfg, _) = q3c_tests::open_fixture(name);
+    let sharding = q3c_compiler::Sharding::new(&cfg, ranks).expect("fixture shards");
+    let mut graph = q3c_compiler::lower_sharded(&cfg, &sharding).expect("lowering");
+    let strategy = q3c_compiler::Strategy::parse(fusion).expect("strategy");
+    q3c_compiler::pipeline::run(&mut graph, &strategy, true, |_, _| {}).expect("passes");
+    let dir = out.join(format!("{backend}-{name}-{ranks}-{fusion}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    q3c_tests::compile_graph(backend, &graph, &cfg, &dir, MAX_TOKENS, fusion)
+}
+
+/// Runs `lead` on rank 0 of `so` loaded on `ranks` threads, the others following it.
+fn on_ranks<R: Send>(
+    so: &Path,
+    weights: &Path,
+    ranks: usize,
+    lead: impl FnOnce(&CompiledModel) -> R + Send,
+) -> R {
+    let mut world = ThreadTransport::world(ranks).into_iter();
+    let zero = world.next().expect("rank 0");
+    std::thread::scope(|s| {
+        let followers: Vec<_> = world
+            .map(|t| {
+                s.spawn(move || {
+                    let model = CompiledModel::load_rank(so, weights, 1, Arc::new(t)).unwrap();
+                    model.follow().unwrap();
+                })
+            })
+            .collect();
+        let model = CompiledModel::load_rank(so, weights, 1, Arc::new(zero)).unwrap();
+        let result = lead(&model);
+        // Dropping rank 0's model tells the others to stop.
+        drop(model);
+        for f in followers {
+            f.join().expect("follower");
+        }
+        result
+    })
+}
+
+/// What the tests compare: the prompt's logits and the greedy continuation.
+fn prompt_and_greedy(model: &CompiledModel, name: &str) -> (Vec<f32>, Vec<u32>) {
+    let g = golden(name);
+    let logits = model.session().forward(&g.prompt_ids).unwrap().data;
+    let ids = greedy_continuation(&mut model.session(), &g);
+    (logits, ids)
+}
+
+#[test]
+fn every_fixture_sharded_over_2_and_4_ranks_gives_the_single_process_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for backend in backends() {
+        for name in FIXTURES {
+            let weights = fixtures_dir().join(name);
+            let one = compile(backend, name, 1, "all", tmp.path());
+            let single = CompiledModel::load(&one, &weights, 1).unwrap();
+            let (want, want_ids) = prompt_and_greedy(&single, name);
+            assert_eq!(want_ids, golden(name).greedy_ids, "{backend} {name}");
+            for ranks in [2, 4] {
+                let so = compile(backend, name, ranks, "all", tmp.path());
+                let (got, ids) = on_ranks(&so, &weights, ranks, |m| prompt_and_greedy(m, name));
+                let diff = max_abs_diff(&got, &want);
+                println!("{backend} {name} over {ranks} ranks: max |dlogit| {diff:e}");
+                assert!(
+                    diff <= 1e-4,
+                    "{backend} {name} over {ranks} ranks: {diff:e}"
+                );
+                assert_eq!(ids, want_ids, "{backend} {name} over {ranks} ranks");
+            }
+        }
+    }
+}
+
+#[test]
+fn unfused_sharded_graphs_agree_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["dense_gqa", "moe", "tied_bf16"] {
+        let weights = fixtures_dir().join(name);
+        let one = compile("cranelift", name, 1, "none", tmp.path());
+        let (want, want_ids) =
+            prompt_and_greedy(&CompiledModel::load(&one, &weights, 1).unwrap(), name);
+        let so = compile("cranelift", name, 2, "none", tmp.path());
+        let (got, ids) = on_ranks(&so, &weights, 2, |m| prompt_and_greedy(m, name));
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff <= 1e-4, "{name}: {diff:e}");
+        assert_eq!(ids, want_ids, "{name}");
+    }
+}
+
+/// A batch on rank 0 — several KV pools, sequences opened, closed and forked mid-block — must reach every
+/// rank: the batch equals lone sessions of the same sharded model, and a fork continues as its source would.
+#[test]
+fn batches_and_forks_of_a_sharded_model_match_its_sessions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "moe";
+    let weights = fixtures_dir().join(name);
+    let so = compile(backends()[backends().len() - 1], name, 2, "all", tmp.path());
+    on_ranks(&so, &weights, 2, |model| {
+        let vocab = model.manifest().vocab_size;
+        let mut batch = model.batch(1024);
+        batching::check_against_sessions(
+            "sharded batch",
+            DType::F32,
+            &mut batch,
+            &|| Box::new(model.session()),
+            vocab,
+        );
+        // A fork 20 tokens in copies a partial block on every rank.
+        let prompt = &batching::prompts(vocab)[0];
+        let a = batch.open();
+        batch.forward_last(&[(a, &prompt[..30])]).unwrap();
+        let b = batch.fork(a, 20).unwrap();
+        let got = batch.forward_last(&[(b, &prompt[20..25])]).unwrap();
+        let mut lone = model.session();
+        lone.forward(&prompt[..20]).unwrap();
+        let want = lone.forward_last(&prompt[20..25]).unwrap();
+        let diff = max_abs_diff(&got[0], &want);
+        assert!(diff <= 1e-4, "fork: {diff:e}");
+    });
+}
+
+#[test]
+fn a_sharded_artifact_needs_its_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = fixtures_dir().join("dense_gqa");
+    let so = compile("cranelift", "dense_gqa", 2, "all", tmp.path());
+    let err = CompiledModel::load(&so, &weights, 1)
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string()
+            .contains("sharded over 2 ranks: run it as `mpirun -np 2"),
+        "{err}"
+    );
+    let one = compile("cranelift", "dense_gqa", 1, "all", tmp.path());
+    let world = ThreadTransport::world(2);
+    let err = CompiledModel::load_rank(
+        &one,
+        &weights,
+        1,
+        Arc::new(world.into_iter().next().unwrap()),
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        err.to_string().contains("compile it with --shards 2"),
+        "{err}"
+    );
+    let err = q3c_compiler::Sharding::new(&q3c_tests::open_fixture("dense_gqa").0, 3).unwrap_err();
+    assert!(
+        err.contains("4 attention heads cannot be split over 3 ranks"),
+        "{err}"
+    );
+}
