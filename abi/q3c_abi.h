@@ -64,6 +64,7 @@ typedef struct q3c_step {
     const q3c_services *services;
     const uint32_t *logit_rows;    /* ascending rows whose logits are written, in order; NULL: every row */
     uint64_t n_logits;             /* entries of logit_rows (1..=t) */
+    uint64_t rank;                 /* this process's rank of a sharded model (manifest.ranks > 1), else 0 */
 } q3c_step;
 
 extern const uint32_t q3c_abi_version;        /* == Q3C_ABI_VERSION */

@@ -116,6 +116,8 @@ pub struct Step {
     /// Ascending rows whose logits are written, as rows `0..n_logits` of `logits`; null: every row.
     pub logit_rows: *const u32,
     pub n_logits: u64,
+    /// This process's rank of a sharded model (`Manifest::ranks` > 1), else 0.
+    pub rank: u64,
 }
 
 /// Byte offsets of [`Step`]'s and [`Seq`]'s fields, for code generators.
@@ -133,6 +135,7 @@ pub mod step_offsets {
     pub const SERVICES: i32 = 80;
     pub const LOGIT_ROWS: i32 = 88;
     pub const N_LOGITS: i32 = 96;
+    pub const RANK: i32 = 104;
     /// Bytes of one `q3c_seq`.
     pub const SEQ_BYTES: usize = 16;
     pub const SEQ_BLOCKS: i32 = 0;
@@ -308,10 +311,7 @@ mod tests {
         for sym in [SYM_ABI_VERSION, SYM_MANIFEST, SYM_MANIFEST_LEN, SYM_FORWARD] {
             assert!(HEADER.contains(sym), "{sym}");
         }
-        assert_eq!(
-            std::mem::size_of::<Step>(),
-            step_offsets::N_LOGITS as usize + 8
-        );
+        assert_eq!(std::mem::size_of::<Step>(), step_offsets::RANK as usize + 8);
         use step_offsets as so;
         for (field, at) in [
             (std::mem::offset_of!(Step, pos), so::POS),
@@ -323,12 +323,14 @@ mod tests {
             (std::mem::offset_of!(Step, services), so::SERVICES),
             (std::mem::offset_of!(Step, logit_rows), so::LOGIT_ROWS),
             (std::mem::offset_of!(Step, n_logits), so::N_LOGITS),
+            (std::mem::offset_of!(Step, rank), so::RANK),
             (std::mem::offset_of!(Seq, end), so::SEQ_END),
         ] {
             assert_eq!(field, at as usize);
         }
         assert_eq!(std::mem::size_of::<Seq>(), so::SEQ_BYTES);
         assert!(HEADER.contains("uint64_t n_logits;"));
+        assert!(HEADER.contains("uint64_t rank;"));
         for (field, at) in [
             (std::mem::offset_of!(Services, pool), services_offsets::POOL),
             (

@@ -12,6 +12,7 @@ mod output;
 mod packing;
 mod probe;
 mod prompt_cache;
+mod ranks;
 mod server;
 mod textgen;
 
@@ -20,7 +21,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    match cmd::run(cmd::Cli::parse()) {
+    let result = cmd::run(cmd::Cli::parse());
+    ranks::finish();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -122,8 +122,20 @@ impl ModelArgs {
                 self.model.display()
             )
         })?;
-        let model =
-            CompiledModel::load_with(&self.model, weights, self.threads()?, self.residency())?;
+        let ranks = q3c_runtime::compiled::read_manifest(&self.model)?.ranks;
+        let model = if ranks > 1 {
+            if self.mmap_weights {
+                bail!(
+                    "--mmap-weights: the ranks of a sharded model copy their slices of the weights"
+                );
+            }
+            if self.threads == Some(0) {
+                bail!("--threads must be at least 1");
+            }
+            crate::ranks::load(&self.model, weights, self.threads, ranks)?
+        } else {
+            CompiledModel::load_with(&self.model, weights, self.threads()?, self.residency())?
+        };
         Ok(Model::Compiled(Box::new(model)))
     }
 

@@ -28,7 +28,9 @@ pub fn lower(cfg: &Qwen3Config) -> Result<Graph, TypeError> {
 /// transformer): each rank computes a share of the query and KV heads, of every MLP's intermediate
 /// features (each expert's, in MoE layers) and of the vocabulary's logits, from its slice of the weights;
 /// an all-reduce after each attention and MLP block sums the ranks' partial outputs, and an all-gather
-/// puts the logits together. Embeddings, norms and the MoE router are whole on every rank.
+/// puts the logits together. The embedding table is split by vocabulary rows too (each rank embeds the
+/// ids of its part, zero for the others', summed by an all-reduce; a tied table is then the logits
+/// matrix's slice as well). Norms and the MoE router are whole on every rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sharding {
     pub ranks: usize,
@@ -110,8 +112,15 @@ pub fn lower_sharded(cfg: &Qwen3Config, sharding: &Sharding) -> Result<Graph, Ty
     };
     let ids = b.g.add(Op::Input(InputKind::TokenIds), &[])?;
     let positions = b.g.add(Op::Input(InputKind::Positions), &[])?;
-    let embed = b.weight(EMBED, &[cfg.vocab_size, cfg.hidden_size])?;
-    let mut x = b.g.add(Op::Embedding, &[embed, ids])?;
+    // Each rank holds the rows of its part of the vocabulary (zero for the others' ids, summed after).
+    let ranks = sharding.ranks;
+    let embed = b.sharded_weight(
+        EMBED,
+        &[cfg.vocab_size / ranks, cfg.hidden_size],
+        sharding.shard(0, ranks),
+    )?;
+    let x = b.g.add(Op::Embedding, &[embed, ids])?;
+    let mut x = b.reduce(x, ranks)?;
     let rope = rope_spec(cfg);
     for layer in 0..cfg.num_hidden_layers {
         let h = b.norm(
@@ -133,14 +142,11 @@ pub fn lower_sharded(cfg: &Qwen3Config, sharding: &Sharding) -> Result<Graph, Ty
         x = b.g.add(Op::Add, &[x, mlp])?;
     }
     let x = b.norm(x, FINAL_NORM, cfg.hidden_size)?;
-    let ranks = sharding.ranks;
-    let head = match (cfg.tie_word_embeddings, ranks) {
-        (true, 1) => embed,
-        (tied, _) => {
-            let name = if tied { EMBED } else { LM_HEAD };
-            let shard = sharding.shard(0, ranks);
-            b.sharded_weight(name, &[cfg.vocab_size / ranks, cfg.hidden_size], shard)?
-        }
+    let head = if cfg.tie_word_embeddings {
+        embed
+    } else {
+        let shard = sharding.shard(0, ranks);
+        b.sharded_weight(LM_HEAD, &[cfg.vocab_size / ranks, cfg.hidden_size], shard)?
     };
     let logits = b.g.add(Op::Linear, &[x, head])?;
     let logits = b.gather(logits)?;
@@ -480,7 +486,7 @@ mod tests {
                 names.sort();
                 names.dedup();
                 assert_eq!(names, expected, "{name}/{ranks}");
-                // Two all-reduces per layer (attention, MLP) and the gathered logits.
+                // Two all-reduces per layer (attention, MLP), one of the embeddings, the gathered logits.
                 let collectives = g
                     .node_ids()
                     .iter()
@@ -488,7 +494,7 @@ mod tests {
                         matches!(g.node(id).op, Op::AllReduce { .. } | Op::AllGather { .. })
                     })
                     .count();
-                assert_eq!(collectives, 2 * cfg.num_hidden_layers + 1, "{name}/{ranks}");
+                assert_eq!(collectives, 2 * cfg.num_hidden_layers + 2, "{name}/{ranks}");
                 let logits = g.node(g.output(LOGITS).unwrap());
                 assert_eq!(
                     *logits.tensor(),

@@ -32,13 +32,14 @@ fn compile(backend: &str, name: &str, ranks: usize, fusion: &str, out: &Path) ->
     q3c_tests::compile_graph(backend, &graph, &cfg, &dir, MAX_TOKENS, fusion)
 }
 
-/// Runs `lead` on rank 0 of `so` loaded on `ranks` threads, the others following it.
+/// Runs `lead` on rank 0 of `so` loaded on `ranks` threads, the others following it; also returns each
+/// rank's bytes of bound weights.
 fn on_ranks<R: Send>(
     so: &Path,
     weights: &Path,
     ranks: usize,
     lead: impl FnOnce(&CompiledModel) -> R + Send,
-) -> R {
+) -> (R, Vec<usize>) {
     let mut world = ThreadTransport::world(ranks).into_iter();
     let zero = world.next().expect("rank 0");
     std::thread::scope(|s| {
@@ -47,18 +48,34 @@ fn on_ranks<R: Send>(
                 s.spawn(move || {
                     let model = CompiledModel::load_rank(so, weights, 1, Arc::new(t)).unwrap();
                     model.follow().unwrap();
+                    model.weight_bytes()
                 })
             })
             .collect();
         let model = CompiledModel::load_rank(so, weights, 1, Arc::new(zero)).unwrap();
         let result = lead(&model);
+        let mut bytes = vec![model.weight_bytes()];
         // Dropping rank 0's model tells the others to stop.
         drop(model);
         for f in followers {
-            f.join().expect("follower");
+            bytes.push(f.join().expect("follower"));
         }
-        result
+        (result, bytes)
     })
+}
+
+/// Bytes a rank of `model` must bind: each manifest weight's — its slice's, where sharded — on a cache line
+/// of its own (f32 and 16-bit weights only).
+fn slice_bytes(model: &CompiledModel) -> usize {
+    model
+        .manifest()
+        .weights
+        .iter()
+        .map(|w| {
+            let size = if w.kernel_dtype == "f32" { 4 } else { 2 };
+            (w.shape.iter().product::<usize>() * size).next_multiple_of(64)
+        })
+        .sum()
 }
 
 /// What the tests compare: the prompt's logits and the greedy continuation.
@@ -81,9 +98,25 @@ fn every_fixture_sharded_over_2_and_4_ranks_gives_the_single_process_logits() {
             assert_eq!(want_ids, golden(name).greedy_ids, "{backend} {name}");
             for ranks in [2, 4] {
                 let so = compile(backend, name, ranks, "all", tmp.path());
-                let (got, ids) = on_ranks(&so, &weights, ranks, |m| prompt_and_greedy(m, name));
+                let (((got, ids), want_bytes), bytes) = on_ranks(&so, &weights, ranks, |m| {
+                    (prompt_and_greedy(m, name), slice_bytes(m))
+                });
+                // Every rank binds its slices and nothing more: about 1/N of the model, plus norms and
+                // routers (whole everywhere) and the heads ranks share where there are fewer than ranks.
+                assert!(
+                    bytes.iter().all(|&b| b == want_bytes),
+                    "{backend} {name}: {bytes:?}"
+                );
+                let share = want_bytes as f64 / single.weight_bytes() as f64;
+                assert!(
+                    share <= 1.0 / ranks as f64 + 0.1,
+                    "{backend} {name}: {share}"
+                );
                 let diff = max_abs_diff(&got, &want);
-                println!("{backend} {name} over {ranks} ranks: max |dlogit| {diff:e}");
+                println!(
+                    "{backend} {name} over {ranks} ranks: max |dlogit| {diff:e}; weights per rank {:.2} of one process's",
+                    share
+                );
                 assert!(
                     diff <= 1e-4,
                     "{backend} {name} over {ranks} ranks: {diff:e}"
@@ -103,7 +136,7 @@ fn unfused_sharded_graphs_agree_too() {
         let (want, want_ids) =
             prompt_and_greedy(&CompiledModel::load(&one, &weights, 1).unwrap(), name);
         let so = compile("cranelift", name, 2, "none", tmp.path());
-        let (got, ids) = on_ranks(&so, &weights, 2, |m| prompt_and_greedy(m, name));
+        let ((got, ids), _) = on_ranks(&so, &weights, 2, |m| prompt_and_greedy(m, name));
         let diff = max_abs_diff(&got, &want);
         assert!(diff <= 1e-4, "{name}: {diff:e}");
         assert_eq!(ids, want_ids, "{name}");

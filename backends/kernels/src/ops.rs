@@ -63,20 +63,56 @@ pub fn emit<B: KernelBuilder>(
         Op::Embedding => {
             let hidden = *dims(graph, id).last().expect("rank");
             let dt = in_dtype(plan, graph, id, 0);
+            let table = graph.inputs(id)[0];
+            let rows = dims(graph, table)[0];
+            // A rank's slice of a vocabulary-sharded table holds the ids from its part's first on; the
+            // rows of other ids are zero here (an all-reduce adds the ranks' rows up).
+            let first = match graph.node(table).op {
+                Op::Weight { shard: Some(s), .. } => {
+                    let at = b.off(step, q3c_abi::step_offsets::RANK as usize);
+                    let rank = b.load_i64(at);
+                    let part = b.mul_c(rank, s.parts as usize);
+                    let part = b.udiv_c(part, s.ranks as usize);
+                    Some(b.mul_c(part, rows))
+                }
+                _ => None,
+            };
             b.for_range(start, end, 1, |b, row| {
                 let at = b.addr(ptr[1], row, 4);
                 let tok = b.load_i32(at);
-                let src = b.addr(ptr[0], tok, hidden * dt.size());
                 let dst = b.addr(out, row, hidden * 4);
-                map_row(b, hidden, |b, at| {
-                    let (from, to) = (at.ptr(b, src, dt.size()), at.ptr(b, dst, 4));
-                    if at.is_vector() {
-                        let v = b.vload_weight(dt, from);
-                        b.vstore(v, to);
-                    } else {
-                        let v = b.load_weight(dt, from);
-                        b.store_f32(v, to);
-                    }
+                let copy = |b: &mut B, tok| {
+                    let src = b.addr(ptr[0], tok, hidden * dt.size());
+                    map_row(b, hidden, |b, at| {
+                        let (from, to) = (at.ptr(b, src, dt.size()), at.ptr(b, dst, 4));
+                        if at.is_vector() {
+                            let v = b.vload_weight(dt, from);
+                            b.vstore(v, to);
+                        } else {
+                            let v = b.load_weight(dt, from);
+                            b.store_f32(v, to);
+                        }
+                    });
+                };
+                let Some(first) = first else {
+                    return copy(b, tok);
+                };
+                let local = b.sub(tok, first);
+                let n = b.iconst(rows);
+                let inside = b.ult(local, n);
+                b.when(inside, |b| copy(b, local));
+                let outside = b.not(inside);
+                b.when(outside, |b| {
+                    map_row(b, hidden, |b, at| {
+                        let to = at.ptr(b, dst, 4);
+                        let zero = b.fconst(0.0);
+                        if at.is_vector() {
+                            let v = b.vsplat(zero);
+                            b.vstore(v, to);
+                        } else {
+                            b.store_f32(zero, to);
+                        }
+                    });
                 });
             });
         }

@@ -47,7 +47,6 @@ impl Arena {
     }
 
     /// Every byte of every slot, as filled.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
     }

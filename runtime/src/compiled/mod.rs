@@ -26,7 +26,7 @@ use q3c_models::{Checkpoint, Qwen3Config, TensorRef};
 use arena::Arena;
 pub use arena::Residency;
 pub use pool::ThreadPool;
-pub use ranks::{ThreadTransport, Transport};
+pub use ranks::{CollectiveStats, ThreadTransport, Transport};
 pub use sequences::{CompiledBatch, CompiledSession};
 
 use crate::error::RuntimeError;
@@ -652,6 +652,12 @@ impl CompiledModel {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Bytes of the weights bound in host memory (this rank's slices, for a sharded model; weights read in
+    /// place from the checkpoint's mapping, or uploaded to a GPU, are not counted).
+    pub fn weight_bytes(&self) -> usize {
+        self._arena.bytes().len()
     }
 
     pub fn config(&self) -> &Qwen3Config {

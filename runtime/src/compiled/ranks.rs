@@ -134,6 +134,31 @@ pub(crate) struct Link {
     /// Held by rank 0 across each message and forward call (see the module documentation).
     turn: Mutex<()>,
     next_pool: AtomicU64,
+    /// Collectives run so far: calls, nanoseconds in them, bytes this rank contributed.
+    calls: AtomicU64,
+    nanos: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// The collectives a sharded model's forward calls ran on one rank so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CollectiveStats {
+    pub calls: u64,
+    /// Time spent in them (waiting for the other ranks included).
+    pub seconds: f64,
+    /// Bytes this rank contributed.
+    pub bytes: u64,
+}
+
+impl std::ops::Sub for CollectiveStats {
+    type Output = CollectiveStats;
+    fn sub(self, earlier: CollectiveStats) -> CollectiveStats {
+        CollectiveStats {
+            calls: self.calls - earlier.calls,
+            seconds: self.seconds - earlier.seconds,
+            bytes: self.bytes - earlier.bytes,
+        }
+    }
 }
 
 impl Link {
@@ -142,6 +167,17 @@ impl Link {
             transport,
             turn: Mutex::new(()),
             next_pool: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            nanos: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    fn stats(&self) -> CollectiveStats {
+        CollectiveStats {
+            calls: self.calls.load(Ordering::Relaxed),
+            seconds: self.nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            bytes: self.bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -215,6 +251,7 @@ pub(crate) unsafe extern "C" fn collective(
         eprintln!("error: q3c artifact asked for collective {op:#x} without a sharded runtime");
         std::process::abort();
     };
+    let start = std::time::Instant::now();
     let t = *args as usize;
     let x = std::slice::from_raw_parts(*args.add(2) as *const f32, n as usize);
     let out = *args.add(3) as *mut f32;
@@ -242,6 +279,10 @@ pub(crate) unsafe extern "C" fn collective(
             }
         }
     }
+    link.calls.fetch_add(1, Ordering::Relaxed);
+    link.bytes.fetch_add(4 * n, Ordering::Relaxed);
+    link.nanos
+        .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// What rank 0 tells the others.
@@ -424,6 +465,11 @@ impl Drop for MirroredKv {
 }
 
 impl CompiledModel {
+    /// The collectives this rank's forward calls ran so far (`None` for a model that is not sharded).
+    pub fn collective_stats(&self) -> Option<CollectiveStats> {
+        self.link.as_ref().map(|l| l.stats())
+    }
+
     /// On a rank other than 0 of a sharded model: replays what rank 0 sends — every KV pool change and
     /// forward call — on this rank's slice, until rank 0's model is dropped. An error (a malformed message,
     /// memory that cannot be had) means this rank cannot keep step; the caller must end the job.

@@ -259,6 +259,7 @@ fn forward_call(
         services,
         logit_rows: listed.map_or(std::ptr::null(), |l| l.as_ptr()),
         n_logits: listed.map_or(0, |l| l.len() as u64),
+        rank: model.rank() as u64,
     };
     // SAFETY: every pointer in `step` is valid for the sizes the manifest specifies: weights were checked
     // against it; every sequence's block table covers the positions its rows reach (reserved by the

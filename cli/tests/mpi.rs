@@ -1,0 +1,365 @@
+//! Sharded models as MPI processes (feature `mpi`): `mpirun -np N q3c ...` on artifacts compiled with
+//! `--shards N`, against the same model compiled for one process. The tolerance (1e-4) is derived in
+//! `tests/tests/sharded.rs`, which runs the same ranks as threads; here the processes, the MPI transport,
+//! the CLI's rank handling, the server and a hung rank are what is tested.
+
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_error, ids_arg, json_ids, ok, q3c};
+use q3c_tests::{fixtures_dir, golden, max_abs_diff, FIXTURES};
+use serde_json::{json, Value};
+
+/// `mpirun -np ranks` with what a test machine needs: root allowed, more ranks than cores, shared memory.
+fn mpirun(ranks: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &ranks.to_string()])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("OMPI_MCA_btl", "self,vader")
+        .arg(env!("CARGO_BIN_EXE_q3c"));
+    c
+}
+
+/// `mpirun -np ranks q3c args`, which must succeed; its stdout.
+fn mpi_ok(ranks: usize, args: &[&str]) -> String {
+    let out = run_bounded(mpirun(ranks).args(args), Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "mpirun -np {ranks} q3c {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `cmd` to completion, killing it past `limit` (a hung job must fail the test, not stall CI).
+fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{cmd:?} ran past {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Compiles `model` for `shards` ranks with f32 activations and KV cache. (With bf16 activations or a
+/// half-precision cache, a sum that differs in its last bit — the ranks add in another order — can round
+/// to the neighbouring bf16 or f16 value, a relative change of 2^-8 or 2^-11 that later layers carry: 4e-3
+/// on the bf16 fixture, which is that rounding's bound, not sharding's.)
+fn compile(model: &Path, shards: usize, out: &Path) -> PathBuf {
+    let so = out.join(format!("model-{shards}.so"));
+    ok(&[
+        "compile",
+        model.to_str().unwrap(),
+        "--shards",
+        &shards.to_string(),
+        "--activations",
+        "f32",
+        "--kv-dtype",
+        "f32",
+        "-o",
+        so.to_str().unwrap(),
+    ]);
+    so
+}
+
+fn read_logits(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn every_fixture_over_2_and_4_processes_gives_the_single_process_logits_and_ids() {
+    for name in FIXTURES {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = fixtures_dir().join(name);
+        let weights = dir.to_str().unwrap();
+        let g = golden(name);
+        let prompt = ids_arg(&g.prompt_ids);
+        let logits = |out: &Path| {
+            vec![
+                "logits".to_string(),
+                "--prompt-ids".into(),
+                prompt.clone(),
+                "--weights".into(),
+                weights.into(),
+                "--out".into(),
+                out.to_str().unwrap().into(),
+            ]
+        };
+        let generate = |so: &Path| {
+            let n = g.greedy_ids.len().to_string();
+            [
+                "generate",
+                "--model",
+                so.to_str().unwrap(),
+                "--weights",
+                weights,
+                "--prompt-ids",
+                &prompt,
+                "--max-new-tokens",
+                &n,
+                "--json",
+            ]
+            .map(String::from)
+        };
+        let one = compile(&dir, 1, tmp.path());
+        let want_path = tmp.path().join("one.safetensors");
+        let mut args = logits(&want_path);
+        args.extend(["--model".into(), one.to_str().unwrap().into()]);
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let want = read_logits(&want_path);
+        let want_ids = json_ids(&ok(&generate(&one).each_ref().map(String::as_str)));
+        for ranks in [2, 4] {
+            let so = compile(&dir, ranks, tmp.path());
+            let got_path = tmp.path().join(format!("{ranks}.safetensors"));
+            let mut args = logits(&got_path);
+            args.extend(["--model".into(), so.to_str().unwrap().into()]);
+            mpi_ok(ranks, &args.iter().map(String::as_str).collect::<Vec<_>>());
+            let diff = max_abs_diff(&read_logits(&got_path), &want);
+            println!("{name} over {ranks} processes: max |dlogit| {diff:e}");
+            assert!(diff <= 1e-4, "{name} over {ranks} processes: {diff:e}");
+            let ids = json_ids(&mpi_ok(
+                ranks,
+                &generate(&so).each_ref().map(String::as_str),
+            ));
+            assert_eq!(ids, want_ids, "{name} over {ranks} processes");
+        }
+    }
+}
+
+#[test]
+fn a_sharded_artifact_outside_mpirun_or_with_other_ranks_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixtures_dir().join("dense_gqa");
+    let so = compile(&dir, 2, tmp.path());
+    let args = [
+        "generate",
+        "--model",
+        so.to_str().unwrap(),
+        "--weights",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2,3",
+    ];
+    assert_error(
+        &q3c(&args),
+        "is sharded over 2 ranks: run it as `mpirun -np 2 q3c ...`",
+    );
+    let out = run_bounded(mpirun(4).args(args), Duration::from_secs(60));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is sharded over 2 ranks, and mpirun started 4"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Not divisible: refused at compile time, naming the dimension.
+    assert_error(
+        &q3c(&[
+            "compile",
+            dir.to_str().unwrap(),
+            "--shards",
+            "3",
+            "-o",
+            "x.so",
+        ]),
+        "4 attention heads cannot be split over 3 ranks",
+    );
+    assert!(!Path::new("x.so").exists());
+}
+
+/// A server whose model runs on `ranks` processes (1: no mpirun), its URL and its process.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(so: &Path, model: &Path, ranks: usize, env: &[(&str, &str)]) -> Server {
+    let mut cmd = match ranks {
+        1 => Command::new(env!("CARGO_BIN_EXE_q3c")),
+        n => mpirun(n),
+    };
+    let mut child = cmd
+        .args([
+            "serve",
+            so.to_str().unwrap(),
+            "--weights",
+            model.to_str().unwrap(),
+        ])
+        .args(["--port", "0", "--threads", "1", "--name", "tiny"])
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("q3c serve: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Server { child, url }
+}
+
+/// A tiny random model with the real tokenizer, in `dir`.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let config = json!({
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": true, "torch_dtype": "float32", "eos_token_id": [151645, 151643]
+    });
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, config.to_string()).unwrap();
+    let model = dir.join("model");
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tokenizer");
+    ok(&[
+        "random-weights",
+        cfg.to_str().unwrap(),
+        "-o",
+        model.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+    ]);
+    model
+}
+
+fn complete(url: &str, prompt: &str) -> Value {
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0});
+    let resp = ureq::post(&format!("{url}/v1/completions"))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap();
+    serde_json::from_str(&resp.into_string().unwrap()).unwrap()
+}
+
+#[test]
+fn a_server_on_two_processes_answers_as_one_process_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let prompts = [
+        "The capital of France is",
+        "1, 2, 3, 4,",
+        "Once upon a time",
+    ];
+    let one = compile(&model, 1, tmp.path());
+    let want: Vec<Value> = {
+        let s = serve(&one, &model, 1, &[]);
+        prompts
+            .iter()
+            .map(|p| complete(&s.url, p)["choices"][0]["text"].clone())
+            .collect()
+    };
+    let two = compile(&model, 2, tmp.path());
+    let s = serve(&two, &model, 2, &[]);
+    // Concurrent requests share the scheduler's batched steps on every rank.
+    let got: Vec<Value> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| sc.spawn(|| complete(&s.url, p)["choices"][0]["text"].clone()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(got, want);
+}
+
+/// The pid of rank `rank` among the processes `mpirun` (pid `launcher`) started.
+fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()? {
+        let Ok(pid) = entry.ok()?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Field 4 of stat, after the parenthesised name, is the parent's pid.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+        if parent.is_some()
+            && env.split(|&b| b == 0).any(|v| v == wanted.as_bytes())
+            && stat.contains("(q3c)")
+        {
+            let _ = launcher;
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_hung_rank_ends_the_job_with_one_error_from_rank_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let two = compile(&model, 2, tmp.path());
+    let mut s = serve(&two, &model, 2, &[("Q3C_MPI_TIMEOUT", "3")]);
+    let follower = rank_pid(s.child.id(), 1).expect("rank 1 runs");
+    let st = Command::new("kill")
+        .args(["-STOP", &follower.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // The request cannot be answered; the job must end by itself, within the timeout and some slack.
+    let url = s.url.clone();
+    std::thread::spawn(move || {
+        let _ = ureq::post(&format!("{url}/v1/completions"))
+            .set("Content-Type", "application/json")
+            .send_string(&json!({"prompt": "hi", "max_tokens": 4}).to_string());
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the job did not end"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = Command::new("kill")
+        .args(["-KILL", &follower.to_string()])
+        .status();
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(s.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("error: rank 0: ") && stderr.contains("waited 3 s for the other ranks"),
+        "{stderr}"
+    );
+}
