@@ -39,6 +39,47 @@ pub struct BenchResult {
     /// (`VmRSS`; `null` where the system does not say).
     pub load_s: f64,
     pub resident_after_load_bytes: Option<u64>,
+    /// For a sharded model: what its collectives cost per decode step (rank 0's view).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collectives: Option<CollectiveCost>,
+}
+
+/// The collectives of one decode step of a sharded model, as rank 0 sees them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CollectiveCost {
+    pub ranks: usize,
+    pub per_step: usize,
+    /// Seconds per step in them (waiting for the other ranks included).
+    pub seconds_per_step: f64,
+    /// Their share of the step's time.
+    pub share: f64,
+    /// Bytes rank 0 contributes per step.
+    pub bytes_per_step: u64,
+}
+
+/// Times `gen` decode steps of `session` (after one token) and what `stats` says their collectives cost.
+pub fn collective_cost(
+    session: &mut dyn Session,
+    ranks: usize,
+    gen: usize,
+    stats: impl Fn() -> q3c_runtime::CollectiveStats,
+) -> Result<CollectiveCost> {
+    session.reset();
+    session.forward_last(&[1])?;
+    let (before, t0) = (stats(), Instant::now());
+    let mut next = 1;
+    for _ in 0..gen {
+        next = q3c_runtime::generate::argmax(&session.forward_last(&[next])?);
+    }
+    let (spent, secs) = (stats() - before, t0.elapsed().as_secs_f64());
+    let steps = gen.max(1);
+    Ok(CollectiveCost {
+        ranks,
+        per_step: spent.calls as usize / steps,
+        seconds_per_step: spent.seconds / steps as f64,
+        share: spent.seconds / secs,
+        bytes_per_step: spent.bytes / steps as u64,
+    })
 }
 
 /// This process's resident memory (`VmRSS` of `/proc/self/status`), if the system reports it.
@@ -128,6 +169,7 @@ pub fn run(
         decode_std_tok_s: tg_std,
         load_s: 0.0,
         resident_after_load_bytes: None,
+        collectives: None,
     })
 }
 

@@ -28,7 +28,8 @@ pub mod text;
 
 pub use batch::{Batch, SeqId, SessionBatch};
 pub use compiled::{
-    CompiledBatch, CompiledModel, CompiledSession, Residency, ThreadTransport, Transport,
+    CollectiveStats, CompiledBatch, CompiledModel, CompiledSession, Residency, ThreadTransport,
+    Transport,
 };
 pub use error::RuntimeError;
 pub use generate::{generate, GenerateOptions};

@@ -118,6 +118,18 @@ pub fn run(args: Args) -> Result<()> {
     let mut r = crate::bench::run(&mut *session, vocab, work, threads)?;
     r.load_s = load_s;
     r.resident_after_load_bytes = resident;
+    if let q3c_runtime::Model::Compiled(m) = &model {
+        if m.collective_stats().is_some() {
+            let ranks = m.manifest().ranks;
+            let stats = || m.collective_stats().unwrap_or_default();
+            r.collectives = Some(crate::bench::collective_cost(
+                &mut *session,
+                ranks,
+                args.gen,
+                stats,
+            )?);
+        }
+    }
     if args.json {
         return print_json(&r);
     }
@@ -133,6 +145,16 @@ pub fn run(args: Args) -> Result<()> {
         "loaded in {load_s:.1} s; resident after load: {}{kv}",
         resident.map_or("unknown".into(), gb)
     );
+    if let Some(c) = &r.collectives {
+        eprintln!(
+            "sharded over {} ranks (rank 0's resident memory above): {} collectives per decode step, {:.1} µs ({:.1}% of the step), {:.1} KB",
+            c.ranks,
+            c.per_step,
+            c.seconds_per_step * 1e6,
+            100.0 * c.share,
+            c.bytes_per_step as f64 / 1e3
+        );
+    }
     let at = args.depth.map(|d| format!(" @ d{d}")).unwrap_or_default();
     print_stdout(&format!(
         "pp{}{at}: {:.2} tok/s (mean {:.2} ± {:.2})\ntg{}{at}: {:.2} tok/s (mean {:.2} ± {:.2})\n\
