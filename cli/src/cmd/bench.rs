@@ -69,6 +69,11 @@ pub fn run(args: Args) -> Result<()> {
     let loading = std::time::Instant::now();
     let model = args.model.load()?;
     let load_s = loading.elapsed().as_secs_f64();
+    // What the model runs on (a rank of a sharded model takes its share of the host's cores).
+    let threads = match &model {
+        q3c_runtime::Model::Compiled(m) => m.threads_per_call(),
+        _ => threads,
+    };
     let resident = crate::bench::resident_bytes();
     let tokens = args.depth.unwrap_or(0) + args.prompt_len + args.gen + 1;
     if tokens > model.max_positions() {

@@ -654,6 +654,11 @@ impl CompiledModel {
         &self.manifest
     }
 
+    /// Threads a forward call runs on.
+    pub fn threads_per_call(&self) -> usize {
+        self.pool.lock().map_or(1, |p| p.threads())
+    }
+
     /// Bytes of the weights bound in host memory (this rank's slices, for a sharded model; weights read in
     /// place from the checkpoint's mapping, or uploaded to a GPU, are not counted).
     pub fn weight_bytes(&self) -> usize {
