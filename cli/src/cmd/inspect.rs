@@ -65,6 +65,14 @@ fn describe(m: &q3c_abi::Manifest) -> String {
         "calls:     up to {} tokens, scratch {} bytes per token\n",
         m.max_tokens_per_call, m.scratch_bytes_per_token
     );
+    if m.ranks > 1 {
+        let sliced = m.weights.iter().filter(|w| w.shard.is_some()).count();
+        s += &format!(
+            "sharded:   over {} ranks (run with mpirun -np {}): each binds its slice of {sliced} tensors and \
+             holds the kv cache above\n",
+            m.ranks, m.ranks
+        );
+    }
     s += &format!(
         "kernels:   {} per forward call, fusion {}, {} activations in products\n",
         m.kernels, m.fusion, m.matmul_activations
