@@ -22,12 +22,14 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let result = cmd::run(cmd::Cli::parse());
-    ranks::finish();
+    if let Err(e) = &result {
+        eprintln!("error: {e:#}");
+    }
+    // The other ranks of a sharded job end with this one: MPI finalised after success, the job aborted
+    // after a failure (they may be waiting for this rank).
+    ranks::finish(result.is_ok());
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(_) => ExitCode::FAILURE,
     }
 }

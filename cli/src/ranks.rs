@@ -38,10 +38,13 @@ pub fn probe_all_reduce(floats: usize) -> Result<Option<AllReduceProbe>> {
     imp::probe_all_reduce(floats)
 }
 
-/// Ends MPI, where this process started it (after the model is dropped: rank 0's drop stops the others).
-pub fn finish() {
+/// Ends MPI, where this process started it: finalised after success (rank 0's model, dropped or released,
+/// has stopped the others), the whole job aborted after a failure (the others may be waiting for this rank).
+pub fn finish(success: bool) {
     #[cfg(feature = "mpi")]
-    imp::finish();
+    imp::finish(success);
+    #[cfg(not(feature = "mpi"))]
+    let _ = success;
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -81,6 +84,8 @@ mod imp {
 
     /// MPI, once started (dropping it finalises MPI).
     static UNIVERSE: Mutex<Option<Universe>> = Mutex::new(None);
+    /// Whether MPI runs with MPI_THREAD_MULTIPLE (else the watchdog ends the process without MPI).
+    static MULTIPLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
     /// Ranks `mpirun` (Open MPI, or MPICH's Hydra) started, read before MPI is: `None` outside a launcher.
     fn launched_ranks() -> Option<(usize, usize)> {
@@ -119,9 +124,14 @@ mod imp {
             threads.unwrap_or_else(|| (crate::output::default_threads() / local.max(1)).max(1));
         let model = match CompiledModel::load_rank(artifact, weights, threads, transport.clone()) {
             Ok(model) => model,
-            // Ending this process ends the job (mpirun stops the other ranks).
+            // `finish` then aborts the job.
             Err(e) => bail!("rank {rank}: {e}"),
         };
+        // Every rank loaded before any runs (a slow one must not time out the first collective).
+        {
+            let _one = transport.calls.lock().unwrap_or_else(|e| e.into_inner());
+            idle_wait(world().immediate_barrier());
+        }
         if rank == 0 {
             return Ok(model);
         }
@@ -130,12 +140,15 @@ mod imp {
             transport.abort();
         }
         drop(model);
-        finish();
+        finish(true);
         std::process::exit(0);
     }
 
-    pub fn finish() {
+    pub fn finish(success: bool) {
         let universe = UNIVERSE.lock().map(|mut u| u.take());
+        if let (Ok(Some(_)), false) = (&universe, success) {
+            world().abort(1);
+        }
         drop(universe);
     }
 
@@ -177,8 +190,8 @@ mod imp {
         Duration::from_secs_f64(secs)
     }
 
-    /// The ranks of `MPI_COMM_WORLD`. One call at a time (MPI is started `MPI_THREAD_SERIALIZED`: calls
-    /// come from whichever thread runs the model's forward calls, and the watchdog's abort).
+    /// The ranks of `MPI_COMM_WORLD`. One call at a time (from whichever thread runs the model's forward
+    /// calls), but for the watchdog's abort.
     struct MpiTransport {
         rank: usize,
         ranks: usize,
@@ -198,8 +211,17 @@ mod imp {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("MPI state poisoned"))?;
             if universe.is_none() {
-                let (u, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+                // The model's forward calls come from whichever thread runs them, one at a time; only the
+                // watchdog's abort may come during another call, which MPI_THREAD_MULTIPLE allows.
+                let (u, level) = mpi::initialize_with_threading(mpi::Threading::Multiple)
                     .context("MPI cannot be started")?;
+                if matches!(level, mpi::Threading::Single | mpi::Threading::Funneled) {
+                    bail!("this MPI library offers threads {level:?}; q3c needs at least MPI_THREAD_SERIALIZED");
+                }
+                MULTIPLE.store(
+                    level == mpi::Threading::Multiple,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 *universe = Some(u);
             }
             let comm = world();
@@ -221,7 +243,11 @@ mod imp {
                         "error: rank {rank}: {what} waited {:.0} s for the other ranks: one of them died or hangs (Q3C_MPI_TIMEOUT sets the limit)",
                         w.timeout.as_secs_f64()
                     );
-                    world().abort(1);
+                    if MULTIPLE.load(std::sync::atomic::Ordering::Relaxed) {
+                        world().abort(1);
+                    }
+                    // Without MPI: a rank that exits without finalising ends the job (mpirun stops the rest).
+                    std::process::exit(1);
                 }
             });
             Ok(MpiTransport {

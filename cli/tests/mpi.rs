@@ -297,29 +297,25 @@ fn a_server_on_two_processes_answers_as_one_process_does() {
     assert_eq!(got, want);
 }
 
-/// The pid of rank `rank` among the processes `mpirun` (pid `launcher`) started.
-fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
-    for entry in std::fs::read_dir("/proc").ok()? {
-        let Ok(pid) = entry.ok()?.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Field 4 of stat, after the parenthesised name, is the parent's pid.
-        let parent = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
-        if parent.is_some()
-            && env.split(|&b| b == 0).any(|v| v == wanted.as_bytes())
-            && stat.contains("(q3c)")
-        {
-            let _ = launcher;
-            return Some(pid);
-        }
-    }
-    None
+/// The pid of rank `rank` of the job whose processes carry `Q3C_TEST_JOB=job` (Open MPI detaches ranks from
+/// `mpirun`, so they are found by their environment: the job's marker and `OMPI_COMM_WORLD_RANK`).
+fn rank_pid(job: &str, rank: usize) -> Option<u32> {
+    let wanted = [
+        format!("Q3C_TEST_JOB={job}"),
+        format!("OMPI_COMM_WORLD_RANK={rank}"),
+    ];
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid = entry
+            .ok()?
+            .file_name()
+            .to_string_lossy()
+            .parse::<u32>()
+            .ok()?;
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "q3c" && wanted.iter().all(|w| vars.contains(&w.as_bytes()))).then_some(pid)
+    })
 }
 
 #[test]
@@ -327,8 +323,14 @@ fn a_hung_rank_ends_the_job_with_one_error_from_rank_0() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let two = compile(&model, 2, tmp.path());
-    let mut s = serve(&two, &model, 2, &[("Q3C_MPI_TIMEOUT", "3")]);
-    let follower = rank_pid(s.child.id(), 1).expect("rank 1 runs");
+    let job = format!("hung-{}", std::process::id());
+    let mut s = serve(
+        &two,
+        &model,
+        2,
+        &[("Q3C_MPI_TIMEOUT", "3"), ("Q3C_TEST_JOB", &job)],
+    );
+    let follower = rank_pid(&job, 1).expect("rank 1 runs");
     let st = Command::new("kill")
         .args(["-STOP", &follower.to_string()])
         .status()
@@ -362,4 +364,35 @@ fn a_hung_rank_ends_the_job_with_one_error_from_rank_0() {
         stderr.contains("error: rank 0: ") && stderr.contains("waited 3 s for the other ranks"),
         "{stderr}"
     );
+}
+
+/// Rank 0 failing after the others loaded (here: its port is taken) ends the job with its error, instead of
+/// leaving the other ranks waiting for it.
+#[test]
+fn a_failing_rank_0_ends_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let two = compile(&model, 2, tmp.path());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = run_bounded(
+        mpirun(2).args([
+            "serve",
+            two.to_str().unwrap(),
+            "--weights",
+            model.to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: cannot listen on 127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -482,7 +482,6 @@ mod tests {
                         names.push((name.to_string(), dims));
                     }
                 }
-                // A tied table is read whole (embedding) and sliced (logits): one tensor.
                 names.sort();
                 names.dedup();
                 assert_eq!(names, expected, "{name}/{ranks}");

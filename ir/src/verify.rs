@@ -7,8 +7,8 @@
 //!    the inputs' dtypes, ranks and dims fit the op; see [`crate::Op::infer`]).
 //! 4. There is at least one output, output names are unique, and every output names a live, tensor-valued
 //!    node.
-//! 5. Each weight name appears once (once whole and once per distinct slice, in a sharded graph, whose
-//!    logits may read a slice of the embedding table the embedding reads whole); each [`crate::InputKind`] at most once; each (layer, kind) of
+//! 5. Each weight name appears once (once whole and once per distinct slice: a graph may read a tensor
+//!    both ways); each [`crate::InputKind`] at most once; each (layer, kind) of
 //!    [`crate::Op::KvAppend`] (or cache-writing [`crate::Op::NormRope`]) at most once.
 //! 6. Tuples (the results of multi-result fused ops) are read only by [`crate::Op::Select`] (part of 3:
 //!    no other op's typing rule accepts a tuple).

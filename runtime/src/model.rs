@@ -18,6 +18,14 @@ pub enum Model {
 }
 
 impl Model {
+    /// On rank 0 of a sharded compiled model, tells the other ranks to stop (see
+    /// [`CompiledModel::release_followers`]); nothing for any other model.
+    pub fn release_followers(&self) {
+        if let Model::Compiled(m) = self {
+            m.release_followers();
+        }
+    }
+
     /// A session with an empty KV cache of the default size.
     pub fn session(&self) -> Box<dyn Session + Send + '_> {
         match self {

@@ -36,8 +36,8 @@ pub struct Plan {
     pub loc: HashMap<NodeId, Loc>,
     /// Where each element of a tuple-valued node is.
     pub elements: HashMap<NodeId, Vec<Loc>>,
-    /// Weight table entries. A tensor read in two forms (the tied embedding: a bf16 table and a q8 matrix,
-    /// or a whole table and a rank's slice of it) has two entries.
+    /// Weight table entries. A tensor read in two forms (the tied embedding: a bf16 table and a q8 matrix)
+    /// has two entries.
     pub weights: Vec<PlanWeight>,
     /// Inputs that read a weight in another form than `loc` says, by (node, input index).
     pub uses: HashMap<(NodeId, usize), Loc>,

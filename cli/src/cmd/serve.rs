@@ -43,22 +43,54 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch_tokens == 0 {
         bail!("--batch-tokens must be at least 1");
     }
-    let name = args.name.unwrap_or_else(|| {
+    if args.ctx_size == Some(0) {
+        bail!("--ctx-size must be at least 1");
+    }
+    let name = args.name.clone().unwrap_or_else(|| {
         args.target
             .model
             .file_stem()
             .map_or("q3c".into(), |s| s.to_string_lossy().into_owned())
     });
-    let (text, model) = args.target.load()?;
-    let context = model.context();
+    let rest = Serving {
+        host: args.host.clone(),
+        port: args.port,
+        max_concurrent: args.max_concurrent,
+        batch_tokens: args.batch_tokens,
+        ctx_size: args.ctx_size,
+        queue: args.queue,
+    };
+    let Args { target, .. } = args;
+    let (text, model) = target.load()?;
     // The model serves until the process ends; kept sessions borrow it.
     let model: &'static q3c_runtime::Model = Box::leak(Box::new(model));
+    let served = serve(model, &rest, text, name);
+    // It is never dropped: the other ranks of a sharded model are told to stop here.
+    model.release_followers();
+    served
+}
+
+/// The settings `serve` runs with besides the model.
+struct Serving {
+    host: String,
+    port: u16,
+    max_concurrent: usize,
+    batch_tokens: usize,
+    ctx_size: Option<usize>,
+    queue: usize,
+}
+
+/// Serves `model` until the server stops.
+fn serve(
+    model: &'static q3c_runtime::Model,
+    args: &Serving,
+    text: q3c_runtime::text::TextModel,
+    name: String,
+) -> Result<()> {
+    let context = model.context();
     // Requests hold sequences of one batch, fed by one scheduler; at most max_concurrent are running and
     // as many kept for their prompts' prefixes, each up to the context.
     let kv_tokens = args.ctx_size.unwrap_or(2 * args.max_concurrent * context);
-    if kv_tokens == 0 {
-        bail!("--ctx-size must be at least 1");
-    }
     let scheduler = q3c_runtime::Scheduler::start(model, kv_tokens, args.batch_tokens);
     let batch = scheduler.stats();
     let served = crate::server::Served {

@@ -462,6 +462,20 @@ impl CompiledModel {
             return Err(artifact_err(artifact, message));
         }
         let rank = link.as_ref().map_or(0, |l| l.rank());
+        for w in &manifest.weights {
+            if let Some(s) = w.shard {
+                if s.ranks != manifest.ranks
+                    || s.axis >= w.shape.len()
+                    || s.parts == 0
+                    || s.parts > s.ranks
+                {
+                    return Err(artifact_err(
+                        artifact,
+                        format!("weight {} has a malformed shard {s:?}", w.name),
+                    ));
+                }
+            }
+        }
         let checkpoint = Checkpoint::open(weights_dir)?;
         // The manifest lists exactly the tensors the graph reads (for a Qwen3 model, those its config
         // implies; whole, where a rank binds a slice); a tied checkpoint may still carry the unused

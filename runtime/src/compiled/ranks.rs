@@ -14,7 +14,7 @@
 //! order on every rank: messages and collectives share the transport, which carries one at a time.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 
 use q3c_abi::launch::Collective;
@@ -134,6 +134,8 @@ pub(crate) struct Link {
     /// Held by rank 0 across each message and forward call (see the module documentation).
     turn: Mutex<()>,
     next_pool: AtomicU64,
+    /// Set once rank 0 has told the others to stop: nothing is sent after, and forward calls fail.
+    stopped: AtomicBool,
     /// Collectives run so far: calls, nanoseconds in them, bytes this rank contributed.
     calls: AtomicU64,
     nanos: AtomicU64,
@@ -167,6 +169,7 @@ impl Link {
             transport,
             turn: Mutex::new(()),
             next_pool: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
             calls: AtomicU64::new(0),
             nanos: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -194,10 +197,28 @@ impl Link {
         self.turn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends `msg` from rank 0 to the others (the caller holds the turn).
+    /// Sends `msg` from rank 0 to the others (the caller holds the turn); nothing once they have stopped.
     pub(crate) fn send(&self, msg: &Msg) {
+        if self.stopped() {
+            return;
+        }
         let mut bytes = msg.encode();
         self.transport.broadcast(&mut bytes);
+    }
+
+    /// Whether rank 0 has told the others to stop.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Tells the other ranks to stop following (once; rank 0 only).
+    fn stop(&self) {
+        if self.rank() != 0 {
+            return;
+        }
+        let _turn = self.turn();
+        self.send(&Msg::Stop);
+        self.stopped.store(true, Ordering::Release);
     }
 
     fn receive(&self) -> Result<Msg, RuntimeError> {
@@ -227,10 +248,7 @@ impl Link {
 impl Drop for CompiledModel {
     fn drop(&mut self) {
         // Rank 0's model is gone (its sessions, which borrow it, before it): the others stop following.
-        if let Some(link) = self.link.as_ref().filter(|l| l.rank() == 0) {
-            let _turn = link.turn();
-            link.send(&Msg::Stop);
-        }
+        self.release_followers();
     }
 }
 
@@ -465,6 +483,15 @@ impl Drop for MirroredKv {
 }
 
 impl CompiledModel {
+    /// On rank 0 of a sharded model: tells the other ranks to stop following, after any forward call under
+    /// way (then every forward call fails). Dropping the model does it too; a model that is never dropped
+    /// (a server's) must call it before the job ends. Nothing elsewhere.
+    pub fn release_followers(&self) {
+        if let Some(link) = &self.link {
+            link.stop();
+        }
+    }
+
     /// The collectives this rank's forward calls ran so far (`None` for a model that is not sharded).
     pub fn collective_stats(&self) -> Option<CollectiveStats> {
         self.link.as_ref().map(|l| l.stats())

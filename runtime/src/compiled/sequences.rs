@@ -221,6 +221,11 @@ fn forward_call(
     let _turn = match (&model.link, rows.mirror) {
         (Some(link), Some(pool)) => {
             let turn = link.turn();
+            if link.stopped() {
+                return Err(RuntimeError::Internal(
+                    "the other ranks of this sharded model have stopped".into(),
+                ));
+            }
             let seqs = rows
                 .seqs
                 .iter()
