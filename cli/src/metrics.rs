@@ -70,10 +70,21 @@ impl Metrics {
         }
     }
 
-    /// Counts a finished request (tokens and latencies) and writes its access-log line.
-    pub fn finished(&self, start: Instant, first: Option<Instant>, out: &ChatOutput, stream: bool) {
+    /// Counts a finished request or choice (tokens — its prompt's only if `with_prompt` — and latencies)
+    /// and writes its access-log line.
+    pub fn finished(
+        &self,
+        start: Instant,
+        first: Option<Instant>,
+        out: &ChatOutput,
+        stream: bool,
+        with_prompt: bool,
+    ) {
         self.latencies(start, first, out.ids.len());
-        self.tokens(out.prompt_tokens, out.cached_tokens, out.ids.len());
+        match with_prompt {
+            true => self.tokens(out.prompt_tokens, out.cached_tokens, out.ids.len()),
+            false => self.tokens(0, 0, out.ids.len()),
+        }
         access_log(&serde_json::json!({
             "status": 200,
             "stream": stream,

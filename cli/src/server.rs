@@ -205,12 +205,16 @@ fn prefill_shared(served: &Served, job: &Planned) -> Result<usize, RuntimeError>
     fed.map(|_| cached)
 }
 
-/// The prompt tokens a request with several choices found cached ([`prefill_shared`]); `None` for one
-/// choice, which reports its own.
+/// The prompt tokens a request with several choices found cached ([`prefill_shared`]), its prompt counted
+/// once in the metrics here; `None` for one choice, which reports and counts its own.
 fn choices_cached(job: &Planned, served: &Served) -> Result<Option<usize>, RuntimeError> {
     match job.n {
         1 => Ok(None),
-        _ => prefill_shared(served, job).map(Some),
+        _ => {
+            let cached = prefill_shared(served, job)?;
+            served.metrics.tokens(job.prompt.len(), cached, 0);
+            Ok(Some(cached))
+        }
     }
 }
 
@@ -257,7 +261,8 @@ fn run_choice(
     );
     served.sessions.give_back(lease, fed(&job.prompt, &out));
     match &out {
-        Ok(o) => served.metrics.finished(start, first, o, stream),
+        // The prompt of several choices is counted once, by `choices_cached`.
+        Ok(o) => served.metrics.finished(start, first, o, stream, job.n == 1),
         Err(e) if stream => crate::metrics::access_log(&json!({
             "status": 200, "stream": true, "error": e.to_string(),
             "duration_s": start.elapsed().as_secs_f64(),

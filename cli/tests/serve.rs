@@ -599,8 +599,12 @@ fn several_choices_decode_as_sequences_of_their_own() {
     assert_eq!(answer(&two), 2 * answer(&one), "{two}");
     assert_eq!(two["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
     // The prompt is computed once for all choices: a new prompt with n = 2 feeds it (less its last token)
-    // once, then each choice its last token and its answer.
+    // once, then each choice its last token and its answer; it is counted once, like usage counts it.
     let fed = metric_of(&s, "q3c_batch_tokens_total");
+    let (prompt_before, cached_before) = (
+        metric_of(&s, "q3c_prompt_tokens_total"),
+        metric_of(&s, "q3c_prompt_tokens_cached_total"),
+    );
     let long =
         "Tell me, in as many words as you like, why the sky looks blue on a clear afternoon.";
     let (_, fresh) = post(
@@ -614,6 +618,14 @@ fn several_choices_decode_as_sequences_of_their_own() {
         .unwrap() as f64;
     assert!(cached < prompt / 2.0, "{fresh}");
     let fed = metric_of(&s, "q3c_batch_tokens_total") - fed;
+    assert_eq!(
+        metric_of(&s, "q3c_prompt_tokens_total") - prompt_before,
+        prompt
+    );
+    assert_eq!(
+        metric_of(&s, "q3c_prompt_tokens_cached_total") - cached_before,
+        cached
+    );
     // Once: prompt - cached - 1, then 1 + its answer per choice; each choice feeding the prompt would be
     // 2 · (prompt - cached) + the answers.
     let once = prompt - cached + 1.0 + answer(&fresh) as f64;
