@@ -202,6 +202,16 @@ fn a_sharded_artifact_needs_its_ranks() {
         err.to_string().contains("compile it with --shards 2"),
         "{err}"
     );
+    // A rank other than 0 runs only what rank 0 sends.
+    let mut world = ThreadTransport::world(2).into_iter();
+    let _zero = world.next();
+    let one = CompiledModel::load_rank(&so, &weights, 1, Arc::new(world.next().unwrap())).unwrap();
+    let err = one.session().forward(&[1, 2]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("rank 1 of a sharded model runs only what rank 0 sends"),
+        "{err}"
+    );
     let err = q3c_compiler::Sharding::new(&q3c_tests::open_fixture("dense_gqa").0, 3).unwrap_err();
     assert!(
         err.contains("4 attention heads cannot be split over 3 ranks"),

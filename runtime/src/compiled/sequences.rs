@@ -64,6 +64,13 @@ fn run(
         .enumerate()
         .flat_map(|(w, (_, ids))| (0..ids.len()).map(move |index| Row { work: w, index }))
         .collect();
+    if let Some(link) = model.link.as_ref().filter(|l| l.rank() != 0) {
+        // Its collectives would wait for ranks that only answer rank 0.
+        return Err(RuntimeError::Input(format!(
+            "rank {} of a sharded model runs only what rank 0 sends (CompiledModel::follow)",
+            link.rank()
+        )));
+    }
     let threads = model.threads()?;
     let services = services(model, &threads);
     let mirror = pool.mirror();
