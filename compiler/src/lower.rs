@@ -211,14 +211,15 @@ impl Builder<'_> {
         )
     }
 
+    /// `x · wᵀ`, w `[out, inp]`: the checkpoint tensor, or this rank's slice `shard` of it.
     fn linear(
         &mut self,
         x: NodeId,
         name: &str,
-        out: usize,
-        inp: usize,
+        (out, inp): (usize, usize),
+        shard: Option<Shard>,
     ) -> Result<NodeId, TypeError> {
-        let w = self.weight(name, &[out, inp])?;
+        let w = self.sharded_weight(name, &[out, inp], shard)?;
         self.g.add(Op::Linear, &[x, w])
     }
 
@@ -227,11 +228,11 @@ impl Builder<'_> {
         &mut self,
         x: NodeId,
         name: &str,
-        (out, inp): (usize, usize),
+        shape: (usize, usize),
         parts: usize,
     ) -> Result<NodeId, TypeError> {
-        let w = self.sharded_weight(name, &[out, inp], self.sharding.shard(0, parts))?;
-        self.g.add(Op::Linear, &[x, w])
+        let shard = self.sharding.shard(0, parts);
+        self.linear(x, name, shape, shard)
     }
 
     /// `x · wᵀ` over this rank's `1/parts` of w's input features, summed over the ranks (w whole:
@@ -240,11 +241,11 @@ impl Builder<'_> {
         &mut self,
         x: NodeId,
         name: &str,
-        (out, inp): (usize, usize),
+        shape: (usize, usize),
         parts: usize,
     ) -> Result<NodeId, TypeError> {
-        let w = self.sharded_weight(name, &[out, inp], self.sharding.shard(1, parts))?;
-        let partial = self.g.add(Op::Linear, &[x, w])?;
+        let shard = self.sharding.shard(1, parts);
+        let partial = self.linear(x, name, shape, shard)?;
         self.reduce(partial, parts)
     }
 
@@ -375,7 +376,7 @@ impl Builder<'_> {
             moe.moe_intermediate_size / ranks,
         );
 
-        let logits = self.linear(h, &layer_tensor(layer, tensors::ROUTER), e, hidden)?;
+        let logits = self.linear(h, &layer_tensor(layer, tensors::ROUTER), (e, hidden), None)?;
         let probs = self.g.add(Op::Softmax, &[logits])?;
         let chosen = self.g.add(Op::TopK { k: k as u32 }, &[probs])?;
         let mut weights = self.g.add(Op::GatherLast, &[probs, chosen])?;
