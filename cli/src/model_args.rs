@@ -82,12 +82,17 @@ impl ModelArgs {
         }
     }
 
+    /// Threads for a compiled model: as given, else every core.
     fn threads(&self) -> Result<usize> {
-        let threads = self.threads.unwrap_or_else(default_threads);
-        if threads == 0 {
+        Ok(self.threads_given()?.unwrap_or_else(default_threads))
+    }
+
+    /// `--threads`, if given (at least 1).
+    fn threads_given(&self) -> Result<Option<usize>> {
+        if self.threads == Some(0) {
             bail!("--threads must be at least 1");
         }
-        Ok(threads)
+        Ok(self.threads)
     }
 
     /// Loads the model the flags name.
@@ -129,10 +134,7 @@ impl ModelArgs {
                     "--mmap-weights: the ranks of a sharded model copy their slices of the weights"
                 );
             }
-            if self.threads == Some(0) {
-                bail!("--threads must be at least 1");
-            }
-            crate::ranks::load(&self.model, weights, self.threads, ranks)?
+            crate::ranks::load(&self.model, weights, self.threads_given()?, ranks)?
         } else {
             CompiledModel::load_with(&self.model, weights, self.threads()?, self.residency())?
         };

@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_error, ids_arg, json_ids, ok, q3c};
+use common::{assert_error, ids_arg, json_ids, listening_url, ok, q3c, tiny_model};
 use q3c_tests::{fixtures_dir, golden, max_abs_diff, FIXTURES};
 use serde_json::{json, Value};
 
@@ -55,6 +54,15 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
+}
+
+/// Asserts an `mpirun` job failed with `want` in its error output (which mpirun's own report surrounds) and
+/// no panic.
+fn assert_job_failed(out: &Output, want: &str) {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(want), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// Compiles `model` for `shards` ranks with f32 activations and KV cache. (With bf16 activations or a
@@ -168,13 +176,7 @@ fn a_sharded_artifact_outside_mpirun_or_with_other_ranks_is_refused() {
         "is sharded over 2 ranks: run it as `mpirun -np 2 q3c ...`",
     );
     let out = run_bounded(mpirun(4).args(args), Duration::from_secs(60));
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("is sharded over 2 ranks, and mpirun started 4"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_job_failed(&out, "is sharded over 2 ranks, and mpirun started 4");
     // Not divisible: refused at compile time, naming the dimension.
     assert_error(
         &q3c(&[
@@ -221,41 +223,8 @@ fn serve(so: &Path, model: &Path, ranks: usize, env: &[(&str, &str)]) -> Server 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("q3c serve: listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let url = listening_url(&mut child);
     Server { child, url }
-}
-
-/// A tiny random model with the real tokenizer, in `dir`.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let config = json!({
-        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256,
-        "tie_word_embeddings": true, "torch_dtype": "float32", "eos_token_id": [151645, 151643]
-    });
-    let cfg = dir.join("config.json");
-    std::fs::write(&cfg, config.to_string()).unwrap();
-    let model = dir.join("model");
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tokenizer");
-    ok(&[
-        "random-weights",
-        cfg.to_str().unwrap(),
-        "-o",
-        model.to_str().unwrap(),
-        "--dtype",
-        "f32",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-    ]);
-    model
 }
 
 fn complete(url: &str, prompt: &str) -> Value {
@@ -388,11 +357,5 @@ fn a_failing_rank_0_ends_the_job() {
         ]),
         Duration::from_secs(60),
     );
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("error: cannot listen on 127.0.0.1:"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_job_failed(&out, "error: cannot listen on 127.0.0.1:");
 }

@@ -3,10 +3,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use serde_json::{json, Value};
+
+mod common;
 
 /// A running server, killed on drop.
 struct Server {
@@ -38,28 +39,8 @@ fn start() -> Server {
 fn start_with(extra: &[&str]) -> Server {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let config = json!({
-        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256,
-        "tie_word_embeddings": true, "torch_dtype": "float32", "eos_token_id": [151645, 151643]
-    });
-    let cfg = dir.path().join("config.json");
-    std::fs::write(&cfg, config.to_string()).unwrap();
-    let model = dir.path().join("model");
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tokenizer");
+    let model = common::tiny_model(dir.path());
     let bin = env!("CARGO_BIN_EXE_q3c");
-    let st = Command::new(bin)
-        .args([
-            "random-weights",
-            cfg.to_str().unwrap(),
-            "-o",
-            model.to_str().unwrap(),
-        ])
-        .args(["--dtype", "f32", "--tokenizer", tok.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(st.success());
     let so = dir.path().join("tiny.so");
     let st = Command::new(bin)
         .args([
@@ -83,15 +64,7 @@ fn start_with(extra: &[&str]) -> Server {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("q3c serve: listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let url = common::listening_url(&mut child);
     Server {
         child,
         url,

@@ -23,10 +23,7 @@ const MAX_TOKENS: usize = batching::MAX_TOKENS;
 /// Compiles fixture `name` for `ranks` ranks with `backend` into `out`.
 fn compile(backend: &str, name: &str, ranks: usize, fusion: &str, out: &Path) -> PathBuf {
     let (cfg, _) = q3c_tests::open_fixture(name);
-    let sharding = q3c_compiler::Sharding::new(&cfg, ranks).expect("fixture shards");
-    let mut graph = q3c_compiler::lower_sharded(&cfg, &sharding).expect("lowering");
-    let strategy = q3c_compiler::Strategy::parse(fusion).expect("strategy");
-    q3c_compiler::pipeline::run(&mut graph, &strategy, true, |_, _| {}).expect("passes");
+    let graph = q3c_tests::sharded_graph(&cfg, ranks, fusion);
     let dir = out.join(format!("{backend}-{name}-{ranks}-{fusion}"));
     std::fs::create_dir_all(&dir).unwrap();
     q3c_tests::compile_graph(backend, &graph, &cfg, &dir, MAX_TOKENS, fusion)
@@ -238,10 +235,7 @@ fn quantized_sharded_models_match_the_single_process_quantized_model() {
         for name in ["dense_gqa", "moe", "tied_bf16"] {
             let (cfg, _) = q3c_tests::open_fixture(name);
             let artifact = |ranks: usize| {
-                let sharding = q3c_compiler::Sharding::new(&cfg, ranks).unwrap();
-                let mut graph = q3c_compiler::lower_sharded(&cfg, &sharding).unwrap();
-                let all = q3c_compiler::Strategy::parse("all").unwrap();
-                q3c_compiler::pipeline::run(&mut graph, &all, true, |_, _| {}).unwrap();
+                let graph = q3c_tests::sharded_graph(&cfg, ranks, "all");
                 let opts = q3c_backend_llvm::CompileOptions {
                     max_tokens_per_call: MAX_TOKENS,
                     quantize: Some(format),

@@ -2,7 +2,9 @@
 
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
 
 /// Runs q3c with `args`.
 pub fn q3c(args: &[&str]) -> Output {
@@ -48,4 +50,42 @@ pub fn json_ids(stdout: &str) -> Vec<u32> {
         .iter()
         .map(|v| v.as_u64().expect("id") as u32)
         .collect()
+}
+
+/// A tiny random model — 2 layers, hidden 32, the real tokenizer's vocabulary, f32 — written by
+/// `q3c random-weights` into `dir/model` (its config in `dir/config.json`).
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let config = serde_json::json!({
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": true, "torch_dtype": "float32", "eos_token_id": [151645, 151643]
+    });
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, config.to_string()).unwrap();
+    let model = dir.join("model");
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tokenizer");
+    ok(&[
+        "random-weights",
+        cfg.to_str().unwrap(),
+        "-o",
+        model.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+    ]);
+    model
+}
+
+/// The URL a `q3c serve` child (stdout piped) announces on its first line.
+pub fn listening_url(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .strip_prefix("q3c serve: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string()
 }
