@@ -413,11 +413,15 @@ mod tests {
     use q3c_models::registry;
     use q3c_models::tensors::{expected_tensors, expert_tensor, EXPERT_PLACEHOLDER};
 
-    /// The weight names a graph binds, expert stacks expanded, with their shapes.
+    /// The checkpoint tensors a graph binds, expert stacks expanded, with their shapes (whole, where a
+    /// rank binds a slice), sorted.
     fn bound_tensors(g: &Graph) -> Vec<(String, Vec<usize>)> {
         let mut out = Vec::new();
-        for (_, name, ty) in g.weights() {
-            let dims = ty.shape.resolve(0, 0);
+        for (id, name, ty) in g.weights() {
+            let mut dims = ty.shape.resolve(0, 0);
+            if let Op::Weight { shard: Some(s), .. } = &g.node(id).op {
+                dims[s.axis as usize] *= s.parts as usize;
+            }
             if name.contains(EXPERT_PLACEHOLDER) {
                 for e in 0..dims[0] {
                     out.push((expert_tensor(name, e), dims[1..].to_vec()));
@@ -430,18 +434,23 @@ mod tests {
         out
     }
 
+    /// The tensors `cfg`'s checkpoint holds, with their shapes, sorted.
+    fn checkpoint_tensors(cfg: &Qwen3Config) -> Vec<(String, Vec<usize>)> {
+        let mut expected: Vec<(String, Vec<usize>)> = expected_tensors(cfg)
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect();
+        expected.sort();
+        expected
+    }
+
     #[test]
     fn every_released_config_lowers_verifies_and_binds_exactly_its_checkpoint() {
         for name in registry::names() {
             let cfg = registry::lookup(name).unwrap();
             let g = lower(&cfg).unwrap();
             q3c_ir::verify(&g).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let mut expected: Vec<(String, Vec<usize>)> = expected_tensors(&cfg)
-                .into_iter()
-                .map(|t| (t.name, t.shape))
-                .collect();
-            expected.sort();
-            assert_eq!(bound_tensors(&g), expected, "{name}");
+            assert_eq!(bound_tensors(&g), checkpoint_tensors(&cfg), "{name}");
             let logits = g.node(g.output(LOGITS).unwrap());
             assert_eq!(
                 *logits.tensor(),
@@ -455,37 +464,21 @@ mod tests {
     fn sharded_graphs_bind_slices_of_exactly_the_checkpoint_and_meet_in_collectives() {
         for name in registry::names() {
             let cfg = registry::lookup(name).unwrap();
-            let mut expected: Vec<(String, Vec<usize>)> = expected_tensors(&cfg)
-                .into_iter()
-                .map(|t| (t.name, t.shape))
-                .collect();
-            expected.sort();
             for ranks in [2, 4, 8] {
                 let sharding = Sharding::new(&cfg, ranks).unwrap();
                 let g = lower_sharded(&cfg, &sharding).unwrap();
                 q3c_ir::verify(&g).unwrap_or_else(|e| panic!("{name}/{ranks}: {e}"));
                 // Whole shapes of what the slices come from: the tensors of the checkpoint, no others.
-                let mut names: Vec<(String, Vec<usize>)> = Vec::new();
-                for (id, name, ty) in g.weights() {
-                    let Op::Weight { shard, .. } = &g.node(id).op else {
-                        unreachable!("a weight")
-                    };
-                    let mut dims = ty.shape.resolve(0, 0);
-                    if let Some(s) = shard {
-                        assert_eq!(s.ranks as usize, ranks);
-                        dims[s.axis as usize] *= s.parts as usize;
-                    }
-                    if name.contains(EXPERT_PLACEHOLDER) {
-                        for e in 0..dims[0] {
-                            names.push((expert_tensor(name, e), dims[1..].to_vec()));
-                        }
-                    } else {
-                        names.push((name.to_string(), dims));
+                assert_eq!(
+                    bound_tensors(&g),
+                    checkpoint_tensors(&cfg),
+                    "{name}/{ranks}"
+                );
+                for (id, _, _) in g.weights() {
+                    if let Op::Weight { shard: Some(s), .. } = &g.node(id).op {
+                        assert_eq!(s.ranks as usize, ranks, "{name}/{ranks}");
                     }
                 }
-                names.sort();
-                names.dedup();
-                assert_eq!(names, expected, "{name}/{ranks}");
                 // Two all-reduces per layer (attention, MLP), one of the embeddings, the gathered logits.
                 let collectives = g
                     .node_ids()
