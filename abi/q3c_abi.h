@@ -1,4 +1,4 @@
-/* q3c model artifact ABI, version 5.
+/* q3c model artifact ABI, version 6.
  *
  * A q3c artifact (model.so) exports exactly these symbols; everything else in it is hidden.
  * It imports nothing beyond libc/libm: runtime services arrive through q3c_services.
@@ -7,7 +7,7 @@
 #define Q3C_ABI_H
 #include <stdint.h>
 
-#define Q3C_ABI_VERSION 5u
+#define Q3C_ABI_VERSION 6u
 
 /* Status codes returned by q3c_forward. */
 #define Q3C_OK 0

@@ -10,8 +10,9 @@ pub mod launch;
 /// Version of the contract below; an artifact with another version is refused. (3: the KV cache's element
 /// type is the manifest's `kv.dtype`, f32 or f16; 4: a call holds rows of several sequences, and the KV
 /// cache is a pool of blocks addressed through each sequence's block table; 5: sharded models — the
-/// `collective` service, the manifest's `ranks` and weight shards.)
-pub const ABI_VERSION: u32 = 5;
+/// `collective` service, the manifest's `ranks` and weight shards; 6: expert stacks split by experts — a
+/// weight's `owner`.)
+pub const ABI_VERSION: u32 = 6;
 
 /// The C header describing the ABI (shipped for services written in other languages).
 pub const HEADER: &str = include_str!("../q3c_abi.h");
@@ -200,6 +201,26 @@ pub struct WeightEntry {
     /// [`WeightShard::full_shape`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<WeightShard>,
+    /// Set on the experts of a stack split by experts: only the ranks it names bind this tensor; on the
+    /// others its table entry is null (their kernels drop the tokens routed to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<WeightOwner>,
+}
+
+/// Which ranks of a sharded model bind a tensor that not every rank holds: those whose part (of `parts`
+/// parts over `ranks` ranks, as [`WeightShard::part`] counts) is `part`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightOwner {
+    pub part: usize,
+    pub parts: usize,
+    pub ranks: usize,
+}
+
+impl WeightOwner {
+    /// Whether rank `rank` binds the tensor.
+    pub fn binds(&self, rank: usize) -> bool {
+        rank * self.parts / self.ranks == self.part
+    }
 }
 
 /// The slice of a checkpoint tensor a rank binds: the tensor cut into `parts` equal parts along `axis`,

@@ -123,6 +123,27 @@ pub struct CpuCodegen<'a> {
     pub kv_dtype: q3c_ir::DType,
     /// Ranks (processes) the model is sharded over; 1: not sharded.
     pub shards: usize,
+    /// How a sharded model's MoE layers are split.
+    pub moe_split: q3c_compiler::MoeSplit,
+}
+
+/// `--moe-split`: how the ranks of a sharded model share a MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MoeSplit {
+    /// Each expert's intermediate features: every rank computes a share of every chosen expert.
+    Features,
+    /// The experts (expert parallelism): every rank holds E/N whole experts and computes the chosen
+    /// ones among them.
+    Experts,
+}
+
+impl MoeSplit {
+    pub fn resolve(self) -> q3c_compiler::MoeSplit {
+        match self {
+            MoeSplit::Features => q3c_compiler::MoeSplit::Features,
+            MoeSplit::Experts => q3c_compiler::MoeSplit::Experts,
+        }
+    }
 }
 
 /// `--kv-dtype`: the KV cache's element type.
@@ -153,17 +174,18 @@ impl KvDtype {
 
 /// `cfg` lowered and rewritten by `strategy`'s passes.
 pub fn fused_graph(cfg: &Qwen3Config, strategy: &Strategy) -> Result<q3c_ir::Graph> {
-    sharded_graph(cfg, strategy, 1)
+    sharded_graph(cfg, strategy, 1, q3c_compiler::MoeSplit::default())
 }
 
-/// One rank's graph of `cfg` sharded over `ranks` ranks (the whole model's for 1), rewritten by
-/// `strategy`'s passes.
+/// One rank's graph of `cfg` sharded over `ranks` ranks (the whole model's for 1), MoE layers split as
+/// `moe` says, rewritten by `strategy`'s passes.
 pub fn sharded_graph(
     cfg: &Qwen3Config,
     strategy: &Strategy,
     ranks: usize,
+    moe: q3c_compiler::MoeSplit,
 ) -> Result<q3c_ir::Graph> {
-    let sharding = q3c_compiler::Sharding::new(cfg, ranks)
+    let sharding = q3c_compiler::Sharding::new(cfg, ranks, moe)
         .map_err(|e| anyhow::anyhow!("cannot shard this model: {e}"))?;
     let mut graph =
         q3c_compiler::lower_sharded(cfg, &sharding).context("lowering failed (a q3c bug)")?;
@@ -179,7 +201,7 @@ pub fn compile_artifact(
     how: &CpuCodegen,
     out: &Path,
 ) -> Result<(q3c_abi::Manifest, q3c_ir::Graph)> {
-    let graph = sharded_graph(cfg, strategy, how.shards)?;
+    let graph = sharded_graph(cfg, strategy, how.shards, how.moe_split)?;
     let (object, manifest) = compile_object(&graph, cfg, strategy.name(), how)?;
     q3c_backend_common::link_shared(&object, out)?;
     Ok((manifest, graph))

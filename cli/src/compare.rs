@@ -90,6 +90,7 @@ pub fn run(
                 quantize: crate::codegen::Quantize::None,
                 kv_dtype: q3c_ir::DType::F32,
                 shards: 1,
+                moe_split: q3c_compiler::MoeSplit::default(),
             },
             &so,
         )?;

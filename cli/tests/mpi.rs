@@ -70,12 +70,19 @@ fn assert_job_failed(out: &Output, want: &str) {
 /// to the neighbouring bf16 or f16 value, a relative change of 2^-8 or 2^-11 that later layers carry: 4e-3
 /// on the bf16 fixture, which is that rounding's bound, not sharding's.)
 fn compile(model: &Path, shards: usize, out: &Path) -> PathBuf {
-    let so = out.join(format!("model-{shards}.so"));
+    compile_split(model, shards, "features", out)
+}
+
+/// Like [`compile`], MoE layers split as `--moe-split moe_split` says.
+fn compile_split(model: &Path, shards: usize, moe_split: &str, out: &Path) -> PathBuf {
+    let so = out.join(format!("model-{shards}-{moe_split}.so"));
     ok(&[
         "compile",
         model.to_str().unwrap(),
         "--shards",
         &shards.to_string(),
+        "--moe-split",
+        moe_split,
         "--activations",
         "f32",
         "--kv-dtype",
@@ -139,20 +146,30 @@ fn every_fixture_over_2_and_4_processes_gives_the_single_process_logits_and_ids(
         ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let want = read_logits(&want_path);
         let want_ids = json_ids(&ok(&generate(&one).each_ref().map(String::as_str)));
-        for ranks in [2, 4] {
-            let so = compile(&dir, ranks, tmp.path());
-            let got_path = tmp.path().join(format!("{ranks}.safetensors"));
+        // The MoE fixture (8 experts) is also run expert-parallel (`tests/tests/sharded.rs` covers the
+        // other MoE fixture and both backends).
+        let splits: &[&str] = match name {
+            "moe" => &["features", "experts"],
+            _ => &["features"],
+        };
+        for (ranks, split) in [2, 4]
+            .into_iter()
+            .flat_map(|r| splits.iter().map(move |s| (r, s)))
+        {
+            let so = compile_split(&dir, ranks, split, tmp.path());
+            let got_path = tmp.path().join(format!("{ranks}-{split}.safetensors"));
             let mut args = logits(&got_path);
             args.extend(["--model".into(), so.to_str().unwrap().into()]);
             mpi_ok(ranks, &args.iter().map(String::as_str).collect::<Vec<_>>());
             let diff = max_abs_diff(&read_logits(&got_path), &want);
-            println!("{name} over {ranks} processes: max |dlogit| {diff:e}");
-            assert!(diff <= 1e-4, "{name} over {ranks} processes: {diff:e}");
+            let what = format!("{name} over {ranks} processes ({split})");
+            println!("{what}: max |dlogit| {diff:e}");
+            assert!(diff <= 1e-4, "{what}: {diff:e}");
             let ids = json_ids(&mpi_ok(
                 ranks,
                 &generate(&so).each_ref().map(String::as_str),
             ));
-            assert_eq!(ids, want_ids, "{name} over {ranks} processes");
+            assert_eq!(ids, want_ids, "{what}");
         }
     }
 }

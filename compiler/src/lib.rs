@@ -11,5 +11,5 @@ pub mod metrics;
 pub mod passes;
 pub mod pipeline;
 
-pub use lower::{lower, lower_sharded, rope_spec, Sharding, LOGITS};
+pub use lower::{lower, lower_sharded, rope_spec, MoeSplit, Sharding, LOGITS};
 pub use pipeline::{PipelineError, Strategy};

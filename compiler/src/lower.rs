@@ -30,10 +30,13 @@ pub fn lower(cfg: &Qwen3Config) -> Result<Graph, TypeError> {
 /// an all-reduce after each attention and MLP block sums the ranks' partial outputs, and an all-gather
 /// puts the logits together. The embedding table is split by vocabulary rows too (each rank embeds the
 /// ids of its part, zero for the others', summed by an all-reduce; a tied table is then the logits
-/// matrix's slice as well). Norms and the MoE router are whole on every rank.
+/// matrix's slice as well). Norms and the MoE router are whole on every rank. MoE layers split each
+/// expert's features or the experts themselves, as [`MoeSplit`] says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sharding {
     pub ranks: usize,
+    /// How MoE layers are split.
+    pub moe: MoeSplit,
     /// Parts the query heads are split into: `ranks`, or the heads themselves where there are fewer
     /// (ranks then share a head, and compute it alike).
     q_parts: usize,
@@ -41,19 +44,43 @@ pub struct Sharding {
     kv_parts: usize,
 }
 
+/// How the ranks of a sharded model share a MoE layer's experts. Either way every rank routes every
+/// token alike and an all-reduce sums the ranks' partial outputs; no tokens travel between ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MoeSplit {
+    /// Each expert's intermediate features are split: a rank computes `1/N` of every chosen expert, so
+    /// every rank does the same work for any routing.
+    #[default]
+    Features,
+    /// Expert parallelism: a rank holds `E/N` whole experts and computes the chosen ones among them
+    /// (the tokens routed to other ranks' experts are dropped on this rank); a decode step waits for the
+    /// rank that holds most of the chosen experts.
+    Experts,
+}
+
+impl MoeSplit {
+    pub fn name(self) -> &'static str {
+        match self {
+            MoeSplit::Features => "features",
+            MoeSplit::Experts => "experts",
+        }
+    }
+}
+
 impl Sharding {
     /// No sharding: one process holds the whole model.
     pub fn one() -> Sharding {
         Sharding {
             ranks: 1,
+            moe: MoeSplit::Features,
             q_parts: 1,
             kv_parts: 1,
         }
     }
 
-    /// How `cfg` splits over `ranks` ranks, or why it cannot: every split dimension must divide evenly
-    /// (heads may also be fewer than the ranks, if they divide them).
-    pub fn new(cfg: &Qwen3Config, ranks: usize) -> Result<Sharding, String> {
+    /// How `cfg` splits over `ranks` ranks, MoE layers as `moe` says, or why it cannot: every split
+    /// dimension must divide evenly (heads may also be fewer than the ranks, if they divide them).
+    pub fn new(cfg: &Qwen3Config, ranks: usize, moe: MoeSplit) -> Result<Sharding, String> {
         if ranks == 0 {
             return Err("a model needs at least one rank".into());
         }
@@ -74,8 +101,12 @@ impl Sharding {
         if (0..cfg.num_hidden_layers).any(|l| !cfg.is_sparse_layer(l)) {
             splits.push(("intermediate_size", cfg.intermediate_size));
         }
-        if let Some(moe) = &cfg.moe {
-            splits.push(("moe_intermediate_size", moe.moe_intermediate_size));
+        match (&cfg.moe, moe) {
+            (Some(m), MoeSplit::Features) => {
+                splits.push(("moe_intermediate_size", m.moe_intermediate_size))
+            }
+            (Some(m), MoeSplit::Experts) => splits.push(("num_experts", m.num_experts)),
+            (None, _) => {}
         }
         for (what, n) in splits {
             if !n.is_multiple_of(ranks) {
@@ -86,6 +117,7 @@ impl Sharding {
         }
         Ok(Sharding {
             ranks,
+            moe,
             q_parts,
             kv_parts,
         })
@@ -369,14 +401,20 @@ impl Builder<'_> {
     fn moe(&mut self, layer: usize, h: NodeId, moe: &MoeConfig) -> Result<NodeId, TypeError> {
         let hidden = self.cfg.hidden_size;
         let ranks = self.sharding.ranks;
-        // Every rank routes alike and computes its share of each chosen expert's features.
-        let (e, k, inter) = (
-            moe.num_experts,
-            moe.num_experts_per_tok,
-            moe.moe_intermediate_size / ranks,
-        );
+        let k = moe.num_experts_per_tok;
+        // Every rank routes alike and computes its share: of each chosen expert's features, or of the
+        // experts (the chosen ones among its own).
+        let (e, inter, axes) = match self.sharding.moe {
+            MoeSplit::Features => (
+                moe.num_experts,
+                moe.moe_intermediate_size / ranks,
+                [1, 1, 2],
+            ),
+            MoeSplit::Experts => (moe.num_experts / ranks, moe.moe_intermediate_size, [0; 3]),
+        };
 
-        let logits = self.linear(h, &layer_tensor(layer, tensors::ROUTER), (e, hidden), None)?;
+        let router = (moe.num_experts, hidden);
+        let logits = self.linear(h, &layer_tensor(layer, tensors::ROUTER), router, None)?;
         let probs = self.g.add(Op::Softmax, &[logits])?;
         let chosen = self.g.add(Op::TopK { k: k as u32 }, &[probs])?;
         let mut weights = self.g.add(Op::GatherLast, &[probs, chosen])?;
@@ -391,9 +429,9 @@ impl Builder<'_> {
             let shard = me.sharding.shard(axis, ranks);
             me.sharded_weight(&expert_stack(layer, proj), &[e, n, kdim], shard)
         };
-        let w_gate = stack(self, "gate_proj", inter, hidden, 1)?;
-        let w_up = stack(self, "up_proj", inter, hidden, 1)?;
-        let w_down = stack(self, "down_proj", hidden, inter, 2)?;
+        let w_gate = stack(self, "gate_proj", inter, hidden, axes[0])?;
+        let w_up = stack(self, "up_proj", inter, hidden, axes[1])?;
+        let w_down = stack(self, "down_proj", hidden, inter, axes[2])?;
         let gate = self.g.add(Op::ExpertLinear, &[x, chosen, w_gate])?;
         let up = self.g.add(Op::ExpertLinear, &[x, chosen, w_up])?;
         let act = self.g.add(Op::Silu, &[gate])?;
@@ -464,19 +502,29 @@ mod tests {
     fn sharded_graphs_bind_slices_of_exactly_the_checkpoint_and_meet_in_collectives() {
         for name in registry::names() {
             let cfg = registry::lookup(name).unwrap();
-            for ranks in [2, 4, 8] {
-                let sharding = Sharding::new(&cfg, ranks).unwrap();
+            for (ranks, moe) in [2, 4, 8].into_iter().flat_map(|r| {
+                let splits = [MoeSplit::Features, MoeSplit::Experts];
+                splits.into_iter().map(move |m| (r, m))
+            }) {
+                let name = format!("{name}/{ranks}/{}", moe.name());
+                let sharding = Sharding::new(&cfg, ranks, moe).unwrap();
                 let g = lower_sharded(&cfg, &sharding).unwrap();
-                q3c_ir::verify(&g).unwrap_or_else(|e| panic!("{name}/{ranks}: {e}"));
+                q3c_ir::verify(&g).unwrap_or_else(|e| panic!("{name}: {e}"));
                 // Whole shapes of what the slices come from: the tensors of the checkpoint, no others.
-                assert_eq!(
-                    bound_tensors(&g),
-                    checkpoint_tensors(&cfg),
-                    "{name}/{ranks}"
-                );
-                for (id, _, _) in g.weights() {
-                    if let Op::Weight { shard: Some(s), .. } = &g.node(id).op {
-                        assert_eq!(s.ranks as usize, ranks, "{name}/{ranks}");
+                assert_eq!(bound_tensors(&g), checkpoint_tensors(&cfg), "{name}");
+                for (id, stack, ty) in g.weights() {
+                    let Op::Weight { shard: Some(s), .. } = &g.node(id).op else {
+                        continue;
+                    };
+                    assert_eq!(s.ranks as usize, ranks, "{name}");
+                    // Expert stacks are cut along the experts exactly when split by experts.
+                    if stack.contains(EXPERT_PLACEHOLDER) {
+                        let experts = cfg.moe.as_ref().unwrap().num_experts;
+                        let by_experts = moe == MoeSplit::Experts;
+                        assert_eq!(s.axis == 0, by_experts, "{name}: {stack}");
+                        let held = ty.shape.resolve(0, 0)[0];
+                        let want = if by_experts { experts / ranks } else { experts };
+                        assert_eq!(held, want, "{name}: {stack}");
                     }
                 }
                 // Two all-reduces per layer (attention, MLP), one of the embeddings, the gathered logits.
@@ -487,7 +535,7 @@ mod tests {
                         matches!(g.node(id).op, Op::AllReduce { .. } | Op::AllGather { .. })
                     })
                     .count();
-                assert_eq!(collectives, 2 * cfg.num_hidden_layers + 2, "{name}/{ranks}");
+                assert_eq!(collectives, 2 * cfg.num_hidden_layers + 2, "{name}");
                 let logits = g.node(g.output(LOGITS).unwrap());
                 assert_eq!(
                     *logits.tensor(),
@@ -501,9 +549,16 @@ mod tests {
             }
         }
         let cfg = registry::lookup("Qwen3-30B-A3B").unwrap();
-        assert!(Sharding::new(&cfg, 3)
+        assert!(Sharding::new(&cfg, 3, MoeSplit::Features)
             .unwrap_err()
             .contains("32 attention heads cannot be split over 3 ranks"));
+        // 6 experts over 4 ranks: their features split, the experts themselves cannot.
+        let mut six = cfg.clone();
+        six.moe.as_mut().unwrap().num_experts = 6;
+        assert!(Sharding::new(&six, 4, MoeSplit::Features).is_ok());
+        assert!(Sharding::new(&six, 4, MoeSplit::Experts)
+            .unwrap_err()
+            .contains("num_experts 6 cannot be split over 4 ranks"));
     }
 
     #[test]

@@ -132,12 +132,18 @@ pub fn compile_to(
 
 /// The lowered graph of `cfg` after the fusion strategy `fusion` (`none`, `all`, or a pass list).
 pub fn fused_graph(cfg: &Qwen3Config, fusion: &str) -> q3c_ir::Graph {
-    sharded_graph(cfg, 1, fusion)
+    sharded_graph(cfg, 1, q3c_compiler::MoeSplit::default(), fusion)
 }
 
-/// One rank's graph of `cfg` sharded over `ranks` ranks (the whole model's for 1), after `fusion`.
-pub fn sharded_graph(cfg: &Qwen3Config, ranks: usize, fusion: &str) -> q3c_ir::Graph {
-    let sharding = q3c_compiler::Sharding::new(cfg, ranks).expect("the model shards");
+/// One rank's graph of `cfg` sharded over `ranks` ranks (the whole model's for 1), MoE layers split as
+/// `moe` says, after `fusion`.
+pub fn sharded_graph(
+    cfg: &Qwen3Config,
+    ranks: usize,
+    moe: q3c_compiler::MoeSplit,
+    fusion: &str,
+) -> q3c_ir::Graph {
+    let sharding = q3c_compiler::Sharding::new(cfg, ranks, moe).expect("the model shards");
     let mut graph = q3c_compiler::lower_sharded(cfg, &sharding).expect("lowering");
     let strategy = q3c_compiler::Strategy::parse(fusion).expect("strategy");
     q3c_compiler::pipeline::run(&mut graph, &strategy, true, |_, _| {}).expect("passes");

@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use q3c_compiler::MoeSplit;
 use q3c_ir::DType;
 use q3c_runtime::{Batch, CompiledModel, Session, ThreadTransport};
 use q3c_tests::{
@@ -22,9 +23,20 @@ const MAX_TOKENS: usize = batching::MAX_TOKENS;
 
 /// Compiles fixture `name` for `ranks` ranks with `backend` into `out`.
 fn compile(backend: &str, name: &str, ranks: usize, fusion: &str, out: &Path) -> PathBuf {
+    compile_split(backend, name, (ranks, MoeSplit::Features), fusion, out)
+}
+
+/// Like [`compile`], MoE layers split as `moe` says.
+fn compile_split(
+    backend: &str,
+    name: &str,
+    (ranks, moe): (usize, MoeSplit),
+    fusion: &str,
+    out: &Path,
+) -> PathBuf {
     let (cfg, _) = q3c_tests::open_fixture(name);
-    let graph = q3c_tests::sharded_graph(&cfg, ranks, fusion);
-    let dir = out.join(format!("{backend}-{name}-{ranks}-{fusion}"));
+    let graph = q3c_tests::sharded_graph(&cfg, ranks, moe, fusion);
+    let dir = out.join(format!("{backend}-{name}-{ranks}-{}-{fusion}", moe.name()));
     std::fs::create_dir_all(&dir).unwrap();
     q3c_tests::compile_graph(backend, &graph, &cfg, &dir, MAX_TOKENS, fusion)
 }
@@ -61,13 +73,14 @@ fn on_ranks<R: Send>(
     })
 }
 
-/// Bytes a rank of `model` must bind: each manifest weight's — its slice's, where sharded — on a cache line
-/// of its own (f32 and 16-bit weights only).
+/// Bytes a rank of `model` must bind: each manifest weight's — its slice's, where sharded; none for an
+/// expert other ranks hold — on a cache line of its own (f32 and 16-bit weights only).
 fn slice_bytes(model: &CompiledModel) -> usize {
     model
         .manifest()
         .weights
         .iter()
+        .filter(|w| w.owner.is_none_or(|o| o.binds(model.rank())))
         .map(|w| {
             let size = if w.kernel_dtype == "f32" { 4 } else { 2 };
             (w.shape.iter().product::<usize>() * size).next_multiple_of(64)
@@ -118,6 +131,61 @@ fn every_fixture_sharded_over_2_and_4_ranks_gives_the_single_process_logits() {
                     diff <= 1e-4,
                     "{backend} {name} over {ranks} ranks: {diff:e}"
                 );
+                assert_eq!(ids, want_ids, "{backend} {name} over {ranks} ranks");
+            }
+        }
+    }
+}
+
+/// Expert parallelism (`--moe-split experts`): each rank holds E/N whole experts and computes only the
+/// chosen ones among them, dropping the other rows; the all-reduce after the MoE block adds the ranks'
+/// experts up. Each expert's product is the single-process one, computed alike; only the order in which
+/// the k chosen experts' weighted outputs are summed changes (per rank, then across ranks), so the bound is
+/// the same 1e-4. A rank computing another's expert counts it twice; a dropped row left unzeroed, or an
+/// expert read from the wrong table entry, moves logits by the scale of the expert outputs.
+#[test]
+fn expert_parallel_moe_fixtures_give_the_single_process_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for backend in backends() {
+        for name in ["moe", "moe_sparse_step"] {
+            let weights = fixtures_dir().join(name);
+            let one = compile(backend, name, 1, "all", tmp.path());
+            let single = CompiledModel::load(&one, &weights, 1).unwrap();
+            let (want, want_ids) = prompt_and_greedy(&single, name);
+            let (cfg, _) = q3c_tests::open_fixture(name);
+            let experts = cfg.moe.as_ref().expect("a MoE fixture").num_experts;
+            for ranks in [2, 4] {
+                if experts % ranks != 0 {
+                    let err = q3c_compiler::Sharding::new(&cfg, ranks, MoeSplit::Experts);
+                    let want = format!("num_experts {experts} cannot be split over {ranks} ranks");
+                    assert!(err.unwrap_err().contains(&want), "{name}");
+                    continue;
+                }
+                let split = (ranks, MoeSplit::Experts);
+                let so = compile_split(backend, name, split, "all", tmp.path());
+                let (((got, ids), want_bytes), bytes) = on_ranks(&so, &weights, ranks, |m| {
+                    let owned = m.manifest().weights.iter().filter(|w| w.owner.is_some());
+                    assert_eq!(
+                        owned.count() % (3 * experts),
+                        0,
+                        "every expert has an owner"
+                    );
+                    (prompt_and_greedy(m, name), slice_bytes(m))
+                });
+                assert!(
+                    bytes.iter().all(|&b| b == want_bytes),
+                    "{backend} {name}: {bytes:?}"
+                );
+                let share = want_bytes as f64 / single.weight_bytes() as f64;
+                let diff = max_abs_diff(&got, &want);
+                println!(
+                    "{backend} {name} expert-parallel over {ranks} ranks: max |dlogit| {diff:e}; weights per rank {share:.2} of one process's"
+                );
+                assert!(
+                    share <= 1.0 / ranks as f64 + 0.1,
+                    "{backend} {name}: {share}"
+                );
+                assert!(diff <= 1e-4, "{backend} {name} over {ranks}: {diff:e}");
                 assert_eq!(ids, want_ids, "{backend} {name} over {ranks} ranks");
             }
         }
@@ -209,7 +277,12 @@ fn a_sharded_artifact_needs_its_ranks() {
             .contains("rank 1 of a sharded model runs only what rank 0 sends"),
         "{err}"
     );
-    let err = q3c_compiler::Sharding::new(&q3c_tests::open_fixture("dense_gqa").0, 3).unwrap_err();
+    let err = q3c_compiler::Sharding::new(
+        &q3c_tests::open_fixture("dense_gqa").0,
+        3,
+        MoeSplit::Features,
+    )
+    .unwrap_err();
     assert!(
         err.contains("4 attention heads cannot be split over 3 ranks"),
         "{err}"
@@ -220,7 +293,8 @@ fn a_sharded_artifact_needs_its_ranks() {
 /// whose rows start on a panel of 16 and columns on a group of 32 holds exactly the whole tensor's quantized
 /// values (dense_gqa: every slice; it then matches one process to 2e-7); a slice too narrow for panels (the
 /// MoE fixture's 16 expert features per rank, tied_bf16's 48 MLP features) stays in the checkpoint's dtype,
-/// as any matrix of that shape would. The format's own error is tested in `tests/compiled.rs`; here the
+/// as any matrix of that shape would; split by experts instead, the MoE fixture's experts stay whole and
+/// are quantized as in one process. The format's own error is tested in `tests/compiled.rs`; here the
 /// sharded model is held to its single-process twin within the q8 test's bound (1/16 of the logits' scale:
 /// the activations' 8-bit quantization, and those slices left exact), and must be closer to it than to
 /// transformers (the same quantized weights explain it).
@@ -232,10 +306,16 @@ fn quantized_sharded_models_match_the_single_process_quantized_model() {
     }
     let tmp = tempfile::tempdir().unwrap();
     for format in [DType::Q8, DType::Q4] {
-        for name in ["dense_gqa", "moe", "tied_bf16"] {
+        let cases = [
+            ("dense_gqa", MoeSplit::Features),
+            ("moe", MoeSplit::Features),
+            ("moe", MoeSplit::Experts),
+            ("tied_bf16", MoeSplit::Features),
+        ];
+        for (name, moe) in cases {
             let (cfg, _) = q3c_tests::open_fixture(name);
             let artifact = |ranks: usize| {
-                let graph = q3c_tests::sharded_graph(&cfg, ranks, "all");
+                let graph = q3c_tests::sharded_graph(&cfg, ranks, moe, "all");
                 let opts = q3c_backend_llvm::CompileOptions {
                     max_tokens_per_call: MAX_TOKENS,
                     quantize: Some(format),
@@ -243,7 +323,9 @@ fn quantized_sharded_models_match_the_single_process_quantized_model() {
                 };
                 let c =
                     q3c_backend_llvm::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts).unwrap();
-                let so = tmp.path().join(format!("{name}-{format}-{ranks}.so"));
+                let so = tmp
+                    .path()
+                    .join(format!("{name}-{format}-{ranks}-{}.so", moe.name()));
                 q3c_backend_common::link_shared(&c.object, &so).unwrap();
                 (so, c.manifest)
             };
@@ -254,6 +336,13 @@ fn quantized_sharded_models_match_the_single_process_quantized_model() {
                 .filter(|w| w.shard.is_some() && w.kernel_dtype == format.name())
                 .count();
             assert!(quantized > 0, "{name} {format}: no slice bound quantized");
+            // Split by experts, every expert is whole, so quantized as in one process.
+            let experts = manifest.weights.iter().filter(|w| w.owner.is_some());
+            assert!(
+                experts.clone().all(|w| w.kernel_dtype == format.name()),
+                "{name} {format}: an expert left unquantized"
+            );
+            assert_eq!(experts.count() > 0, moe == MoeSplit::Experts);
             let g = golden(name);
             let weights = fixtures_dir().join(name);
             let single = CompiledModel::load(&one, &weights, 1).unwrap();
@@ -264,7 +353,8 @@ fn quantized_sharded_models_match_the_single_process_quantized_model() {
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let (diff, vs_hf) = (max_abs_diff(&got, &want), max_abs_diff(&got, &g.logits));
             println!(
-                "{name} {format} over 2 ranks: max |dlogit| {diff:e} vs one process, {vs_hf:e} vs transformers (scale {scale})"
+                "{name} {format} over 2 ranks ({}): max |dlogit| {diff:e} vs one process, {vs_hf:e} vs transformers (scale {scale})",
+                moe.name()
             );
             assert!(
                 diff <= scale / 16.0,

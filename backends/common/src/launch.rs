@@ -41,8 +41,15 @@ pub enum MoeStep {
     /// `args = [T, step, ids i32[T, slots], offsets i32[2·experts + 2], order i32[T·slots]]`, one item:
     /// `order` lists the rows `token · slots + slot` grouped by expert (ascending within an expert), and
     /// expert `e`'s rows are `order[offsets[e] .. offsets[e + 1]]`; `offsets[experts + 1]` is the number `u`
-    /// of experts with rows and `offsets[experts + 2 ..][..u]` are their ids, ascending.
-    Group { experts: usize, slots: usize },
+    /// of experts with rows and `offsets[experts + 2 ..][..u]` are their ids, ascending. With `split`, the
+    /// stack is one rank's part of a stack split by experts: its `experts` are the part's, from id
+    /// `part · experts` on (ids and `offsets` count from there), and the rows of other parts' experts are
+    /// dropped — placed after `offsets[experts]`, in no expert's range.
+    Group {
+        experts: usize,
+        slots: usize,
+        split: Option<ExpertSplit>,
+    },
     /// `args = [T, step, x, order, rows]`, one item per row `p` of `order`: row `p` of `rows` (`k` f32)
     /// is the activation of row `order[p]`: `x`'s token row when `per_slot` is false (x is `[T, 1, k]`),
     /// its (token, slot) row otherwise.
@@ -51,9 +58,35 @@ pub enum MoeStep {
         slots: usize,
         per_slot: bool,
     },
-    /// `args = [T, step, rows, order, out]`, one item per row `p`: row `order[p]` of `out` (`n` f32) is
-    /// row `p` of `rows`.
-    Scatter { n: usize },
+    /// `args = [T, step, rows, order, out, offsets]`, one item per row `p`: row `order[p]` of `out` (`n`
+    /// f32) is row `p` of `rows` — or zero, with `dropped_after = Some(experts)`, for a row the grouping
+    /// dropped (`p ≥ offsets[experts]`).
+    Scatter {
+        n: usize,
+        dropped_after: Option<usize>,
+    },
+}
+
+/// How a stack split by experts is shared out: rank `r` of `ranks` holds part `r · parts / ranks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExpertSplit {
+    pub parts: usize,
+    pub ranks: usize,
+}
+
+impl ExpertSplit {
+    /// The split of expert stack `stack` (a weight node), if it is split by experts.
+    pub fn of(graph: &Graph, stack: NodeId) -> Option<ExpertSplit> {
+        match graph.node(stack).op {
+            Op::Weight { shard: Some(s), .. } if s.axis == 0 && expert_stack(graph, stack) => {
+                Some(ExpertSplit {
+                    parts: s.parts as usize,
+                    ranks: s.ranks as usize,
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Where the rows of grouped expert products live: byte offsets into the scratch arena.
@@ -239,9 +272,14 @@ impl Launch {
         let out = dims(graph, id);
         let (slots, n, k) = (out[1], out[2], x_dims[2]);
         let experts = element_dims(graph, graph.inputs(id)[2], 0)[0];
+        let split = ExpertSplit::of(graph, graph.inputs(id)[2]);
         let scratch = Arg::Scratch;
         if *grouped != Some(ids) {
-            let step = MoeStep::Group { experts, slots };
+            let step = MoeStep::Group {
+                experts,
+                slots,
+                split,
+            };
             let at = [args[1], scratch(area.offsets), scratch(area.order)];
             self.helper(step, at.to_vec(), 1, false);
             *grouped = Some(ids);
@@ -255,21 +293,38 @@ impl Launch {
         args[1] = scratch(area.offsets);
         args.push(scratch(area.rows_out));
         self.push_node(graph, id, kernel, args, false);
-        let at = [scratch(area.rows_out), scratch(area.order), out];
-        self.helper(MoeStep::Scatter { n }, at.to_vec(), slots, true);
+        let at = [
+            scratch(area.rows_out),
+            scratch(area.order),
+            out,
+            scratch(area.offsets),
+        ];
+        let dropped_after = split.map(|_| experts);
+        let step = MoeStep::Scatter { n, dropped_after };
+        self.helper(step, at.to_vec(), slots, true);
     }
 
     /// Appends a dispatch of MoE step `step` (its kernel shared by every dispatch of the same step).
     fn helper(&mut self, step: MoeStep, args: Vec<Arg>, items: usize, per_token: bool) {
         let kernel = self.kernel_of(Body::Moe(step), || match step {
-            MoeStep::Group { experts, slots } => format!("q3c_moe_group_{experts}x{slots}"),
+            MoeStep::Group {
+                experts,
+                slots,
+                split,
+            } => {
+                let part = split.map_or(String::new(), |s| format!("_of{}", s.parts));
+                format!("q3c_moe_group_{experts}x{slots}{part}")
+            }
             MoeStep::Gather { k, slots, per_slot } => {
                 format!(
                     "q3c_moe_gather_{k}x{slots}{}",
                     if per_slot { "s" } else { "" }
                 )
             }
-            MoeStep::Scatter { n } => format!("q3c_moe_scatter_{n}"),
+            MoeStep::Scatter { n, dropped_after } => {
+                let dropping = if dropped_after.is_some() { "_d" } else { "" };
+                format!("q3c_moe_scatter_{n}{dropping}")
+            }
         });
         self.plan.dispatches.push(Dispatch {
             kernel,

@@ -45,6 +45,7 @@ pub fn build(parts: ManifestParts) -> Manifest {
                 parts: s.parts as usize,
                 ranks: s.ranks as usize,
             }),
+            owner: w.owner,
         })
         .collect();
     Manifest {

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use q3c_abi::WeightOwner;
 use q3c_ir::{DType, Dim, Graph, InputKind, KvKind, NodeId, Op, Shard, TensorType};
 
 use crate::BackendError;
@@ -66,6 +67,8 @@ pub struct PlanWeight {
     pub read_as: DType,
     /// The slice a rank of a sharded model binds, along an axis of `shape`.
     pub shard: Option<Shard>,
+    /// The ranks that bind it, where not every rank does (an expert of a stack split by experts).
+    pub owner: Option<WeightOwner>,
 }
 
 /// The KV-cache element types a backend can be asked for.
@@ -215,13 +218,28 @@ pub fn plan_with(
                     dtype: ty.dtype,
                     read_as,
                     shard: *shard,
+                    owner: None,
                 };
-                if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER) {
-                    if shard.is_some_and(|s| s.axis == 0) {
-                        return Err(BackendError::Unsupported(
-                            "an expert stack sharded by experts".into(),
-                        ));
+                let stack = name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER);
+                if let Some(s) = shard.filter(|s| stack && s.axis == 0) {
+                    // Split by experts: an entry for every expert of the stack (so that kernels index the
+                    // table by expert id), each bound only by the ranks of the part holding it.
+                    let per_part = dims[0];
+                    for e in 0..per_part * s.parts as usize {
+                        let mut w = entry(
+                            q3c_models::tensors::expert_tensor(name, e),
+                            dims[1..].to_vec(),
+                            read_as,
+                        );
+                        w.shard = None;
+                        w.owner = Some(WeightOwner {
+                            part: e / per_part,
+                            parts: s.parts as usize,
+                            ranks: s.ranks as usize,
+                        });
+                        weights.push(w);
                     }
+                } else if stack {
                     // Each expert's matrix: the stack's shard along the same axis, less the leading one.
                     for e in 0..dims[0] {
                         let mut w = entry(

@@ -12,6 +12,7 @@ use q3c_backend_common::items::{
     broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
     ATTENTION_TOKENS,
 };
+use q3c_backend_common::launch::ExpertSplit;
 use q3c_backend_common::plan::{Loc, Plan};
 use q3c_backend_common::BackendError;
 use q3c_ir::{DType, Graph, NodeId, Op};
@@ -68,13 +69,13 @@ pub fn emit<B: KernelBuilder>(
             // A rank's slice of a vocabulary-sharded table holds the ids from its part's first on; the
             // rows of other ids are zero here (an all-reduce adds the ranks' rows up).
             let first = match graph.node(table).op {
-                Op::Weight { shard: Some(s), .. } => {
-                    let at = b.off(step, q3c_abi::step_offsets::RANK as usize);
-                    let rank = b.load_i64(at);
-                    let part = b.mul_c(rank, s.parts as usize);
-                    let part = b.udiv_c(part, s.ranks as usize);
-                    Some(b.mul_c(part, rows))
-                }
+                Op::Weight { shard: Some(s), .. } => Some(part_first(
+                    b,
+                    step,
+                    s.parts as usize,
+                    s.ranks as usize,
+                    rows,
+                )),
                 _ => None,
             };
             b.for_range(start, end, 1, |b, row| {
@@ -102,18 +103,7 @@ pub fn emit<B: KernelBuilder>(
                 let inside = b.ult(local, n);
                 b.when(inside, |b| copy(b, local));
                 let outside = b.not(inside);
-                b.when(outside, |b| {
-                    map_row(b, hidden, |b, at| {
-                        let to = at.ptr(b, dst, 4);
-                        let zero = b.fconst(0.0);
-                        if at.is_vector() {
-                            let v = b.vsplat(zero);
-                            b.vstore(v, to);
-                        } else {
-                            b.store_f32(zero, to);
-                        }
-                    });
-                });
+                b.when(outside, |b| zero_row(b, dst, hidden));
             });
         }
         Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => {
@@ -168,13 +158,21 @@ pub fn emit<B: KernelBuilder>(
             let used = b.off(ptr[1], 4 * (experts + 1));
             let used_count = b.load_i32(used);
             let rows = b.mul_c(t, slots);
+            // A stack split by experts holds a part's `experts`; the table has an entry for every expert.
+            let stacks: Vec<B::Ptr> = match ExpertSplit::of(graph, graph.inputs(id)[2]) {
+                Some(s) => {
+                    let first = part_first(b, step, s.parts, s.ranks, experts);
+                    stacks.iter().map(|&w| b.addr(w, first, 8)).collect()
+                }
+                None => stacks.to_vec(),
+            };
             let item = |b: &mut B, u: B::Int, panel: B::Int| {
                 let live = b.ult(u, used_count);
                 b.when(live, |b| {
                     let at = b.addr(used, u, 4);
                     let at = b.off(at, 4);
                     let expert = b.load_i32(at);
-                    expert_panel(b, expert, panel, &ptr, stacks, out, shape);
+                    expert_panel(b, expert, panel, &ptr, &stacks, out, shape);
                 });
             };
             // Few rows (decode): expert-major — nearly every pair is live, and a thread's share streams
@@ -521,6 +519,36 @@ fn expert_panel<B: KernelBuilder>(
         tile,
     };
     b.matmul_columns(mm, ptr[0], &w, out, n, panel);
+}
+
+/// The first row (of `per_part` a part) of the part of a split tensor the calling rank holds: the rank is
+/// the step's, and rank `r` of `ranks` holds part `r · parts / ranks`.
+pub(crate) fn part_first<B: KernelBuilder>(
+    b: &mut B,
+    step: B::Ptr,
+    parts: usize,
+    ranks: usize,
+    per_part: usize,
+) -> B::Int {
+    let at = b.off(step, so::RANK as usize);
+    let rank = b.load_i64(at);
+    let part = b.mul_c(rank, parts);
+    let part = b.udiv_c(part, ranks);
+    b.mul_c(part, per_part)
+}
+
+/// Sets `n` f32 at `dst` to zero.
+pub(crate) fn zero_row<B: KernelBuilder>(b: &mut B, dst: B::Ptr, n: usize) {
+    map_row(b, n, |b, at| {
+        let to = at.ptr(b, dst, 4);
+        let zero = b.fconst(0.0);
+        if at.is_vector() {
+            let v = b.vsplat(zero);
+            b.vstore(v, to);
+        } else {
+            b.store_f32(zero, to);
+        }
+    });
 }
 
 /// Copies `n` f32 from `src` to `dst` as elements of `dt` (f32, or f16 rounded to nearest even).

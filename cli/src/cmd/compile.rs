@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use q3c_compiler::Strategy;
 use q3c_models::ModelSource;
 
-use crate::codegen::{self, Activations, Backend, CpuCodegen, KvDtype, Quantize, Target};
+use crate::codegen::{self, Activations, Backend, CpuCodegen, KvDtype, MoeSplit, Quantize, Target};
 use crate::output::write_atomically;
 
 #[derive(clap::Args)]
@@ -64,6 +64,12 @@ pub struct Args {
     /// weights. CPU targets only.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     shards: u32,
+    /// With --shards: how MoE layers are split — each expert's features over the ranks (every rank equally
+    /// busy whatever the routing: the faster decode), or the experts themselves (expert parallelism: E/N
+    /// whole experts per rank; faster prefill once an expert's slices get narrow, slower decode of a
+    /// lone sequence, whose rank with the most chosen experts sets the pace; see docs/SHARDING.md).
+    #[arg(long, value_enum, default_value_t = MoeSplit::Features)]
+    moe_split: MoeSplit,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -130,13 +136,18 @@ pub fn run(args: Args) -> Result<()> {
         quantize,
         kv_dtype: args.kv_dtype.resolve(&cfg),
         shards: args.shards as usize,
+        moe_split: args.moe_split.resolve(),
     };
     let (manifest, _) = codegen::compile_artifact(&cfg, &strategy, &how, &args.out)?;
     eprintln!(
         "compiled {model}{} with {} (fusion {}, {} activations{}, {} KV cache) for {} [{}] into {} ({} kernels, {} weights) in {:.2} s",
-        match manifest.ranks {
-            1 => String::new(),
-            n => format!(" sharded over {n} ranks"),
+        match (manifest.ranks, &cfg.moe) {
+            (1, _) => String::new(),
+            (n, None) => format!(" sharded over {n} ranks"),
+            (n, Some(_)) => format!(
+                " sharded over {n} ranks (MoE layers by {})",
+                how.moe_split.name()
+            ),
         },
         manifest.backend,
         manifest.fusion,

@@ -67,9 +67,14 @@ fn describe(m: &q3c_abi::Manifest) -> String {
     );
     if m.ranks > 1 {
         let sliced = m.weights.iter().filter(|w| w.shard.is_some()).count();
+        let experts = m.weights.iter().filter(|w| w.owner.is_some()).count();
+        let experts = match experts {
+            0 => String::new(),
+            n => format!(", {} of {n} experts' tensors", n / m.ranks),
+        };
         s += &format!(
-            "sharded:   over {} ranks (run with mpirun -np {}): each binds its slice of {sliced} tensors and \
-             holds the kv cache above\n",
+            "sharded:   over {} ranks (run with mpirun -np {}): each binds its slice of {sliced} \
+             tensors{experts} and holds the kv cache above\n",
             m.ranks, m.ranks
         );
     }

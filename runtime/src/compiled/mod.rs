@@ -475,7 +475,21 @@ impl CompiledModel {
                     ));
                 }
             }
+            if let Some(o) = w.owner {
+                if o.ranks != manifest.ranks
+                    || o.parts == 0
+                    || o.parts > o.ranks
+                    || o.part >= o.parts
+                {
+                    return Err(artifact_err(
+                        artifact,
+                        format!("weight {} has a malformed owner {o:?}", w.name),
+                    ));
+                }
+            }
         }
+        // An expert other ranks hold is not bound here: a null table entry, which no kernel reads.
+        let binds = |w: &q3c_abi::WeightEntry| w.owner.is_none_or(|o| o.binds(rank));
         let checkpoint = Checkpoint::open(weights_dir)?;
         // The manifest lists exactly the tensors the graph reads (for a Qwen3 model, those its config
         // implies; whole, where a rank binds a slice); a tied checkpoint may still carry the unused
@@ -537,6 +551,11 @@ impl CompiledModel {
                     ),
                 ));
             }
+            if !binds(w) {
+                tensors.push(t);
+                sizes.push(0);
+                continue;
+            }
             let elements: usize = w.shape.iter().product();
             if let (Some(_), Some(_)) = (w.shard, t.packed) {
                 return Err(RuntimeError::Weight {
@@ -597,8 +616,10 @@ impl CompiledModel {
         let mut weight_ptrs = Vec::with_capacity(manifest.weights.len());
         let mut fills = Vec::new();
         for ((w, t), slot) in manifest.weights.iter().zip(&tensors).zip(arena.slots()) {
-            // Bound in place: mapped weights the kernels read as stored (given no arena bytes).
-            if residency == Residency::Mapped && slot.is_empty() {
+            if !binds(w) {
+                weight_ptrs.push(std::ptr::null());
+            } else if residency == Residency::Mapped && slot.is_empty() {
+                // Bound in place: mapped weights the kernels read as stored (given no arena bytes).
                 weight_ptrs.push(t.bytes.as_ptr());
             } else {
                 weight_ptrs.push(slot.as_ptr());
