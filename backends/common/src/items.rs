@@ -62,8 +62,10 @@ pub fn in_dtype(plan: &Plan, graph: &Graph, id: NodeId, i: usize) -> DType {
 }
 
 /// Tokens an attention work item takes: its query rows (these tokens × the query heads of one KV head)
-/// share every K and V row it loads.
-pub const ATTENTION_TOKENS: usize = 4;
+/// share every K and V row it loads (and its widening from f16/bf16). 8 prefilled 2048 tokens 10–15% faster
+/// than 4 (docs/BENCHMARKS.md); 16 measured the same as 8 on Qwen3-0.6B and would put 64 KB of
+/// accumulators on the stack for the 8-query-head groups of the larger models.
+pub const ATTENTION_TOKENS: usize = 8;
 
 /// Work items of a node's kernel: `count × ⌈T / tokens_per_item⌉` if `scales_with_t`, else `count` alone.
 pub struct Items {

@@ -84,16 +84,7 @@ pub fn emit<B: KernelBuilder>(
                 let dst = b.addr(out, row, hidden * 4);
                 let copy = |b: &mut B, tok| {
                     let src = b.addr(ptr[0], tok, hidden * dt.size());
-                    map_row(b, hidden, |b, at| {
-                        let (from, to) = (at.ptr(b, src, dt.size()), at.ptr(b, dst, 4));
-                        if at.is_vector() {
-                            let v = b.vload_weight(dt, from);
-                            b.vstore(v, to);
-                        } else {
-                            let v = b.load_weight(dt, from);
-                            b.store_f32(v, to);
-                        }
-                    });
+                    widen_row(b, (src, dt), dst, hidden);
                 };
                 let Some(first) = first else {
                     return copy(b, tok);
@@ -537,6 +528,20 @@ pub(crate) fn part_first<B: KernelBuilder>(
     b.mul_c(part, per_part)
 }
 
+/// Widens `n` elements of `dt` at `src` into f32 at `dst`.
+fn widen_row<B: KernelBuilder>(b: &mut B, (src, dt): (B::Ptr, DType), dst: B::Ptr, n: usize) {
+    map_row(b, n, |b, at| {
+        let (from, to) = (at.ptr(b, src, dt.size()), at.ptr(b, dst, 4));
+        if at.is_vector() {
+            let v = b.vload_weight(dt, from);
+            b.vstore(v, to);
+        } else {
+            let v = b.load_weight(dt, from);
+            b.store_f32(v, to);
+        }
+    });
+}
+
 /// Sets `n` f32 at `dst` to zero.
 pub(crate) fn zero_row<B: KernelBuilder>(b: &mut B, dst: B::Ptr, n: usize) {
     map_row(b, n, |b, at| {
@@ -816,23 +821,29 @@ fn attention_item<B: KernelBuilder>(
     });
 }
 
-/// The per-row state of an attention item, on the stack: weighted values, running max and sum.
+/// The per-row state of an attention item, on the stack: weighted values, running max and sum; and,
+/// for a half-precision cache, a key block's K and V rows widened to f32 (see [`attention_segment`]).
 struct AttentionScratch<B: KernelBuilder> {
     acc: B::Ptr,
     maxes: B::Ptr,
     totals: B::Ptr,
     scores: B::Ptr,
+    widened: Option<(B::Ptr, B::Ptr)>,
 }
 
 impl<B: KernelBuilder> AttentionScratch<B> {
     fn new(b: &mut B, s: &AttentionShape) -> Self {
         let rows = ATTENTION_TOKENS * (s.hq / s.hkv);
         let lanes = b.lanes();
+        // Threads sharing an item (the GPU flavour) would each widen the whole block: they read the
+        // cache directly.
+        let widen = s.kv != DType::F32 && b.item_lane().is_none();
         AttentionScratch {
             acc: b.stack(4 * rows * s.dv),
             maxes: b.stack(4 * rows),
             totals: b.stack(4 * rows),
             scores: b.stack(4 * lanes),
+            widened: widen.then(|| (b.stack(4 * lanes * s.d), b.stack(4 * lanes * s.dv))),
         }
     }
 }
@@ -853,7 +864,9 @@ struct Segment<B: KernelBuilder> {
 ///
 /// Keys go in blocks of `lanes` (within one cache block, as `KV_BLOCK_TOKENS` is a multiple of every
 /// target's lanes): a block's K and V rows are read from memory by the first query row and from L1 by the
-/// others (re-reading the cache for every query row made attention memory-bound), and a row's scores for
+/// others (re-reading the cache for every query row made attention memory-bound) — from a half-precision
+/// cache, widened to f32 once per block into the scratch rather than once per query row, where the
+/// segment has several tokens — and a row's scores for
 /// the block form one vector, so the block takes one max, one vector exponential and one rescale of the
 /// row's accumulators. A row skips the blocks wholly after its position and masks the keys after it in a
 /// partial one; keys after the last whole block go one at a time (a block never reads a cache row past
@@ -916,12 +929,15 @@ fn attention_segment<B: KernelBuilder>(
         let seen = b.ult(j, len);
         (b.and(live, seen), qi, len)
     };
-    // scale · q_qi · k at cache row c.
-    let score = |b: &mut B, qi: B::Int, c: B::Int| {
+    // The K (or V) row of KV head g at cache row c, as stored.
+    let cached = |b: &mut B, cache: B::Ptr, c: B::Int, n: usize| {
+        let r = head_row(b, c);
+        (b.addr(cache, r, n * s.kv.size()), s.kv)
+    };
+    // scale · q_qi · k, k at `kr` of `dt`.
+    let score = |b: &mut B, qi: B::Int, (kr, dt): (B::Ptr, DType)| {
         let qr = b.addr(q, qi, s.d * 4);
-        let kr = head_row(b, c);
-        let kc = b.addr(k, kr, s.d * s.kv.size());
-        let dot = dot_row(b, qr, kc, s.kv, s.d);
+        let dot = dot_row(b, qr, kr, dt, s.d);
         let sc = b.fconst(s.scale);
         b.fmul(dot, sc)
     };
@@ -944,59 +960,93 @@ fn attention_segment<B: KernelBuilder>(
     let blocks = b.udiv_c(len_max, lanes);
     let blocked = b.mul_c(blocks, lanes);
     let first = b.iconst(0);
-    b.for_range(first, blocked, lanes, |b, j0| {
-        // The block's keys are consecutive cache rows from c0.
-        let c0 = cache_row(b, seg.blocks, j0);
-        b.for_n(rows, |b, r| {
-            let (go, qi, len) = sees(b, r, j0);
-            b.when(go, |b| {
+    let pass = |b: &mut B, widened: Option<(B::Ptr, B::Ptr)>| {
+        b.for_range(first, blocked, lanes, |b, j0| {
+            // The block's keys are consecutive cache rows from c0; key u's K and V rows (from the
+            // scratch, if widened there).
+            let c0 = cache_row(b, seg.blocks, j0);
+            if let Some((kw, vw)) = widened {
                 b.for_n(lanes, |b, u| {
-                    let j = b.add(j0, u);
                     let c = b.add(c0, u);
-                    let score = score(b, qi, c);
-                    let before = b.ult(j, len);
-                    let score = b.select_f32(before, score, neg_inf);
-                    let at = b.addr(scores, u, 4);
-                    b.store_f32(score, at);
+                    for (cache, to, n) in [(k, kw, s.d), (v, vw, s.dv)] {
+                        let (from, dt) = cached(b, cache, c, n);
+                        let to = b.addr(to, u, n * 4);
+                        widen_row(b, (from, dt), to, n);
+                    }
                 });
-                let sv = b.vload(scores);
-                let block_max = b.hmax(sv);
-                let (row, o, _) = rescale(b, r, block_max, &mut |b, old, new| {
-                    let d_old = b.fsub(old, new);
-                    let c = b.exp(d_old);
-                    let new_v = b.vsplat(new);
-                    let shifted = b.vsub(sv, new_v);
-                    let p = b.vexp(shifted);
-                    b.vstore(p, scores);
-                    (c, b.hsum(p))
+            }
+            // Key u's row of K (which = 0) or V (1).
+            let key = |b: &mut B, which: usize, u: B::Int| {
+                let (cache, n) = [(k, s.d), (v, s.dv)][which];
+                match widened.map(|(kw, vw)| [kw, vw][which]) {
+                    Some(w) => (b.addr(w, u, n * 4), DType::F32),
+                    None => {
+                        let c = b.add(c0, u);
+                        cached(b, cache, c, n)
+                    }
+                }
+            };
+            b.for_n(rows, |b, r| {
+                let (go, qi, len) = sees(b, r, j0);
+                b.when(go, |b| {
+                    b.for_n(lanes, |b, u| {
+                        let j = b.add(j0, u);
+                        let kr = key(b, 0, u);
+                        let score = score(b, qi, kr);
+                        let before = b.ult(j, len);
+                        let score = b.select_f32(before, score, neg_inf);
+                        let at = b.addr(scores, u, 4);
+                        b.store_f32(score, at);
+                    });
+                    let sv = b.vload(scores);
+                    let block_max = b.hmax(sv);
+                    let (row, o, _) = rescale(b, r, block_max, &mut |b, old, new| {
+                        let d_old = b.fsub(old, new);
+                        let c = b.exp(d_old);
+                        let new_v = b.vsplat(new);
+                        let shifted = b.vsub(sv, new_v);
+                        let p = b.vexp(shifted);
+                        b.vstore(p, scores);
+                        (c, b.hsum(p))
+                    });
+                    b.for_n(lanes, |b, u| {
+                        let at = b.addr(scores, u, 4);
+                        let pu = b.load_f32(at);
+                        let (vr, dt) = key(b, 1, u);
+                        row.add(b, pu, vr, dt, s.dv);
+                    });
+                    row.store(b, o, s.dv);
                 });
-                b.for_n(lanes, |b, u| {
-                    let at = b.addr(scores, u, 4);
-                    let pu = b.load_f32(at);
-                    let c = b.add(c0, u);
-                    let vr = head_row(b, c);
-                    let vc = b.addr(v, vr, s.dv * s.kv.size());
-                    row.add(b, pu, vc, s.kv, s.dv);
-                });
-                row.store(b, o, s.dv);
             });
         });
-    });
+    };
+    match st.widened {
+        None => pass(b, None),
+        // A lone token's rows (decoding) read each key once: widening it first would only add work.
+        Some(w) => {
+            let n = b.sub(t_end, t0);
+            let one = b.iconst(1);
+            let several = b.ult(one, n);
+            b.when(several, |b| pass(b, Some(w)));
+            let single = b.not(several);
+            b.when(single, |b| pass(b, None));
+        }
+    }
     // The keys after the last whole block, one at a time.
     b.for_range(blocked, len_max, 1, |b, j| {
         let c = cache_row(b, seg.blocks, j);
         b.for_n(rows, |b, r| {
             let (go, qi, _) = sees(b, r, j);
             b.when(go, |b| {
-                let score = score(b, qi, c);
+                let kr = cached(b, k, c, s.d);
+                let score = score(b, qi, kr);
                 // One key: its exponential is the whole sum.
                 let (row, o, p) = rescale(b, r, score, &mut |b, old, new| {
                     let (d_old, d_new) = (b.fsub(old, new), b.fsub(score, new));
                     b.exp_pair(d_old, d_new)
                 });
-                let vr = head_row(b, c);
-                let vc = b.addr(v, vr, s.dv * s.kv.size());
-                row.add(b, p, vc, s.kv, s.dv);
+                let (vr, dt) = cached(b, v, c, s.dv);
+                row.add(b, p, vr, dt, s.dv);
                 row.store(b, o, s.dv);
             });
         });
