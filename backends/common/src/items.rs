@@ -61,11 +61,16 @@ pub fn in_dtype(plan: &Plan, graph: &Graph, id: NodeId, i: usize) -> DType {
     }
 }
 
-/// Tokens an attention work item takes: its query rows (these tokens × the query heads of one KV head)
-/// share every K and V row it loads (and its widening from f16/bf16). 8 prefilled 2048 tokens 10–15% faster
-/// than 4 (docs/BENCHMARKS.md); 16 measured the same as 8 on Qwen3-0.6B and would put 64 KB of
-/// accumulators on the stack for the 8-query-head groups of the larger models.
+/// Tokens an attention work item takes on a CPU ([`crate::plan::Plan::attention_tokens`]): its query rows
+/// (these tokens × the query heads of one KV head) share every K and V row it loads (and its widening from
+/// f16/bf16). 8 prefilled 2048 tokens 10–15% faster than 4 (docs/BENCHMARKS.md); 16 measured the same as 8
+/// on Qwen3-0.6B and would put 64 KB of accumulators on the stack for the 8-query-head groups of the larger
+/// models.
 pub const ATTENTION_TOKENS: usize = 8;
+
+/// Tokens an attention work item takes on a GPU, where each of the warp's threads keeps the item's
+/// accumulators in local memory (the value measured on the H200; docs/BENCHMARKS.md).
+pub const GPU_ATTENTION_TOKENS: usize = 4;
 
 /// Work items of a node's kernel: `count × ⌈T / tokens_per_item⌉` if `scales_with_t`, else `count` alone.
 pub struct Items {
@@ -74,8 +79,8 @@ pub struct Items {
     pub tokens_per_item: usize,
 }
 
-/// How a node's work is split into items.
-pub fn work_items(graph: &Graph, id: NodeId) -> Items {
+/// How a node's work is split into items (an attention item takes `attention_tokens` tokens).
+pub fn work_items(graph: &Graph, id: NodeId, attention_tokens: usize) -> Items {
     let out = element_dims(graph, id, 0);
     let by_t = |count| Items {
         count,
@@ -101,11 +106,11 @@ pub fn work_items(graph: &Graph, id: NodeId) -> Items {
         Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Softmax => {
             by_t(out[1..out.len() - 1].iter().product())
         }
-        // (block of ATTENTION_TOKENS tokens, KV head).
+        // (block of `attention_tokens` tokens, KV head).
         Op::Attention { .. } => Items {
             count: element_dims(graph, graph.inputs(id)[1], 0)[1],
             scales_with_t: true,
-            tokens_per_item: ATTENTION_TOKENS,
+            tokens_per_item: attention_tokens,
         },
         Op::TopK { .. } | Op::GatherLast => by_t(out[1..out.len() - 1].iter().product()),
         _ => by_t(1),

@@ -116,6 +116,8 @@ pub struct Launch {
     pub bodies: Vec<Body>,
     /// The node each dispatch runs (`None` for staging dispatches).
     pub nodes: Vec<Option<NodeId>>,
+    /// Tokens per attention item (the plan's).
+    attention_tokens: usize,
 }
 
 /// Checks what every backend needs of a graph before compiling it.
@@ -142,6 +144,7 @@ pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
         },
         bodies: Vec::new(),
         nodes: Vec::new(),
+        attention_tokens: plan.attention_tokens,
     };
     let mut by_key: HashMap<String, usize> = HashMap::new();
     // The ids node whose grouping the MoE area holds.
@@ -242,7 +245,7 @@ impl Launch {
         args: Vec<Arg>,
         logits: bool,
     ) {
-        let items = work_items(graph, id);
+        let items = work_items(graph, id, self.attention_tokens);
         self.plan.dispatches.push(Dispatch {
             kernel,
             args,

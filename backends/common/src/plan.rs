@@ -52,6 +52,9 @@ pub struct Plan {
     /// The element type of the KV cache (f32, or f16: the kernels that write it round, those that read it
     /// widen). Set by the backend from its options; f32 unless told.
     pub kv_dtype: DType,
+    /// Tokens an attention work item takes: [`crate::items::ATTENTION_TOKENS`] unless the backend sets
+    /// another (GPUs: [`crate::items::GPU_ATTENTION_TOKENS`]).
+    pub attention_tokens: usize,
 }
 
 /// One entry of the weight table.
@@ -414,6 +417,7 @@ pub fn plan_with(
         kv_heads,
         ranks: model_ranks,
         kv_dtype: DType::F32,
+        attention_tokens: crate::items::ATTENTION_TOKENS,
     })
 }
 

@@ -10,7 +10,6 @@ use q3c_abi::step_offsets as so;
 use q3c_abi::KV_BLOCK_TOKENS;
 use q3c_backend_common::items::{
     broadcast_strides, dims, element_dims, in_dtype, linear_outputs, per_token, LinearTile,
-    ATTENTION_TOKENS,
 };
 use q3c_backend_common::launch::ExpertSplit;
 use q3c_backend_common::plan::{Loc, Plan};
@@ -308,6 +307,7 @@ pub fn emit<B: KernelBuilder>(
                 dv: vd[2],
                 scale: *scale as f32,
                 kv,
+                tokens: plan.attention_tokens,
             };
             let rows = Rows::load(b, step);
             b.for_range(start, end, 1, |b, item| {
@@ -666,6 +666,8 @@ struct AttentionShape {
     scale: f32,
     /// The element type of the K and V rows (the cache's).
     kv: DType,
+    /// Tokens per work item ([`Plan::attention_tokens`]).
+    tokens: usize,
 }
 
 /// The body of [`Body::Compact`](q3c_backend_common::launch::Body::Compact): moves the step's logit rows
@@ -773,7 +775,7 @@ fn cache_row<B: KernelBuilder>(b: &mut B, blocks: B::Ptr, p: B::Int) -> B::Int {
     b.add(first, within)
 }
 
-/// One attention work item: the query rows of [`ATTENTION_TOKENS`] consecutive rows of the call × the
+/// One attention work item: the query rows of [`Plan::attention_tokens`] consecutive rows of the call × the
 /// query heads of one KV head. The rows are taken a sequence at a time ([`attention_segment`]): a block of
 /// rows from several sequences (batched decoding) runs one segment per sequence.
 fn attention_item<B: KernelBuilder>(
@@ -786,8 +788,8 @@ fn attention_item<B: KernelBuilder>(
 ) {
     let g = b.urem_c(item, s.hkv);
     let block = b.udiv_c(item, s.hkv);
-    let b0 = b.mul_c(block, ATTENTION_TOKENS);
-    let b_next = b.add_c(b0, ATTENTION_TOKENS);
+    let b0 = b.mul_c(block, s.tokens);
+    let b_next = b.add_c(b0, s.tokens);
     let room = b.ult(t, b_next);
     let b_end = b.select_int(room, t, b_next);
     let scratch = AttentionScratch::new(b, s);
@@ -833,7 +835,7 @@ struct AttentionScratch<B: KernelBuilder> {
 
 impl<B: KernelBuilder> AttentionScratch<B> {
     fn new(b: &mut B, s: &AttentionShape) -> Self {
-        let rows = ATTENTION_TOKENS * (s.hq / s.hkv);
+        let rows = s.tokens * (s.hq / s.hkv);
         let lanes = b.lanes();
         // Threads sharing an item (the GPU flavour) would each widen the whole block: they read the
         // cache directly.
@@ -848,7 +850,7 @@ impl<B: KernelBuilder> AttentionScratch<B> {
     }
 }
 
-/// Rows `t0..t_end` of one sequence (at most [`ATTENTION_TOKENS`]), row `x` at position `base + x`, its
+/// Rows `t0..t_end` of one sequence (at most [`Plan::attention_tokens`]), row `x` at position `base + x`, its
 /// keys and values found through `blocks`, for the query heads of KV head `g`.
 struct Segment<B: KernelBuilder> {
     t0: B::Int,
@@ -879,7 +881,7 @@ fn attention_segment<B: KernelBuilder>(
     seg: &Segment<B>,
 ) {
     let group = s.hq / s.hkv;
-    let rows = ATTENTION_TOKENS * group;
+    let rows = s.tokens * group;
     let lanes = b.lanes();
     debug_assert_eq!(KV_BLOCK_TOKENS % lanes, 0);
     let (acc, maxes, totals, scores) = (st.acc, st.maxes, st.totals, st.scores);

@@ -88,6 +88,7 @@ const ROW_THREADS: usize = 256;
 
 /// The launch plan of `graph` for GPUs: `launch::build`'s, with each dispatch's threads per item.
 fn gpu_launch(graph: &Graph, plan: &mut Plan) -> Result<launch::Launch, BackendError> {
+    plan.attention_tokens = q3c_backend_common::items::GPU_ATTENTION_TOKENS;
     let mut launch = launch::build(graph, plan)?;
     if launch
         .plan
