@@ -296,8 +296,7 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
         Fb::hsum(self, v)
     }
     fn hmax(&mut self, v: VectorValue<'ctx>) -> FloatValue<'ctx> {
-        self.intrinsic("llvm.vector.reduce.fmax", v.get_type().into(), &[v.into()])
-            .into_float_value()
+        Fb::hmax(self, v)
     }
 
     fn dot(

@@ -592,6 +592,29 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
 
     /// The sum of a vector's lanes, by halving (log₂ lanes shuffles and adds).
     pub fn hsum(&self, v: VectorValue<'ctx>) -> FloatValue<'ctx> {
+        self.halving(v, |a, b| self.fadd(a, b))
+    }
+    /// The largest of a vector's lanes, by halving with `a > b ? a : b` (one `vmaxps` a level; LLVM's
+    /// `vector.reduce.fmax` keeps maxnum's NaN rule and becomes a serial chain of scalar maxes on x86).
+    /// Where a lane is NaN the result is unspecified.
+    pub fn hmax(&self, v: VectorValue<'ctx>) -> FloatValue<'ctx> {
+        self.halving(v, |a, b| {
+            let gt = self
+                .b
+                .build_float_compare(FloatPredicate::OGT, a, b, "")
+                .expect(BUG);
+            self.b
+                .build_select(gt, a, b, "")
+                .expect(BUG)
+                .into_vector_value()
+        })
+    }
+    /// `v`'s lanes folded into lane 0 by `op` on halves (log₂ lanes shuffles and ops).
+    fn halving(
+        &self,
+        v: VectorValue<'ctx>,
+        op: impl Fn(VectorValue<'ctx>, VectorValue<'ctx>) -> VectorValue<'ctx>,
+    ) -> FloatValue<'ctx> {
         let mut v = v;
         let mut n = v.get_type().get_size();
         while n > 1 {
@@ -610,7 +633,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
                 .b
                 .build_shuffle_vector(v, v.get_type().get_poison(), idx(half..n), "")
                 .expect(BUG);
-            v = self.fadd(lo, hi);
+            v = op(lo, hi);
             n = half;
         }
         self.b
