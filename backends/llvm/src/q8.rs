@@ -80,13 +80,7 @@ pub fn quantize_row<'ctx>(
         let abs = fb
             .intrinsic("llvm.fabs", both.get_type().into(), &[both.into()])
             .into_vector_value();
-        let amax = fb
-            .intrinsic(
-                "llvm.vector.reduce.fmax",
-                both.get_type().into(),
-                &[abs.into()],
-            )
-            .into_float_value();
+        let amax = fb.hmax(abs);
         let d = fb.fmul(amax, fb.f32c(1.0 / 127.0));
         let positive = fb.fgt(d, fb.f32c(0.0));
         let inv = fb.fdiv(fb.f32c(1.0), d);
