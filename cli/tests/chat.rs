@@ -2,7 +2,7 @@
 //! thinking block and its budget, non-thinking mode, and text prompts, through the reference executor and a
 //! compiled `.so`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 mod common;
 use common::*;
@@ -20,22 +20,7 @@ fn tiny_chat_model() -> (tempfile::TempDir, PathBuf) {
         "max_position_embeddings": 512, "tie_word_embeddings": true, "torch_dtype": "float32",
         "eos_token_id": [151645, 151643]
     });
-    let cfg = dir.path().join("config.json");
-    std::fs::write(&cfg, config.to_string()).unwrap();
-    let model = dir.path().join("model");
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tokenizer");
-    ok(&[
-        "random-weights",
-        cfg.to_str().unwrap(),
-        "-o",
-        model.to_str().unwrap(),
-        "--dtype",
-        "f32",
-        "--seed",
-        "3",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-    ]);
+    let model = random_model(dir.path(), &config, Some("3"));
     (dir, model)
 }
 

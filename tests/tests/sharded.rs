@@ -96,6 +96,33 @@ fn prompt_and_greedy(model: &CompiledModel, name: &str) -> (Vec<f32>, Vec<u32>) 
     (logits, ids)
 }
 
+/// Runs `so` (fixture `name`) on `ranks` thread-ranks, `check` on rank 0's model first, and holds it to the
+/// single-process model `single`, whose prompt logits and greedy ids are `want`: logits within 1e-4, the same
+/// ids, and every rank binding the same bytes, about 1/N of one process's (plus norms and routers, whole
+/// everywhere, and the heads ranks share where there are fewer than ranks).
+fn check_against_one_process(
+    what: &str,
+    (so, name, ranks): (&Path, &str, usize),
+    single: &CompiledModel,
+    (want, want_ids): &(Vec<f32>, Vec<u32>),
+    check: impl FnOnce(&CompiledModel) + Send,
+) {
+    let weights = fixtures_dir().join(name);
+    let (((got, ids), want_bytes), bytes) = on_ranks(so, &weights, ranks, |m| {
+        check(m);
+        (prompt_and_greedy(m, name), slice_bytes(m))
+    });
+    assert!(bytes.iter().all(|&b| b == want_bytes), "{what}: {bytes:?}");
+    let share = want_bytes as f64 / single.weight_bytes() as f64;
+    let diff = max_abs_diff(&got, want);
+    println!(
+        "{what} over {ranks} ranks: max |dlogit| {diff:e}; weights per rank {share:.2} of one process's"
+    );
+    assert!(share <= 1.0 / ranks as f64 + 0.1, "{what}: {share}");
+    assert!(diff <= 1e-4, "{what} over {ranks} ranks: {diff:e}");
+    assert_eq!(&ids, want_ids, "{what} over {ranks} ranks");
+}
+
 #[test]
 fn every_fixture_sharded_over_2_and_4_ranks_gives_the_single_process_logits() {
     let tmp = tempfile::tempdir().unwrap();
@@ -104,34 +131,12 @@ fn every_fixture_sharded_over_2_and_4_ranks_gives_the_single_process_logits() {
             let weights = fixtures_dir().join(name);
             let one = compile(backend, name, 1, "all", tmp.path());
             let single = CompiledModel::load(&one, &weights, 1).unwrap();
-            let (want, want_ids) = prompt_and_greedy(&single, name);
-            assert_eq!(want_ids, golden(name).greedy_ids, "{backend} {name}");
+            let want = prompt_and_greedy(&single, name);
+            assert_eq!(want.1, golden(name).greedy_ids, "{backend} {name}");
             for ranks in [2, 4] {
                 let so = compile(backend, name, ranks, "all", tmp.path());
-                let (((got, ids), want_bytes), bytes) = on_ranks(&so, &weights, ranks, |m| {
-                    (prompt_and_greedy(m, name), slice_bytes(m))
-                });
-                // Every rank binds its slices and nothing more: about 1/N of the model, plus norms and
-                // routers (whole everywhere) and the heads ranks share where there are fewer than ranks.
-                assert!(
-                    bytes.iter().all(|&b| b == want_bytes),
-                    "{backend} {name}: {bytes:?}"
-                );
-                let share = want_bytes as f64 / single.weight_bytes() as f64;
-                assert!(
-                    share <= 1.0 / ranks as f64 + 0.1,
-                    "{backend} {name}: {share}"
-                );
-                let diff = max_abs_diff(&got, &want);
-                println!(
-                    "{backend} {name} over {ranks} ranks: max |dlogit| {diff:e}; weights per rank {:.2} of one process's",
-                    share
-                );
-                assert!(
-                    diff <= 1e-4,
-                    "{backend} {name} over {ranks} ranks: {diff:e}"
-                );
-                assert_eq!(ids, want_ids, "{backend} {name} over {ranks} ranks");
+                let what = format!("{backend} {name}");
+                check_against_one_process(&what, (&so, name, ranks), &single, &want, |_| {});
             }
         }
     }
@@ -151,7 +156,7 @@ fn expert_parallel_moe_fixtures_give_the_single_process_logits() {
             let weights = fixtures_dir().join(name);
             let one = compile(backend, name, 1, "all", tmp.path());
             let single = CompiledModel::load(&one, &weights, 1).unwrap();
-            let (want, want_ids) = prompt_and_greedy(&single, name);
+            let want = prompt_and_greedy(&single, name);
             let (cfg, _) = q3c_tests::open_fixture(name);
             let experts = cfg.moe.as_ref().expect("a MoE fixture").num_experts;
             for ranks in [2, 4] {
@@ -163,30 +168,15 @@ fn expert_parallel_moe_fixtures_give_the_single_process_logits() {
                 }
                 let split = (ranks, MoeSplit::Experts);
                 let so = compile_split(backend, name, split, "all", tmp.path());
-                let (((got, ids), want_bytes), bytes) = on_ranks(&so, &weights, ranks, |m| {
+                let what = format!("{backend} {name} expert-parallel");
+                check_against_one_process(&what, (&so, name, ranks), &single, &want, |m| {
                     let owned = m.manifest().weights.iter().filter(|w| w.owner.is_some());
                     assert_eq!(
                         owned.count() % (3 * experts),
                         0,
                         "every expert has an owner"
                     );
-                    (prompt_and_greedy(m, name), slice_bytes(m))
                 });
-                assert!(
-                    bytes.iter().all(|&b| b == want_bytes),
-                    "{backend} {name}: {bytes:?}"
-                );
-                let share = want_bytes as f64 / single.weight_bytes() as f64;
-                let diff = max_abs_diff(&got, &want);
-                println!(
-                    "{backend} {name} expert-parallel over {ranks} ranks: max |dlogit| {diff:e}; weights per rank {share:.2} of one process's"
-                );
-                assert!(
-                    share <= 1.0 / ranks as f64 + 0.1,
-                    "{backend} {name}: {share}"
-                );
-                assert!(diff <= 1e-4, "{backend} {name} over {ranks}: {diff:e}");
-                assert_eq!(ids, want_ids, "{backend} {name} over {ranks} ranks");
             }
         }
     }

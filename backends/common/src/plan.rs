@@ -223,36 +223,27 @@ pub fn plan_with(
                     shard: *shard,
                     owner: None,
                 };
-                let stack = name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER);
-                if let Some(s) = shard.filter(|s| stack && s.axis == 0) {
-                    // Split by experts: an entry for every expert of the stack (so that kernels index the
-                    // table by expert id), each bound only by the ranks of the part holding it.
+                if name.contains(q3c_models::tensors::EXPERT_PLACEHOLDER) {
+                    // Each expert's matrix. A stack split by experts (sharded along its axis 0) still
+                    // has an entry for every expert — kernels index the table by expert id — each bound
+                    // only by the ranks of the part holding it; otherwise each expert takes the stack's
+                    // shard along the same axis, less the leading one.
+                    let by_experts = shard.filter(|s| s.axis == 0);
                     let per_part = dims[0];
-                    for e in 0..per_part * s.parts as usize {
+                    for e in 0..per_part * by_experts.map_or(1, |s| s.parts as usize) {
                         let mut w = entry(
                             q3c_models::tensors::expert_tensor(name, e),
                             dims[1..].to_vec(),
                             read_as,
                         );
-                        w.shard = None;
-                        w.owner = Some(WeightOwner {
+                        w.shard = shard.filter(|s| s.axis > 0).map(|s| Shard {
+                            axis: s.axis - 1,
+                            ..s
+                        });
+                        w.owner = by_experts.map(|s| WeightOwner {
                             part: e / per_part,
                             parts: s.parts as usize,
                             ranks: s.ranks as usize,
-                        });
-                        weights.push(w);
-                    }
-                } else if stack {
-                    // Each expert's matrix: the stack's shard along the same axis, less the leading one.
-                    for e in 0..dims[0] {
-                        let mut w = entry(
-                            q3c_models::tensors::expert_tensor(name, e),
-                            dims[1..].to_vec(),
-                            read_as,
-                        );
-                        w.shard = shard.map(|s| Shard {
-                            axis: s.axis - 1,
-                            ..s
                         });
                         weights.push(w);
                     }

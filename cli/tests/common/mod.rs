@@ -61,11 +61,17 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
         "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256,
         "tie_word_embeddings": true, "torch_dtype": "float32", "eos_token_id": [151645, 151643]
     });
+    random_model(dir, &config, None)
+}
+
+/// `config` written to `dir/config.json`, and a random f32 checkpoint of it with the real tokenizer written
+/// by `q3c random-weights` (`--seed seed`, if given) into `dir/model`.
+pub fn random_model(dir: &Path, config: &serde_json::Value, seed: Option<&str>) -> PathBuf {
     let cfg = dir.join("config.json");
     std::fs::write(&cfg, config.to_string()).unwrap();
     let model = dir.join("model");
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tokenizer");
-    ok(&[
+    let mut args = vec![
         "random-weights",
         cfg.to_str().unwrap(),
         "-o",
@@ -74,7 +80,11 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
         "f32",
         "--tokenizer",
         tok.to_str().unwrap(),
-    ]);
+    ];
+    if let Some(seed) = seed {
+        args.extend(["--seed", seed]);
+    }
+    ok(&args);
     model
 }
 
