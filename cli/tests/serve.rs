@@ -732,37 +732,37 @@ fn concurrent_requests_share_a_kept_system_prompt() {
 #[test]
 fn a_full_queue_is_refused_with_retry_after() {
     let s = start_with(&["--max-concurrent", "1", "--queue", "0"]);
-    let body =
-        request(json!({"max_tokens": 200, "chat_template_kwargs": {"enable_thinking": false}}))
-            .to_string();
-    // Four at once: one runs (each takes well over the time the others need to arrive), none may wait.
-    let answers: Vec<(u16, Option<String>, String)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..4)
-            .map(|_| {
-                let (url, body) = (&s.url, &body);
-                scope.spawn(move || {
-                    match ureq::post(&format!("{url}/v1/chat/completions")).send_string(body) {
-                        Ok(r) => (r.status(), None, r.into_string().unwrap()),
-                        Err(ureq::Error::Status(code, r)) => (
-                            code,
-                            r.header("retry-after").map(str::to_string),
-                            r.into_string().unwrap(),
-                        ),
-                        Err(e) => panic!("{e}"),
-                    }
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let ok = answers.iter().filter(|a| a.0 == 200).count();
-    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
-    assert!(ok >= 1 && !refused.is_empty(), "{answers:?}");
-    assert_eq!(ok + refused.len(), 4, "{answers:?}");
-    for (_, retry, text) in refused {
-        assert_eq!(retry.as_deref(), Some("1"));
-        assert!(text.contains("the server is busy"), "{text}");
+    let body = |stream: bool| {
+        request(json!({"max_tokens": 200, "stream": stream,
+                       "chat_template_kwargs": {"enable_thinking": false}}))
+        .to_string()
+    };
+    // One runs: its stream has begun (its slot is taken until its 200 tokens are done, far longer than the
+    // three requests below take to be answered), and none may wait.
+    let mut running = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .send_string(&body(true))
+        .unwrap()
+        .into_reader();
+    let mut first = [0u8; 6];
+    running.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"data: ");
+    for _ in 0..3 {
+        match ureq::post(&format!("{}/v1/chat/completions", s.url)).send_string(&body(false)) {
+            Err(ureq::Error::Status(503, r)) => {
+                assert_eq!(r.header("retry-after"), Some("1"));
+                let text = r.into_string().unwrap();
+                assert!(text.contains("the server is busy"), "{text}");
+            }
+            Ok(r) => panic!("answered while the only slot was taken: {}", r.status()),
+            Err(e) => panic!("{e}"),
+        }
     }
+    let mut rest = String::new();
+    running.read_to_string(&mut rest).unwrap();
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    // The slot is free again.
+    let (status, r) = post(&s, &body(false));
+    assert_eq!(status, 200, "{r}");
 }
 
 /// `stream_options.include_usage` ends a stream with a chunk of no choices and the usage; SIGTERM lets a
