@@ -57,8 +57,9 @@ typedef struct q3c_step {
     uint64_t n_seqs;
     const void *const *weights;    /* one pointer per manifest weight, in manifest order */
     float *const *kv;              /* 2 per layer: K0, V0, K1, V1, ...; each a pool of blocks, [blocks *
-                                      Q3C_KV_BLOCK_TOKENS, kv_heads, head_dim] of the manifest's kv.dtype: f32,
-                                      or IEEE f16 (2 bytes each) */
+                                      Q3C_KV_BLOCK_TOKENS, kv_heads] rows of head_dim elements of the
+                                      manifest's kv.dtype: f32, IEEE f16 or bf16 (2 bytes each), or q8
+                                      (head_dim int8, then one float scale per group of up to 32) */
     uint8_t *scratch;              /* manifest.scratch_bytes_per_token * manifest.max_tokens_per_call bytes, 64-aligned */
     float *logits;                 /* [n_logits, vocab] f32, or [t, vocab] when logit_rows is NULL */
     const q3c_services *services;

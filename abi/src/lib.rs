@@ -246,8 +246,8 @@ impl WeightShard {
     }
 }
 
-/// KV-cache geometry: per layer, K and V pools of `[blocks · KV_BLOCK_TOKENS, kv_heads, head_dim]` elements of `dtype`
-/// (`f32`, IEEE `f16`, or `bf16`, the upper half of an f32).
+/// KV-cache geometry: per layer, K and V pools of `[blocks · KV_BLOCK_TOKENS, kv_heads]` rows of `head_dim`
+/// elements of `dtype`: `f32`, IEEE `f16`, `bf16` (the upper half of an f32), or `q8` (see [`kv_head_row_bytes`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvGeometry {
     pub layers: usize,
@@ -256,19 +256,31 @@ pub struct KvGeometry {
     pub dtype: String,
 }
 
-impl KvGeometry {
-    /// Bytes of one element: 2 for `f16` and `bf16`, else 4 (a runtime refuses dtypes other than f32, f16
-    /// and bf16).
-    pub fn element_bytes(&self) -> usize {
-        match self.dtype.as_str() {
-            "f16" | "bf16" => 2,
-            _ => 4,
-        }
-    }
+/// The KV-cache element types a runtime holds.
+pub const KV_DTYPES: [&str; 4] = ["f32", "f16", "bf16", "q8"];
 
+/// Elements per scale in a `q8` KV row: 32, or for a head_dim that 32 does not divide, the largest power of
+/// two that does.
+pub fn kv_q8_group(head_dim: usize) -> usize {
+    (1usize << head_dim.trailing_zeros()).min(32)
+}
+
+/// Bytes of one KV head's row of `head_dim` elements of `dtype` (one of [`KV_DTYPES`]). A `q8` row is
+/// `head_dim` signed bytes, then one f32 scale per group of [`kv_q8_group`] elements (element `i` is
+/// `byte[i] · scale[i / group]`; a group's scale is its largest magnitude / 127, its bytes rounded to
+/// nearest even).
+pub fn kv_head_row_bytes(dtype: &str, head_dim: usize) -> usize {
+    match dtype {
+        "q8" => head_dim + 4 * (head_dim / kv_q8_group(head_dim)),
+        "f16" | "bf16" => 2 * head_dim,
+        _ => 4 * head_dim,
+    }
+}
+
+impl KvGeometry {
     /// Bytes of one cached token in one buffer (one layer's K or V).
     pub fn row_bytes(&self) -> usize {
-        self.kv_heads * self.head_dim * self.element_bytes()
+        self.kv_heads * kv_head_row_bytes(&self.dtype, self.head_dim)
     }
 
     /// Bytes of one cached token in all buffers (every layer's K and V).

@@ -79,6 +79,7 @@ fn compile_inspect_and_generate_from_the_so() {
     };
     assert_eq!(kv_of(&[]), "f16");
     assert_eq!(kv_of(&["--kv-dtype", "f32"]), "f32");
+    assert_eq!(kv_of(&["--kv-dtype", "q8"]), "q8");
 
     let g = golden("moe");
     let ids: Vec<String> = g.prompt_ids.iter().map(u32::to_string).collect();

@@ -11,7 +11,9 @@ pub enum DType {
     /// Token ids, positions and expert indices.
     I32,
     /// Not a tensor type: the storage format of weights a backend asked the runtime to quantize (8-bit
-    /// groups of [`Q8_GROUP`] along the last axis, one f32 scale each; layout in `q3c_abi::Q8_LAYOUT`).
+    /// groups of [`Q8_GROUP`] along the last axis, one f32 scale each; layout in `q3c_abi::Q8_LAYOUT`),
+    /// and of a KV cache in 8-bit groups (layout in `q3c_abi::kv_head_row_bytes`). A kernel's element of
+    /// it is the signed byte, its group's scale applied apart.
     Q8,
     /// Not a tensor type: 4-bit weights (groups of [`Q8_GROUP`], one f16 scale each; layout in
     /// `q3c_abi::Q4_LAYOUT`), multiplied like [`DType::Q8`] weights once unpacked in registers.

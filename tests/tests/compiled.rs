@@ -79,18 +79,21 @@ fn a_truncated_session_continues_as_a_fresh_one() {
     }
 }
 
-/// A half-precision KV cache through every artifact kind, on every fixture, token by token and in chunks:
-/// f16 (`--kv-dtype f16`, the default for bf16/f16 checkpoints) and bf16. Each K and V element is rounded
-/// once, to nearest even: relative error at most u = 2⁻¹¹ for f16 (11 significant bits) and 2⁻⁸ for bf16
-/// (8 bits). f16's K and V alone are held to 1/512 of the logits' scale against the reference (f32 cache),
-/// the bound of the bf16-activation test (1/128 for 2⁻⁹ errors on every activation) cut by 4 for the 4×
-/// smaller unit; bf16's u is 8× f16's, so 8/512 = 1/64. The result must differ from the f32 cache's (the
-/// half-precision path ran). The greedy continuation must be transformers' with f16; with bf16, for as long
-/// as each step's top two logits are more than twice the bound apart (a closer pair may swap under that
-/// rounding: such a step ends the comparison, and the test says so).
+/// A half-precision or 8-bit KV cache through every artifact kind, on every fixture, token by token and
+/// in chunks: f16 (`--kv-dtype f16`, the default for bf16/f16 checkpoints), bf16 and q8. Each K and V element
+/// is rounded once, to nearest even: relative error at most u = 2⁻¹¹ for f16 (11 significant bits) and 2⁻⁸
+/// for bf16 (8 bits). f16's K and V alone are held to 1/512 of the logits' scale against the reference (f32
+/// cache), the bound of the bf16-activation test (1/128 for 2⁻⁹ errors on every activation) cut by 4 for
+/// the 4× smaller unit; bf16's u is 8× f16's, so 8/512 = 1/64. A q8 element is off by at most half a step
+/// of its group's largest magnitude / 127: 2⁻⁸ of that magnitude, bf16's unit of the element itself, but
+/// of the largest element rather than each (smaller elements fare worse): twice bf16's bound, 1/32. The
+/// result must differ from the f32 cache's (the narrower path ran). The greedy continuation must be
+/// transformers' with f16; with bf16 and q8, for as long as each step's top two logits are more than
+/// twice the bound apart (a closer pair may swap under that rounding: such a step ends the comparison,
+/// and the test says so).
 #[test]
 fn half_precision_kv_caches_stay_within_their_rounding() {
-    for (kv, share) in [(DType::F16, 512.0), (DType::BF16, 64.0)] {
+    for (kv, share) in [(DType::F16, 512.0), (DType::BF16, 64.0), (DType::Q8, 32.0)] {
         for name in FIXTURES {
             let g = golden(name);
             let tmp = tempfile::tempdir().unwrap();
@@ -126,6 +129,43 @@ fn half_precision_kv_caches_stay_within_their_rounding() {
                 }
             }
         }
+    }
+}
+
+/// A q8 KV cache whose groups are narrower than a vector (head_dim 8: groups of 8, against 16 lanes on
+/// AVX-512 — its rows are widened element by element), on every artifact kind: a random checkpoint of the
+/// `dense_gqa` shape with head_dim 8, token by token and in chunks, held to the q8 bound above (1/32 of the
+/// logits' scale) against the reference executor, and differing from the f32 cache's result.
+#[test]
+fn q8_kv_rows_with_groups_narrower_than_a_vector() {
+    let (mut cfg, _) = q3c_tests::open_fixture("dense_gqa");
+    cfg.head_dim = 8;
+    let tmp = tempfile::tempdir().unwrap();
+    q3c_models::random::write_checkpoint(&cfg, q3c_models::DType::F32, 11, tmp.path(), None)
+        .unwrap();
+    let graph = q3c_compiler::lower(&cfg).unwrap();
+    let ckpt = q3c_models::Checkpoint::open(tmp.path()).unwrap();
+    let reference =
+        q3c_runtime::ReferenceModel::new(graph.clone(), &ckpt, q3c_compiler::LOGITS).unwrap();
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 37 % cfg.vocab_size) as u32).collect();
+    let want = reference.session().forward(&prompt).unwrap().data;
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for backend in artifact_kinds() {
+        let run = |kv: DType| {
+            let out = tempfile::tempdir().unwrap();
+            let so = compile_graph_kv(backend, &graph, &cfg, out.path(), 8, "none", kv);
+            let model = CompiledModel::load(&so, tmp.path(), 2).unwrap();
+            model.session().forward(&prompt).unwrap().data
+        };
+        let (exact, got) = (run(DType::F32), run(DType::Q8));
+        let diff = max_abs_diff(&got, &want);
+        eprintln!("head_dim 8, {backend}: q8 KV max |dlogit| {diff:e} (scale {scale})");
+        assert!(max_abs_diff(&exact, &want) <= 1e-3, "{backend}: f32 KV");
+        assert!(diff <= scale / 32.0, "{backend}: q8 KV {diff:e}");
+        assert!(
+            max_abs_diff(&got, &exact) > 0.0,
+            "{backend}: q8 path did not run"
+        );
     }
 }
 

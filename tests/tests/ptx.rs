@@ -44,8 +44,13 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                 .into_iter()
                 .filter(|&id| q3c_backend_common::launch::is_expert_product(&graph.node(id).op))
                 .count();
-            // sm_90 with an f16 KV cache (conversions in PTX), sm_80 with f32.
-            for (gpu, kv_dtype) in [("sm_80", DType::F32), ("sm_90", DType::F16)] {
+            // sm_90 with an f16 KV cache (conversions in PTX), sm_80 with f32, sm_89 with q8 (bytes and
+            // scales).
+            for (gpu, kv_dtype) in [
+                ("sm_80", DType::F32),
+                ("sm_90", DType::F16),
+                ("sm_89", DType::Q8),
+            ] {
                 let opts = q3c_backend_llvm::PtxOptions {
                     gpu: gpu.into(),
                     max_tokens_per_call: 16,

@@ -49,8 +49,9 @@ pub struct Plan {
     pub kv_heads: usize,
     /// Ranks the graph is one of (1: not sharded).
     pub ranks: usize,
-    /// The element type of the KV cache (f32, or f16: the kernels that write it round, those that read it
-    /// widen). Set by the backend from its options; f32 unless told.
+    /// The element type of the KV cache (f32; f16, bf16 or q8 groups: the kernels that write it round,
+    /// those that read it widen; layout in `q3c_abi::kv_head_row_bytes`). Set by the backend from its
+    /// options; f32 unless told.
     pub kv_dtype: DType,
     /// Tokens an attention work item takes: [`crate::items::ATTENTION_TOKENS`] unless the backend sets
     /// another (GPUs: [`crate::items::GPU_ATTENTION_TOKENS`]).
@@ -77,9 +78,9 @@ pub struct PlanWeight {
 /// The KV-cache element types a backend can be asked for.
 pub fn check_kv_dtype(kv: DType) -> Result<DType, BackendError> {
     match kv {
-        DType::F32 | DType::F16 | DType::BF16 => Ok(kv),
+        DType::F32 | DType::F16 | DType::BF16 | DType::Q8 => Ok(kv),
         other => Err(BackendError::Unsupported(format!(
-            "a KV cache of {other} (f32, f16 and bf16 exist)"
+            "a KV cache of {other} (f32, f16, bf16 and q8 exist)"
         ))),
     }
 }

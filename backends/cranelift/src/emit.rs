@@ -54,9 +54,13 @@ impl Emit<'_, '_> {
         self.b.ins().store(mem(), v, ptr, offset);
     }
 
-    /// One weight element at `ptr + offset`, widened to f32.
+    /// One weight element at `ptr + offset`, widened to f32 (for q8, the signed byte).
     pub fn load_weight_at(&mut self, dtype: DType, ptr: Value, offset: i32) -> Value {
         match dtype {
+            DType::Q8 => {
+                let q = self.b.ins().sload8(I32, mem(), ptr, offset);
+                self.b.ins().fcvt_from_sint(F32, q)
+            }
             DType::BF16 => {
                 let bits = self.b.ins().uload16(I32, mem(), ptr, offset);
                 let bits = self.b.ins().ishl_imm_u(bits, 16);
@@ -183,9 +187,26 @@ impl Emit<'_, '_> {
         self.b.ins().bor(o, sign)
     }
 
+    /// An f32 as a q8 element (an i32 holding the signed byte): rounded to nearest even, held to ±127 (a NaN
+    /// becomes 0).
+    fn q8_byte(&mut self, v: Value) -> Value {
+        let r = self.b.ins().nearest(v);
+        let hi = self.b.ins().f32const(127.0);
+        let lo = self.b.ins().f32const(-127.0);
+        let r = self.b.ins().fmin(r, hi);
+        let r = self.b.ins().fmax(r, lo);
+        self.b.ins().fcvt_to_sint_sat(I32, r)
+    }
+
     /// Four consecutive weight elements widened to f32x4.
     pub fn load_weight4(&mut self, dtype: DType, ptr: Value, offset: i32) -> Value {
         match dtype {
+            DType::Q8 => {
+                // Eight bytes as i16x8 (sign-extended), the low four of them as i32x4.
+                let wide = self.b.ins().sload8x8(mem(), ptr, offset);
+                let wide = self.b.ins().swiden_low(wide);
+                self.b.ins().fcvt_from_sint(F32X4, wide)
+            }
             DType::BF16 => {
                 let wide = self.b.ins().uload16x4(mem(), ptr, offset);
                 let bits = self.b.ins().ishl_imm_u(wide, 16);
@@ -416,6 +437,10 @@ impl KernelBuilder for Emit<'_, '_> {
     }
     fn store_as(&mut self, dt: DType, v: Value, p: Value) {
         match dt {
+            DType::Q8 => {
+                let q = self.q8_byte(v);
+                self.b.ins().istore8(mem(), q, p, 0);
+            }
             DType::F16 => {
                 let h = self.f32_to_f16_bits(v);
                 self.b.ins().istore16(mem(), h, p, 0);
@@ -429,6 +454,13 @@ impl KernelBuilder for Emit<'_, '_> {
     }
     fn vstore_as(&mut self, dt: DType, v: Value, p: Value) {
         match dt {
+            DType::Q8 => {
+                for lane in 0..4u8 {
+                    let x = self.b.ins().extractlane(v, lane);
+                    let q = self.q8_byte(x);
+                    self.b.ins().istore8(mem(), q, p, i32::from(lane));
+                }
+            }
             DType::F16 | DType::BF16 => {
                 for lane in 0..4u8 {
                     let x = self.b.ins().extractlane(v, lane);

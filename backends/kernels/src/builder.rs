@@ -88,9 +88,10 @@ pub trait KernelBuilder: Sized {
     /// An i32 (token id, expert id, index) sign-extended to 64 bits.
     fn load_i32(&mut self, p: Self::Ptr) -> Self::Int;
     fn load_f32(&mut self, p: Self::Ptr) -> Self::F32;
-    /// One element of `dt` (f32, bf16 or f16) as f32.
+    /// One element of `dt` (f32, bf16 or f16; for q8 the signed byte) as f32.
     fn load_weight(&mut self, dt: DType, p: Self::Ptr) -> Self::F32;
-    /// `v` stored as one element of `dt` (f32, or f16 rounded to nearest even).
+    /// `v` stored as one element of `dt` (f32; f16 or bf16 rounded to nearest even; for q8 a signed byte,
+    /// rounded to nearest even and held to ±127; a NaN's byte is some value in that range).
     fn store_as(&mut self, dt: DType, v: Self::F32, p: Self::Ptr);
     /// `v` stored as `lanes` elements of `dt` (as [`KernelBuilder::store_as`]).
     fn vstore_as(&mut self, dt: DType, v: Self::Vec, p: Self::Ptr);
@@ -101,7 +102,7 @@ pub trait KernelBuilder: Sized {
     fn store_ptr(&mut self, v: Self::Ptr, p: Self::Ptr);
     /// `lanes` f32 (any alignment).
     fn vload(&mut self, p: Self::Ptr) -> Self::Vec;
-    /// `lanes` elements of `dt` (f32, bf16 or f16) widened to f32.
+    /// `lanes` elements of `dt` (f32, bf16 or f16; for q8 signed bytes) widened to f32.
     fn vload_weight(&mut self, dt: DType, p: Self::Ptr) -> Self::Vec;
     fn vstore(&mut self, v: Self::Vec, p: Self::Ptr);
     /// A 64-byte aligned buffer of `bytes` on the function's stack.

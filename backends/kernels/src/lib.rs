@@ -13,6 +13,7 @@
 
 pub mod builder;
 pub mod forward;
+mod kv;
 pub mod moe;
 pub mod ops;
 

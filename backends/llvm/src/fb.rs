@@ -256,9 +256,15 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     pub fn load_f32(&self, p: PointerValue<'ctx>) -> FloatValue<'ctx> {
         self.load_aligned(self.f32t(), p, 4).into_float_value()
     }
-    /// One weight of `dt` (f32 or bf16) as f32.
+    /// One element of `dt` (f32, bf16 or f16; for q8 the signed byte) as f32.
     pub fn load_weight(&self, dt: DType, p: PointerValue<'ctx>) -> FloatValue<'ctx> {
         match dt {
+            DType::Q8 => {
+                let q = self.load_aligned(self.cx.i8_type(), p, 1).into_int_value();
+                self.b
+                    .build_signed_int_to_float(q, self.f32t(), "")
+                    .expect(BUG)
+            }
             DType::BF16 => {
                 let h = self.load_aligned(self.cx.i16_type(), p, 2).into_int_value();
                 let w = self
@@ -283,9 +289,11 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             _ => self.load_f32(p),
         }
     }
-    /// `v` stored as one element of `dt` (f32, or f16 or bf16 rounded to nearest even).
+    /// `v` stored as one element of `dt` (f32; f16 or bf16 rounded to nearest even; for q8 a signed byte,
+    /// see [`Fb::q8_bytes`]).
     pub fn store_as(&self, dt: DType, v: FloatValue<'ctx>, p: PointerValue<'ctx>) {
         match dt {
+            DType::Q8 => self.store_bytes(self.q8_bytes(v.into()), p),
             DType::F16 => {
                 let h = self
                     .b
@@ -300,6 +308,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     /// A vector stored as `lanes` elements of `dt` (see [`Fb::store_as`]).
     pub fn vstore_as(&self, dt: DType, v: VectorValue<'ctx>, p: PointerValue<'ctx>) {
         match dt {
+            DType::Q8 => self.store_bytes(self.q8_bytes(v.into()), p),
             DType::F16 => {
                 let half = self.cx.f16_type().vec_type(self.flavor.lanes());
                 let h = self.b.build_float_trunc(v, half, "").expect(BUG);
@@ -312,6 +321,46 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             }
             _ => self.store(v, p),
         }
+    }
+    /// `v` (an f32 or a vector of them) as signed bytes: rounded to nearest even and held to ±127 (a NaN
+    /// becomes 127), so the conversion is defined for every input.
+    fn q8_bytes(&self, v: BasicValueEnum<'ctx>) -> BasicValueEnum<'ctx> {
+        let ty = v.get_type();
+        let (limit, bytes): (BasicValueEnum<'ctx>, BasicTypeEnum<'ctx>) = match ty {
+            BasicTypeEnum::VectorType(t) => (
+                self.vsplat_c_n(127.0, t.get_size()).into(),
+                self.cx.i8_type().vec_type(t.get_size()).into(),
+            ),
+            _ => (self.f32c(127.0).into(), self.cx.i8_type().into()),
+        };
+        let neg = match limit {
+            BasicValueEnum::VectorValue(l) => self.b.build_float_neg(l, "").expect(BUG).into(),
+            l => self
+                .b
+                .build_float_neg(l.into_float_value(), "")
+                .expect(BUG)
+                .into(),
+        };
+        let r = self.intrinsic("llvm.roundeven", ty, &[v]);
+        let r = self.intrinsic("llvm.minnum", ty, &[r, limit]);
+        let r = self.intrinsic("llvm.maxnum", ty, &[r, neg]);
+        match r {
+            BasicValueEnum::VectorValue(r) => self
+                .b
+                .build_float_to_signed_int(r, bytes.into_vector_type(), "")
+                .expect(BUG)
+                .into(),
+            r => self
+                .b
+                .build_float_to_signed_int(r.into_float_value(), bytes.into_int_type(), "")
+                .expect(BUG)
+                .into(),
+        }
+    }
+    /// Bytes stored at `p` with no alignment assumed.
+    fn store_bytes(&self, v: BasicValueEnum<'ctx>, p: PointerValue<'ctx>) {
+        let i = self.b.build_store(p, v).expect(BUG);
+        i.set_alignment(1).expect(BUG);
     }
     /// The bf16 bits (an i16) of `v` rounded to nearest even, a NaN kept a (quiet) NaN. Integer arithmetic,
     /// so no target needs a conversion instruction or a library call.
@@ -342,9 +391,13 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     pub fn vload(&self, p: PointerValue<'ctx>) -> VectorValue<'ctx> {
         self.load_aligned(self.vt(), p, 4).into_vector_value()
     }
-    /// A vector of weights of `dt` as f32 (bf16 widened by a shift into the high half).
+    /// A vector of weights of `dt` as f32 (bf16 widened by a shift into the high half, q8 bytes converted).
     pub fn vload_weight(&self, dt: DType, p: PointerValue<'ctx>) -> VectorValue<'ctx> {
-        let align = if dt == DType::F32 { 4 } else { 2 };
+        let align = match dt {
+            DType::F32 => 4,
+            DType::Q8 => 1,
+            _ => 2,
+        };
         self.load_weights(dt, p, self.flavor.lanes(), align)
     }
     /// `n` weights of `dt` at `p` (assumed aligned to `align` bytes) as a vector of f32 (bf16 widened by a
@@ -357,6 +410,14 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         align: u32,
     ) -> VectorValue<'ctx> {
         match dt {
+            DType::Q8 => {
+                let q = self
+                    .load_aligned(self.cx.i8_type().vec_type(n), p, align)
+                    .into_vector_value();
+                self.b
+                    .build_signed_int_to_float(q, self.f32t().vec_type(n), "")
+                    .expect(BUG)
+            }
             DType::BF16 => {
                 let i32v = self.cx.i32_type().vec_type(n);
                 let h = self

@@ -162,12 +162,13 @@ fn check_manifest(path: &Path, version: u32, bytes: &[u8]) -> Result<Manifest, R
             ),
         ));
     }
-    if !matches!(manifest.kv.dtype.as_str(), "f32" | "f16" | "bf16") {
+    if !q3c_abi::KV_DTYPES.contains(&manifest.kv.dtype.as_str()) {
         return Err(artifact_err(
             path,
             format!(
-                "the manifest's KV cache is {}; this runtime holds f32, f16 or bf16 caches",
-                manifest.kv.dtype
+                "the manifest's KV cache is {}; this runtime holds {} caches",
+                manifest.kv.dtype,
+                q3c_abi::KV_DTYPES.join(", ")
             ),
         ));
     }
