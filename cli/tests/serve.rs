@@ -380,11 +380,16 @@ fn the_api_answers_streams_and_survives_bad_clients() {
 }
 
 /// A request asking `user` after a long system prompt (~130 tokens, the same for every call), thinking off.
+/// Sampled with a seed: the random model's greedy answer after this prompt is its last token ("\n\n") over
+/// and over, no text to compare; a seeded draw differs between two computations of the logits only where it
+/// falls within their rounding (~1e-6) of a boundary between two tokens.
 fn after_system_prompt(user: &str, max_tokens: usize) -> String {
     let system = "You are a careful assistant who answers briefly. ".repeat(12);
     request(json!({
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
         "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "seed": 5,
         "chat_template_kwargs": {"enable_thinking": false},
     }))
     .to_string()
@@ -399,7 +404,7 @@ fn cached(r: &Value) -> u64 {
 
 /// Requests whose prompts begin alike reuse the KV cache a kept session holds: a shared system prompt is
 /// not computed again, a repeated request feeds only its last prompt token, and the answers are the ones
-/// computed from scratch (greedy).
+/// computed from scratch (seeded samples, see [`after_system_prompt`]).
 #[test]
 fn prompts_sharing_a_prefix_reuse_the_kv_cache() {
     let s = start();
@@ -410,6 +415,10 @@ fn prompts_sharing_a_prefix_reuse_the_kv_cache() {
     let (status, first) = post(&s, &ask("What is 2+2?"));
     assert_eq!(status, 200, "{first}");
     assert_eq!(cached(&first), 0, "{first}");
+    assert!(
+        content(&first).as_str().is_some_and(|c| !c.is_empty()),
+        "{first}"
+    );
     // Another question after the same system prompt: the system prompt comes from the cache.
     let (_, other) = post(&s, &ask("Name a color."));
     assert!(
@@ -583,13 +592,21 @@ fn several_choices_decode_as_sequences_of_their_own() {
             .extend(extra.as_object().unwrap().clone());
         request(r).to_string()
     };
-    let (_, one) = post(&s, &body(json!({})));
-    let (status, two) = post(&s, &body(json!({"n": 2})));
+    // Greedy, thinking: the random model's greedy answer has text only in its thinking (without it, its
+    // answer is "\n\n" over and over, trimmed away).
+    let thinking = json!({"chat_template_kwargs": {"enable_thinking": true}});
+    let (_, one) = post(&s, &body(thinking.clone()));
+    let mut pair = thinking.clone();
+    pair["n"] = 2.into();
+    let (status, two) = post(&s, &body(pair));
     assert_eq!(status, 200, "{two}");
+    let reasoning = &one["choices"][0]["message"]["reasoning_content"];
+    assert!(reasoning.as_str().is_some_and(|r| !r.is_empty()), "{one}");
     let choices = two["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 2, "{two}");
     for (i, c) in choices.iter().enumerate() {
         assert_eq!(c["index"], i);
+        assert_eq!(c["message"]["reasoning_content"], *reasoning, "{two}");
         assert_eq!(
             c["message"]["content"], one["choices"][0]["message"]["content"],
             "{two}"
@@ -803,19 +820,24 @@ fn streams_report_usage_and_sigterm_drains_running_requests() {
 
 /// A bounded soak: 64 clients at once (two requests each) mixing streamed and non-streamed requests,
 /// malformed bodies and budgets, and clients that vanish mid-stream. The server keeps answering; every
-/// well-formed request gets a complete answer equal to the same request alone (greedy); afterwards nothing
-/// runs or waits, and the KV cache holds no more than the kept sequences.
+/// well-formed request gets a complete answer equal to the same request alone (greedy, or sampled with a
+/// seed), each with text; afterwards nothing runs or waits, and the KV cache holds no more than the kept
+/// sequences.
 #[test]
 fn a_soak_of_64_clients_leaves_the_server_answering_and_clean() {
     let s = start_with(&["--max-concurrent", "8"]);
     let ask = |extra: Value| request(extra).to_string();
     let kinds = [
+        // The first two sampled with a seed: the random model's greedy answer to them has no text.
         ask(
             json!({"max_tokens": 10, "chat_template_kwargs": {"enable_thinking": false},
+                   "temperature": 1.0, "seed": 3,
                    "messages": [{"role": "user", "content": "Say hi."}]}),
         ),
-        ask(json!({"max_tokens": 12, "thinking_budget": 3,
-                   "messages": [{"role": "user", "content": "Count to three."}]})),
+        ask(
+            json!({"max_tokens": 12, "thinking_budget": 3, "temperature": 1.0, "seed": 4,
+                   "messages": [{"role": "user", "content": "Count to three."}]}),
+        ),
         ask(json!({"max_tokens": 8, "messages": [{"role": "user", "content": "Name a fruit."}]})),
     ];
     let message = |r: &Value| {
@@ -830,7 +852,9 @@ fn a_soak_of_64_clients_leaves_the_server_answering_and_clean() {
         .map(|k| {
             let (status, r) = post(&s, k);
             assert_eq!(status, 200, "{r}");
-            message(&r)
+            let (content, reasoning) = message(&r);
+            assert!(!content.is_empty() || !reasoning.is_empty(), "{r}");
+            (content, reasoning)
         })
         .collect();
     let addr = s.url.strip_prefix("http://").unwrap().to_string();
