@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Concurrent chat clients against an OpenAI-compatible server (q3c serve, llama-server), standard library only.
 
-    benches/server_load.py URL [--clients 4] [--requests 2] [--max-tokens 64] [--label NAME]
+    benches/server_load.py URL [--clients 4] [--requests 2] [--max-tokens 64] [--sample] [--label NAME]
 
-Each of CLIENTS threads sends REQUESTS streamed chat completions one after another (greedy, thinking off,
+Each of CLIENTS threads sends REQUESTS streamed chat completions one after another (greedy, or with --sample
+seeded samples through llama-server's default sampler chain, given explicitly to both: thinking off,
 a ~110-token prompt that differs per client and request so that no prompt cache helps, `ignore_eos` so that
 every answer runs to MAX_TOKENS, `stream_options.include_usage` for the token count). After one untimed
 request, it prints: completion tokens of all clients per second of wall time (aggregate), request latency
 (p50, p99), and — where the stream's text arrives token by token — time to first text and the time between
 text chunks (p50, p99). A model with random weights mostly writes byte tokens that are not whole UTF-8
 characters, which both servers hold back until they are, so for such a checkpoint only the first two mean
-anything. Run it against both servers on the same checkpoint, alternating, and compare.
+anything; sampled (--sample), such a model writes mostly whole tokens of text, so the text arrives token by
+token and the first-text and inter-token figures mean something too. Run it against both servers on the same
+checkpoint, alternating, and compare.
 """
 
 import argparse
@@ -75,6 +78,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--sample", action="store_true")
     ap.add_argument("--label", default="server")
     args = ap.parse_args()
     latencies: list[float] = []
@@ -85,11 +89,17 @@ def main() -> None:
     lock = threading.Lock()
 
     def body(c: int, n: int) -> dict:
+        sampling = (
+            # llama-server's defaults, spelled out so that both servers sample the same way.
+            {"temperature": 1.0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1000 * c + n}
+            if args.sample
+            else {"temperature": 0}
+        )
         return {
             "model": "m",
             "messages": [{"role": "user", "content": prompt(c, n)}],
             "max_tokens": args.max_tokens,
-            "temperature": 0,
+            **sampling,
             "stream": True,
             "stream_options": {"include_usage": True},
             "chat_template_kwargs": {"enable_thinking": False},
