@@ -49,7 +49,8 @@ impl KvMemory for HostKv {
     }
 
     fn copy_within(&mut self, from: usize, to: usize, n: usize) -> bool {
-        // Blocks start on whole f32 words (a row is a whole number of 2- or 4-byte elements times 16).
+        // Blocks start on whole f32 words (a block is 16 rows: a multiple of 4 bytes whatever a row holds);
+        // the last word may take up to 3 bytes after the rows, still in the block.
         let (from, to, words) = (from / 4, to / 4, n.div_ceil(4));
         for b in &mut self.0 {
             b.copy_within(from..from + words, to);
