@@ -47,6 +47,8 @@ pub struct Plan {
     pub layers: usize,
     /// KV heads each layer caches (a rank's share, in a sharded model).
     pub kv_heads: usize,
+    /// Elements of a cached K or V head row.
+    pub head_dim: usize,
     /// Ranks the graph is one of (1: not sharded).
     pub ranks: usize,
     /// The element type of the KV cache (f32; f16, bf16 or q8 groups: the kernels that write it round,
@@ -75,17 +77,28 @@ pub struct PlanWeight {
     pub owner: Option<WeightOwner>,
 }
 
-/// The KV-cache element types a backend can be asked for.
-pub fn check_kv_dtype(kv: DType) -> Result<DType, BackendError> {
-    match kv {
-        DType::F32 | DType::F16 | DType::BF16 | DType::Q8 => Ok(kv),
-        other => Err(BackendError::Unsupported(format!(
-            "a KV cache of {other} (f32, f16, bf16 and q8 exist)"
-        ))),
-    }
-}
-
 impl Plan {
+    /// Makes the KV cache hold `kv` elements, if a backend can be asked for them and this model's rows
+    /// can hold them: a q8 row's f32 scales follow its bytes, so its head_dim must be a multiple of 4.
+    pub fn set_kv_dtype(&mut self, kv: DType) -> Result<(), BackendError> {
+        match kv {
+            DType::Q8 if !self.head_dim.is_multiple_of(4) => {
+                return Err(BackendError::Unsupported(format!(
+                    "a q8 KV cache for a head_dim of {} (it needs a multiple of 4)",
+                    self.head_dim
+                )))
+            }
+            DType::F32 | DType::F16 | DType::BF16 | DType::Q8 => {}
+            other => {
+                return Err(BackendError::Unsupported(format!(
+                    "a KV cache of {other} (f32, f16, bf16 and q8 exist)"
+                )))
+            }
+        }
+        self.kv_dtype = kv;
+        Ok(())
+    }
+
     /// Where input `i` of node `id` is read from.
     pub fn input_loc(&self, graph: &Graph, id: NodeId, i: usize) -> Loc {
         self.uses
@@ -197,7 +210,7 @@ pub fn plan_with(
     let mut weights = Vec::new();
     let mut uses = HashMap::new();
     let mut layers = 0;
-    let mut kv_heads = 0;
+    let (mut kv_heads, mut head_dim) = (0, 0);
     let mut model_ranks = 1;
     // Root buffer of each node (views — reshape chains, selects — resolve to their source) and the view's
     // per-token byte offset in it.
@@ -290,7 +303,8 @@ pub fn plan_with(
             op if op.cache().is_some() => {
                 let (layer, kind) = op.cache().expect("checked");
                 layers = layers.max(layer as usize + 1);
-                kv_heads = node.tensor().shape.resolve(0, 0)[1];
+                let dims = node.tensor().shape.resolve(0, 0);
+                (kv_heads, head_dim) = (dims[1], dims[2]);
                 let slot = 2 * layer as usize + usize::from(kind == KvKind::V);
                 loc.insert(id, Loc::Cache { slot });
             }
@@ -407,6 +421,7 @@ pub fn plan_with(
         max_tokens,
         layers,
         kv_heads,
+        head_dim,
         ranks: model_ranks,
         kv_dtype: DType::F32,
         attention_tokens: crate::items::ATTENTION_TOKENS,
@@ -447,6 +462,29 @@ mod tests {
 
     fn q8_plan(model: &str) -> (Graph, Plan) {
         quantized_plan(model, DType::Q8)
+    }
+
+    /// A q8 KV cache needs head rows of a multiple of 4 elements (its f32 scales follow the bytes); every
+    /// element type a backend holds is accepted for Qwen3's, and others are refused.
+    #[test]
+    fn kv_dtypes_are_checked_against_the_head_rows() {
+        let mut cfg = lookup("Qwen3-0.6B").unwrap();
+        let planned = |cfg: &q3c_models::Qwen3Config| {
+            plan(&q3c_compiler::lower(cfg).unwrap(), q3c_compiler::LOGITS, 4).unwrap()
+        };
+        let mut p = planned(&cfg);
+        assert_eq!(p.head_dim, 128);
+        for kv in [DType::F32, DType::F16, DType::BF16, DType::Q8] {
+            p.set_kv_dtype(kv).unwrap();
+            assert_eq!(p.kv_dtype, kv);
+        }
+        assert!(p.set_kv_dtype(DType::I32).is_err());
+        cfg.head_dim = 6;
+        let mut p = planned(&cfg);
+        let err = p.set_kv_dtype(DType::Q8).unwrap_err().to_string();
+        assert!(err.contains("head_dim of 6"), "{err}");
+        assert_eq!(p.kv_dtype, DType::F32);
+        p.set_kv_dtype(DType::F16).unwrap();
     }
 
     fn forms(plan: &Plan, name: &str) -> Vec<DType> {

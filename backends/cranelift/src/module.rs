@@ -208,7 +208,7 @@ fn build<M: Module>(
     let fma = has_fma(isa);
     let features = required_features(isa);
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
-    plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
+    plan.set_kv_dtype(opts.kv_dtype)?;
     let launch = launch::build(graph, &mut plan)?;
     let err = |e: cranelift_module::ModuleError| BackendError::Internal(e.to_string());
 

@@ -220,7 +220,7 @@ pub fn compile_ptx(
     launch::check(graph, opts.max_tokens_per_call)?;
     let machine = target::ptx(&opts.gpu)?;
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
-    plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
+    plan.set_kv_dtype(opts.kv_dtype)?;
     let launch = gpu_launch(graph, &mut plan)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_kernels");
@@ -279,7 +279,7 @@ pub fn compile_gpu_emulation(
     launch::check(graph, opts.max_tokens_per_call)?;
     let target = target::cpu("native", false)?;
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
-    plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
+    plan.set_kv_dtype(opts.kv_dtype)?;
     let launch = gpu_launch(graph, &mut plan)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_gpu_on_cpu");

@@ -159,7 +159,7 @@ pub fn compile(
         }
     }
     let mut plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.quantize)?;
-    plan.kv_dtype = plan::check_kv_dtype(opts.kv_dtype)?;
+    plan.set_kv_dtype(opts.kv_dtype)?;
     let mut launch = launch::build(graph, &mut plan)?;
     // Staged products (q8, bf16 activations) prepare their activations after every other scratch buffer.
     let staging_offset = plan.scratch_bytes_per_token * plan.max_tokens;
