@@ -569,18 +569,7 @@ pub(crate) fn part_first<B: KernelBuilder>(
 
 /// Widens `n` elements of `dt` at `src` (a q8 KV row: bytes times their group's scale) into f32 at `dst`.
 fn widen_row<B: KernelBuilder>(b: &mut B, (src, dt): (B::Ptr, DType), dst: B::Ptr, n: usize) {
-    if dt == DType::Q8 && !kv::q8_vectors_fit(b, n) {
-        // Groups narrower than a vector: element by element.
-        for i in 0..n {
-            let scale = kv::q8_scale(b, src, n, Element::Const(i));
-            let (from, to) = (b.off(src, i), b.off(dst, i * 4));
-            let v = b.load_weight(dt, from);
-            let v = b.fmul(v, scale);
-            b.store_f32(v, to);
-        }
-        return;
-    }
-    map_row(b, n, |b, at| {
+    let widen = |b: &mut B, at: At<B::Int>| {
         let (from, to) = (at.ptr(b, src, dt.size()), at.ptr(b, dst, 4));
         let scale = (dt == DType::Q8).then(|| {
             let e = at.element(b);
@@ -588,23 +577,41 @@ fn widen_row<B: KernelBuilder>(b: &mut B, (src, dt): (B::Ptr, DType), dst: B::Pt
         });
         if at.is_vector() {
             let v = b.vload_weight(dt, from);
-            let v = match scale {
-                Some(s) => {
-                    let s = b.vsplat(s);
-                    b.vmul(v, s)
-                }
-                None => v,
-            };
+            let v = scaled_vec(b, v, scale);
             b.vstore(v, to);
         } else {
             let v = b.load_weight(dt, from);
-            let v = match scale {
-                Some(s) => b.fmul(v, s),
-                None => v,
-            };
+            let v = scaled_f32(b, v, scale);
             b.store_f32(v, to);
         }
-    });
+    };
+    if dt == DType::Q8 && !kv::q8_vectors_fit(b, n) {
+        // Groups narrower than a vector: element by element.
+        for i in 0..n {
+            widen(b, At::Scalar(i));
+        }
+        return;
+    }
+    map_row(b, n, widen);
+}
+
+/// `v` times `scale`, where there is one (a q8 group's).
+fn scaled_vec<B: KernelBuilder>(b: &mut B, v: B::Vec, scale: Option<B::F32>) -> B::Vec {
+    match scale {
+        Some(s) => {
+            let s = b.vsplat(s);
+            b.vmul(v, s)
+        }
+        None => v,
+    }
+}
+
+/// `x` times `scale`, where there is one (a q8 group's).
+fn scaled_f32<B: KernelBuilder>(b: &mut B, x: B::F32, scale: Option<B::F32>) -> B::F32 {
+    match scale {
+        Some(s) => b.fmul(x, s),
+        None => x,
+    }
 }
 
 /// Sets `n` f32 at `dst` to zero.
@@ -705,22 +712,13 @@ fn dot_row<B: KernelBuilder>(b: &mut B, x: B::Ptr, w: B::Ptr, dt: DType, k: usiz
         });
         if at.is_vector() {
             let (xv, wv) = (b.vload(xa), b.vload_weight(dt, wa));
-            let xv = match scale {
-                Some(s) => {
-                    let s = b.vsplat(s);
-                    b.vmul(xv, s)
-                }
-                None => xv,
-            };
+            let xv = scaled_vec(b, xv, scale);
             let a = b.get_vec(acc);
             let a = b.vfma(xv, wv, a);
             b.set_vec(acc, a);
         } else {
             let (xs, ws) = (b.load_f32(xa), b.load_weight(dt, wa));
-            let xs = match scale {
-                Some(s) => b.fmul(xs, s),
-                None => xs,
-            };
+            let xs = scaled_f32(b, xs, scale);
             let t = b.get_f32(tail);
             let t = b.fma(xs, ws, t);
             b.set_f32(tail, t);
@@ -1214,6 +1212,15 @@ impl<I: Copy> VectorAt<I> {
             VectorAt::At(i) => b.addr(base, i, lanes * size),
         }
     }
+
+    /// The index of its first element.
+    fn element<B: KernelBuilder<Int = I>>(self, b: &mut B) -> Element<B> {
+        let lanes = b.lanes();
+        match self {
+            VectorAt::Const(i) => Element::Const(i * lanes),
+            VectorAt::At(i) => Element::At(b.mul_c(i, lanes)),
+        }
+    }
 }
 
 impl<B: KernelBuilder> Accumulators<B> {
@@ -1251,24 +1258,15 @@ impl<B: KernelBuilder> Accumulators<B> {
         }
         let lanes = b.lanes();
         let scaled = |b: &mut B, e: Element<B>| -> B::F32 {
-            match dt {
-                DType::Q8 => {
-                    let s = kv::q8_scale(b, vj, dv, e);
-                    b.fmul(p, s)
-                }
-                _ => p,
-            }
+            let scale = (dt == DType::Q8).then(|| kv::q8_scale(b, vj, dv, e));
+            scaled_f32(b, p, scale)
         };
         let pv = b.vsplat(p);
         for &(i, a) in &self.vectors {
-            let pv = match (dt, i) {
-                (DType::Q8, VectorAt::Const(i)) => {
-                    let ps = scaled(b, Element::Const(i * lanes));
-                    b.vsplat(ps)
-                }
-                (DType::Q8, VectorAt::At(i)) => {
-                    let e = b.mul_c(i, lanes);
-                    let ps = scaled(b, Element::At(e));
+            let pv = match dt {
+                DType::Q8 => {
+                    let e = i.element(b);
+                    let ps = scaled(b, e);
                     b.vsplat(ps)
                 }
                 _ => pv,
