@@ -243,6 +243,28 @@ pub trait KernelBuilder: Sized {
         f(self)
     }
 
+    /// Where the threads sharing an item form several parts (the warps of a GPU block), runs `f` with this
+    /// thread's part and the number of parts, for a loop the parts split between them (attention's keys,
+    /// RoPE's heads); inside `f`, [`KernelBuilder::item_lane`] and [`KernelBuilder::share_sum`] are the
+    /// part's own, and [`KernelBuilder::parts_max`] / [`KernelBuilder::parts_sum`] meet the parts. `None`
+    /// (one part): `f` runs as the code around it.
+    fn item_parts<R>(&mut self, f: impl FnOnce(&mut Self, Option<(Self::Int, usize)>) -> R) -> R {
+        f(self, None)
+    }
+    /// Inside [`KernelBuilder::item_parts`]: the largest of the parts' `x` (each part giving its thread's
+    /// at this thread's lane), in every thread. Every thread of the item must reach it.
+    fn parts_max(&mut self, x: Self::F32) -> Self::F32 {
+        x
+    }
+    /// Inside [`KernelBuilder::item_parts`]: the sum of the parts' `x`, as [`KernelBuilder::parts_max`].
+    fn parts_sum(&mut self, x: Self::F32) -> Self::F32 {
+        x
+    }
+    /// [`KernelBuilder::parts_sum`] lane by lane.
+    fn parts_sum_vec(&mut self, x: Self::Vec) -> Self::Vec {
+        x
+    }
+
     /// `Σ_i x[i] · w[i]` over `k` elements: f32 activations at `x`, weights of `dt` at `w`.
     fn dot(&mut self, x: Self::Ptr, w: Self::Ptr, dt: DType, k: usize) -> Self::F32;
 

@@ -267,7 +267,23 @@ pub fn emit<B: KernelBuilder>(
                     }
                     return;
                 };
-                // Threads sharing the token: each normalises and rotates every `threads`-th head alone.
+                if kv != DType::Q8 {
+                    // Threads sharing the token: its heads go to the item's parts in turn, and the
+                    // threads of a part split each head's rotation pairs (with the norm fused in).
+                    let norm = norm.map(|(eps, dt)| (ptr[1], dt, eps));
+                    b.item_parts(|b, parts| {
+                        let (part, parts) = parts.unwrap_or_else(|| (b.iconst(0), 1));
+                        let heads_end = b.iconst(heads);
+                        b.for_range(part, heads_end, parts, |b, h| {
+                            let x = b.addr(src, h, d * 4);
+                            let o = b.addr(dst, h, kv_row);
+                            norm_rope_pairs(b, x, norm, (o, kv), d, pf, table, scale);
+                        });
+                    });
+                    return;
+                }
+                // A q8 cache quantizes a head's row a group at a time: each thread sharing the token
+                // normalises, rotates and stores every `threads`-th head alone.
                 let heads_end = b.iconst(heads);
                 b.for_range(lane, heads_end, threads, |b, h| {
                     b.alone(|b| {
@@ -284,13 +300,9 @@ pub fn emit<B: KernelBuilder>(
                             }
                             None => x,
                         };
-                        match rotated {
-                            None => rope_token(b, x, (o, kv), 1, d, pf, table, scale),
-                            Some(rot) => {
-                                rope_token(b, x, (rot, DType::F32), 1, d, pf, table, scale);
-                                kv::store_row(b, rot, (o, kv), d);
-                            }
-                        }
+                        let rot = rotated.expect("a q8 cache rotates on the stack");
+                        rope_token(b, x, (rot, DType::F32), 1, d, pf, table, scale);
+                        kv::store_row(b, rot, (o, kv), d);
                     })
                 });
             });
@@ -879,7 +891,23 @@ fn attention_item<B: KernelBuilder>(
     let b_next = b.add_c(b0, s.tokens);
     let room = b.ult(t, b_next);
     let b_end = b.select_int(room, t, b_next);
-    let scratch = AttentionScratch::new(b, s);
+    // Where the item has parts (the warps of a GPU block), each takes every `parts`-th block of keys.
+    b.item_parts(|b, parts| {
+        let scratch = AttentionScratch::new(b, s);
+        attention_rows(b, s, bufs, rows, (b0, b_end, g), &scratch, parts);
+    });
+}
+
+/// The rows `b0..b_end` of an attention item for the query heads of KV head `g`, a segment at a time.
+fn attention_rows<B: KernelBuilder>(
+    b: &mut B,
+    s: &AttentionShape,
+    bufs: [B::Ptr; 4],
+    rows: &Rows<B>,
+    (b0, b_end, g): (B::Int, B::Int, B::Int),
+    scratch: &AttentionScratch<B>,
+    parts: Option<(B::Int, usize)>,
+) {
     // A segment starts at the block's first row and wherever the sequence changes.
     b.for_range(b0, b_end, 1, |b, r| {
         let first = b.ieq(r, b0);
@@ -905,7 +933,7 @@ fn attention_item<B: KernelBuilder>(
                 blocks,
                 g,
             };
-            attention_segment(b, s, bufs, &scratch, &segment);
+            attention_segment(b, s, bufs, scratch, &segment, parts);
         });
     });
 }
@@ -914,6 +942,8 @@ fn attention_item<B: KernelBuilder>(
 /// for a half-precision cache, a key block's K and V rows widened to f32 (see [`attention_segment`]).
 struct AttentionScratch<B: KernelBuilder> {
     acc: B::Ptr,
+    /// Bytes of a row's accumulators in `acc` ([`Accumulators::scratch_bytes`]).
+    acc_row: usize,
     maxes: B::Ptr,
     totals: B::Ptr,
     scores: B::Ptr,
@@ -927,8 +957,10 @@ impl<B: KernelBuilder> AttentionScratch<B> {
         // Threads sharing an item (the GPU flavour) would each widen the whole block: they read the
         // cache directly.
         let widen = s.kv != DType::F32 && b.item_lane().is_none();
+        let acc_row = Accumulators::<B>::scratch_bytes(b, s.dv);
         AttentionScratch {
-            acc: b.stack(4 * rows * s.dv),
+            acc: b.stack(rows * acc_row),
+            acc_row,
             maxes: b.stack(4 * rows),
             totals: b.stack(4 * rows),
             scores: b.stack(4 * lanes),
@@ -966,6 +998,7 @@ fn attention_segment<B: KernelBuilder>(
     [q, k, v, out]: [B::Ptr; 4],
     st: &AttentionScratch<B>,
     seg: &Segment<B>,
+    parts: Option<(B::Int, usize)>,
 ) {
     let group = s.hq / s.hkv;
     let rows = s.tokens * group;
@@ -980,18 +1013,8 @@ fn attention_segment<B: KernelBuilder>(
         let (m, l) = (b.addr(maxes, r, 4), b.addr(totals, r, 4));
         b.store_f32(neg_inf, m);
         b.store_f32(zero, l);
-        // Every element, also where threads share the item: each keeps its own accumulators.
-        let o = b.addr(acc, r, s.dv * 4);
-        let lanes = b.lanes();
-        b.for_n(s.dv / lanes, |b, i| {
-            let to = b.addr(o, i, lanes * 4);
-            let z = b.vsplat(zero);
-            b.vstore(z, to);
-        });
-        for i in s.dv / lanes * lanes..s.dv {
-            let to = b.off(o, i * 4);
-            b.store_f32(zero, to);
-        }
+        let o = b.addr(acc, r, st.acc_row);
+        Accumulators::zero_scratch(b, o, s.dv);
     });
     // Query row r: row t0 + r / group, head g · group + r % group; it sees keys 0..len.
     let query = |b: &mut B, r: B::Int| {
@@ -1043,14 +1066,16 @@ fn attention_segment<B: KernelBuilder>(
         let total = b.fma(total, c, sum);
         b.store_f32(total, l);
         b.store_f32(new, m);
-        let o = b.addr(acc, r, s.dv * 4);
+        let o = b.addr(acc, r, st.acc_row);
         (Accumulators::load(b, o, s.dv, c), o, sum)
     };
     let blocks = b.udiv_c(len_max, lanes);
     let blocked = b.mul_c(blocks, lanes);
-    let first = b.iconst(0);
+    // This part's share of the keys: every `parts`-th block (and key after the last whole block).
+    let (part, n_parts) = parts.unwrap_or_else(|| (b.iconst(0), 1));
+    let first = b.mul_c(part, lanes);
     let pass = |b: &mut B, widened: Option<(B::Ptr, B::Ptr)>| {
-        b.for_range(first, blocked, lanes, |b, j0| {
+        b.for_range(first, blocked, lanes * n_parts, |b, j0| {
             // The block's keys are consecutive cache rows from c0; key u's K and V rows (from the
             // scratch, if widened there).
             let c0 = cache_row(b, seg.blocks, j0);
@@ -1104,7 +1129,7 @@ fn attention_segment<B: KernelBuilder>(
                         let (vr, dt) = key(b, 1, u);
                         row.add(b, pu, vr, dt, s.dv);
                     });
-                    row.store(b, o, s.dv);
+                    row.keep(b, o);
                 });
             });
         });
@@ -1127,7 +1152,8 @@ fn attention_segment<B: KernelBuilder>(
         }
     }
     // The keys after the last whole block, one at a time.
-    b.for_range(blocked, len_max, 1, |b, j| {
+    let tail = b.add(blocked, part);
+    b.for_range(tail, len_max, n_parts, |b, j| {
         let c = cache_row(b, seg.blocks, j);
         b.for_n(rows, |b, r| {
             let (go, qi, _) = sees(b, r, j);
@@ -1141,7 +1167,7 @@ fn attention_segment<B: KernelBuilder>(
                 });
                 let (vr, dt) = cached(b, v, c, s.dv);
                 row.add(b, p, vr, dt, s.dv);
-                row.store(b, o, s.dv);
+                row.keep(b, o);
             });
         });
     });
@@ -1153,11 +1179,29 @@ fn attention_segment<B: KernelBuilder>(
             let one = b.fconst(1.0);
             let l = b.addr(totals, r, 4);
             let total = b.load_f32(l);
-            let inv = b.fdiv(one, total);
-            let o = b.addr(acc, r, s.dv * 4);
-            let row = Accumulators::load(b, o, s.dv, inv);
+            let o = b.addr(acc, r, st.acc_row);
             let to = b.addr(out, qi, s.dv * 4);
-            row.store(b, to, s.dv);
+            if parts.is_none() {
+                let inv = b.fdiv(one, total);
+                let row = Accumulators::load(b, o, s.dv, inv);
+                row.store(b, to, s.dv);
+                return;
+            }
+            // The parts' sums, each rescaled to the largest max of all (a part that saw none of the
+            // row's keys has max -inf, so its factor and sums are 0), add up; the first part stores.
+            let m = b.addr(maxes, r, 4);
+            let m = b.load_f32(m);
+            let top = b.parts_max(m);
+            let below = b.fsub(m, top);
+            let c = b.exp(below);
+            let total = b.fmul(total, c);
+            let total = b.parts_sum(total);
+            let row = Accumulators::load(b, o, s.dv, c);
+            let inv = b.fdiv(one, total);
+            row.meet_parts(b, inv);
+            let zero = b.iconst(0);
+            let first = b.ieq(part, zero);
+            b.when(first, |b| row.store(b, to, s.dv));
         });
     });
 }
@@ -1223,29 +1267,73 @@ impl<I: Copy> VectorAt<I> {
     }
 }
 
+/// A thread's accumulators for a row of `dv` values kept between key blocks in its scratch row `o`: the
+/// vectors it owns one after the other (slot `j` at `o + j` vectors), then the single lanes. The slots' addresses do
+/// not depend on the thread, so the threads of a GPU warp read and write their scratch (thread-local
+/// memory) at one address together; for a thread alone they are the row's own layout.
 impl<B: KernelBuilder> Accumulators<B> {
-    /// The `dv` values at `o`, each multiplied by `c`.
+    /// Bytes of a scratch row for `dv` values.
+    fn scratch_bytes(b: &mut B, dv: usize) -> usize {
+        let lanes = b.lanes();
+        (VectorAt::of_row(b, dv / lanes).len() * lanes + dv % lanes) * 4
+    }
+
+    /// The scratch row at `o` set to zero.
+    fn zero_scratch(b: &mut B, o: B::Ptr, dv: usize) {
+        let lanes = b.lanes();
+        let slots = VectorAt::of_row(b, dv / lanes).len();
+        let zero = b.fconst(0.0);
+        let z = b.vsplat(zero);
+        for j in 0..slots {
+            let to = b.off(o, j * lanes * 4);
+            b.vstore(z, to);
+        }
+        for i in 0..dv % lanes {
+            let to = b.off(o, (slots * lanes + i) * 4);
+            b.store_f32(zero, to);
+        }
+    }
+
+    /// The accumulators kept in the scratch row at `o`, each multiplied by `c`.
     fn load(b: &mut B, o: B::Ptr, dv: usize, c: B::F32) -> Self {
         let lanes = b.lanes();
         let cv = b.vsplat(c);
-        let vectors = VectorAt::of_row(b, dv / lanes)
+        let owned = VectorAt::of_row(b, dv / lanes);
+        let slots = owned.len();
+        let vectors = owned
             .into_iter()
-            .map(|i| {
-                let at = i.ptr(b, o, 4);
+            .enumerate()
+            .map(|(j, i)| {
+                let at = b.off(o, j * lanes * 4);
                 let x = b.vload(at);
                 let x = b.vmul(x, cv);
                 (i, b.var_vec(x))
             })
             .collect();
-        let scalars = (dv / lanes * lanes..dv)
+        let scalars = (0..dv % lanes)
             .map(|i| {
-                let at = b.off(o, i * 4);
+                let at = b.off(o, (slots * lanes + i) * 4);
                 let x = b.load_f32(at);
                 let x = b.fmul(x, c);
                 b.var_f32(x)
             })
             .collect();
         Accumulators { vectors, scalars }
+    }
+
+    /// Keeps the accumulators in the scratch row at `o` (see [`Accumulators::load`]).
+    fn keep(&self, b: &mut B, o: B::Ptr) {
+        let lanes = b.lanes();
+        for (j, &(_, a)) in self.vectors.iter().enumerate() {
+            let y = b.get_vec(a);
+            let to = b.off(o, j * lanes * 4);
+            b.vstore(y, to);
+        }
+        for (i, &a) in self.scalars.iter().enumerate() {
+            let y = b.get_f32(a);
+            let to = b.off(o, (self.vectors.len() * lanes + i) * 4);
+            b.store_f32(y, to);
+        }
     }
 
     /// Adds `p ·` the value row at `vj` (elements of `dt`; of a q8 KV row, `p` times each group's scale
@@ -1288,7 +1376,24 @@ impl<B: KernelBuilder> Accumulators<B> {
         }
     }
 
-    /// Writes the accumulators to the row at `o`, of `dv` elements.
+    /// Inside [`KernelBuilder::item_parts`]: every value summed over the parts, then multiplied by `c`.
+    fn meet_parts(&self, b: &mut B, c: B::F32) {
+        let cv = b.vsplat(c);
+        for &(_, a) in &self.vectors {
+            let x = b.get_vec(a);
+            let x = b.parts_sum_vec(x);
+            let x = b.vmul(x, cv);
+            b.set_vec(a, x);
+        }
+        for &a in &self.scalars {
+            let x = b.get_f32(a);
+            let x = b.parts_sum(x);
+            let x = b.fmul(x, c);
+            b.set_f32(a, x);
+        }
+    }
+
+    /// Writes the accumulators to their elements of the row at `o`, of `dv` elements.
     fn store(&self, b: &mut B, o: B::Ptr, dv: usize) {
         let lanes = b.lanes();
         for &(i, a) in &self.vectors {
@@ -1461,6 +1566,80 @@ fn rope_token<B: KernelBuilder>(
             let at = b.off(to, half * dt.size());
             b.store_as(dt, hi, at);
         });
+    });
+}
+
+/// One head's row of `d` f32 at `x`, RMS-normalised first where `norm` = (weights, their dtype, eps) is
+/// given, rotated (rotate-half RoPE at position `pf`, inverse frequencies at `table`, cos/sin times
+/// `scale`) into `o` as elements of `dt`, with the same arithmetic as [`rms_row`] then [`rope_token`].
+/// Threads sharing the item ([`KernelBuilder::item_lane`]) split the pairs `(i, i + d/2)`: each reads and
+/// writes only its own pairs (so `o` may be `x`), and the squares' sum meets in
+/// [`KernelBuilder::share_sum`].
+#[allow(clippy::too_many_arguments)]
+fn norm_rope_pairs<B: KernelBuilder>(
+    b: &mut B,
+    x: B::Ptr,
+    norm: Option<(B::Ptr, DType, f64)>,
+    (o, dt): (B::Ptr, DType),
+    d: usize,
+    pf: B::F32,
+    table: B::Ptr,
+    scale: f32,
+) {
+    let half = d / 2;
+    let (lane, threads) = b.item_lane().unwrap_or_else(|| (b.iconst(0), 1));
+    let end = b.iconst(half);
+    let pair = |b: &mut B, i: B::Int| {
+        let at = b.addr(x, i, 4);
+        let x0 = b.load_f32(at);
+        let at = b.off(at, half * 4);
+        (x0, b.load_f32(at))
+    };
+    let norm = norm.map(|(w, wdt, eps)| {
+        let zero = b.fconst(0.0);
+        let squares = b.var_f32(zero);
+        b.for_range(lane, end, threads, |b, i| {
+            let (x0, x1) = pair(b, i);
+            let acc = b.get_f32(squares);
+            let acc = b.fma(x0, x0, acc);
+            let acc = b.fma(x1, x1, acc);
+            b.set_f32(squares, acc);
+        });
+        let ss = b.get_f32(squares);
+        let ss = b.share_sum(ss);
+        let inv_d = b.fconst(1.0 / d as f32);
+        let ms = b.fmul(ss, inv_d);
+        let eps = b.fconst(eps as f32);
+        let ms = b.fadd(ms, eps);
+        let root = b.sqrt(ms);
+        let one = b.fconst(1.0);
+        (w, wdt, b.fdiv(one, root))
+    });
+    b.for_range(lane, end, threads, |b, i| {
+        let at = b.addr(table, i, 4);
+        let f = b.load_f32(at);
+        let angle = b.fmul(pf, f);
+        let (c, s) = b.cos_sin(angle);
+        let sc = b.fconst(scale);
+        let (c, s) = (b.fmul(c, sc), b.fmul(s, sc));
+        let (mut x0, mut x1) = pair(b, i);
+        if let Some((w, wdt, inv)) = norm {
+            let w0 = b.addr(w, i, wdt.size());
+            let w1 = b.off(w0, half * wdt.size());
+            for (xv, wp) in [(&mut x0, w0), (&mut x1, w1)] {
+                let wv = b.load_weight(wdt, wp);
+                let y = b.fmul(*xv, inv);
+                *xv = b.fmul(wv, y);
+            }
+        }
+        let (x0c, x1s) = (b.fmul(x0, c), b.fmul(x1, s));
+        let lo = b.fsub(x0c, x1s);
+        let (x1c, x0s) = (b.fmul(x1, c), b.fmul(x0, s));
+        let hi = b.fadd(x1c, x0s);
+        let to = b.addr(o, i, dt.size());
+        b.store_as(dt, lo, to);
+        let to = b.off(to, half * dt.size());
+        b.store_as(dt, hi, to);
     });
 }
 

@@ -309,7 +309,22 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
         Fb::dot(self, x, w, dt, k)
     }
     fn item_lane(&mut self) -> Option<(IntValue<'ctx>, usize)> {
-        crate::gpu_gemm::row_lane(self).map(|lane| (lane, self.share.threads()))
+        crate::gpu_gemm::row_lane(self)
+    }
+    fn item_parts<R>(
+        &mut self,
+        f: impl FnOnce(&mut Self, Option<(IntValue<'ctx>, usize)>) -> R,
+    ) -> R {
+        crate::gpu_parts::item_parts(self, f)
+    }
+    fn parts_max(&mut self, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        crate::gpu_parts::reduce(self, x.into(), crate::gpu_parts::Meet::Max).into_float_value()
+    }
+    fn parts_sum(&mut self, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        crate::gpu_parts::reduce(self, x.into(), crate::gpu_parts::Meet::Sum).into_float_value()
+    }
+    fn parts_sum_vec(&mut self, x: VectorValue<'ctx>) -> VectorValue<'ctx> {
+        crate::gpu_parts::reduce(self, x.into(), crate::gpu_parts::Meet::Sum).into_vector_value()
     }
     fn alone<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
         let share = std::mem::replace(&mut self.share, crate::fb::ItemShare::One);
@@ -319,8 +334,8 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
     }
     fn share_sum(&mut self, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
         match crate::gpu_gemm::row_lane(self) {
-            Some(_) => crate::gpu_gemm::item_sum(self, x),
-            None => x,
+            Some(_) if self.flavor == crate::fb::Flavor::Gpu => crate::gpu_gemm::item_sum(self, x),
+            _ => x,
         }
     }
     fn matmul_columns(

@@ -58,6 +58,9 @@ pub enum ItemShare {
     Product,
     /// `n` threads split the item's loops over a row's elements (or its heads).
     Rows(usize),
+    /// Inside one part of an item that a block of `n` threads shares ([`crate::gpu_parts`]): the warp's
+    /// lanes split the row loops.
+    Part(usize),
 }
 
 impl ItemShare {
@@ -66,7 +69,7 @@ impl ItemShare {
         match self {
             ItemShare::One => 1,
             ItemShare::Product => crate::gpu_gemm::BLOCK_THREADS,
-            ItemShare::Rows(n) => n,
+            ItemShare::Rows(n) | ItemShare::Part(n) => n,
         }
     }
 }

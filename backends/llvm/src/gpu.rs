@@ -21,7 +21,6 @@ use q3c_ir::{Graph, Op};
 use q3c_models::Qwen3Config;
 
 use crate::fb::{Fb, Flavor, ItemShare, BUG};
-use crate::gpu_gemm::WARP;
 use crate::module::{finish_object, kernel_body, nounwind, optimise, Compiled};
 use crate::target;
 
@@ -67,16 +66,20 @@ enum Indices {
 
 /// How the threads of a GPU block share a work item of `body`: a block of [`crate::gpu_gemm::BLOCK_THREADS`] per matrix
 /// product of a linear-type node ([`crate::gpu_gemm`]); a block of [`ROW_THREADS`] for the row kernels
-/// whose loops over a row's elements split across threads (`q3c_kernels`' `map_row` and `dot`); a warp for
-/// attention (its accumulators and dot split across lanes) and RoPE (its heads split); else one thread.
+/// whose loops over a row's elements split across threads (`q3c_kernels`' `map_row` and `dot`), and for
+/// attention and RoPE, whose warps take parts of the item (attention's key blocks, RoPE's heads) and whose
+/// lanes split a row; else one thread.
 fn item_share(graph: &Graph, body: Body) -> ItemShare {
     match body {
         Body::Node(id) => match graph.node(id).op {
             Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => ItemShare::Product,
-            Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Embedding | Op::KvAppend { .. } => {
-                ItemShare::Rows(ROW_THREADS)
-            }
-            Op::Attention { .. } | Op::Rope(_) | Op::NormRope { .. } => ItemShare::Rows(WARP),
+            Op::RmsNorm { .. }
+            | Op::AddRmsNorm { .. }
+            | Op::Embedding
+            | Op::KvAppend { .. }
+            | Op::Attention { .. }
+            | Op::Rope(_)
+            | Op::NormRope { .. } => ItemShare::Rows(ROW_THREADS),
             _ => ItemShare::One,
         },
         _ => ItemShare::One,

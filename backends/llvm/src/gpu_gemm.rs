@@ -1,5 +1,6 @@
-//! Matrix products on NVIDIA GPUs: one thread block per work item (a panel of output columns), one warp
-//! per column at a time, the warp's 32 lanes splitting `k`.
+//! Matrix products on NVIDIA GPUs: one thread block per work item (a panel of output columns), each warp
+//! taking `width / warps` columns together (one at a time where they do not divide), the warp's 32 lanes
+//! splitting `k`.
 //!
 //! Each lane reads `v` consecutive weights (up to 8 bf16 = 16 bytes) per step and the warp a contiguous
 //! `32·v`-element run of the weight row, so the loads are coalesced; the activations come from L1/L2 (every
@@ -104,32 +105,58 @@ pub fn columns<'ctx>(
     let lane_x = fb.mul_c(lane, v * 4);
     let lane_w = fb.mul_c(lane, v * dt.size());
     let warps = BLOCK_THREADS / WARP;
-    fb.for_range(warp, fb.i64c(tile.width), warps, |fb, c| {
-        let col = fb.add(col0, c);
-        let wrow: Vec<_> = w.iter().map(|&m| fb.addr(m, col, w_stride)).collect();
+    // A warp takes its columns of the panel together where they divide evenly (every warp `width /
+    // warps` of them), so each lane has a load of every column's (and matrix's) run in flight at once:
+    // one column at a time left the single-matrix products at half the copy bandwidth on an H200.
+    let together = if tile.width.is_multiple_of(warps) {
+        tile.width / warps
+    } else {
+        1
+    };
+    fb.for_range(warp, fb.i64c(tile.width / together), warps, |fb, c| {
+        let cols: Vec<_> = (0..together)
+            .map(|i| fb.add(col0, fb.add_c(c, i * tile.width / together)))
+            .collect();
+        // The weight rows, column by column, matrix by matrix.
+        let wrows: Vec<Vec<_>> = cols
+            .iter()
+            .map(|&col| w.iter().map(|&m| fb.addr(m, col, w_stride)).collect())
+            .collect();
         let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
             let xr: Vec<_> = (0..nrows)
                 .map(|i| fb.off(fb.addr(x, r, x_stride), i * x_stride))
                 .collect();
             let zero = fb.f32c(0.0);
-            let accs: Vec<Vec<_>> = (0..nrows)
-                .map(|_| w.iter().map(|_| fb.var(zero)).collect())
+            // accs[column][row][matrix]
+            let accs: Vec<Vec<Vec<_>>> = cols
+                .iter()
+                .map(|_| {
+                    (0..nrows)
+                        .map(|_| w.iter().map(|_| fb.var(zero)).collect())
+                        .collect()
+                })
                 .collect();
             fb.for_n(steps, |fb, j| {
                 let w_at = fb.add(fb.mul_c(j, chunk * dt.size()), lane_w);
-                let ws: Vec<_> = wrow
+                let ws: Vec<Vec<_>> = wrows
                     .iter()
-                    .map(|&m| load_run(fb, dt, ptr_at(fb, m, w_at), v))
+                    .map(|ms| {
+                        ms.iter()
+                            .map(|&m| load_run(fb, dt, ptr_at(fb, m, w_at), v))
+                            .collect()
+                    })
                     .collect();
                 let x_at = fb.add(fb.mul_c(j, chunk * 4), lane_x);
                 for (ri, &xrow) in xr.iter().enumerate() {
                     let xs = load_run(fb, DType::F32, ptr_at(fb, xrow, x_at), v);
-                    for (mi, wv) in ws.iter().enumerate() {
-                        let mut a = fb.getf(accs[ri][mi]);
-                        for e in 0..v {
-                            a = fb.fma(xs[e], wv[e], a).into_float_value();
+                    for (ci, wc) in ws.iter().enumerate() {
+                        for (mi, wv) in wc.iter().enumerate() {
+                            let mut a = fb.getf(accs[ci][ri][mi]);
+                            for e in 0..v {
+                                a = fb.fma(xs[e], wv[e], a).into_float_value();
+                            }
+                            fb.set(accs[ci][ri][mi], a);
                         }
-                        fb.set(accs[ri][mi], a);
                     }
                 }
             });
@@ -138,28 +165,32 @@ pub fn columns<'ctx>(
                 fb.for_range(fb.add_c(lane, done), fb.i64c(k), WARP, |fb, i| {
                     for (ri, &xrow) in xr.iter().enumerate() {
                         let xi = fb.load_f32(ptr_at(fb, xrow, fb.mul_c(i, 4)));
-                        for (mi, &m) in wrow.iter().enumerate() {
-                            let wi = fb.load_weight(dt, ptr_at(fb, m, fb.mul_c(i, dt.size())));
-                            let a = fb.getf(accs[ri][mi]);
-                            fb.set(accs[ri][mi], fb.fma(xi, wi, a));
+                        for (ci, wc) in wrows.iter().enumerate() {
+                            for (mi, &m) in wc.iter().enumerate() {
+                                let wi = fb.load_weight(dt, ptr_at(fb, m, fb.mul_c(i, dt.size())));
+                                let a = fb.getf(accs[ci][ri][mi]);
+                                fb.set(accs[ci][ri][mi], fb.fma(xi, wi, a));
+                            }
                         }
                     }
                 });
             }
-            let parts: Vec<Vec<FloatValue>> = (0..w.len())
-                .map(|mi| {
-                    (0..nrows)
-                        .map(|ri| warp_sum(fb, fb.getf(accs[ri][mi])))
-                        .collect()
-                })
-                .collect();
-            let first = fb.icmp(IntPredicate::EQ, lane, fb.i64c(0));
-            fb.when(first, |fb| {
-                let o = fb.addr(fb.addr(o0, r, n * 4), col, 4);
-                for (ri, s) in epilogue(fb, &parts).into_iter().enumerate() {
-                    fb.store(s, fb.off(o, ri * n * 4));
-                }
-            });
+            for (ci, &col) in cols.iter().enumerate() {
+                let parts: Vec<Vec<FloatValue>> = (0..w.len())
+                    .map(|mi| {
+                        (0..nrows)
+                            .map(|ri| warp_sum(fb, fb.getf(accs[ci][ri][mi])))
+                            .collect()
+                    })
+                    .collect();
+                let first = fb.icmp(IntPredicate::EQ, lane, fb.i64c(0));
+                fb.when(first, |fb| {
+                    let o = fb.addr(fb.addr(o0, r, n * 4), col, 4);
+                    for (ri, s) in epilogue(fb, &parts).into_iter().enumerate() {
+                        fb.store(s, fb.off(o, ri * n * 4));
+                    }
+                });
+            }
         };
         let full = fb.mul_c(fb.udiv_c(rows, ROWS), ROWS);
         fb.for_range(fb.i64c(0), full, ROWS, |fb, r| block(fb, r, ROWS));
@@ -181,7 +212,10 @@ fn ptr_at<'ctx>(
 /// sum's readers ahead of the writes).
 pub fn item_sum<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
     let s = warp_sum(fb, x);
-    let warps = fb.share.threads() / WARP;
+    let warps = match fb.share {
+        ItemShare::Rows(n) => n / WARP,
+        _ => 1,
+    };
     if warps <= 1 {
         return s;
     }
@@ -238,7 +272,7 @@ fn shared_at<'ctx>(
 }
 
 /// `bar.sync 0`: every thread of the block waits for the others.
-fn barrier(fb: &Fb<'_, '_>) {
+pub fn barrier(fb: &Fb<'_, '_>) {
     let name = "llvm.nvvm.barrier0";
     let f = fb.m.get_function(name).unwrap_or_else(|| {
         fb.m.add_function(name, fb.cx.void_type().fn_type(&[], false), None)
@@ -246,10 +280,15 @@ fn barrier(fb: &Fb<'_, '_>) {
     fb.b.build_call(f, &[], "").expect(BUG);
 }
 
-/// This thread's index among those of its item, where a row kernel's item is shared.
-pub fn row_lane<'ctx>(fb: &Fb<'_, 'ctx>) -> Option<IntValue<'ctx>> {
-    match fb.share {
-        ItemShare::Rows(_) if fb.flavor == Flavor::Gpu => Some(thread_index(fb)),
+/// This thread's index among those splitting a row kernel's loops and their number, where they share
+/// it: the block's threads, or inside one of the item's parts ([`crate::gpu_parts`]) the warp's lanes.
+/// On the CPU emulation of the GPU flavour, thread 0 of the block takes the item as the only one of them
+/// (so the GPU's way of splitting a row runs, and is tested, there at one thread).
+pub fn row_lane<'ctx>(fb: &Fb<'_, 'ctx>) -> Option<(IntValue<'ctx>, usize)> {
+    match (fb.flavor, fb.share) {
+        (Flavor::Gpu, ItemShare::Rows(n)) => Some((thread_index(fb), n)),
+        (Flavor::Gpu, ItemShare::Part(_)) => Some((fb.urem_c(thread_index(fb), WARP), WARP)),
+        (Flavor::GpuOnCpu, ItemShare::Rows(_) | ItemShare::Part(_)) => Some((fb.i64c(0), 1)),
         _ => None,
     }
 }

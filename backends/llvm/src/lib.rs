@@ -22,6 +22,8 @@ mod gpu;
 #[cfg(feature = "llvm")]
 mod gpu_gemm;
 #[cfg(feature = "llvm")]
+mod gpu_parts;
+#[cfg(feature = "llvm")]
 mod module;
 #[cfg(feature = "llvm")]
 mod q8;
