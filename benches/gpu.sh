@@ -3,7 +3,9 @@
 #
 #   benches/gpu.sh prepare DIR   here: a q3c and the CUDA test binary built with `--features cuda` (no LLVM
 #                                needed to run), and CUDA artifacts of every golden fixture (f32 and f16 KV)
-#                                and of the Qwen3-0.6B and Qwen3-8B shapes, all into DIR (with this script)
+#                                and of the Qwen3-0.6B and Qwen3-8B shapes, all into DIR (with this script);
+#                                with BASE=path/to/an/older/q3c also that compiler's artifacts of both shapes
+#                                (base-*.q3c), which the run then times against these in alternating rounds
 #   bash DIR/gpu.sh run DIR      on the GPU machine, from the repository root: the CUDA tests on the fixtures,
 #                                a device-to-device copy (the bandwidth roof, through PyTorch where present),
 #                                then q3c bench of both shapes on random bf16 weights made there: prefill 512,
@@ -32,6 +34,10 @@ for l in sys.stdin:
     done
     target/release/q3c compile Qwen3-0.6B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/q06.q3c"
     target/release/q3c compile Qwen3-8B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/q8b.q3c"
+    if [ -n "${BASE:-}" ]; then
+      "$BASE" compile Qwen3-0.6B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/base-q06.q3c"
+      "$BASE" compile Qwen3-8B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/base-q8b.q3c"
+    fi
     cp "$0" "$dir/gpu.sh"
     ;;
   run)
@@ -61,6 +67,17 @@ print(f"d2d copy of 4 GiB: {ms:.3f} ms, {2 * x.numel() / ms / 1e6:.0f} GB/s (rea
       b "${w[@]}" --prompt-len 512 --gen 64 --reps "$3"
       b "${w[@]}" --prompt-len 16 --gen 128 --reps "$3"
       b "${w[@]}" --batch 8 --prompt-len 128 --gen 32 --reps 1
+      # Against the older compiler's artifact (same runtime, same weights), alternating rounds.
+      if [ -e "$dir/base-$2.q3c" ]; then
+        for round in 1 2; do
+          for which in base new; do
+            m="$dir/$2.q3c"; [ "$which" = base ] && m="$dir/base-$2.q3c"
+            echo "-- round $round, $which"
+            b --model "$m" --weights "/tmp/w-$2" --prompt-len 512 --gen 32 --reps 1
+            b --model "$m" --weights "/tmp/w-$2" --prompt-len 16 --gen 64 --reps 1
+          done
+        done
+      fi
     }
     shape Qwen3-0.6B q06 3
     shape Qwen3-8B q8b 2

@@ -16,9 +16,12 @@ pub struct WriteError(pub String);
 /// tests.
 pub struct SplitMix64(pub u64);
 
+/// SplitMix64's step: its state is the seed plus this times the draws so far.
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl SplitMix64 {
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GOLDEN_GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -29,6 +32,30 @@ impl SplitMix64 {
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
+    /// The generator `n` draws later: the same values a sequential run would give from there.
+    pub fn skip(&self, n: u64) -> SplitMix64 {
+        SplitMix64(self.0.wrapping_add(n.wrapping_mul(GOLDEN_GAMMA)))
+    }
+}
+
+/// `n` values uniform in `[-amplitude, amplitude)` rounded to `dtype`, drawn from `rng` on (as one
+/// sequential run would draw them, so a seed names the same checkpoint), in chunks over the machine's
+/// threads: a Qwen3-8B shape's 8 billion draws took 84 s on one thread.
+fn uniform_values(rng: &SplitMix64, n: usize, amplitude: f32, dtype: DType) -> Vec<f32> {
+    let mut values = vec![0f32; n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let chunk = n.div_ceil(threads).max(1 << 16);
+    std::thread::scope(|s| {
+        for (c, part) in values.chunks_mut(chunk).enumerate() {
+            let mut rng = rng.skip((c * chunk) as u64);
+            s.spawn(move || {
+                for v in part {
+                    *v = round_to(dtype, amplitude * (2.0 * rng.next_f64() as f32 - 1.0));
+                }
+            });
+        }
+    });
+    values
 }
 
 /// Writes `config.json` and `model.safetensors` (random weights of `dtype`) into `dir`; with
@@ -70,17 +97,14 @@ pub fn write_checkpoint_packed(
     let plan = plan_tensors(&specs, dtype, packer);
     write_safetensors(&dir.join(SINGLE_FILE), &plan.tensors, &plan.metadata, |i| {
         let t = &specs[i];
-        let norm = t.name.ends_with("norm.weight");
-        let values: Vec<f32> = (0..t.shape.iter().product::<usize>())
-            .map(|_| {
-                let v = if norm {
-                    1.0
-                } else {
-                    amplitude * (2.0 * rng.next_f64() as f32 - 1.0)
-                };
-                round_to(dtype, v)
-            })
-            .collect();
+        let n = t.shape.iter().product::<usize>();
+        let values = if t.name.ends_with("norm.weight") {
+            vec![round_to(dtype, 1.0); n]
+        } else {
+            let values = uniform_values(&rng, n, amplitude, dtype);
+            rng = rng.skip(n as u64);
+            values
+        };
         Ok(match (&plan.packed[i], packer) {
             (Some(_), Some(p)) => p.pack(&t.name, &t.shape, &values),
             _ => to_bytes(dtype, &values),
@@ -96,4 +120,34 @@ pub fn write_checkpoint_packed(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_skip_lands_where_the_draws_would() {
+        let mut seq = SplitMix64(7);
+        for _ in 0..1000 {
+            seq.next_u64();
+        }
+        assert_eq!(SplitMix64(7).skip(1000).next_u64(), seq.next_u64());
+    }
+
+    #[test]
+    fn values_drawn_in_chunks_are_the_sequential_draws() {
+        // Several chunks of 2^16 wherever there are two threads or more: 2^16 · 5 + 17 values.
+        let n = (5 << 16) + 17;
+        let mut seq = SplitMix64(3);
+        let expected: Vec<f32> = (0..n)
+            .map(|_| round_to(DType::BF16, 0.5 * (2.0 * seq.next_f64() as f32 - 1.0)))
+            .collect();
+        let got = uniform_values(&SplitMix64(3), n, 0.5, DType::BF16);
+        assert!(got
+            .iter()
+            .zip(&expected)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert_eq!(got.len(), n);
+    }
 }

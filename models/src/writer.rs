@@ -93,16 +93,25 @@ pub fn round_to(dtype: DType, v: f32) -> f32 {
     }
 }
 
-/// `values` (representable in `dtype`) as little-endian `dtype` bytes.
+/// `values` (representable in `dtype`) as little-endian `dtype` bytes, in chunks over the machine's threads.
 pub fn to_bytes(dtype: DType, values: &[f32]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(values.len() * dtype.size());
-    for &v in values {
-        match dtype {
-            DType::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
-            DType::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-            DType::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+    let size = dtype.size();
+    let mut bytes = vec![0u8; values.len() * size];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let chunk = values.len().div_ceil(threads).max(1 << 16);
+    std::thread::scope(|s| {
+        for (part, out) in values.chunks(chunk).zip(bytes.chunks_mut(chunk * size)) {
+            s.spawn(move || {
+                for (&v, o) in part.iter().zip(out.chunks_exact_mut(size)) {
+                    match dtype {
+                        DType::F32 => o.copy_from_slice(&v.to_le_bytes()),
+                        DType::BF16 => o.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                        DType::F16 => o.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                    }
+                }
+            });
         }
-    }
+    });
     bytes
 }
 
