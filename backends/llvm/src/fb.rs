@@ -68,7 +68,7 @@ impl ItemShare {
     pub fn threads(self) -> usize {
         match self {
             ItemShare::One => 1,
-            ItemShare::Product => crate::gpu_gemm::BLOCK_THREADS,
+            ItemShare::Product => crate::gpu_gemm::PRODUCT_THREADS,
             ItemShare::Rows(n) | ItemShare::Part(n) => n,
         }
     }

@@ -21,6 +21,7 @@ use q3c_ir::{Graph, Op};
 use q3c_models::Qwen3Config;
 
 use crate::fb::{Fb, Flavor, ItemShare, BUG};
+use crate::gpu_gemm::WARP;
 use crate::module::{finish_object, kernel_body, nounwind, optimise, Compiled};
 use crate::target;
 
@@ -64,11 +65,11 @@ enum Indices {
     Parameters,
 }
 
-/// How the threads of a GPU block share a work item of `body`: a block of [`crate::gpu_gemm::BLOCK_THREADS`] per matrix
+/// How the threads of a GPU block share a work item of `body`: a block of [`crate::gpu_gemm::PRODUCT_THREADS`] per matrix
 /// product of a linear-type node ([`crate::gpu_gemm`]); a block of [`ROW_THREADS`] for the row kernels
 /// whose loops over a row's elements split across threads (`q3c_kernels`' `map_row` and `dot`), and for
-/// attention and RoPE, whose warps take parts of the item (attention's key blocks, RoPE's heads) and whose
-/// lanes split a row; else one thread.
+/// attention and RoPE, whose warps take parts of the item (attention's key blocks; RoPE's heads, a warp
+/// for each) and whose lanes split a row; else one thread.
 fn item_share(graph: &Graph, body: Body) -> ItemShare {
     match body {
         Body::Node(id) => match graph.node(id).op {
@@ -77,9 +78,12 @@ fn item_share(graph: &Graph, body: Body) -> ItemShare {
             | Op::AddRmsNorm { .. }
             | Op::Embedding
             | Op::KvAppend { .. }
-            | Op::Attention { .. }
-            | Op::Rope(_)
-            | Op::NormRope { .. } => ItemShare::Rows(ROW_THREADS),
+            | Op::Attention { .. } => ItemShare::Rows(ROW_THREADS),
+            // A warp per head (up to 32): each head's work is one short dependent chain.
+            Op::Rope(_) | Op::NormRope { .. } => {
+                let heads = q3c_backend_common::items::dims(graph, id)[1];
+                ItemShare::Rows(WARP * heads.clamp(1, MAX_ROPE_WARPS))
+            }
             _ => ItemShare::One,
         },
         _ => ItemShare::One,
@@ -88,6 +92,8 @@ fn item_share(graph: &Graph, body: Body) -> ItemShare {
 
 /// Threads of a row kernel's block.
 const ROW_THREADS: usize = 256;
+/// Warps of a RoPE block at most (a block has at most 1024 threads).
+const MAX_ROPE_WARPS: usize = 32;
 
 /// The launch plan of `graph` for GPUs: `launch::build`'s, with each dispatch's threads per item.
 fn gpu_launch(graph: &Graph, plan: &mut Plan) -> Result<launch::Launch, BackendError> {

@@ -6,7 +6,7 @@
 //! `32·v`-element run of the weight row, so the loads are coalesced; the activations come from L1/L2 (every
 //! warp of the call reads the same rows). Rows go in blocks of four, each weight load shared by them. A
 //! warp's partial sums meet in a butterfly of `shfl.sync.bfly` (every lane ends with the sum) and lane 0
-//! applies the epilogue and stores. Used for the kernels the launch plan gives [`BLOCK_THREADS`] threads
+//! applies the epilogue and stores. Used for the kernels the launch plan gives [`PRODUCT_THREADS`] threads
 //! per item (`q3c_abi::launch::Dispatch::threads_per_item`); on the CPU emulation of the GPU flavour the
 //! same items run with the CPU tiling on one thread of the block.
 
@@ -18,12 +18,18 @@ use q3c_kernels::MatMul;
 use crate::fb::{Fb, Flavor, ItemShare, BUG};
 use crate::gemm::epilogue;
 
-/// Threads of the block that takes one work item of a cooperative product.
+/// Threads of the block that takes one work item of a cooperative product (8 warps, two columns each
+/// of a 16-column panel; a warp per column in blocks of 512 threads, held to 64 registers for two
+/// blocks per SM, measured slower on an H200: prefill 0.7×, decode the same).
+pub const PRODUCT_THREADS: usize = 256;
+/// Threads of a row kernel's block at most (the shared arrays of its sums are sized for them).
 pub const BLOCK_THREADS: usize = 256;
 /// Threads of a warp: the threads of a row kernel's item.
 pub const WARP: usize = 32;
 /// Rows that share each weight load.
 const ROWS: usize = 4;
+/// Weight runs a lane loads per iteration of a product's `k` loop at least (columns × matrices × steps).
+const UNROLLED_STREAMS: usize = 4;
 
 /// `threadIdx.x` as an i64.
 pub fn thread_index<'ctx>(fb: &Fb<'_, 'ctx>) -> IntValue<'ctx> {
@@ -104,10 +110,10 @@ pub fn columns<'ctx>(
     let col0 = fb.mul_c(item, tile.width);
     let lane_x = fb.mul_c(lane, v * 4);
     let lane_w = fb.mul_c(lane, v * dt.size());
-    let warps = BLOCK_THREADS / WARP;
+    let warps = PRODUCT_THREADS / WARP;
     // A warp takes its columns of the panel together where they divide evenly (every warp `width /
     // warps` of them), so each lane has a load of every column's (and matrix's) run in flight at once:
-    // one column at a time left the single-matrix products at half the copy bandwidth on an H200.
+    // one column at a time left the single-matrix products at 1.8-2.1 TB/s on an H200, two 2.3-2.8.
     let together = if tile.width.is_multiple_of(warps) {
         tile.width / warps
     } else {
@@ -136,7 +142,7 @@ pub fn columns<'ctx>(
                         .collect()
                 })
                 .collect();
-            fb.for_n(steps, |fb, j| {
+            let step = |fb: &Fb<'_, 'ctx>, j: IntValue<'ctx>| {
                 let w_at = fb.add(fb.mul_c(j, chunk * dt.size()), lane_w);
                 let ws: Vec<Vec<_>> = wrows
                     .iter()
@@ -159,7 +165,18 @@ pub fn columns<'ctx>(
                         }
                     }
                 }
+            };
+            // `unroll` steps per iteration, so their loads are all in flight before the first sum
+            // needs one (a warp's one or two weight streams left the loads of one step alone in flight).
+            let unroll = (UNROLLED_STREAMS / (cols.len() * w.len())).max(1);
+            fb.for_n(steps / unroll, |fb, jj| {
+                for u in 0..unroll {
+                    step(fb, fb.add_c(fb.mul_c(jj, unroll), u));
+                }
             });
+            for j in steps / unroll * unroll..steps {
+                step(fb, fb.i64c(j));
+            }
             // Elements past the whole runs, one per lane.
             if done < k {
                 fb.for_range(fb.add_c(lane, done), fb.i64c(k), WARP, |fb, i| {
@@ -219,6 +236,7 @@ pub fn item_sum<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> FloatValue<'ctx
     if warps <= 1 {
         return s;
     }
+    assert!(warps <= MAX_WARPS, "a block sum over {warps} warps");
     let shared = shared_sums(fb);
     let tid = thread_index(fb);
     let (warp, lane) = (fb.udiv_c(tid, WARP), fb.urem_c(tid, WARP));

@@ -51,6 +51,10 @@ pub fn reduce<'ctx>(
     if fb.flavor != Flavor::Gpu {
         return x;
     }
+    assert!(
+        threads <= BLOCK_THREADS,
+        "parts meeting in a block of {threads} threads"
+    );
     let width = match x {
         BasicValueEnum::VectorValue(v) => v.get_type().get_size() as usize,
         _ => 1,
