@@ -9,7 +9,8 @@
 #   bash DIR/gpu.sh run DIR      on the GPU machine, from the repository root: the CUDA tests on the fixtures,
 #                                a device-to-device copy (the bandwidth roof, through PyTorch where present),
 #                                then q3c bench of both shapes on random bf16 weights made there: prefill 512,
-#                                decode after 512 and after 16 tokens, 8 sequences together, one profiled decode
+#                                decode after 512 and after 16 tokens, 8 sequences together, one profiled decode;
+#                                QUICK=1 keeps only the tests and the rounds against BASE (device time is scarce)
 set -euo pipefail
 what=${1:?prepare DIR | run DIR}
 dir=$(realpath -m "${2:?DIR}")
@@ -48,8 +49,10 @@ for l in sys.stdin:
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     export Q3C_CUDA_ARTIFACTS=$dir
     echo "== tests"; timeout 150 "$dir/cuda-test" --nocapture --test-threads 1 2>&1 | grep -v "running on" | tail -40
-    echo "== copy bandwidth"
-    timeout 60 python3 -c '
+    quick=${QUICK:-}
+    if [ -z "$quick" ]; then
+      echo "== copy bandwidth"
+      timeout 60 python3 -c '
 import torch
 x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
 for _ in range(3): y.copy_(x)
@@ -58,15 +61,18 @@ s.record()
 for _ in range(10): y.copy_(x)
 e.record(); torch.cuda.synchronize(); ms = s.elapsed_time(e) / 10
 print(f"d2d copy of 4 GiB: {ms:.3f} ms, {2 * x.numel() / ms / 1e6:.0f} GB/s (read + write)")'
+    fi
     b() { timeout 150 "$dir/q3c" bench "$@" 2>&1 | grep -v "^(16 threads\|^loaded"; }
     # MODEL ARTIFACT REPS: random weights, prefill 512, decode after 512 and 16 tokens, 8 sequences.
     shape() {
       echo "== $1"
       timeout 150 "$dir/q3c" random-weights "$1" -o "/tmp/w-$2" 2>&1 | tail -1
       w=(--model "$dir/$2.q3c" --weights "/tmp/w-$2")
-      b "${w[@]}" --prompt-len 512 --gen 64 --reps "$3"
-      b "${w[@]}" --prompt-len 16 --gen 128 --reps "$3"
-      b "${w[@]}" --batch 8 --prompt-len 128 --gen 32 --reps 1
+      if [ -z "$quick" ]; then
+        b "${w[@]}" --prompt-len 512 --gen 64 --reps "$3"
+        b "${w[@]}" --prompt-len 16 --gen 128 --reps "$3"
+        b "${w[@]}" --batch 8 --prompt-len 128 --gen 32 --reps 1
+      fi
       # Against the older compiler's artifact (same runtime, same weights), alternating rounds.
       if [ -e "$dir/base-$2.q3c" ]; then
         for round in 1 2; do
@@ -81,8 +87,10 @@ print(f"d2d copy of 4 GiB: {ms:.3f} ms, {2 * x.numel() / ms / 1e6:.0f} GB/s (rea
     }
     shape Qwen3-0.6B q06 3
     shape Qwen3-8B q8b 2
-    echo "== profile (8B, decode after 16 tokens)"
-    Q3C_CUDA_PROFILE=1 timeout 100 "$dir/q3c" bench "${w[@]}" --prompt-len 16 --gen 32 --reps 1 2>&1 | tail -24
+    if [ -z "$quick" ]; then
+      echo "== profile (8B, decode after 16 tokens)"
+      Q3C_CUDA_PROFILE=1 timeout 100 "$dir/q3c" bench "${w[@]}" --prompt-len 16 --gen 32 --reps 1 2>&1 | tail -24
+    fi
     ;;
   *) echo "usage: benches/gpu.sh prepare DIR | run DIR" >&2; exit 2 ;;
 esac

@@ -74,11 +74,12 @@ fn item_share(graph: &Graph, body: Body) -> ItemShare {
     match body {
         Body::Node(id) => match graph.node(id).op {
             Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => ItemShare::Product,
-            Op::RmsNorm { .. }
-            | Op::AddRmsNorm { .. }
-            | Op::Embedding
-            | Op::KvAppend { .. }
-            | Op::Attention { .. } => ItemShare::Rows(ROW_THREADS),
+            Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Embedding | Op::KvAppend { .. } => {
+                ItemShare::Rows(ROW_THREADS)
+            }
+            // A part per warp of the largest block: at batch 1 the items are the KV heads (8 for
+            // Qwen3-8B), so the parts are all the warps that take a long context's keys.
+            Op::Attention { .. } => ItemShare::Rows(crate::gpu_parts::MAX_THREADS),
             // A warp per head (up to 32): each head's work is one short dependent chain.
             Op::Rope(_) | Op::NormRope { .. } => {
                 let heads = q3c_backend_common::items::dims(graph, id)[1];
@@ -212,6 +213,18 @@ fn entries<'ctx>(
             ]);
             m.add_global_metadata("nvvm.annotations", &md)
                 .map_err(|e| BackendError::Internal(e.to_string()))?;
+            // A row kernel's block has exactly its threads: ptxas keeps the registers to what a block
+            // that size can have (a 1024-thread block, at most 64 per thread). Products go without (with
+            // it, ptxas gave them more registers or spills, for the same occupancy).
+            if let ItemShare::Rows(_) = share {
+                let md = cx.metadata_node(&[
+                    entry.as_global_value().as_pointer_value().into(),
+                    cx.metadata_string("maxntidx").into(),
+                    i32t.const_int(share.threads() as u64, false).into(),
+                ]);
+                m.add_global_metadata("nvvm.annotations", &md)
+                    .map_err(|e| BackendError::Internal(e.to_string()))?;
+            }
         }
         out.push(entry);
     }

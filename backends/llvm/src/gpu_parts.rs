@@ -2,18 +2,18 @@
 //! item's *parts*: attention's keys, RoPE's heads), each warp splitting a row across its lanes as a whole
 //! item would, and then meet through shared memory ([`KernelBuilder::item_parts`](q3c_kernels::KernelBuilder::item_parts)).
 
-use inkwell::values::{BasicValue, BasicValueEnum, PointerValue};
+use inkwell::values::{BasicValue, BasicValueEnum, IntValue, PointerValue};
 use inkwell::AddressSpace;
 
 use crate::fb::{Fb, Flavor, ItemShare, BUG};
-use crate::gpu_gemm::{barrier, thread_index, BLOCK_THREADS, WARP};
+use crate::gpu_gemm::{barrier, thread_index, WARP};
 
 /// Runs `f` with this warp's index and the number of warps, as parts of the item, where a block of several
 /// warps shares it on a GPU (inside, [`ItemShare::Part`] makes each warp's lanes the threads of the row
 /// loops); on the CPU emulation, as the one part of the item that thread 0 takes; else with `None`.
 pub fn item_parts<'a, 'ctx, R>(
     fb: &mut Fb<'a, 'ctx>,
-    f: impl FnOnce(&mut Fb<'a, 'ctx>, Option<(inkwell::values::IntValue<'ctx>, usize)>) -> R,
+    f: impl FnOnce(&mut Fb<'a, 'ctx>, Option<(IntValue<'ctx>, usize)>) -> R,
 ) -> R {
     let ItemShare::Rows(n) = fb.share else {
         return f(fb, None);
@@ -52,7 +52,7 @@ pub fn reduce<'ctx>(
         return x;
     }
     assert!(
-        threads <= BLOCK_THREADS,
+        threads <= MAX_THREADS,
         "parts meeting in a block of {threads} threads"
     );
     let width = match x {
@@ -98,6 +98,8 @@ pub fn reduce<'ctx>(
     acc
 }
 
+/// Threads of a block whose parts meet, at most (a CUDA block's limit).
+pub const MAX_THREADS: usize = 1024;
 /// f32 per thread in the shared array [`reduce`] meets through (a vector of 4).
 const VALUES_PER_THREAD: usize = 4;
 
@@ -107,7 +109,7 @@ fn part_values<'ctx>(fb: &Fb<'_, 'ctx>) -> PointerValue<'ctx> {
     let g = fb.m.get_global(name).unwrap_or_else(|| {
         let ty = fb
             .f32t()
-            .array_type((BLOCK_THREADS * VALUES_PER_THREAD) as u32);
+            .array_type((MAX_THREADS * VALUES_PER_THREAD) as u32);
         let g = fb.m.add_global(ty, Some(AddressSpace::from(3u16)), name);
         g.set_linkage(inkwell::module::Linkage::Internal);
         g.set_initializer(&ty.get_undef());
@@ -121,9 +123,9 @@ fn part_values<'ctx>(fb: &Fb<'_, 'ctx>) -> PointerValue<'ctx> {
 fn shared_f32<'ctx>(
     fb: &Fb<'_, 'ctx>,
     shared: PointerValue<'ctx>,
-    i: inkwell::values::IntValue<'ctx>,
+    i: IntValue<'ctx>,
 ) -> PointerValue<'ctx> {
-    // SAFETY (of the IR): i < BLOCK_THREADS · VALUES_PER_THREAD (threads of a block at most BLOCK_THREADS).
+    // SAFETY (of the IR): i < MAX_THREADS · VALUES_PER_THREAD (threads of a block at most MAX_THREADS).
     unsafe {
         fb.b.build_in_bounds_gep(fb.f32t(), shared, &[i], "")
             .expect(BUG)
