@@ -264,25 +264,36 @@ const MAX_WARPS: usize = BLOCK_THREADS / WARP;
 
 /// The module's shared-memory array of one f32 per warp (address space 3).
 fn shared_sums<'ctx>(fb: &Fb<'_, 'ctx>) -> PointerValue<'ctx> {
-    let name = "q3c_warp_sums";
+    shared_array(fb, "q3c_warp_sums", MAX_WARPS, 4)
+}
+
+/// The module's shared-memory (address space 3) array `name` of `len` f32 aligned to `align` bytes,
+/// declared on first use.
+pub fn shared_array<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    name: &str,
+    len: usize,
+    align: u32,
+) -> PointerValue<'ctx> {
     let g = fb.m.get_global(name).unwrap_or_else(|| {
-        let ty = fb.f32t().array_type(MAX_WARPS as u32);
+        let ty = fb.f32t().array_type(len as u32);
         let g =
             fb.m.add_global(ty, Some(inkwell::AddressSpace::from(3u16)), name);
         g.set_linkage(inkwell::module::Linkage::Internal);
         g.set_initializer(&ty.get_undef());
-        g.set_alignment(4);
+        g.set_alignment(align);
         g
     });
     g.as_pointer_value()
 }
 
-fn shared_at<'ctx>(
+/// Element `i` of a shared array from [`shared_array`] (the caller keeps `i` within its length).
+pub fn shared_at<'ctx>(
     fb: &Fb<'_, 'ctx>,
     shared: PointerValue<'ctx>,
     i: IntValue<'ctx>,
 ) -> PointerValue<'ctx> {
-    // SAFETY (of the IR): i < MAX_WARPS.
+    // SAFETY (of the IR): the callers' indices are below the array's length.
     unsafe {
         fb.b.build_in_bounds_gep(fb.f32t(), shared, &[i], "")
             .expect(BUG)

@@ -3,10 +3,9 @@
 //! item would, and then meet through shared memory ([`KernelBuilder::item_parts`](q3c_kernels::KernelBuilder::item_parts)).
 
 use inkwell::values::{BasicValue, BasicValueEnum, IntValue, PointerValue};
-use inkwell::AddressSpace;
 
 use crate::fb::{Fb, Flavor, ItemShare, BUG};
-use crate::gpu_gemm::{barrier, thread_index, WARP};
+use crate::gpu_gemm::{barrier, shared_array, shared_at, thread_index, WARP};
 
 /// Runs `f` with this warp's index and the number of warps, as parts of the item, where a block of several
 /// warps shares it on a GPU (inside, [`ItemShare::Part`] makes each warp's lanes the threads of the row
@@ -64,7 +63,7 @@ pub fn reduce<'ctx>(
     let shared = part_values(fb);
     let tid = thread_index(fb);
     let lane = fb.urem_c(tid, WARP);
-    let at = |i| shared_f32(fb, shared, fb.mul_c(i, width));
+    let at = |i| shared_at(fb, shared, fb.mul_c(i, width));
     barrier(fb);
     fb.b.build_store(at(tid), x)
         .expect(BUG)
@@ -105,29 +104,5 @@ const VALUES_PER_THREAD: usize = 4;
 
 /// The module's shared-memory array of [`VALUES_PER_THREAD`] f32 per thread of a block.
 fn part_values<'ctx>(fb: &Fb<'_, 'ctx>) -> PointerValue<'ctx> {
-    let name = "q3c_part_values";
-    let g = fb.m.get_global(name).unwrap_or_else(|| {
-        let ty = fb
-            .f32t()
-            .array_type((MAX_THREADS * VALUES_PER_THREAD) as u32);
-        let g = fb.m.add_global(ty, Some(AddressSpace::from(3u16)), name);
-        g.set_linkage(inkwell::module::Linkage::Internal);
-        g.set_initializer(&ty.get_undef());
-        g.set_alignment(16);
-        g
-    });
-    g.as_pointer_value()
-}
-
-/// Element `i` of the shared array at `shared`.
-fn shared_f32<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    shared: PointerValue<'ctx>,
-    i: IntValue<'ctx>,
-) -> PointerValue<'ctx> {
-    // SAFETY (of the IR): i < MAX_THREADS · VALUES_PER_THREAD (threads of a block at most MAX_THREADS).
-    unsafe {
-        fb.b.build_in_bounds_gep(fb.f32t(), shared, &[i], "")
-            .expect(BUG)
-    }
+    shared_array(fb, "q3c_part_values", MAX_THREADS * VALUES_PER_THREAD, 16)
 }
