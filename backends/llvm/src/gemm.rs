@@ -22,6 +22,13 @@ pub const STREAM_ROWS: usize = 8;
 const STREAM_BLOCK: usize = 4;
 /// Columns of a register tile (4 × 4 accumulators + 4 + 4 operands fit AVX-512's 32 registers).
 pub const TILE_COLS: usize = 4;
+/// Independent accumulator chains a dot-product block keeps at least (each pair of rows and columns takes
+/// up to [`MAX_UNROLL`] in turns): a fused multiply-add waits for the one before it on its chain, and
+/// keeping two in flight per cycle takes a dozen chains or more (a streaming block of 4 rows × 1 column had
+/// 4, latency-bound).
+const CHAINS: usize = 16;
+/// Chains per pair of rows and columns at most.
+const MAX_UNROLL: usize = 4;
 
 /// `sums[r][c] = Σ_i rows[r][i] · cols[c][i]` over `k` elements: activations (f32) at `rows`, weights of
 /// `dt` at `cols`.
@@ -78,7 +85,7 @@ pub fn dot_block<'ctx>(
 /// Zeroed vector accumulators `[chain][row][col]`: at least four independent chains in all, to hide the
 /// FMA latency.
 fn accumulators<'ctx>(fb: &Fb<'_, 'ctx>, rows: usize, cols: usize) -> Vec<Vec<Vec<Var<'ctx>>>> {
-    let unroll = (4 / (rows * cols)).max(1);
+    let unroll = (CHAINS / (rows * cols)).clamp(1, MAX_UNROLL);
     let zero = fb.vsplat_c(0.0);
     (0..unroll)
         .map(|_| {
