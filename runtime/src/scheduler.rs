@@ -5,9 +5,10 @@
 //! a [`Session`] whose `forward_last` hands its ids to the scheduler and waits for its row of logits. The
 //! scheduler gathers the feeds that arrive together — after a step it waits for the sequences it just
 //! answered to come back with their next token, up to a quarter of the step's time and at least 50 ms,
-//! unless they said they are idle — and runs them as one batched step: decode tokens first, then prompt
-//! chunks up to a per-step token budget (chunked prefill: a long prompt is fed over several steps and does
-//! not stall the others). Sequences join and leave between steps; dropping a session frees its sequence's
+//! unless they said they are idle; woken from idle, it gathers requests while they keep arriving — and runs
+//! them as one batched step: decode tokens first, then prompt chunks up to a per-step token budget while
+//! any sequence is decoding (chunked prefill: a long prompt is fed over several steps and does not stall
+//! the others), or the waiting prompts whole, up to four budgets, when none is. Sequences join and leave between steps; dropping a session frees its sequence's
 //! KV blocks. Every way out of a decoding loop (done, failed, cancelled) gives its session back idle or
 //! drops it, so the wait is only paid for a loop that is late (a starved thread, a client reading slowly).
 
@@ -80,6 +81,17 @@ pub struct BatchStats {
 /// loop that is late.
 const WAIT_SHARE: f64 = 0.25;
 const MIN_WAIT: Duration = Duration::from_millis(50);
+
+/// A scheduler woken from idle by a request keeps gathering the requests that follow it while they come
+/// within this of each other (up to [`GATHER_MAX`] in all), so that requests sent together are read in one
+/// step and then decode in lockstep: started one by one, every later prompt was read in a step the earlier
+/// streams waited on, and those steps were the longest gaps between their tokens (8 clients: p99 216–528 ms;
+/// gathered, 97–104 ms, with the same aggregate throughput; docs/BENCHMARKS.md).
+const GATHER_QUIET: Duration = Duration::from_millis(10);
+/// The longest a request arriving at an idle server waits for others to gather with it.
+const GATHER_MAX: Duration = Duration::from_millis(50);
+/// Budgets of prompt tokens a step takes when no sequence is decoding (see [`run`]).
+const IDLE_STEP_FACTOR: usize = 4;
 
 impl Scheduler {
     /// Starts the thread, with a KV cache of `tokens` tokens shared by all sequences and at most
@@ -246,10 +258,25 @@ fn run(
             .kv_in_use
             .store(batch.in_use() as u64, Ordering::Relaxed);
         // Idle: block for the next message.
+        let idle = jobs.is_empty() && answered_at.is_empty();
         if jobs.is_empty() {
             match rx.recv() {
                 Ok(msg) => handle(msg, &mut *batch, &mut jobs, &mut awaited, &mut answered_at),
                 Err(_) => return,
+            }
+        }
+        // Woken from idle: gather the requests arriving together (see [`GATHER_QUIET`]).
+        if idle {
+            let (woke, mut last) = (Instant::now(), Instant::now());
+            loop {
+                let until = (last + GATHER_QUIET).min(woke + GATHER_MAX);
+                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(msg) => {
+                        handle(msg, &mut *batch, &mut jobs, &mut awaited, &mut answered_at);
+                        last = Instant::now();
+                    }
+                    Err(_) => break,
+                }
             }
         }
         // Gather what is queued, then wait (a while) for the sequences still awaited.
@@ -272,7 +299,15 @@ fn run(
             continue;
         }
         let started = Instant::now();
-        awaited = step(&mut *batch, &mut jobs, step_tokens, stats);
+        // With sequences decoding, prompt chunks are held to the step budget, so those wait at most that;
+        // with none, nobody waits on the step, and the prompts gathered go in whole (up to
+        // IDLE_STEP_FACTOR budgets), so that requests which arrived together start decoding together.
+        let budget = if answered_at.is_empty() {
+            step_tokens * IDLE_STEP_FACTOR
+        } else {
+            step_tokens
+        };
+        awaited = step(&mut *batch, &mut jobs, budget, stats);
         let now = Instant::now();
         for &seq in &awaited {
             if let Some(before) = answered_at.insert(seq, now) {
