@@ -8,9 +8,10 @@
 //! unless they said they are idle; woken from idle, it gathers requests while they keep arriving — and runs
 //! them as one batched step: decode tokens first, then prompt chunks up to a per-step token budget while
 //! any sequence is decoding (chunked prefill: a long prompt is fed over several steps and does not stall
-//! the others), or the waiting prompts whole, up to four budgets, when none is. Sequences join and leave between steps; dropping a session frees its sequence's
-//! KV blocks. Every way out of a decoding loop (done, failed, cancelled) gives its session back idle or
-//! drops it, so the wait is only paid for a loop that is late (a starved thread, a client reading slowly).
+//! the others), or the waiting prompts whole, up to four budgets, when none is. Sequences join and leave
+//! between steps; dropping a session frees its sequence's KV blocks. Every way out of a decoding loop
+//! (done, failed, cancelled) gives its session back idle or drops it, so the wait is only paid for a loop
+//! that is late (a starved thread, a client reading slowly).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,8 +86,8 @@ const MIN_WAIT: Duration = Duration::from_millis(50);
 /// A scheduler woken from idle by a request keeps gathering the requests that follow it while they come
 /// within this of each other (up to [`GATHER_MAX`] in all), so that requests sent together are read in one
 /// step and then decode in lockstep: started one by one, every later prompt was read in a step the earlier
-/// streams waited on, and those steps were the longest gaps between their tokens (8 clients: p99 216–528 ms;
-/// gathered, 97–104 ms, with the same aggregate throughput; docs/BENCHMARKS.md).
+/// streams waited on, and those steps were the longest gaps between their tokens (8 clients: p99 336–468 ms;
+/// gathered, 99–185 ms, with the same aggregate throughput; docs/BENCHMARKS.md).
 const GATHER_QUIET: Duration = Duration::from_millis(10);
 /// The longest a request arriving at an idle server waits for others to gather with it.
 const GATHER_MAX: Duration = Duration::from_millis(50);
@@ -267,7 +268,8 @@ fn run(
         }
         // Woken from idle: gather the requests arriving together (see [`GATHER_QUIET`]).
         if idle {
-            let (woke, mut last) = (Instant::now(), Instant::now());
+            let woke = Instant::now();
+            let mut last = woke;
             loop {
                 let until = (last + GATHER_QUIET).min(woke + GATHER_MAX);
                 match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
