@@ -11,6 +11,9 @@
 #                                then q3c bench of both shapes on random bf16 weights made there: prefill 512,
 #                                decode after 512 and after 16 tokens, 8 sequences together, one profiled decode;
 #                                QUICK=1 keeps only the tests and the rounds against BASE (device time is scarce)
+#   SWEEP='threads=128;rows=2,streams=8'  (prepare) also the Qwen3-8B artifact compiled with each product shape
+#                                (`Q3C_GPU_PRODUCTS`, backends/llvm/src/gpu_gemm.rs), which the run times in
+#                                alternating rounds (prefill 128, decode after 128) and profiles once each
 set -euo pipefail
 what=${1:?prepare DIR | run DIR}
 dir=$(realpath -m "${2:?DIR}")
@@ -38,6 +41,17 @@ for l in sys.stdin:
     if [ -n "${BASE:-}" ]; then
       "$BASE" compile Qwen3-0.6B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/base-q06.q3c"
       "$BASE" compile Qwen3-8B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/base-q8b.q3c"
+    fi
+    rm -f "$dir"/sweep-*.q3c "$dir/sweep.txt"
+    if [ -n "${SWEEP:-}" ]; then
+      i=0
+      IFS=';' read -ra shapes <<< "$SWEEP"
+      for shape in "${shapes[@]}"; do
+        i=$((i + 1))
+        Q3C_GPU_PRODUCTS="$shape" target/release/q3c compile Qwen3-8B --target cuda --gpu sm_90 --max-tokens 512 \
+          -o "$dir/sweep-$i.q3c" >/dev/null
+        echo "$i $shape" >> "$dir/sweep.txt"
+      done
     fi
     cp "$0" "$dir/gpu.sh"
     ;;
@@ -87,6 +101,20 @@ print(f"d2d copy of 4 GiB: {ms:.3f} ms, {2 * x.numel() / ms / 1e6:.0f} GB/s (rea
     }
     shape Qwen3-0.6B q06 3
     shape Qwen3-8B q8b 2
+    if [ -e "$dir/sweep.txt" ]; then
+      echo "== product shapes (Qwen3-8B: prefill 128, decode after 128)"
+      for round in 1 2; do
+        while read -r i spec; do
+          echo "-- round $round, shape $i ($spec)"
+          b --model "$dir/sweep-$i.q3c" --weights /tmp/w-q8b --prompt-len 128 --gen 64 --reps 2
+        done < "$dir/sweep.txt"
+      done
+      while read -r i spec; do
+        echo "-- profile, shape $i ($spec)"
+        Q3C_CUDA_PROFILE=1 timeout 100 "$dir/q3c" bench --model "$dir/sweep-$i.q3c" --weights /tmp/w-q8b \
+          --prompt-len 16 --gen 32 --reps 1 2>&1 | grep -E "q3c_k|kernel time"
+      done < "$dir/sweep.txt"
+    fi
     if [ -z "$quick" ]; then
       echo "== profile (8B, decode after 16 tokens)"
       Q3C_CUDA_PROFILE=1 timeout 100 "$dir/q3c" bench "${w[@]}" --prompt-len 16 --gen 32 --reps 1 2>&1 | tail -24

@@ -54,8 +54,8 @@ impl Flavor {
 pub enum ItemShare {
     /// One thread per item.
     One,
-    /// A matrix product's block ([`crate::gpu_gemm::columns`]).
-    Product,
+    /// A matrix product's block ([`crate::gpu_gemm::columns`]), of this shape.
+    Product(crate::gpu_gemm::ProductShape),
     /// `n` threads split the item's loops over a row's elements (or its heads).
     Rows(usize),
     /// Inside one part of an item that a block of `n` threads shares ([`crate::gpu_parts`]): the warp's
@@ -68,7 +68,7 @@ impl ItemShare {
     pub fn threads(self) -> usize {
         match self {
             ItemShare::One => 1,
-            ItemShare::Product => crate::gpu_gemm::PRODUCT_THREADS,
+            ItemShare::Product(shape) => shape.threads,
             ItemShare::Rows(n) | ItemShare::Part(n) => n,
         }
     }

@@ -264,7 +264,7 @@ pub fn columns<'ctx>(
     if matches!(dt, DType::Q8 | DType::Q4) {
         return q8_columns(fb, mm, x, w, out, n, item);
     }
-    if fb.flavor == Flavor::Gpu && fb.share == crate::fb::ItemShare::Product {
+    if let (Flavor::Gpu, crate::fb::ItemShare::Product(_)) = (fb.flavor, fb.share) {
         return crate::gpu_gemm::columns(fb, mm, x, w, out, n, item);
     }
     let (x_stride, w_stride) = (k * 4, k * dt.size());

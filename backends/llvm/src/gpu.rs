@@ -21,7 +21,7 @@ use q3c_ir::{Graph, Op};
 use q3c_models::Qwen3Config;
 
 use crate::fb::{Fb, Flavor, ItemShare, BUG};
-use crate::gpu_gemm::WARP;
+use crate::gpu_gemm::{ProductShape, WARP};
 use crate::module::{finish_object, kernel_body, nounwind, optimise, Compiled};
 use crate::target;
 
@@ -65,15 +65,15 @@ enum Indices {
     Parameters,
 }
 
-/// How the threads of a GPU block share a work item of `body`: a block of [`crate::gpu_gemm::PRODUCT_THREADS`] per matrix
+/// How the threads of a GPU block share a work item of `body`: a block of `products`' shape per matrix
 /// product of a linear-type node ([`crate::gpu_gemm`]); a block of [`ROW_THREADS`] for the row kernels
 /// whose loops over a row's elements split across threads (`q3c_kernels`' `map_row` and `dot`), and for
 /// attention and RoPE, whose warps take parts of the item (attention's key blocks; RoPE's heads, a warp
 /// for each) and whose lanes split a row; else one thread.
-fn item_share(graph: &Graph, body: Body) -> ItemShare {
+fn item_share(graph: &Graph, body: Body, products: ProductShape) -> ItemShare {
     match body {
         Body::Node(id) => match graph.node(id).op {
-            Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => ItemShare::Product,
+            Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => ItemShare::Product(products),
             Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Embedding | Op::KvAppend { .. } => {
                 ItemShare::Rows(ROW_THREADS)
             }
@@ -97,7 +97,11 @@ const ROW_THREADS: usize = 256;
 const MAX_ROPE_WARPS: usize = 32;
 
 /// The launch plan of `graph` for GPUs: `launch::build`'s, with each dispatch's threads per item.
-fn gpu_launch(graph: &Graph, plan: &mut Plan) -> Result<launch::Launch, BackendError> {
+fn gpu_launch(
+    graph: &Graph,
+    plan: &mut Plan,
+    products: ProductShape,
+) -> Result<launch::Launch, BackendError> {
     plan.attention_tokens = q3c_backend_common::items::GPU_ATTENTION_TOKENS;
     let mut launch = launch::build(graph, plan)?;
     if launch
@@ -111,7 +115,7 @@ fn gpu_launch(graph: &Graph, plan: &mut Plan) -> Result<launch::Launch, BackendE
         ));
     }
     for d in &mut launch.plan.dispatches {
-        d.threads_per_item = item_share(graph, launch.bodies[d.kernel]).threads();
+        d.threads_per_item = item_share(graph, launch.bodies[d.kernel], products).threads();
     }
     Ok(launch)
 }
@@ -129,6 +133,7 @@ fn entries<'ctx>(
     launch: &launch::Launch,
     flavor: Flavor,
     indices: Indices,
+    products: ProductShape,
 ) -> Result<Vec<FunctionValue<'ctx>>, BackendError> {
     let (i32t, i64t) = (cx.i32_type(), cx.i64_type());
     let ptr = cx.ptr_type(AddressSpace::default());
@@ -139,7 +144,7 @@ fn entries<'ctx>(
                 "no staging kernels on GPUs yet ({name})"
             )));
         }
-        let share = item_share(graph, *body);
+        let share = item_share(graph, *body, products);
         let cooperative = share != ItemShare::One;
         let body = kernel_body(
             cx,
@@ -214,13 +219,21 @@ fn entries<'ctx>(
             m.add_global_metadata("nvvm.annotations", &md)
                 .map_err(|e| BackendError::Internal(e.to_string()))?;
             // A row kernel's block has exactly its threads: ptxas keeps the registers to what a block
-            // that size can have (a 1024-thread block, at most 64 per thread). Products go without (with
-            // it, ptxas gave them more registers or spills, for the same occupancy).
-            if let ItemShare::Rows(_) = share {
+            // that size can have (a 1024-thread block, at most 64 per thread). Products go without unless
+            // their shape asks for several blocks per SM (with only the block size, ptxas gave them more
+            // registers or spills, for the same occupancy).
+            let bounds = match share {
+                ItemShare::Rows(n) => vec![("maxntidx", n)],
+                ItemShare::Product(p) if p.min_blocks > 0 => {
+                    vec![("maxntidx", p.threads), ("minctasm", p.min_blocks)]
+                }
+                _ => Vec::new(),
+            };
+            for (key, value) in bounds {
                 let md = cx.metadata_node(&[
                     entry.as_global_value().as_pointer_value().into(),
-                    cx.metadata_string("maxntidx").into(),
-                    i32t.const_int(share.threads() as u64, false).into(),
+                    cx.metadata_string(key).into(),
+                    i32t.const_int(value as u64, false).into(),
                 ]);
                 m.add_global_metadata("nvvm.annotations", &md)
                     .map_err(|e| BackendError::Internal(e.to_string()))?;
@@ -243,7 +256,8 @@ pub fn compile_ptx(
     let machine = target::ptx(&opts.gpu)?;
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
     plan.set_kv_dtype(opts.kv_dtype)?;
-    let launch = gpu_launch(graph, &mut plan)?;
+    let products = ProductShape::get().map_err(BackendError::Unsupported)?;
+    let launch = gpu_launch(graph, &mut plan, products)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_kernels");
     entries(
@@ -254,6 +268,7 @@ pub fn compile_ptx(
         &launch,
         Flavor::Gpu,
         Indices::Registers,
+        products,
     )?;
     optimise(&m, &machine)?;
     let ptx = machine
@@ -302,7 +317,8 @@ pub fn compile_gpu_emulation(
     let target = target::cpu("native", false)?;
     let mut plan = plan::plan(graph, output, opts.max_tokens_per_call)?;
     plan.set_kv_dtype(opts.kv_dtype)?;
-    let launch = gpu_launch(graph, &mut plan)?;
+    let products = ProductShape::get().map_err(BackendError::Unsupported)?;
+    let launch = gpu_launch(graph, &mut plan, products)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_gpu_on_cpu");
     let functions = entries(
@@ -313,6 +329,7 @@ pub fn compile_gpu_emulation(
         &launch,
         Flavor::GpuOnCpu,
         Indices::Parameters,
+        products,
     )?;
     for f in &functions {
         f.set_linkage(Linkage::External);

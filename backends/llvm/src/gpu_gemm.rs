@@ -6,7 +6,7 @@
 //! `32·v`-element run of the weight row, so the loads are coalesced; the activations come from L1/L2 (every
 //! warp of the call reads the same rows). Rows go in blocks of four, each weight load shared by them. A
 //! warp's partial sums meet in a butterfly of `shfl.sync.bfly` (every lane ends with the sum) and lane 0
-//! applies the epilogue and stores. Used for the kernels the launch plan gives [`PRODUCT_THREADS`] threads
+//! applies the epilogue and stores. Used for the kernels the launch plan gives [`ProductShape::threads`] threads
 //! per item (`q3c_abi::launch::Dispatch::threads_per_item`); on the CPU emulation of the GPU flavour the
 //! same items run with the CPU tiling on one thread of the block.
 
@@ -18,18 +18,78 @@ use q3c_kernels::MatMul;
 use crate::fb::{Fb, Flavor, ItemShare, BUG};
 use crate::gemm::epilogue;
 
-/// Threads of the block that takes one work item of a cooperative product (8 warps, two columns each
-/// of a 16-column panel; a warp per column in blocks of 512 threads, held to 64 registers for two
-/// blocks per SM, measured slower on an H200: prefill 0.7×, decode the same).
-pub const PRODUCT_THREADS: usize = 256;
+/// The shape of the product kernels' blocks. [`ProductShape::DEFAULT`] is the best measured on an H200;
+/// `Q3C_GPU_PRODUCTS` (e.g. `threads=128,streams=8,rows=2,blocks=4`, any subset) overrides it when
+/// compiling, for the sweeps `benches/gpu.sh` times on a lent GPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProductShape {
+    /// Threads of the block that takes one work item (a panel of output columns; each warp takes
+    /// `width / warps` of them together).
+    pub threads: usize,
+    /// Weight runs a lane loads per iteration of a `k` loop at least (columns × matrices × steps).
+    pub streams: usize,
+    /// Rows that share each weight load.
+    pub rows: usize,
+    /// Blocks an SM must be able to hold at once: ptxas keeps the registers to fit (0: no bound).
+    pub min_blocks: usize,
+}
+
+impl ProductShape {
+    /// 8 warps, two columns each of a 16-column panel. Measured on an H200: one column at a time left the
+    /// single-matrix products at 1.8-2.1 TB/s, two 2.3-2.8; a warp per column in blocks of 512 threads,
+    /// held to 64 registers for two blocks per SM, ran prefill at 0.7×, decode the same.
+    pub const DEFAULT: ProductShape = ProductShape {
+        threads: 256,
+        streams: 4,
+        rows: 4,
+        min_blocks: 0,
+    };
+
+    /// The shape this compilation uses: [`ProductShape::DEFAULT`] with `Q3C_GPU_PRODUCTS`' settings.
+    pub fn get() -> Result<ProductShape, String> {
+        match std::env::var("Q3C_GPU_PRODUCTS") {
+            Ok(spec) => ProductShape::parse(&spec),
+            Err(_) => Ok(ProductShape::DEFAULT),
+        }
+    }
+
+    /// [`ProductShape::DEFAULT`] with the comma-separated `key=value` settings of `spec`.
+    pub fn parse(spec: &str) -> Result<ProductShape, String> {
+        let mut s = ProductShape::DEFAULT;
+        for kv in spec.split(',').filter(|kv| !kv.trim().is_empty()) {
+            let bad = || {
+                format!(
+                    "Q3C_GPU_PRODUCTS: `{kv}` is not key=number (threads, streams, rows, blocks)"
+                )
+            };
+            let (k, v) = kv.split_once('=').ok_or_else(bad)?;
+            let v: usize = v.trim().parse().map_err(|_| bad())?;
+            match k.trim() {
+                "threads" => s.threads = v,
+                "streams" => s.streams = v,
+                "rows" => s.rows = v,
+                "blocks" => s.min_blocks = v,
+                _ => return Err(bad()),
+            }
+        }
+        let ok = s.threads.is_power_of_two()
+            && (WARP..=1024).contains(&s.threads)
+            && (1..=64).contains(&s.streams)
+            && (1..=8).contains(&s.rows);
+        if !ok {
+            return Err(format!(
+                "Q3C_GPU_PRODUCTS: {s:?} is out of range (threads a power of two from 32 to 1024, \
+                 streams 1-64, rows 1-8)"
+            ));
+        }
+        Ok(s)
+    }
+}
+
 /// Threads of a row kernel's block at most (the shared arrays of its sums are sized for them).
 pub const BLOCK_THREADS: usize = 256;
 /// Threads of a warp: the threads of a row kernel's item.
 pub const WARP: usize = 32;
-/// Rows that share each weight load.
-const ROWS: usize = 4;
-/// Weight runs a lane loads per iteration of a product's `k` loop at least (columns × matrices × steps).
-const UNROLLED_STREAMS: usize = 4;
 
 /// `threadIdx.x` as an i64.
 pub fn thread_index<'ctx>(fb: &Fb<'_, 'ctx>) -> IntValue<'ctx> {
@@ -110,7 +170,10 @@ pub fn columns<'ctx>(
     let col0 = fb.mul_c(item, tile.width);
     let lane_x = fb.mul_c(lane, v * 4);
     let lane_w = fb.mul_c(lane, v * dt.size());
-    let warps = PRODUCT_THREADS / WARP;
+    let ItemShare::Product(shape) = fb.share else {
+        unreachable!("a product's columns outside a product block (a q3c bug)")
+    };
+    let warps = shape.threads / WARP;
     // A warp takes its columns of the panel together where they divide evenly (every warp `width /
     // warps` of them), so each lane has a load of every column's (and matrix's) run in flight at once:
     // one column at a time left the single-matrix products at 1.8-2.1 TB/s on an H200, two 2.3-2.8.
@@ -168,7 +231,7 @@ pub fn columns<'ctx>(
             };
             // `unroll` steps per iteration, so their loads are all in flight before the first sum
             // needs one (a warp's one or two weight streams left the loads of one step alone in flight).
-            let unroll = (UNROLLED_STREAMS / (cols.len() * w.len())).max(1);
+            let unroll = (shape.streams / (cols.len() * w.len())).max(1);
             fb.for_n(steps / unroll, |fb, jj| {
                 for u in 0..unroll {
                     step(fb, fb.add_c(fb.mul_c(jj, unroll), u));
@@ -209,8 +272,10 @@ pub fn columns<'ctx>(
                 });
             }
         };
-        let full = fb.mul_c(fb.udiv_c(rows, ROWS), ROWS);
-        fb.for_range(fb.i64c(0), full, ROWS, |fb, r| block(fb, r, ROWS));
+        let full = fb.mul_c(fb.udiv_c(rows, shape.rows), shape.rows);
+        fb.for_range(fb.i64c(0), full, shape.rows, |fb, r| {
+            block(fb, r, shape.rows)
+        });
         fb.for_range(full, rows, 1, |fb, r| block(fb, r, 1));
     });
 }
