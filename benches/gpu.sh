@@ -2,14 +2,18 @@
 # The GPU check of issue 16, in two halves (a GPU machine here is lent without Rust or LLVM):
 #
 #   benches/gpu.sh prepare DIR   here: a q3c and the CUDA test binary built with `--features cuda` (no LLVM
-#                                needed to run), and CUDA artifacts of every golden fixture (f32 and f16 KV)
-#                                and of the Qwen3-0.6B and Qwen3-8B shapes, all into DIR (with this script);
+#                                needed to run), and CUDA artifacts of every golden fixture (f32 KV for sm_90,
+#                                with programmatic launches; f16 KV for sm_80; the dense ones also with q8 and
+#                                q4 weights) and of the Qwen3-0.6B and Qwen3-8B shapes (bf16, q8, q4 weights),
+#                                all into DIR (with this script);
 #                                with BASE=path/to/an/older/q3c also that compiler's artifacts of both shapes
 #                                (base-*.q3c), which the run then times against these in alternating rounds
 #   bash DIR/gpu.sh run DIR      on the GPU machine, from the repository root: the CUDA tests on the fixtures,
 #                                a device-to-device copy (the bandwidth roof, through PyTorch where present),
 #                                then q3c bench of both shapes on random bf16 weights made there: prefill 512,
-#                                decode after 512 and after 16 tokens, 8 sequences together, one profiled decode;
+#                                decode after 512 and after 16 tokens, 8 sequences together, programmatic
+#                                launches off and on in alternating rounds, q8 and q4 weights, one profiled
+#                                decode;
 #                                QUICK=1 keeps only the tests and the rounds against BASE (device time is scarce)
 #   SWEEP='threads=128;rows=2,streams=8'  (prepare) also the Qwen3-8B artifact compiled with each product shape
 #                                (`Q3C_GPU_PRODUCTS`, backends/llvm/src/gpu_gemm.rs), which the run times in
@@ -30,14 +34,22 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
         print(m["executable"])')
     cp target/gpu/release/q3c "$dir/q3c"; cp "$test" "$dir/cuda-test"; strip "$dir/q3c" "$dir/cuda-test"
+    fixture() { target/release/q3c compile "tests/reference/fixtures/$1" --target cuda --max-tokens 64 "${@:3}" \
+      -o "$dir/$2.q3c" 2>/dev/null; }
     for f in dense_gqa tied_bf16 moe moe_sparse_step yarn sharded_f16; do
-      for kv in f32 f16; do
-        target/release/q3c compile "tests/reference/fixtures/$f" --target cuda --gpu sm_80 --max-tokens 64 \
-          --kv-dtype "$kv" -o "$dir/$f-$kv.q3c" 2>/dev/null
+      fixture "$f" "$f-f32" --gpu sm_90 --kv-dtype f32
+      fixture "$f" "$f-f16" --gpu sm_80 --kv-dtype f16
+    done
+    for f in dense_gqa yarn sharded_f16; do
+      for q in q8 q4; do fixture "$f" "$f-f32-$q" --gpu sm_90 --kv-dtype f32 --quantize "$q"; done
+    done
+    for m in 0.6B:q06 8B:q8b; do
+      target/release/q3c compile "Qwen3-${m%%:*}" --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/${m##*:}.q3c"
+      for q in q8 q4; do
+        target/release/q3c compile "Qwen3-${m%%:*}" --target cuda --gpu sm_90 --max-tokens 512 --quantize "$q" \
+          -o "$dir/${m##*:}-$q.q3c"
       done
     done
-    target/release/q3c compile Qwen3-0.6B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/q06.q3c"
-    target/release/q3c compile Qwen3-8B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/q8b.q3c"
     if [ -n "${BASE:-}" ]; then
       "$BASE" compile Qwen3-0.6B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/base-q06.q3c"
       "$BASE" compile Qwen3-8B --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/base-q8b.q3c"
@@ -87,6 +99,21 @@ print(f"d2d copy of 4 GiB: {ms:.3f} ms, {2 * x.numel() / ms / 1e6:.0f} GB/s (rea
         b "${w[@]}" --prompt-len 16 --gen 128 --reps "$3"
         b "${w[@]}" --batch 8 --prompt-len 128 --gen 32 --reps 1
       fi
+      # Programmatic launches off and on (same artifact, same weights), alternating rounds.
+      for round in 1 2; do
+        for pdl in 0 1; do
+          echo "-- round $round, programmatic launches $pdl"
+          Q3C_CUDA_PDL=$pdl b "${w[@]}" --prompt-len 512 --gen 32 --reps 1
+          Q3C_CUDA_PDL=$pdl b "${w[@]}" --prompt-len 16 --gen 64 --reps 1
+        done
+      done
+      # Quantized weights (quantized at load from the same bf16 weights).
+      for q in q8 q4; do
+        [ -e "$dir/$2-$q.q3c" ] || continue
+        echo "-- $q weights"
+        b --model "$dir/$2-$q.q3c" --weights "/tmp/w-$2" --prompt-len 512 --gen 64 --reps 2
+        b --model "$dir/$2-$q.q3c" --weights "/tmp/w-$2" --prompt-len 16 --gen 128 --reps 2
+      done
       # Against the older compiler's artifact (same runtime, same weights), alternating rounds.
       if [ -e "$dir/base-$2.q3c" ]; then
         for round in 1 2; do

@@ -22,6 +22,12 @@ pub struct LaunchPlan {
     pub dispatches: Vec<Dispatch>,
     /// Threads per block where kernels are launched as on a GPU.
     pub threads_per_block: usize,
+    /// Set where every kernel lets the next one launch and then waits for the one before to finish at its
+    /// start (PTX `griddepcontrol`, sm_90 and later): a GPU runtime may then launch them programmatically,
+    /// each kernel's blocks starting while the one before finishes. Without it (older artifacts, sm_80)
+    /// each launch must wait for the one before.
+    #[serde(default)]
+    pub programmatic: bool,
 }
 
 /// One kernel launch over its work items.

@@ -278,6 +278,8 @@ pub struct GpuCodegen<'a> {
     pub max_tokens: usize,
     pub fusion: &'a str,
     pub kv_dtype: q3c_ir::DType,
+    /// The products' weight format.
+    pub quantize: Quantize,
 }
 
 /// Every kernel of a fused graph compiled to PTX for a GPU (LLVM only): the PTX text and the manifest with
@@ -293,6 +295,7 @@ pub fn compile_gpu(
         max_tokens_per_call: how.max_tokens,
         fusion: how.fusion.to_string(),
         kv_dtype: how.kv_dtype,
+        quantize: how.quantize.dtype(),
     };
     let m = q3c_backend_llvm::compile_ptx(graph, cfg, q3c_compiler::LOGITS, &opts)?;
     Ok((m.ptx, m.manifest))

@@ -211,30 +211,30 @@ fn default_activations_follow_the_weights_and_the_cpu() {
 
 /// `q3c compile --target cuda` writes a CUDA artifact that `inspect` reads. Where q3c has CUDA support and
 /// the machine an NVIDIA GPU it generates the ids the CPU artifact does; elsewhere running it fails with
-/// one clear message saying what is missing. A cut-short artifact and GPU weight quantization are refused.
+/// one clear message saying what is missing. A cut-short artifact and quantized weights for a MoE model's GPU
+/// artifact are refused; a dense model compiles with q8 weights for GPUs too.
 #[cfg(feature = "llvm")]
 #[test]
 fn cuda_artifacts_compile_inspect_and_run_or_are_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixtures_dir().join("dense_gqa");
     let art = tmp.path().join("model.q3c");
-    let compile = |extra: &[&str]| {
-        let mut args = vec![
-            "compile",
-            path(&model),
-            "--target",
-            "cuda",
-            "-o",
-            path(&art),
-        ];
+    let compile_model = |model: &Path, extra: &[&str]| {
+        let mut args = vec!["compile", path(model), "--target", "cuda", "-o", path(&art)];
         args.extend_from_slice(extra);
         q3c(&args)
     };
+    let compile = |extra: &[&str]| compile_model(&model, extra);
+    // Quantized weights on GPUs cover dense models; a MoE model is refused, nothing written.
     assert_error(
-        &compile(&["--quantize", "q8"]),
-        "--quantize is not supported on GPUs yet",
+        &compile_model(&fixtures_dir().join("moe"), &["--quantize", "q4"]),
+        "--quantize on GPUs covers dense models",
     );
     assert!(!art.exists());
+    assert!(compile(&["--quantize", "q8"]).status.success());
+    let shown = ok(&["inspect", "--json", path(&art)]);
+    assert!(shown.contains("\"kernel_dtype\": \"q8\""), "{shown}");
+    std::fs::remove_file(&art).unwrap();
     assert!(compile(&["--gpu", "sm_80"]).status.success());
     let shown = ok(&["inspect", path(&art)]);
     assert!(

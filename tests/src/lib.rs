@@ -235,6 +235,7 @@ pub fn compile_graph_kv(
                 max_tokens_per_call: max_tokens,
                 fusion: fusion.into(),
                 kv_dtype,
+                quantize: None,
             };
             q3c_backend_llvm::compile_gpu_emulation(graph, cfg, q3c_compiler::LOGITS, &opts)
                 .expect("compile")
@@ -340,16 +341,99 @@ pub fn cpu_feature(feature: &str, what: &str) -> bool {
     has
 }
 
-/// A CUDA artifact of fixture `name` (fusion all, KV cache of `kv_dtype`, 64 tokens per call) in `out_dir`:
-/// compiled here with LLVM, or, in a build without it (what travels to a GPU machine), taken from the
-/// directory `$Q3C_CUDA_ARTIFACTS` as `NAME-KV.q3c` (made by `q3c compile FIXTURE --target cuda`). `None`,
-/// saying why, where there is neither.
+/// The weights a compiled model binds as q8 or q4 (`(name, kernel_dtype)` of each of its weights) by name,
+/// and the reference executor's logits over fixture `name`'s prompt on those weights decoded
+/// ([`write_decoded`]): what its quantized products should give, up to f32 rounding.
+pub fn decoded_reference<'a>(
+    name: &str,
+    weights: impl Iterator<Item = (&'a str, &'a str)>,
+) -> (std::collections::HashMap<String, q3c_ir::DType>, Vec<f32>) {
+    let formats: std::collections::HashMap<String, q3c_ir::DType> = weights
+        .filter_map(|(n, kind)| match kind {
+            "q8" => Some((n.to_string(), q3c_ir::DType::Q8)),
+            "q4" => Some((n.to_string(), q3c_ir::DType::Q4)),
+            _ => None,
+        })
+        .collect();
+    let decoded = tempfile::tempdir().expect("a temporary directory");
+    write_decoded(name, &formats, decoded.path());
+    let (cfg, _) = open_fixture(name);
+    let ckpt = q3c_models::Checkpoint::open(decoded.path()).expect("the decoded checkpoint");
+    let graph = q3c_compiler::lower(&cfg).expect("lowering");
+    let reference = q3c_runtime::ReferenceModel::new(graph, &ckpt, q3c_compiler::LOGITS)
+        .expect("the reference executor");
+    let g = golden(name);
+    let want = q3c_runtime::Session::forward(&mut reference.session(), &g.prompt_ids)
+        .expect("a reference forward")
+        .data;
+    (formats, want)
+}
+
+/// Writes fixture `name`'s checkpoint into `dir` as f32, each weight named in `formats` replaced by its
+/// values in that format (q8 or q4) decoded (`d · q` per group of 32, as `q3c_abi::Q8_LAYOUT` and
+/// `q3c_abi::Q4_LAYOUT` define them): the checkpoint on which the reference executor computes what
+/// quantized products should give.
+pub fn write_decoded(
+    name: &str,
+    formats: &std::collections::HashMap<String, q3c_ir::DType>,
+    dir: &std::path::Path,
+) {
+    use q3c_runtime::compiled::quant::{q4_group, q8_group};
+    let src = fixtures_dir().join(name);
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let (_, ckpt) = open_fixture(name);
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = ckpt
+        .names()
+        .map(|n| {
+            let t = ckpt.get(n).unwrap();
+            let mut values = t.to_f32();
+            if let Some(&format) = formats.get(n) {
+                for group in values.chunks_exact_mut(32) {
+                    let (d, q, offset) = match format {
+                        q3c_ir::DType::Q4 => {
+                            let (d, q) = q4_group(group);
+                            (d.to_f32(), q, 8.0)
+                        }
+                        _ => {
+                            let (d, q) = q8_group(group);
+                            (d, q, 128.0)
+                        }
+                    };
+                    for (v, q) in group.iter_mut().zip(q) {
+                        *v = d * (f32::from(q) - offset);
+                    }
+                }
+            }
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (n.to_string(), t.shape.to_vec(), bytes)
+        })
+        .collect();
+    let views: Vec<_> = data
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// A CUDA artifact of fixture `name` (fusion all, KV cache of `kv_dtype`, weights as stored or quantized
+/// as `quantize` says, 64 tokens per call) in `out_dir`: compiled here with LLVM, or, in a build without it
+/// (what travels to a GPU machine), taken from the directory `$Q3C_CUDA_ARTIFACTS` as `NAME-KV.q3c` or
+/// `NAME-KV-QUANTIZE.q3c` (made by `q3c compile FIXTURE --target cuda`). `None`, saying why, where there is
+/// neither.
 pub fn cuda_artifact(
     name: &str,
     kv_dtype: q3c_ir::DType,
+    quantize: Option<q3c_ir::DType>,
     out_dir: &std::path::Path,
 ) -> Option<PathBuf> {
-    let file = format!("{name}-{kv_dtype}.q3c");
+    let file = match quantize {
+        None => format!("{name}-{kv_dtype}.q3c"),
+        Some(q) => format!("{name}-{kv_dtype}-{q}.q3c"),
+    };
     if let Some(dir) = std::env::var_os("Q3C_CUDA_ARTIFACTS") {
         let path = PathBuf::from(dir).join(&file);
         return match path.is_file() {
@@ -369,6 +453,7 @@ pub fn cuda_artifact(
             max_tokens_per_call: 64,
             fusion: "all".into(),
             kv_dtype,
+            quantize,
         };
         let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
             .expect("compile PTX");

@@ -413,7 +413,8 @@ fn q4_weights_match_the_reference_on_their_decoded_values() {
             );
         }
         let decoded = tempfile::tempdir().unwrap();
-        write_decoded_q4(name, &q4, decoded.path());
+        let formats = q4.iter().map(|n| (n.clone(), DType::Q4)).collect();
+        write_decoded(name, &formats, decoded.path());
         let (cfg, _) = open_fixture(name);
         let ckpt = q3c_models::Checkpoint::open(decoded.path()).unwrap();
         let graph = q3c_compiler::lower(&cfg).unwrap();
@@ -446,39 +447,67 @@ fn q4_weights_match_the_reference_on_their_decoded_values() {
     }
 }
 
-/// Writes fixture `name`'s checkpoint into `dir` as f32, the weights named in `q4` replaced by their q4
-/// values decoded (`d · q` per group of 32, as `q3c_abi::Q4_LAYOUT` defines them).
+/// `--quantize q8|q4` on GPUs, checked through the CPU emulation of the GPU flavour (the same launch plan,
+/// panels and scales, and a GPU lane's slice of each group read by one thread playing every lane): the
+/// products widen the weights in registers and read f32 activations, so against the reference executor run
+/// on the *decoded* weights (`d · q`, every quantized matrix, the logits matrix's q8 under q4 too) only f32
+/// rounding of sums taken in another order remains — the fixtures' 1e-3 holds with orders of magnitude to
+/// spare — and the distance to transformers (the format's own error) must be larger (else the decoded
+/// weights did not explain the result). Dense untied fixtures: a tied table is one checkpoint tensor both
+/// exact (the embedding) and quantized (the logits' copy), which one decoded checkpoint cannot say.
 #[cfg(feature = "llvm")]
-fn write_decoded_q4(name: &str, q4: &std::collections::HashSet<String>, dir: &std::path::Path) {
-    let src = fixtures_dir().join(name);
-    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let (_, ckpt) = open_fixture(name);
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = ckpt
-        .names()
-        .map(|n| {
-            let t = ckpt.get(n).unwrap();
-            let mut values = t.to_f32();
-            if q4.contains(n) {
-                for group in values.chunks_exact_mut(32) {
-                    let (d, q) = q3c_runtime::compiled::quant::q4_group(group);
-                    for (v, q) in group.iter_mut().zip(q) {
-                        *v = d.to_f32() * (f32::from(q) - 8.0);
-                    }
-                }
+#[test]
+fn quantized_gpu_products_match_the_reference_on_decoded_weights() {
+    for name in ["dense_gqa", "yarn", "sharded_f16"] {
+        let g = golden(name);
+        let (cfg, _) = open_fixture(name);
+        let graph = fused_graph(&cfg, "all");
+        for format in [DType::Q8, DType::Q4] {
+            let opts = q3c_backend_llvm::PtxOptions {
+                gpu: "sm_90".into(),
+                max_tokens_per_call: 64,
+                fusion: "all".into(),
+                kv_dtype: DType::F32,
+                quantize: Some(format),
+            };
+            let compiled =
+                q3c_backend_llvm::compile_gpu_emulation(&graph, &cfg, q3c_compiler::LOGITS, &opts)
+                    .unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            let so = tmp.path().join("model.so");
+            q3c_backend_common::link_shared(&compiled.object, &so).unwrap();
+            let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+            let weights = model.manifest().weights.iter();
+            let (formats, want) =
+                decoded_reference(name, weights.map(|w| (&w.name[..], &w.kernel_dtype[..])));
+            assert!(
+                formats.values().any(|&f| f == format),
+                "{name}: no weight bound as {format}"
+            );
+            // The whole prompt at once, then token by token (one activation row: a decode step's path).
+            let got = model.session().forward(&g.prompt_ids).unwrap().data;
+            let mut s = model.session();
+            let mut stepped = Vec::new();
+            for &id in &g.prompt_ids {
+                stepped.extend(s.forward(&[id]).unwrap().data);
             }
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (n.to_string(), t.shape.to_vec(), bytes)
-        })
-        .collect();
-    let views: Vec<_> = data
-        .iter()
-        .map(|(n, s, b)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .unwrap();
-            (n.clone(), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+            let (diff, vs_hf) = (max_abs_diff(&got, &want), max_abs_diff(&got, &g.logits));
+            let step_diff = max_abs_diff(&stepped, &want);
+            eprintln!(
+                "{name}: GPU {format} ({} weights) max |dlogit| {diff:e} ({step_diff:e} token by token) vs \
+                 the decoded weights, {vs_hf:e} vs transformers",
+                formats.len()
+            );
+            assert!(
+                diff <= 1e-3 && step_diff <= 1e-3,
+                "{name} {format}: {diff:e} {step_diff:e}"
+            );
+            assert!(
+                diff < vs_hf,
+                "{name} {format}: the decoded weights do not explain the result"
+            );
+        }
+    }
 }
 
 /// `--quantize q8` (LLVM, AVX512-VNNI): linear matrices in 8-bit groups of 32, activations quantized the same

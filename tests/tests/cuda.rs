@@ -15,7 +15,17 @@ use q3c_tests::*;
 
 /// The GPU model of fixture `name` with a KV cache of `kv`, or `None` (said) where none can run here.
 fn gpu_model(name: &str, kv: DType, dir: &std::path::Path) -> Option<CompiledModel> {
-    let artifact = cuda_artifact(name, kv, dir)?;
+    gpu_model_quantized(name, kv, None, dir)
+}
+
+/// [`gpu_model`] with the products' matrices quantized as `quantize` says.
+fn gpu_model_quantized(
+    name: &str,
+    kv: DType,
+    quantize: Option<DType>,
+    dir: &std::path::Path,
+) -> Option<CompiledModel> {
+    let artifact = cuda_artifact(name, kv, quantize, dir)?;
     let loaded = CompiledModel::load(&artifact, &golden(name).dir, 2);
     if !q3c_runtime::compiled::cuda_available() {
         let err = loaded
@@ -60,6 +70,52 @@ fn every_fixture_matches_transformers_on_the_gpu() {
         }
         let diff = max_abs_diff(&rows, &full.data);
         assert!(diff <= 1e-4, "{name}: incremental vs full {diff:e}");
+    }
+}
+
+/// `--quantize q8|q4` on the GPU (dense untied fixtures, as the CPU emulation's test in `compiled.rs`
+/// says why): against the reference executor on the decoded weights only f32 rounding remains, so the
+/// fixtures' [`LOGIT_TOLERANCE`] holds, and the distance to transformers (the format's own error) must be
+/// larger; a prefill then one token at a time (the decode path's one-row blocks) matches too.
+#[test]
+fn quantized_weights_on_the_gpu_match_the_reference_on_their_decoded_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["dense_gqa", "yarn", "sharded_f16"] {
+        let g = golden(name);
+        for format in [DType::Q8, DType::Q4] {
+            let Some(model) = gpu_model_quantized(name, DType::F32, Some(format), tmp.path())
+            else {
+                continue;
+            };
+            let weights = model.manifest().weights.iter();
+            let (formats, want) =
+                decoded_reference(name, weights.map(|w| (&w.name[..], &w.kernel_dtype[..])));
+            assert!(
+                formats.values().any(|&f| f == format),
+                "{name}: no {format} weight"
+            );
+            let got = model.session().forward(&g.prompt_ids).unwrap().data;
+            let mut s = model.session();
+            let split = g.prompt_ids.len() / 2;
+            let mut stepped = s.forward(&g.prompt_ids[..split]).unwrap().data;
+            for &id in &g.prompt_ids[split..] {
+                stepped.extend(s.forward(&[id]).unwrap().data);
+            }
+            let (diff, step_diff) = (max_abs_diff(&got, &want), max_abs_diff(&stepped, &want));
+            let vs_hf = max_abs_diff(&got, &g.logits);
+            eprintln!(
+                "{name}: GPU {format} weights max |dlogit| {diff:.2e} ({step_diff:.2e} stepped) vs the \
+                 decoded weights, {vs_hf:.2e} vs transformers"
+            );
+            assert!(
+                diff <= LOGIT_TOLERANCE && step_diff <= LOGIT_TOLERANCE,
+                "{name} {format}"
+            );
+            assert!(
+                diff < vs_hf,
+                "{name} {format}: the decoded weights do not explain the result"
+            );
+        }
     }
 }
 

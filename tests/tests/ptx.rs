@@ -4,7 +4,7 @@
 //! Needs `ptxas` (PyPI `nvidia-cuda-nvcc-cu12`) on `PATH` or named by `$PTXAS`; `.ci/run` installs it.
 #![cfg(feature = "llvm")]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use q3c_ir::DType;
@@ -22,6 +22,26 @@ fn ptxas() -> PathBuf {
             path.display()
         ),
     }
+}
+
+/// Writes `ptx` to `file` and assembles it with `ptxas` for `gpu`, which must succeed with a cubin.
+fn assemble(ptxas: &Path, ptx: &str, gpu: &str, file: &Path) {
+    std::fs::write(file, ptx).unwrap();
+    let cubin = file.with_extension("cubin");
+    let out = Command::new(ptxas)
+        .arg(format!("-arch={gpu}"))
+        .arg(file)
+        .arg("-o")
+        .arg(&cubin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: ptxas failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::metadata(&cubin).unwrap().len() > 0);
 }
 
 #[test]
@@ -56,6 +76,7 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                     max_tokens_per_call: 16,
                     fusion: fusion.into(),
                     kv_dtype,
+                    quantize: None,
                 };
                 let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
                     .unwrap();
@@ -96,25 +117,7 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                 }
                 assert!(m.ptx.contains(&format!(".target {gpu}")));
                 let file = tmp.path().join(format!("{name}-{fusion}-{gpu}.ptx"));
-                std::fs::write(&file, &m.ptx).unwrap();
-                let out = Command::new(&ptxas)
-                    .arg(format!("-arch={gpu}"))
-                    .arg(&file)
-                    .arg("-o")
-                    .arg(file.with_extension("cubin"))
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{name} {fusion} {gpu}: ptxas failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                assert!(
-                    std::fs::metadata(file.with_extension("cubin"))
-                        .unwrap()
-                        .len()
-                        > 0
-                );
+                assemble(&ptxas, &m.ptx, gpu, &file);
             }
         }
     }
@@ -130,10 +133,51 @@ fn unknown_gpus_are_refused() {
             max_tokens_per_call: 16,
             fusion: "none".into(),
             kv_dtype: DType::F32,
+            quantize: None,
         };
         let err = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
             .err()
             .expect("refused");
         assert!(err.to_string().contains("GPU"), "{gpu}: {err}");
+    }
+}
+
+/// `--quantize q8|q4` on GPUs: the dense fixtures' products over quantized panels assemble with `ptxas` for
+/// sm_80 and sm_90; a MoE model is refused with one clear error (the GPU's expert products read weights as
+/// stored).
+#[test]
+fn quantized_products_assemble_with_ptxas_and_moe_is_refused() {
+    let ptxas = ptxas();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let (cfg, _) = open_fixture(name);
+        let graph = fused_graph(&cfg, "all");
+        for (gpu, quantize) in [("sm_80", DType::Q8), ("sm_90", DType::Q4)] {
+            let opts = q3c_backend_llvm::PtxOptions {
+                gpu: gpu.into(),
+                max_tokens_per_call: 16,
+                fusion: "all".into(),
+                kv_dtype: DType::F16,
+                quantize: Some(quantize),
+            };
+            let compiled = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts);
+            if cfg.moe.is_some() {
+                let err = compiled.err().expect("MoE with --quantize refused on GPUs");
+                assert!(err.to_string().contains("dense models"), "{name}: {err}");
+                continue;
+            }
+            let m = compiled.unwrap();
+            let kind = quantize.to_string();
+            assert!(
+                m.manifest.weights.iter().any(|w| w.kernel_dtype == kind),
+                "{name} {gpu}: no weight bound as {kind}"
+            );
+            assemble(
+                &ptxas,
+                &m.ptx,
+                gpu,
+                &tmp.path().join(format!("{name}-{kind}-{gpu}.ptx")),
+            );
+        }
     }
 }

@@ -141,6 +141,7 @@ pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
             kernels: Vec::new(),
             dispatches: Vec::new(),
             threads_per_block: q3c_abi::launch::THREADS_PER_BLOCK,
+            programmatic: false,
         },
         bodies: Vec::new(),
         nodes: Vec::new(),

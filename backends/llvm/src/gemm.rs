@@ -262,7 +262,11 @@ pub fn columns<'ctx>(
         tile,
     } = mm;
     if matches!(dt, DType::Q8 | DType::Q4) {
-        return q8_columns(fb, mm, x, w, out, n, item);
+        // GPUs read the activations as f32 (no staging); the CPU's panels meet staged q8 rows on VNNI.
+        return match fb.flavor {
+            Flavor::Gpu | Flavor::GpuOnCpu => crate::gpu_quant::columns(fb, mm, x, w, out, n, item),
+            _ => q8_columns(fb, mm, x, w, out, n, item),
+        };
     }
     if let (Flavor::Gpu, crate::fb::ItemShare::Product(_)) = (fb.flavor, fb.share) {
         return crate::gpu_gemm::columns(fb, mm, x, w, out, n, item);

@@ -104,11 +104,21 @@ pub fn thread_index<'ctx>(fb: &Fb<'_, 'ctx>) -> IntValue<'ctx> {
 
 /// The warp's sum of `x`, in every lane.
 pub fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
+    warp_sum_masks(fb, x, &[16, 8, 4, 2, 1])
+}
+
+/// The sum of `x` over the lanes whose indices differ only in the bits of `masks` (a butterfly of
+/// `shfl.sync.bfly` over those distances), in each of them.
+pub fn warp_sum_masks<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    x: FloatValue<'ctx>,
+    masks: &[u64],
+) -> FloatValue<'ctx> {
     let i32t = fb.cx.i32_type();
     let all = i32t.const_int(0xffff_ffff, false);
     let clamp = i32t.const_int(0x1f, false);
     let mut s = x;
-    for mask in [16u64, 8, 4, 2, 1] {
+    for &mask in masks {
         let other = fb
             .named_intrinsic(
                 "llvm.nvvm.shfl.sync.bfly.f32",

@@ -24,6 +24,8 @@ mod gpu_gemm;
 #[cfg(feature = "llvm")]
 mod gpu_parts;
 #[cfg(feature = "llvm")]
+mod gpu_quant;
+#[cfg(feature = "llvm")]
 mod module;
 #[cfg(feature = "llvm")]
 mod q8;

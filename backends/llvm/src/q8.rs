@@ -42,7 +42,7 @@ impl Format {
     }
 
     /// Bytes of one group of a panel (32 elements of 16 rows).
-    fn block(self) -> usize {
+    pub fn block(self) -> usize {
         match self {
             Format::Q8 => Q8_GROUP * Q8_PANEL,
             Format::Q4 => Q8_GROUP * Q8_PANEL / 2,

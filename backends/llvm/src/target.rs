@@ -157,11 +157,20 @@ pub fn bf16_dot_available(target_cpu: &str) -> Result<bool, BackendError> {
 }
 
 /// An NVPTX target for `gpu` (`sm_80`, `sm_90`, ...), with the PTX ISA version that GPU needs.
-pub fn ptx(gpu: &str) -> Result<TargetMachine, BackendError> {
-    let sm: u32 = gpu
-        .strip_prefix("sm_")
+/// The compute capability of `gpu` (`sm_90` → 90).
+pub fn sm_version(gpu: &str) -> Result<u32, BackendError> {
+    gpu.strip_prefix("sm_")
         .and_then(|s| s.trim_end_matches('a').parse().ok())
-        .ok_or_else(|| BackendError::Target(format!("unknown GPU '{gpu}' (try sm_80, sm_90)")))?;
+        .ok_or_else(|| BackendError::Target(format!("unknown GPU '{gpu}' (try sm_80, sm_90)")))
+}
+
+/// Whether kernels for `gpu` can take programmatic launches (PTX `griddepcontrol`: sm_90 and later).
+pub fn programmatic_launches(gpu: &str) -> bool {
+    sm_version(gpu).is_ok_and(|sm| sm >= 90)
+}
+
+pub fn ptx(gpu: &str) -> Result<TargetMachine, BackendError> {
+    let sm = sm_version(gpu)?;
     let ptx_isa = match sm {
         60..=75 => "+ptx64",
         80 => "+ptx70",

@@ -41,9 +41,9 @@ pub struct Args {
     bf16_activations: bool,
     /// LLVM: bind the matrices of linear and expert products as 8-bit (q8: groups of 32, f32 scales, like
     /// llama.cpp's Q8_0) or 4-bit (q4: groups of 32, f16 scales, like Q4_0; the logits matrix in q8)
-    /// weights, multiplied with AVX512-VNNI on 8-bit activations; quantized at load, or read as they are
-    /// from a checkpoint written by `q3c quantize`. Default: the format of MODEL's checkpoint if it is
-    /// pre-quantized, else none.
+    /// weights, multiplied with AVX512-VNNI on 8-bit activations (on GPUs, dense models: widened in
+    /// registers, f32 activations); quantized at load, or read as they are from a checkpoint written by
+    /// `q3c quantize`. Default: the format of MODEL's checkpoint if it is pre-quantized, else none.
     #[arg(long, value_enum)]
     quantize: Option<Quantize>,
     /// The KV cache's element type: f16 or bf16 (half the bytes of f32, rounded to nearest even; bf16 keeps
@@ -90,17 +90,15 @@ pub fn run(args: Args) -> Result<()> {
             };
             bail!("--target {target} needs --backend llvm");
         }
-        if args.quantize.is_some_and(|q| q != Quantize::None) {
-            bail!(
-                "--quantize is not supported on GPUs yet: the GPU kernels read weights as stored"
-            );
-        }
         let graph = codegen::fused_graph(&cfg, &strategy)?;
         let how = codegen::GpuCodegen {
             gpu: &args.gpu,
             max_tokens: args.max_tokens,
             fusion: strategy.name(),
             kv_dtype: args.kv_dtype.resolve(&cfg),
+            quantize: args
+                .quantize
+                .unwrap_or_else(|| checkpoint_format(&args.model)),
         };
         let (ptx, manifest) = codegen::compile_gpu(&graph, &cfg, &how)?;
         let (what, bytes) = match args.target {
@@ -112,8 +110,11 @@ pub fn run(args: Args) -> Result<()> {
         };
         write_atomically(&args.out, &bytes)?;
         eprintln!(
-            "compiled {model} to {what} for {} ({} KV cache) into {} ({} kernels) in {:.2} s",
+            "compiled {model} to {what} for {} ({}{} KV cache) into {} ({} kernels) in {:.2} s",
             args.gpu,
+            how.quantize
+                .dtype()
+                .map_or(String::new(), |f| format!("{f} weights, ")),
             manifest.kv.dtype,
             args.out.display(),
             manifest.kernels,

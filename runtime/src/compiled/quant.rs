@@ -24,13 +24,7 @@ pub fn quantize_q8(n: usize, k: usize, row: impl Fn(usize, &mut [f32]), out: &mu
         let row = &buf;
         let (panel, r) = (i / Q8_PANEL, i % Q8_PANEL);
         for (g, chunk) in row.chunks_exact(Q8_GROUP).enumerate() {
-            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut bytes = [0u8; Q8_GROUP];
-            for (b, v) in bytes.iter_mut().zip(chunk) {
-                *b = offset_byte(v * inv);
-            }
+            let (d, bytes) = q8_group(chunk);
             let block = (panel * groups + g) * Q8_GROUP * Q8_PANEL + r * 4;
             for (s, four) in bytes.chunks_exact(4).enumerate() {
                 q[block + s * STEP..block + s * STEP + 4].copy_from_slice(four);
@@ -39,6 +33,19 @@ pub fn quantize_q8(n: usize, k: usize, row: impl Fn(usize, &mut [f32]), out: &mu
             scales[s..s + 4].copy_from_slice(&d.to_ne_bytes());
         }
     }
+}
+
+/// One group of 32 values in 8 bits: the scale `d = max|v| / 127` and the values `q + 128` (`q` rounded
+/// to nearest, ties to even), so that `v ≈ d · q`.
+pub fn q8_group(values: &[f32]) -> (f32, [u8; Q8_GROUP]) {
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut bytes = [0u8; Q8_GROUP];
+    for (b, v) in bytes.iter_mut().zip(values) {
+        *b = offset_byte(v * inv);
+    }
+    (d, bytes)
 }
 
 /// Bytes of `len` values packed as `format` ([`q3c_abi::Q8_LAYOUT`] or [`q3c_abi::Q4_LAYOUT`]); `None` for
