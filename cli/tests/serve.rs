@@ -582,6 +582,62 @@ fn concurrent_requests_are_batched_and_answer_as_alone() {
 /// `n` choices decode as sequences of their own, fed together: greedy ones each equal the single answer,
 /// seeded samples differ from each other (choice 0 is the single answer with that seed), streams tag every
 /// chunk with its choice, usage sums the answers, and `n` past the server's sequences or the limit is a 400.
+/// Requests sent to an idle server a few milliseconds apart are read in one step: woken from idle, the
+/// scheduler gathers the requests that follow within `GATHER_QUIET` (10 ms) of each other, and a step with
+/// nobody decoding takes the gathered prompts whole (up to four budgets). Two prompts each longer than
+/// `--batch-tokens 16`, answered with one token each, then take one step between them; without the gathering
+/// the second (sent 4 ms after the first) lands in a later step, and without the larger idle budget each
+/// prompt takes two steps or more. A loaded machine can delay a request past the window, so the pair is sent
+/// up to five times and one pair read in one step passes.
+#[test]
+fn requests_arriving_together_at_an_idle_server_are_read_in_one_step() {
+    let s = start_with(&["--max-concurrent", "4", "--batch-tokens", "16"]);
+    let ask = |q: &str| {
+        // Thinking off: the template writes the empty block, so the one token is the model's own.
+        let body = json!({"messages": [{"role": "user", "content": q}], "max_tokens": 1,
+                          "enable_thinking": false});
+        request(body).to_string()
+    };
+    let mut seen = Vec::new();
+    for attempt in 1..=5 {
+        // Each attempt's own prompts (they differ from their first word on), so little of an earlier
+        // attempt's KV can be reused.
+        let word = ["First", "Second", "Third", "Fourth", "Fifth"][attempt - 1];
+        let questions = [
+            format!("{word} question: tell me about the weather today in three short words."),
+            format!("{word} question: name one colour that you like and say why, briefly."),
+        ];
+        let before = metric_of(&s, "q3c_batch_steps_total");
+        let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+            let first = scope.spawn(|| post(&s, &ask(&questions[0])));
+            std::thread::sleep(std::time::Duration::from_millis(4));
+            let second = scope.spawn(|| post(&s, &ask(&questions[1])));
+            vec![first.join().unwrap(), second.join().unwrap()]
+        });
+        let prompts: Vec<u64> = answers
+            .iter()
+            .map(|(status, r)| {
+                assert_eq!(*status, 200, "{r}");
+                assert_eq!(r["usage"]["completion_tokens"], 1, "{r}");
+                // The tokens fed: those not reused from an earlier request's cache.
+                r["usage"]["prompt_tokens"].as_u64().unwrap() - cached(r)
+            })
+            .collect();
+        // The premise: each prompt feeds more than one budget, both fit in one idle step.
+        assert!(
+            prompts.iter().all(|&p| p > 16) && prompts.iter().sum::<u64>() <= 64,
+            "{prompts:?}"
+        );
+        let steps = metric_of(&s, "q3c_batch_steps_total") - before;
+        if steps == 1.0 {
+            eprintln!("attempt {attempt}: both prompts ({prompts:?} tokens fed) in one step");
+            return;
+        }
+        seen.push(steps);
+    }
+    panic!("two prompts sent 4 ms apart to an idle server took {seen:?} steps, never one");
+}
+
 #[test]
 fn several_choices_decode_as_sequences_of_their_own() {
     let s = start();
