@@ -66,7 +66,6 @@ struct Panel<'ctx> {
 }
 
 /// Work item `item` (panel `item`) of a product over q8/q4 weights, as [`crate::gemm::columns`].
-#[allow(clippy::too_many_arguments)]
 pub fn columns<'ctx>(
     fb: &Fb<'_, 'ctx>,
     mm: MatMul<IntValue<'ctx>>,
