@@ -78,8 +78,9 @@ impl ProductShape {
             && (1..=8).contains(&s.rows);
         if !ok {
             return Err(format!(
-                "Q3C_GPU_PRODUCTS: {s:?} is out of range (threads a power of two from 32 to 1024, \
-                 streams 1-64, rows 1-8)"
+                "Q3C_GPU_PRODUCTS: threads={}, streams={}, rows={} is out of range (threads a power of two \
+                 from 32 to 1024, streams 1-64, rows 1-8)",
+                s.threads, s.streams, s.rows
             ));
         }
         Ok(s)
@@ -394,5 +395,31 @@ pub fn row_lane<'ctx>(fb: &Fb<'_, 'ctx>) -> Option<(IntValue<'ctx>, usize)> {
         (Flavor::Gpu, ItemShare::Part(_)) => Some((fb.urem_c(thread_index(fb), WARP), WARP)),
         (Flavor::GpuOnCpu, ItemShare::Rows(_) | ItemShare::Part(_)) => Some((fb.i64c(0), 1)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProductShape;
+
+    #[test]
+    fn product_shapes_parse_from_their_settings_and_refuse_bad_ones() {
+        assert_eq!(ProductShape::parse("").unwrap(), ProductShape::DEFAULT);
+        let s = ProductShape::parse("threads=128, rows=2,blocks=3").unwrap();
+        assert_eq!(
+            (s.threads, s.streams, s.rows, s.min_blocks),
+            (128, ProductShape::DEFAULT.streams, 2, 3)
+        );
+        for bad in [
+            "threads",
+            "threads=x",
+            "warps=4",
+            "threads=100",
+            "rows=0",
+            "streams=65",
+        ] {
+            let err = ProductShape::parse(bad).unwrap_err();
+            assert!(err.starts_with("Q3C_GPU_PRODUCTS: "), "{bad}: {err}");
+        }
     }
 }
