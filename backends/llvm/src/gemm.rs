@@ -289,10 +289,12 @@ pub fn columns<'ctx>(
         // over one matrix had run at 0.7-0.9× SwiGLU's bytes per second); two rows of each of gate and up
         // measured no faster.
         let two_streams = stream && nrows >= 4 && w.len() == 1 && tile.width.is_multiple_of(2);
-        let per_matrix = match (nrows == 1 || stream, two_streams) {
-            (_, true) => 2,
-            (true, false) => 1,
-            (false, false) => per_matrix,
+        let per_matrix = if two_streams {
+            2
+        } else if nrows == 1 || stream {
+            1
+        } else {
+            per_matrix
         };
         let x_block = fb.addr(x, r, x_stride);
         let xr: Vec<_> = (0..nrows).map(|i| fb.off(x_block, i * x_stride)).collect();

@@ -257,17 +257,10 @@ fn entries<'ctx>(
         fb.b.build_return(None).expect(BUG);
         fb.finish();
         if indices == Indices::Registers {
-            let md = cx.metadata_node(&[
-                entry.as_global_value().as_pointer_value().into(),
-                cx.metadata_string("kernel").into(),
-                i32t.const_int(1, false).into(),
-            ]);
-            m.add_global_metadata("nvvm.annotations", &md)
-                .map_err(|e| BackendError::Internal(e.to_string()))?;
-            // A row kernel's block has exactly its threads: ptxas keeps the registers to what a block
-            // that size can have (a 1024-thread block, at most 64 per thread). Products go without unless
-            // their shape asks for several blocks per SM (with only the block size, ptxas gave them more
-            // registers or spills, for the same occupancy).
+            // An entry point, and its block's bounds: a row kernel's block has exactly its threads, so
+            // ptxas keeps the registers to what a block that size can have (a 1024-thread block, at most 64
+            // per thread). Products go without unless their shape asks for several blocks per SM (with only
+            // the block size, ptxas gave them more registers or spills, for the same occupancy).
             let bounds = match share {
                 ItemShare::Rows(n) => vec![("maxntidx", n)],
                 ItemShare::Product(p) if p.min_blocks > 0 => {
@@ -275,7 +268,7 @@ fn entries<'ctx>(
                 }
                 _ => Vec::new(),
             };
-            for (key, value) in bounds {
+            for (key, value) in [("kernel", 1)].into_iter().chain(bounds) {
                 let md = cx.metadata_node(&[
                     entry.as_global_value().as_pointer_value().into(),
                     cx.metadata_string(key).into(),
@@ -318,7 +311,8 @@ pub fn compile_ptx(
     let programmatic = target::programmatic_launches(&opts.gpu);
     let mut plan = gpu_plan(graph, output, opts)?;
     let products = ProductShape::get().map_err(BackendError::Unsupported)?;
-    let launch = gpu_launch(graph, &mut plan, products)?;
+    let mut launch = gpu_launch(graph, &mut plan, products)?;
+    launch.plan.programmatic = programmatic;
     let cx = Context::create();
     let m = cx.create_module("q3c_kernels");
     entries(
@@ -359,8 +353,6 @@ pub fn compile_ptx(
         required_cpu_features: Vec::new(),
         kernels: names.len(),
     });
-    let mut launch = launch;
-    launch.plan.programmatic = programmatic;
     manifest.launch = Some(launch.plan.clone());
     Ok(PtxModule {
         ptx,

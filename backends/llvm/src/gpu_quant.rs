@@ -174,10 +174,11 @@ fn gpu_block<'ctx>(
     // The lanes of each row set meet; lanes 0..sets hold their rows' sums, which go to shared memory.
     let sets = slice.sets();
     let shared = panel_sums(fb, warps, panels.len(), nrows);
-    let slot = |fb: &Fb<'_, 'ctx>, w: IntValue<'ctx>, m: usize, ri: usize, row: IntValue<'ctx>| {
+    // Warp w's sum for matrix m, activation row ri, panel row `row`.
+    let slot = |fb: &Fb<'_, 'ctx>, w: IntValue<'ctx>, m: usize, ri: IntValue<'ctx>, row| {
         let i = fb.mul_c(w, panels.len() * nrows * Q8_PANEL);
-        let i = fb.add(fb.add_c(i, (m * nrows + ri) * Q8_PANEL), row);
-        shared_at(fb, shared, i)
+        let i = fb.add(i, fb.mul_c(fb.add_c(ri, m * nrows), Q8_PANEL));
+        shared_at(fb, shared, fb.add(i, row))
     };
     let totals: Vec<Vec<Vec<FloatValue>>> = accs
         .iter()
@@ -199,7 +200,7 @@ fn gpu_block<'ctx>(
             for (ri, held) in per_row.iter().enumerate() {
                 for (j, &s) in held.iter().enumerate() {
                     let row = fb.add_c(fb.mul_c(lane, slice.rows()), j);
-                    fb.store(s, slot(fb, warp, m, ri, row));
+                    fb.store(s, slot(fb, warp, m, fb.i64c(ri), row));
                 }
             }
         }
@@ -213,12 +214,9 @@ fn gpu_block<'ctx>(
             .map(|m| {
                 let mut s = fb.f32c(0.0);
                 for w in 0..warps {
-                    // Row ri of this block: the slot's row index is a run-time value here.
-                    let i = fb.mul_c(fb.i64c(w), panels.len() * nrows * Q8_PANEL);
-                    let i = fb.add(i, fb.mul_c(fb.add_c(ri, m * nrows), Q8_PANEL));
-                    let i = fb.add(i, col);
+                    let at = slot(fb, fb.i64c(w), m, ri, col);
                     let v =
-                        fb.b.build_load(fb.f32t(), shared_at(fb, shared, i), "")
+                        fb.b.build_load(fb.f32t(), at, "")
                             .expect(BUG)
                             .into_float_value();
                     s = fb.fadd(s, v);

@@ -156,7 +156,6 @@ pub fn bf16_dot_available(target_cpu: &str) -> Result<bool, BackendError> {
     Ok(t.flavor.lanes() == 16 && t.required.iter().any(|f| f == "avx512bf16"))
 }
 
-/// An NVPTX target for `gpu` (`sm_80`, `sm_90`, ...), with the PTX ISA version that GPU needs.
 /// The compute capability of `gpu` (`sm_90` → 90).
 pub fn sm_version(gpu: &str) -> Result<u32, BackendError> {
     gpu.strip_prefix("sm_")
@@ -169,6 +168,7 @@ pub fn programmatic_launches(gpu: &str) -> bool {
     sm_version(gpu).is_ok_and(|sm| sm >= 90)
 }
 
+/// An NVPTX target for `gpu` (`sm_80`, `sm_90`, ...), with the PTX ISA version that GPU needs.
 pub fn ptx(gpu: &str) -> Result<TargetMachine, BackendError> {
     let sm = sm_version(gpu)?;
     let ptx_isa = match sm {
