@@ -341,6 +341,58 @@ pub fn cpu_feature(feature: &str, what: &str) -> bool {
     has
 }
 
+/// The dense fixtures whose logits matrix is its own tensor: quantized products are checked on these against
+/// the reference on decoded weights ([`check_against_decoded_weights`]); a tied table is one checkpoint
+/// tensor both exact (the embedding) and quantized (the logits' copy), which one decoded checkpoint cannot say.
+pub const DENSE_UNTIED_FIXTURES: [&str; 3] = ["dense_gqa", "yarn", "sharded_f16"];
+
+/// Checks `model` of fixture `name`, its products reading `format` weights with f32 activations (the GPU
+/// flavour), against the reference executor on the decoded weights ([`decoded_reference`]): the whole
+/// prompt, and its first `split` tokens at once then one at a time, each within [`LOGIT_TOLERANCE`] (only
+/// f32 rounding of sums taken in another order remains), and closer to the decoded weights than to
+/// transformers (else the decoded weights did not explain the result). `what` names the model in messages.
+pub fn check_against_decoded_weights(
+    name: &str,
+    format: q3c_ir::DType,
+    model: &q3c_runtime::CompiledModel,
+    split: usize,
+    what: &str,
+) {
+    use q3c_runtime::Session as _;
+    let g = golden(name);
+    let weights = model.manifest().weights.iter();
+    let (formats, want) =
+        decoded_reference(name, weights.map(|w| (&w.name[..], &w.kernel_dtype[..])));
+    assert!(
+        formats.values().any(|&f| f == format),
+        "{name}: no weight bound as {format}"
+    );
+    let got = model.session().forward(&g.prompt_ids).unwrap().data;
+    let mut s = model.session();
+    let mut stepped = Vec::new();
+    if split > 0 {
+        stepped = s.forward(&g.prompt_ids[..split]).unwrap().data;
+    }
+    for &id in &g.prompt_ids[split..] {
+        stepped.extend(s.forward(&[id]).unwrap().data);
+    }
+    let (diff, step_diff) = (max_abs_diff(&got, &want), max_abs_diff(&stepped, &want));
+    let vs_hf = max_abs_diff(&got, &g.logits);
+    eprintln!(
+        "{name}: {what} {format} ({} weights) max |dlogit| {diff:.2e} ({step_diff:.2e} after {split} at once, \
+         then token by token) vs the decoded weights, {vs_hf:.2e} vs transformers",
+        formats.len()
+    );
+    assert!(
+        diff <= LOGIT_TOLERANCE && step_diff <= LOGIT_TOLERANCE,
+        "{name} {format}: {diff:e} {step_diff:e}"
+    );
+    assert!(
+        diff < vs_hf,
+        "{name} {format}: the decoded weights do not explain the result"
+    );
+}
+
 /// The weights a compiled model binds as q8 or q4 (`(name, kernel_dtype)` of each of its weights) by name,
 /// and the reference executor's logits over fixture `name`'s prompt on those weights decoded
 /// ([`write_decoded`]): what its quantized products should give, up to f32 rounding.

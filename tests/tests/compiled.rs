@@ -452,13 +452,11 @@ fn q4_weights_match_the_reference_on_their_decoded_values() {
 /// products widen the weights in registers and read f32 activations, so against the reference executor run
 /// on the *decoded* weights (`d · q`, every quantized matrix, the logits matrix's q8 under q4 too) only f32
 /// rounding of sums taken in another order remains — the fixtures' 1e-3 holds with orders of magnitude to
-/// spare — and the distance to transformers (the format's own error) must be larger (else the decoded
-/// weights did not explain the result). Dense untied fixtures: a tied table is one checkpoint tensor both
-/// exact (the embedding) and quantized (the logits' copy), which one decoded checkpoint cannot say.
+/// spare (`check_against_decoded_weights`, on `DENSE_UNTIED_FIXTURES`).
 #[cfg(feature = "llvm")]
 #[test]
 fn quantized_gpu_products_match_the_reference_on_decoded_weights() {
-    for name in ["dense_gqa", "yarn", "sharded_f16"] {
+    for name in DENSE_UNTIED_FIXTURES {
         let g = golden(name);
         let (cfg, _) = open_fixture(name);
         let graph = fused_graph(&cfg, "all");
@@ -477,35 +475,8 @@ fn quantized_gpu_products_match_the_reference_on_decoded_weights() {
             let so = tmp.path().join("model.so");
             q3c_backend_common::link_shared(&compiled.object, &so).unwrap();
             let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
-            let weights = model.manifest().weights.iter();
-            let (formats, want) =
-                decoded_reference(name, weights.map(|w| (&w.name[..], &w.kernel_dtype[..])));
-            assert!(
-                formats.values().any(|&f| f == format),
-                "{name}: no weight bound as {format}"
-            );
-            // The whole prompt at once, then token by token (one activation row: a decode step's path).
-            let got = model.session().forward(&g.prompt_ids).unwrap().data;
-            let mut s = model.session();
-            let mut stepped = Vec::new();
-            for &id in &g.prompt_ids {
-                stepped.extend(s.forward(&[id]).unwrap().data);
-            }
-            let (diff, vs_hf) = (max_abs_diff(&got, &want), max_abs_diff(&got, &g.logits));
-            let step_diff = max_abs_diff(&stepped, &want);
-            eprintln!(
-                "{name}: GPU {format} ({} weights) max |dlogit| {diff:e} ({step_diff:e} token by token) vs \
-                 the decoded weights, {vs_hf:e} vs transformers",
-                formats.len()
-            );
-            assert!(
-                diff <= 1e-3 && step_diff <= 1e-3,
-                "{name} {format}: {diff:e} {step_diff:e}"
-            );
-            assert!(
-                diff < vs_hf,
-                "{name} {format}: the decoded weights do not explain the result"
-            );
+            // Token by token from the start: one activation row, a decode step's path.
+            check_against_decoded_weights(name, format, &model, 0, "GPU emulation");
         }
     }
 }

@@ -73,48 +73,21 @@ fn every_fixture_matches_transformers_on_the_gpu() {
     }
 }
 
-/// `--quantize q8|q4` on the GPU (dense untied fixtures, as the CPU emulation's test in `compiled.rs`
-/// says why): against the reference executor on the decoded weights only f32 rounding remains, so the
-/// fixtures' [`LOGIT_TOLERANCE`] holds, and the distance to transformers (the format's own error) must be
-/// larger; a prefill then one token at a time (the decode path's one-row blocks) matches too.
+/// `--quantize q8|q4` on the GPU: against the reference executor on the decoded weights only f32 rounding
+/// remains, so the fixtures' [`LOGIT_TOLERANCE`] holds, and the distance to transformers (the format's own
+/// error) must be larger ([`check_against_decoded_weights`]); half the prompt at once, then one token at a
+/// time (the decode path's one-row blocks), matches too.
 #[test]
 fn quantized_weights_on_the_gpu_match_the_reference_on_their_decoded_values() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["dense_gqa", "yarn", "sharded_f16"] {
-        let g = golden(name);
+    for name in DENSE_UNTIED_FIXTURES {
         for format in [DType::Q8, DType::Q4] {
             let Some(model) = gpu_model_quantized(name, DType::F32, Some(format), tmp.path())
             else {
                 continue;
             };
-            let weights = model.manifest().weights.iter();
-            let (formats, want) =
-                decoded_reference(name, weights.map(|w| (&w.name[..], &w.kernel_dtype[..])));
-            assert!(
-                formats.values().any(|&f| f == format),
-                "{name}: no {format} weight"
-            );
-            let got = model.session().forward(&g.prompt_ids).unwrap().data;
-            let mut s = model.session();
-            let split = g.prompt_ids.len() / 2;
-            let mut stepped = s.forward(&g.prompt_ids[..split]).unwrap().data;
-            for &id in &g.prompt_ids[split..] {
-                stepped.extend(s.forward(&[id]).unwrap().data);
-            }
-            let (diff, step_diff) = (max_abs_diff(&got, &want), max_abs_diff(&stepped, &want));
-            let vs_hf = max_abs_diff(&got, &g.logits);
-            eprintln!(
-                "{name}: GPU {format} weights max |dlogit| {diff:.2e} ({step_diff:.2e} stepped) vs the \
-                 decoded weights, {vs_hf:.2e} vs transformers"
-            );
-            assert!(
-                diff <= LOGIT_TOLERANCE && step_diff <= LOGIT_TOLERANCE,
-                "{name} {format}"
-            );
-            assert!(
-                diff < vs_hf,
-                "{name} {format}: the decoded weights do not explain the result"
-            );
+            let split = golden(name).prompt_ids.len() / 2;
+            check_against_decoded_weights(name, format, &model, split, "GPU");
         }
     }
 }
