@@ -609,6 +609,22 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             .unwrap_or_else(|| panic!("LLVM has no intrinsic {name} (a q3c bug)"));
         self.call(f, args)
     }
+    /// Asks for the cache line at `p` ahead of its use (`llvm.prefetch`: for reading, into every cache
+    /// level; an address past the data is harmless). Nothing on GPU flavours.
+    pub fn prefetch(&self, p: PointerValue<'ctx>) {
+        if !matches!(self.flavor, Flavor::Cpu { .. }) {
+            return;
+        }
+        let ptr = self.cx.ptr_type(AddressSpace::default());
+        let f = Intrinsic::find("llvm.prefetch")
+            .and_then(|i| i.get_declaration(self.m, &[ptr.into()]))
+            .expect(BUG);
+        let int = |v: u64| self.cx.i32_type().const_int(v, false).into();
+        // (address, read, keep in every level, data)
+        self.b
+            .build_call(f, &[p.into(), int(0), int(3), int(1)], "")
+            .expect(BUG);
+    }
     /// Calls a function returning a value.
     pub fn call(
         &self,

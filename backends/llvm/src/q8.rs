@@ -163,8 +163,12 @@ pub fn panel<'ctx>(
                 .iter()
                 .enumerate()
                 .map(|(m, &block)| match format {
-                    Format::Q8 => load(i32v.into(), fb.off(block, s * STEP)).into_vector_value(),
+                    Format::Q8 => {
+                        crate::gemm::prefetch_weights(fb, rows.len(), fb.off(block, s * STEP));
+                        load(i32v.into(), fb.off(block, s * STEP)).into_vector_value()
+                    }
                     Format::Q4 if s < STEPS / 2 => {
+                        crate::gemm::prefetch_weights(fb, rows.len(), fb.off(block, s * STEP));
                         let (lo, hi) = nibbles(fb, load(i32v.into(), fb.off(block, s * STEP)));
                         high[m].push(hi);
                         lo
