@@ -159,17 +159,19 @@ pub fn panel<'ctx>(
         // q4: the high nibbles of steps 0..4 are steps 4..8.
         let mut high: Vec<Vec<VectorValue>> = vec![Vec::new(); mats.len()];
         for s in 0..STEPS {
+            // Step s of a panel's block, read from memory (its line ahead asked for).
+            let read = |block| {
+                let at = fb.off(block, s * STEP);
+                crate::gemm::prefetch_weights(fb, rows.len(), at);
+                load(i32v.into(), at)
+            };
             let ws: Vec<_> = blocks
                 .iter()
                 .enumerate()
                 .map(|(m, &block)| match format {
-                    Format::Q8 => {
-                        crate::gemm::prefetch_weights(fb, rows.len(), fb.off(block, s * STEP));
-                        load(i32v.into(), fb.off(block, s * STEP)).into_vector_value()
-                    }
+                    Format::Q8 => read(block).into_vector_value(),
                     Format::Q4 if s < STEPS / 2 => {
-                        crate::gemm::prefetch_weights(fb, rows.len(), fb.off(block, s * STEP));
-                        let (lo, hi) = nibbles(fb, load(i32v.into(), fb.off(block, s * STEP)));
+                        let (lo, hi) = nibbles(fb, read(block));
                         high[m].push(hi);
                         lo
                     }
