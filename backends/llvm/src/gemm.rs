@@ -15,10 +15,10 @@ use crate::q8;
 
 /// How far ahead of a product's weight loads (bytes) a block of several activation rows asks for the
 /// weights' cache lines. With several rows per weight load the cores are busy with the dot products and the
-/// hardware prefetcher alone kept too few lines in flight: 4 and 8 sequences decoded 5-8% faster (bf16
-/// dot products; 22% with f32 activations, 5-8% over q8/q4 panels) with lines asked for 1024 bytes ahead
-/// (512 and 1536 close behind, 2048 less); one row issues its loads fast enough (asking there measured
-/// 0.96-1.03×), and prefill did not move.
+/// hardware prefetcher alone kept too few lines in flight: 4 and 8 sequences decoded 4-8% faster (bf16
+/// dot products; 21% with f32 activations, 4-10% over q8/q4 panels) with lines asked for 1024 bytes ahead
+/// (512 close behind, 2048 less); one row issues its loads fast enough (asking there measured 0.96-1.03×),
+/// and prefill did not move (docs/BENCHMARKS.md).
 const PREFETCH_AHEAD: usize = 1024;
 
 /// Asks for the weight line [`PREFETCH_AHEAD`] bytes after `p`, a weight load's address, when the block
