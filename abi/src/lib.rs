@@ -169,18 +169,36 @@ pub const Q8_LAYOUT: &str = "q8";
 /// the `n·k/32` scales as IEEE f16, the 16 of panel `p`, group `g` at `(p·k/32 + g)·16 + r`.
 pub const Q4_LAYOUT: &str = "q4";
 
+/// `kernel_dtype` of a weight the runtime quantizes to 6 bits when binding it (the logits matrix of a
+/// [`Q4_LAYOUT`] model).
+///
+/// As [`Q4_LAYOUT`] with 64 levels: `d = m / −32` and `q = clamp(round(w / d), −32, 31)`, stored `q + 32`
+/// (six bits). Panel `p`, group `g` is 384 bytes: its first 256 bytes are laid out as a [`Q4_LAYOUT`] group's,
+/// holding the low four bits of each stored value; then two 64-byte planes of the high two bits, the byte at
+/// `256 + h·64 + r·4 + j` holding in its bits `2t, 2t + 1` those of element `32g + 4(4h + t) + j` of row
+/// `16p + r`, for `h` in 0..2, `t` in 0..4, `j` in 0..4 — so step `s` (elements `4s ..  4s + 4` of every row)
+/// is the nibbles of step `s` ORed with plane `s / 4` shifted by `2(s % 4)`. After the `n·k·3/4` bytes come
+/// the `n·k/32` scales as IEEE f16, the 16 of panel `p`, group `g` at `(p·k/32 + g)·16 + r`.
+pub const Q6_LAYOUT: &str = "q6";
+
+/// The `kernel_dtype`s of weights the runtime packs into panels ([`Q8_LAYOUT`], [`Q4_LAYOUT`], [`Q6_LAYOUT`]).
+pub const PACKED_FORMATS: [&str; 3] = [Q8_LAYOUT, Q4_LAYOUT, Q6_LAYOUT];
+
 /// `layout` of a weight bound as stored (or widened): the checkpoint's row-major order.
 pub const LAYOUT_ROW_MAJOR: &str = "row-major";
 /// `layout` of a [`Q8_LAYOUT`] weight: panels of 16 rows, as described there.
 pub const LAYOUT_Q8_PANELS: &str = "panels-16";
 /// `layout` of a [`Q4_LAYOUT`] weight: panels of 16 rows of packed nibbles, as described there.
 pub const LAYOUT_Q4_PANELS: &str = "panels-16-nibbles";
+/// `layout` of a [`Q6_LAYOUT`] weight: panels of 16 rows of nibbles and planes of high bits, as described there.
+pub const LAYOUT_Q6_PANELS: &str = "panels-16-nibbles-planes";
 
 /// The `layout` of a weight the kernels read as `kernel_dtype`.
 pub fn layout_for(kernel_dtype: &str) -> &'static str {
     match kernel_dtype {
         Q8_LAYOUT => LAYOUT_Q8_PANELS,
         Q4_LAYOUT => LAYOUT_Q4_PANELS,
+        Q6_LAYOUT => LAYOUT_Q6_PANELS,
         _ => LAYOUT_ROW_MAJOR,
     }
 }

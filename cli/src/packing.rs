@@ -31,11 +31,11 @@ impl PlanPacker {
         for w in &plan.weights {
             forms.entry(w.name.clone()).or_default().push(w.read_as);
         }
-        // A weight's `kernel_dtype` is its read form's name (`q8`, `q4`).
+        // A weight's `kernel_dtype` is its read form's name (`q8`, `q4`, `q6`).
         let formats = forms
             .into_iter()
             .filter_map(|(name, f)| match f[..] {
-                [form @ (DType::Q8 | DType::Q4)] => Some((name, form.name())),
+                [form] if form.is_quantized() => Some((name, form.name())),
                 _ => None,
             })
             .collect();

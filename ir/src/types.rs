@@ -18,6 +18,10 @@ pub enum DType {
     /// Not a tensor type: 4-bit weights (groups of [`Q8_GROUP`], one f16 scale each; layout in
     /// `q3c_abi::Q4_LAYOUT`), multiplied like [`DType::Q8`] weights once unpacked in registers.
     Q4,
+    /// Not a tensor type: 6-bit weights (groups of [`Q8_GROUP`], one f16 scale each; layout in
+    /// `q3c_abi::Q6_LAYOUT`), the logits matrix of a [`DType::Q4`] model, multiplied like [`DType::Q4`]
+    /// weights with two more bits per value unpacked in registers.
+    Q6,
 }
 
 /// Elements per scale of [`DType::Q8`] weights.
@@ -39,6 +43,7 @@ impl DType {
             DType::I32 => "i32",
             DType::Q8 => "q8",
             DType::Q4 => "q4",
+            DType::Q6 => "q6",
         }
     }
 
@@ -53,13 +58,18 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::BF16 | DType::F16 => 2,
             // Per element, rounded up: a whole matrix's bytes come from the runtime's layout functions.
-            DType::Q8 | DType::Q4 => 1,
+            DType::Q8 | DType::Q4 | DType::Q6 => 1,
         }
+    }
+
+    /// True for the packed weight formats (q8, q4, q6) the runtime binds in panels for VNNI products.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8 | DType::Q4 | DType::Q6)
     }
 
     /// True for the floating-point types weights may be stored in.
     pub fn is_float(self) -> bool {
-        !matches!(self, DType::I32 | DType::Q8 | DType::Q4)
+        !matches!(self, DType::I32) && !self.is_quantized()
     }
 }
 

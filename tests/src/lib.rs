@@ -393,7 +393,7 @@ pub fn check_against_decoded_weights(
     );
 }
 
-/// The weights a compiled model binds as q8 or q4 (`(name, kernel_dtype)` of each of its weights) by name,
+/// The weights a compiled model binds as q8, q4 or q6 (`(name, kernel_dtype)` of each of its weights) by name,
 /// and the reference executor's logits over fixture `name`'s prompt on those weights decoded
 /// ([`write_decoded`]): what its quantized products should give, up to f32 rounding.
 pub fn decoded_reference<'a>(
@@ -404,6 +404,7 @@ pub fn decoded_reference<'a>(
         .filter_map(|(n, kind)| match kind {
             "q8" => Some((n.to_string(), q3c_ir::DType::Q8)),
             "q4" => Some((n.to_string(), q3c_ir::DType::Q4)),
+            "q6" => Some((n.to_string(), q3c_ir::DType::Q6)),
             _ => None,
         })
         .collect();
@@ -422,15 +423,15 @@ pub fn decoded_reference<'a>(
 }
 
 /// Writes fixture `name`'s checkpoint into `dir` as f32, each weight named in `formats` replaced by its
-/// values in that format (q8 or q4) decoded (`d · q` per group of 32, as `q3c_abi::Q8_LAYOUT` and
-/// `q3c_abi::Q4_LAYOUT` define them): the checkpoint on which the reference executor computes what
+/// values in that format (q8, q4 or q6) decoded (`d · q` per group of 32, as `q3c_abi::Q8_LAYOUT`,
+/// `Q4_LAYOUT` and `Q6_LAYOUT` define them): the checkpoint on which the reference executor computes what
 /// quantized products should give.
 pub fn write_decoded(
     name: &str,
     formats: &std::collections::HashMap<String, q3c_ir::DType>,
     dir: &std::path::Path,
 ) {
-    use q3c_runtime::compiled::quant::{q4_group, q8_group};
+    use q3c_runtime::compiled::quant::{q8_group, LowBits};
     let src = fixtures_dir().join(name);
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let (_, ckpt) = open_fixture(name);
@@ -441,12 +442,12 @@ pub fn write_decoded(
             let mut values = t.to_f32();
             if let Some(&format) = formats.get(n) {
                 for group in values.chunks_exact_mut(32) {
-                    let (d, q, offset) = match format {
-                        q3c_ir::DType::Q4 => {
-                            let (d, q) = q4_group(group);
-                            (d.to_f32(), q, 8.0)
+                    let (d, q, offset) = match LowBits::of(format) {
+                        Some(bits) => {
+                            let (d, q) = bits.group(group);
+                            (d.to_f32(), q, bits.offset() as f32)
                         }
-                        _ => {
+                        None => {
                             let (d, q) = q8_group(group);
                             (d, q, 128.0)
                         }

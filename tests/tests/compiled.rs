@@ -376,11 +376,12 @@ fn bf16_activations_cover_grouped_expert_products() {
 }
 
 /// `--quantize q4` (LLVM, AVX512-VNNI): matrices of linear and expert products in 4-bit groups of 32 (the
-/// logits matrix in q8), activations in q8. The weights' own error is the format's (up to a step,
+/// logits matrix in 6 bits), activations in q8. The weights' own error is the format's (up to a step,
 /// `max|w| / 8`, per weight: far above 1e-3 against transformers, reported below), so the kernels are held
-/// to the reference executor run on the *decoded* q4 weights: what remains is the activations' 8-bit
-/// quantization and the q8 logits matrix, bounded as in the q8 test (1/16 of the logits' scale), and it must
-/// be smaller than the distance to transformers (else the decoded weights did not explain the result).
+/// to the reference executor run on the *decoded* q4 and q6 weights: what remains is the activations'
+/// 8-bit quantization (and, for a tied table, its q6 logits copy, which a decoded checkpoint cannot hold
+/// beside the exact embedding), bounded as in the q8 test (1/16 of the logits' scale), and it must be
+/// smaller than the distance to transformers (else the decoded weights did not explain the result).
 #[cfg(feature = "llvm")]
 #[test]
 fn q4_weights_match_the_reference_on_their_decoded_values() {
@@ -398,14 +399,18 @@ fn q4_weights_match_the_reference_on_their_decoded_values() {
                 ..Default::default()
             },
         );
-        let q4: std::collections::HashSet<String> = model
-            .manifest()
-            .weights
-            .iter()
-            .filter(|w| w.kernel_dtype == "q4")
-            .map(|w| w.name.clone())
-            .collect();
+        let weights = &model.manifest().weights;
+        let read_as = |kind: &str| -> std::collections::HashSet<String> {
+            weights
+                .iter()
+                .filter(|w| w.kernel_dtype == kind)
+                .map(|w| w.name.clone())
+                .collect()
+        };
+        let (q4, q6) = (read_as("q4"), read_as("q6"));
         assert!(!q4.is_empty(), "{name}: no weight bound as q4");
+        assert_eq!(q6.len(), 1, "{name}: the logits matrix alone is q6");
+        let tied = weights.iter().filter(|w| q6.contains(&w.name)).count() > 1;
         if name == "moe" {
             assert!(
                 q4.iter().any(|n| n.contains(".experts.")),
@@ -413,7 +418,11 @@ fn q4_weights_match_the_reference_on_their_decoded_values() {
             );
         }
         let decoded = tempfile::tempdir().unwrap();
-        let formats = q4.iter().map(|n| (n.clone(), DType::Q4)).collect();
+        let mut formats: std::collections::HashMap<_, _> =
+            q4.iter().map(|n| (n.clone(), DType::Q4)).collect();
+        if !tied {
+            formats.extend(q6.iter().map(|n| (n.clone(), DType::Q6)));
+        }
         write_decoded(name, &formats, decoded.path());
         let (cfg, _) = open_fixture(name);
         let ckpt = q3c_models::Checkpoint::open(decoded.path()).unwrap();
@@ -431,9 +440,10 @@ fn q4_weights_match_the_reference_on_their_decoded_values() {
             .take_while(|(a, b)| a == b)
             .count();
         eprintln!(
-            "{name}: q4 ({} weights) max |dlogit| {diff:e} vs the decoded weights, {vs_hf:e} vs transformers \
-             (scale {scale}); greedy ids: first {same} of {} as transformers",
+            "{name}: q4 ({} weights, logits matrix q6{}) max |dlogit| {diff:e} vs the decoded weights, \
+             {vs_hf:e} vs transformers (scale {scale}); greedy ids: first {same} of {} as transformers",
             q4.len(),
+            if tied { ", tied: not decoded" } else { "" },
             g.greedy_ids.len()
         );
         assert!(
@@ -450,7 +460,7 @@ fn q4_weights_match_the_reference_on_their_decoded_values() {
 /// `--quantize q8|q4` on GPUs, checked through the CPU emulation of the GPU flavour (the same launch plan,
 /// panels and scales, and a GPU lane's slice of each group read by one thread playing every lane): the
 /// products widen the weights in registers and read f32 activations, so against the reference executor run
-/// on the *decoded* weights (`d · q`, every quantized matrix, the logits matrix's q8 under q4 too) only f32
+/// on the *decoded* weights (`d · q`, every quantized matrix, the logits matrix's q6 under q4 too) only f32
 /// rounding of sums taken in another order remains — the fixtures' 1e-3 holds with orders of magnitude to
 /// spare (`check_against_decoded_weights`, on `DENSE_UNTIED_FIXTURES`).
 #[cfg(feature = "llvm")]
@@ -475,6 +485,14 @@ fn quantized_gpu_products_match_the_reference_on_decoded_weights() {
             let so = tmp.path().join("model.so");
             q3c_backend_common::link_shared(&compiled.object, &so).unwrap();
             let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+            if format == DType::Q4 {
+                let q6 = model
+                    .manifest()
+                    .weights
+                    .iter()
+                    .filter(|w| w.kernel_dtype == "q6");
+                assert_eq!(q6.count(), 1, "{name}: the logits matrix is q6 under q4");
+            }
             // Token by token from the start: one activation row, a decode step's path.
             check_against_decoded_weights(name, format, &model, 0, "GPU emulation");
         }

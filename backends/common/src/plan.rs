@@ -187,8 +187,8 @@ pub fn plan(graph: &Graph, output: &str, max_tokens: usize) -> Result<Plan, Back
 }
 
 /// [`plan`], where `quantize` ([`DType::Q8`] or [`DType::Q4`]) binds every matrix of a linear or expert
-/// product that allows it in that format — but the logits matrix, which stays 8-bit under q4 (its error
-/// reaches every logit directly; llama.cpp keeps it at 6 bits or more too).
+/// product that allows it in that format — but the logits matrix, which is 6-bit ([`DType::Q6`]) under q4
+/// (its error reaches every logit directly; llama.cpp keeps it at 6 bits or more too).
 pub fn plan_with(
     graph: &Graph,
     output: &str,
@@ -203,7 +203,8 @@ pub fn plan_with(
         .ok_or_else(|| BackendError::Internal(format!("no output {output}")))?;
     let logits_matrix = logits_product(graph, out_id).map(|id| graph.inputs(id)[1]);
     let quantized_as = |id: NodeId| match quantize {
-        Some(DType::Q4) if Some(id) != logits_matrix => DType::Q4,
+        Some(DType::Q4) if Some(id) == logits_matrix => DType::Q6,
+        Some(DType::Q4) => DType::Q4,
         _ => DType::Q8,
     };
     let mut loc = HashMap::new();
@@ -264,7 +265,8 @@ pub fn plan_with(
                 } else {
                     weights.push(entry(name.clone(), dims.clone(), read_as));
                 }
-                // A matrix also read otherwise (the tied embedding table): its products read a q8 copy.
+                // A matrix also read otherwise (the tied embedding table): its products read a quantized
+                // copy (q8, or q6 as the logits matrix of a q4 model).
                 if quantize.is_some() && read_as.is_float() && q8_shape(graph, id) {
                     let products: Vec<_> = graph
                         .users(id)
@@ -274,9 +276,9 @@ pub fn plan_with(
                     if !products.is_empty() {
                         let copy = Loc::Weight {
                             index: weights.len(),
-                            dtype: DType::Q8,
+                            dtype: quantized_as(id),
                         };
-                        weights.push(entry(name.clone(), dims, DType::Q8));
+                        weights.push(entry(name.clone(), dims, quantized_as(id)));
                         for u in products {
                             for (i, _) in
                                 graph.inputs(u).iter().enumerate().filter(|(_, &n)| n == id)
@@ -532,9 +534,9 @@ mod tests {
     }
 
     #[test]
-    fn q4_binds_layer_and_expert_matrices_and_keeps_the_logits_matrix_in_q8() {
+    fn q4_binds_layer_and_expert_matrices_and_the_logits_matrix_in_q6() {
         let (_, plan) = quantized_plan("Qwen3-30B-A3B", DType::Q4);
-        assert_eq!(forms(&plan, "lm_head.weight"), [DType::Q8]);
+        assert_eq!(forms(&plan, "lm_head.weight"), [DType::Q6]);
         assert_eq!(forms(&plan, "model.embed_tokens.weight"), [DType::BF16]);
         for name in [
             "model.layers.0.self_attn.q_proj.weight",
@@ -554,6 +556,6 @@ mod tests {
         );
         let (_, tied) = quantized_plan("Qwen3-0.6B", DType::Q4);
         let embed = "model.embed_tokens.weight";
-        assert_eq!(forms(&tied, embed), [DType::BF16, DType::Q8]);
+        assert_eq!(forms(&tied, embed), [DType::BF16, DType::Q6]);
     }
 }

@@ -284,7 +284,7 @@ pub fn columns<'ctx>(
         first_row,
         tile,
     } = mm;
-    if matches!(dt, DType::Q8 | DType::Q4) {
+    if dt.is_quantized() {
         // GPUs read the activations as f32 (no staging); the CPU's panels meet staged q8 rows on VNNI.
         return match fb.flavor {
             Flavor::Gpu | Flavor::GpuOnCpu => crate::gpu_quant::columns(fb, mm, x, w, out, n, item),

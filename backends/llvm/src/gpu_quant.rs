@@ -1,10 +1,11 @@
-//! Products over quantized weights on NVIDIA GPUs (`q3c_abi::Q8_LAYOUT`, `q3c_abi::Q4_LAYOUT`: panels of
-//! 16 rows, groups of 32) times f32 activations, which a GPU reads as they are (no staging).
+//! Products over quantized weights on NVIDIA GPUs (`q3c_abi::Q8_LAYOUT`, `Q4_LAYOUT`, `Q6_LAYOUT`: panels
+//! of 16 rows, groups of 32) times f32 activations, which a GPU reads as they are (no staging).
 //!
 //! A block takes one panel (16 output columns). Its warps take the panel's groups in turn; in each group
-//! every lane reads its fixed slice of the group's bytes, 16 (q8: four values of four rows) or 8 (q4: eight
-//! values of two rows), so a warp's loads cover the group's contiguous 512 or 256 bytes. The lane widens
-//! its values in registers (`q − 128`, or the nibble `− 8`), multiplies them by the activations they meet and
+//! every lane reads its fixed slice of the group's bytes, 16 (q8: four values of four rows) or 8 (q4, q6:
+//! the nibbles of eight values of two rows; q6 also their 8 bytes of each plane of high bits), so a warp's
+//! loads cover the group's contiguous bytes. The lane widens its values in registers (`q − 128`, the nibble
+//! `− 8`, or nibble and high bits `− 32`), multiplies them by the activations they meet and
 //! adds `d · Σ` to one accumulator per row it holds. The lanes holding the same rows meet by shuffles, the
 //! warps in shared memory, and the block's first `16 · rows` threads apply the epilogue and store.
 //!
@@ -35,14 +36,14 @@ impl Slice {
     fn bytes(self) -> usize {
         match self.format {
             Format::Q8 => 16,
-            Format::Q4 => 8,
+            Format::Q4 | Format::Q6 => 8,
         }
     }
     /// Panel rows a lane holds.
     fn rows(self) -> usize {
         match self.format {
             Format::Q8 => 4,
-            Format::Q4 => 2,
+            Format::Q4 | Format::Q6 => 2,
         }
     }
     /// Lanes that hold different rows (lane `l` holds the rows of set `l % sets`).
@@ -53,7 +54,7 @@ impl Slice {
     fn masks(self) -> &'static [u64] {
         match self.format {
             Format::Q8 => &[4, 8, 16],
-            Format::Q4 => &[8, 16],
+            Format::Q4 | Format::Q6 => &[8, 16],
         }
     }
 }
@@ -285,7 +286,7 @@ fn lane_slice<'ctx>(
         // Step s = lane / 4: k offsets 4s .. 4s + 4 for all four rows.
         Format::Q8 => (1, fb.mul_c(fb.udiv_c(lane, 4), 4)),
         // v = lane / 8: low nibbles k = 4v .. 4v + 4, high nibbles 16 + 4v ..
-        Format::Q4 => (2, fb.mul_c(fb.udiv_c(lane, 8), 4)),
+        Format::Q4 | Format::Q6 => (2, fb.mul_c(fb.udiv_c(lane, 8), 4)),
     };
     // The activations each run multiplies: x[32g + first_k + 16·run ..][..4] per activation row.
     let xs: Vec<Vec<Vec<FloatValue>>> = xr
@@ -305,15 +306,24 @@ fn lane_slice<'ctx>(
         .iter()
         .map(|p| {
             let group = fb.addr(p.values, g, block);
-            let bytes = fb
-                .load_aligned(
+            let load = |at| {
+                fb.load_aligned(
                     fb.cx.i8_type().vec_type(slice.bytes() as u32),
-                    fb.addr(group, lane, slice.bytes()),
+                    at,
                     slice.bytes() as u32,
                 )
-                .into_vector_value();
+                .into_vector_value()
+            };
+            let bytes = load(fb.addr(group, lane, slice.bytes()));
+            // q6: the same (row, element) bytes of the two planes, bits 2v of each for the lane's steps.
+            let planes = (format == Format::Q6).then(|| {
+                let first = fb.off(group, Q8_GROUP * Q8_PANEL / 2);
+                let at = |h: usize| fb.addr(fb.off(first, h * 64), fb.urem_c(lane, 8), 8);
+                let shift = fb.mul_c(fb.udiv_c(lane, 8), 2);
+                (load(at(0)), load(at(1)), shift)
+            });
             // values[held row][run][e]
-            let values = widen(fb, format, bytes);
+            let values = widen(fb, format, bytes, planes);
             let scales = scales(fb, format, p.scales, g, set, slice.rows());
             xs.iter()
                 .map(|x_runs| {
@@ -335,13 +345,20 @@ fn lane_slice<'ctx>(
 }
 
 /// A lane's bytes as signed values, `[held row][run][e]`: q8, 4 rows of 4 bytes `q + 128`; q4, 2 rows of 4
-/// bytes, each the low nibble (run 0) and the high nibble (run 1), `q + 8`.
+/// bytes, each the low nibble (run 0) and the high nibble (run 1), `q + 8`; q6, as q4 with bits
+/// `shift, shift + 1` of the planes' bytes (plane 0 for run 0, plane 1 for run 1) above each nibble,
+/// `q + 32`.
 /// (Widening by ORing the bytes into the mantissa of 2²³ instead of converting, measured on an H200,
 /// decoded no faster and prefilled q8 at 0.97×: the conversions do not bound these products.)
 fn widen<'ctx>(
     fb: &Fb<'_, 'ctx>,
     format: Format,
     bytes: inkwell::values::VectorValue<'ctx>,
+    planes: Option<(
+        inkwell::values::VectorValue<'ctx>,
+        inkwell::values::VectorValue<'ctx>,
+        IntValue<'ctx>,
+    )>,
 ) -> Vec<Vec<Vec<FloatValue<'ctx>>>> {
     let i32t = fb.cx.i32_type();
     let n = bytes.get_type().get_size();
@@ -360,13 +377,31 @@ fn widen<'ctx>(
             let v = as_float(wide, 128.0);
             v.chunks(4).map(|row| vec![row.to_vec()]).collect()
         }
-        Format::Q4 => {
+        Format::Q4 | Format::Q6 => {
             let splat = |c: u64| fb.splat(i32t.const_int(c, false).into(), n);
-            let lo = fb.b.build_and(wide, splat(0xf), "").expect(BUG);
-            let hi =
+            let mut lo = fb.b.build_and(wide, splat(0xf), "").expect(BUG);
+            let mut hi =
                 fb.b.build_right_shift(wide, splat(4), false, "")
                     .expect(BUG);
-            let (lo, hi) = (as_float(lo, 8.0), as_float(hi, 8.0));
+            if let Some((p0, p1, shift)) = planes {
+                let shift = fb.splat(
+                    fb.b.build_int_truncate(shift, i32t, "").expect(BUG).into(),
+                    n,
+                );
+                let high = |p| {
+                    let p = fb.b.build_int_z_extend(p, i32t.vec_type(n), "").expect(BUG);
+                    let p = fb.b.build_right_shift(p, shift, false, "").expect(BUG);
+                    let p = fb.b.build_and(p, splat(3), "").expect(BUG);
+                    fb.b.build_left_shift(p, splat(4), "").expect(BUG)
+                };
+                lo = fb.b.build_or(lo, high(p0), "").expect(BUG);
+                hi = fb.b.build_or(hi, high(p1), "").expect(BUG);
+            }
+            let offset = match format {
+                Format::Q6 => 32.0,
+                _ => 8.0,
+            };
+            let (lo, hi) = (as_float(lo, offset), as_float(hi, offset));
             (0..2)
                 .map(|j| vec![lo[4 * j..4 * j + 4].to_vec(), hi[4 * j..4 * j + 4].to_vec()])
                 .collect()
@@ -388,7 +423,7 @@ fn scales<'ctx>(
     let at = fb.addr(group, set, rows * size);
     let dt = match format {
         Format::Q8 => DType::F32,
-        Format::Q4 => DType::F16,
+        Format::Q4 | Format::Q6 => DType::F16,
     };
     let v = fb.load_weights(dt, at, rows as u32, (rows * size) as u32);
     fb.unpack(v)

@@ -1,6 +1,7 @@
 //! Products over `q8` weights (`q3c_abi::Q8_LAYOUT`: i8 in groups of 32 with one f32 scale each, stored
-//! offset by 128 in panels of 16 rows) and `q4` weights (`q3c_abi::Q4_LAYOUT`: nibbles offset by 8, one f16
-//! scale per group, unpacked in registers into the same steps) with 512-bit AVX512-VNNI `vpdpbusd`.
+//! offset by 128 in panels of 16 rows), `q4` weights (`q3c_abi::Q4_LAYOUT`: nibbles offset by 8, one f16
+//! scale per group, unpacked in registers into the same steps) and `q6` weights (`q3c_abi::Q6_LAYOUT`: the
+//! q4 nibbles with two more bits from planes beside them, offset by 32) with 512-bit AVX512-VNNI `vpdpbusd`.
 //!
 //! The activations of a q8 product are quantized the same way (per row, per group of 32) once per dispatch
 //! by a staging kernel (`staging.rs`). One `vpdpbusd` multiplies a 64-byte step of a panel (four elements of
@@ -30,6 +31,7 @@ const STEPS: usize = Q8_GROUP / 4;
 pub enum Format {
     Q8,
     Q4,
+    Q6,
 }
 
 impl Format {
@@ -37,6 +39,7 @@ impl Format {
     pub fn of(dt: DType) -> Format {
         match dt {
             DType::Q4 => Format::Q4,
+            DType::Q6 => Format::Q6,
             _ => Format::Q8,
         }
     }
@@ -46,6 +49,7 @@ impl Format {
         match self {
             Format::Q8 => Q8_GROUP * Q8_PANEL,
             Format::Q4 => Q8_GROUP * Q8_PANEL / 2,
+            Format::Q6 => Q8_GROUP * Q8_PANEL * 3 / 4,
         }
     }
 
@@ -58,7 +62,17 @@ impl Format {
     pub fn scale_bytes(self) -> usize {
         match self {
             Format::Q8 => 4,
-            Format::Q4 => 2,
+            Format::Q4 | Format::Q6 => 2,
+        }
+    }
+
+    /// log2 of 128 over the stored values' offset (128, 8 or 32): the staged `-128 · Σq` shifted right
+    /// by it is `-offset · Σq`.
+    fn offset_shift(self) -> u64 {
+        match self {
+            Format::Q8 => 0,
+            Format::Q4 => 4,
+            Format::Q6 => 2,
         }
     }
 }
@@ -139,15 +153,13 @@ pub fn panel<'ctx>(
         let mut dots: Vec<Vec<VectorValue>> = rows
             .iter()
             .map(|&r| {
-                // -128·Σq from the staging kernel; the 4-bit values' offset is 8, so -8·Σq = that / 16.
+                // -128·Σq from the staging kernel; for an offset of 8 (q4) or 32 (q6), -offset·Σq is that
+                // shifted right.
                 let c = load(i32t.into(), fb.off(fb.addr(r, g, 4), k + groups * 4));
-                let c = match format {
-                    Format::Q8 => c.into_int_value(),
-                    Format::Q4 => fb
-                        .b
-                        .build_right_shift(c.into_int_value(), i32t.const_int(4, false), true, "")
-                        .expect(BUG),
-                };
+                let shift = i32t.const_int(format.offset_shift(), false);
+                let c =
+                    fb.b.build_right_shift(c.into_int_value(), shift, true, "")
+                        .expect(BUG);
                 let c = splat(c.into());
                 mats.iter().map(|_| c).collect()
             })
@@ -156,26 +168,38 @@ pub fn panel<'ctx>(
             .iter()
             .map(|&(w, _)| fb.addr(w, g, format.block()))
             .collect();
-        // q4: the high nibbles of steps 0..4 are steps 4..8.
+        // q4, q6: the high nibbles of steps 0..4 are steps 4..8; q6: the planes of high bits.
         let mut high: Vec<Vec<VectorValue>> = vec![Vec::new(); mats.len()];
+        let mut planes: Vec<Vec<VectorValue>> = vec![Vec::new(); mats.len()];
         for s in 0..STEPS {
-            // Step s of a panel's block, read from memory (its line ahead asked for).
-            let read = |block| {
-                let at = fb.off(block, s * STEP);
+            // 64 bytes at `offset` in a panel's block, read from memory (their line ahead asked for).
+            let read = |block, offset| {
+                let at = fb.off(block, offset);
                 crate::gemm::prefetch_weights(fb, rows.len(), at);
                 load(i32v.into(), at)
             };
             let ws: Vec<_> = blocks
                 .iter()
                 .enumerate()
-                .map(|(m, &block)| match format {
-                    Format::Q8 => read(block).into_vector_value(),
-                    Format::Q4 if s < STEPS / 2 => {
-                        let (lo, hi) = nibbles(fb, read(block));
-                        high[m].push(hi);
-                        lo
+                .map(|(m, &block)| {
+                    let nibble = match format {
+                        Format::Q8 => return read(block, s * STEP).into_vector_value(),
+                        _ if s < STEPS / 2 => {
+                            let (lo, hi) = nibbles(fb, read(block, s * STEP));
+                            high[m].push(hi);
+                            lo
+                        }
+                        _ => high[m][s - STEPS / 2],
+                    };
+                    if format != Format::Q6 {
+                        return nibble;
                     }
-                    Format::Q4 => high[m][s - STEPS / 2],
+                    if s % 4 == 0 {
+                        let plane = read(block, Q8_GROUP * Q8_PANEL / 2 + s / 4 * STEP);
+                        planes[m].push(plane.into_vector_value());
+                    }
+                    fb.b.build_or(nibble, high_bits(fb, planes[m][s / 4], s % 4), "")
+                        .expect(BUG)
                 })
                 .collect();
             for (r, &x) in xs.iter().enumerate() {
@@ -194,7 +218,7 @@ pub fn panel<'ctx>(
             let at = fb.addr(scales, g, Q8_PANEL * format.scale_bytes());
             let dw = match format {
                 Format::Q8 => load(f32v.into(), at).into_vector_value(),
-                Format::Q4 => {
+                Format::Q4 | Format::Q6 => {
                     let half = fb.cx.f16_type().vec_type(Q8_PANEL as u32);
                     let h = fb
                         .load_aligned(inkwell::types::BasicTypeEnum::from(half), at, 2)
@@ -216,6 +240,26 @@ pub fn panel<'ctx>(
     accs.iter()
         .map(|row| row.iter().map(|&a| fb.getv(a)).collect())
         .collect()
+}
+
+/// Bits 4 and 5 of each of 64 bytes: bits `2t, 2t + 1` of that byte of `plane` (a q6 value's high bits).
+fn high_bits<'ctx>(fb: &Fb<'_, 'ctx>, plane: VectorValue<'ctx>, t: usize) -> VectorValue<'ctx> {
+    let words = fb.cx.i32_type().vec_type(Q8_PANEL as u32);
+    let word = |c: u64| fb.splat(fb.cx.i32_type().const_int(c, false).into(), Q8_PANEL as u32);
+    // Shifting whole 32-bit lanes moves no bit that the mask keeps across a byte boundary.
+    let moved = match t {
+        0 | 1 => {
+            fb.b.build_left_shift(plane, word(4 - 2 * t as u64), "")
+                .expect(BUG)
+        }
+        2 => plane,
+        _ => {
+            fb.b.build_right_shift(plane, word(2), false, "")
+                .expect(BUG)
+        }
+    };
+    debug_assert_eq!(moved.get_type(), words);
+    fb.b.build_and(moved, word(0x3030_3030), "").expect(BUG)
 }
 
 /// The low and high nibbles of 64 packed bytes, each as 64 bytes (as `vpdpbusd` operands, 16 × i32).

@@ -11,7 +11,7 @@ use inkwell::AddressSpace;
 use q3c_backend_common::items::{dims, in_dtype};
 use q3c_backend_common::launch::Prep;
 use q3c_backend_common::plan::Plan;
-use q3c_ir::{DType, Graph, NodeId, Op};
+use q3c_ir::{Graph, NodeId, Op};
 
 use crate::fb::{Fb, Flavor, BUG};
 use crate::gemm::{bf16_staged, round_rows_bf16};
@@ -38,8 +38,8 @@ pub fn of(graph: &Graph, plan: &Plan, id: NodeId, flavor: Flavor) -> Option<(Pre
         _ => return None,
     };
     let prep = match in_dtype(plan, graph, id, w) {
-        // 4-bit weights multiply 8-bit activations.
-        DType::Q8 | DType::Q4 => Prep::Q8,
+        // 4- and 6-bit weights multiply 8-bit activations.
+        dt if dt.is_quantized() => Prep::Q8,
         dt if bf16_staged(flavor, dt, k) => Prep::Bf16,
         _ => return None,
     };

@@ -582,14 +582,15 @@ impl CompiledModel {
                     _ => elements * t.dtype.size(),
                 },
                 "f32" => elements * 4,
-                format @ (q3c_abi::Q8_LAYOUT | q3c_abi::Q4_LAYOUT)
-                    if w.shape.len() == 2
+                format
+                    if q3c_abi::PACKED_FORMATS.contains(&format)
+                        && w.shape.len() == 2
                         && w.shape[0] % q3c_ir::Q8_PANEL == 0
                         && w.shape[1] % q3c_ir::Q8_GROUP == 0 =>
                 {
-                    quant::packed_bytes(format, elements).expect("q8 or q4")
+                    quant::packed_bytes(format, elements).expect("a packed format")
                 }
-                format @ (q3c_abi::Q8_LAYOUT | q3c_abi::Q4_LAYOUT) => {
+                format if q3c_abi::PACKED_FORMATS.contains(&format) => {
                     return Err(artifact_err(
                         artifact,
                         format!(
@@ -737,15 +738,26 @@ fn bind_packed(
     residency: Residency,
 ) -> Result<usize, String> {
     if packed.format != w.kernel_dtype || packed.layout != w.layout {
+        // The `--quantize` format whose artifacts read this tensor as packed (a q6 tensor is the logits
+        // matrix of a q4 model).
+        let flag = match packed.format.as_str() {
+            q3c_abi::Q6_LAYOUT => q3c_abi::Q4_LAYOUT,
+            f => f,
+        };
         let hint = match w.kernel_dtype.as_str() {
-            q3c_abi::Q8_LAYOUT | q3c_abi::Q4_LAYOUT => {
-                format!("the artifact reads it as {}", w.kernel_dtype)
-            }
-            _ => "the artifact reads it unquantized".to_string(),
+            k if q3c_abi::PACKED_FORMATS.contains(&k) => format!(
+                "the artifact reads it as {k} ({}): compile with --quantize {flag}, or quantize the \
+                 original checkpoint again with this q3c",
+                w.layout
+            ),
+            _ => format!(
+                "the artifact reads it unquantized ({}): compile with --quantize {flag}",
+                w.layout
+            ),
         };
         return Err(format!(
-            "is pre-quantized as {} ({}) in the checkpoint, but {hint} ({}): compile with --quantize {}",
-            packed.format, packed.layout, w.layout, packed.format
+            "is pre-quantized as {} ({}) in the checkpoint, but {hint}",
+            packed.format, packed.layout
         ));
     }
     let elements: usize = w.shape.iter().product();
