@@ -7,7 +7,8 @@ This machine's memory bandwidth moves by the minute (38 to 79 GB/s within an hou
 worth measuring, so a figure is only compared with one taken seconds before or after it. Each round runs every
 MODEL once (the order rotated and reversed from round to round) and the ratios are taken within the round.
 A MODEL is a compiled q3c artifact (run with `q3c bench --model MODEL --weights WEIGHTS` and the arguments
-after `--`), or `llama:GGUF` (run with `llama-bench -m GGUF -t THREADS -p 0 -n GEN -r 1`, GEN the `--gen`
+after `--`; `ARTIFACT@DIR` runs it on the weights in DIR instead, e.g. a checkpoint pre-quantized for it by
+the same build), or `llama:GGUF` (run with `llama-bench -m GGUF -t THREADS -p 0 -n GEN -r 1`, GEN the `--gen`
 given to q3c, so both decode the same number of tokens). `$Q3C` is the q3c binary (default
 target/release/q3c), `$LLAMA_BENCH` llama.cpp's llama-bench, `$THREADS` the threads for both (default 2).
 Prints each round's tokens per second (the aggregate with `--batch`) and, per model, the median, smallest and
@@ -34,6 +35,8 @@ def run(model: str, weights: str, extra: list[str]) -> float:
         header, row = out.strip().splitlines()[0], out.strip().splitlines()[-1]
         fields = dict(zip(header.split(","), row.split(",")))
         return float(fields["avg_ts"].strip('"'))
+    if "@" in model:
+        model, weights = model.split("@", 1)
     cmd = [Q3C, "bench", "--model", model, "--weights", weights, "--threads", THREADS, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     found = re.search(r"tg\d+ ([0-9.]+) tok/s aggregate", out) or re.search(r"^tg\d+: ([0-9.]+)", out, re.M)

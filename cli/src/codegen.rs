@@ -58,7 +58,8 @@ pub enum Quantize {
     /// 8-bit groups of 32 with an f32 scale each, quantized at load; AVX512-VNNI products (LLVM).
     Q8,
     /// 4-bit groups of 32 with an f16 scale each (4.5 bits per weight, as llama.cpp's Q4_0), the logits
-    /// matrix in q8, quantized at load; AVX512-VNNI products (LLVM).
+    /// matrix in 6 bits (6.5 per weight, as llama.cpp keeps it in Q6_K), quantized at load; AVX512-VNNI
+    /// products (LLVM).
     Q4,
 }
 

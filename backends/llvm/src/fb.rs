@@ -25,8 +25,14 @@ pub const BUG: &str = "LLVM builder without an insertion point (a q3c bug)";
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Flavor {
     /// A CPU with f32 vectors of `lanes` (16 with AVX-512, 8 with AVX2, else 4); `bf16_dot`: products
-    /// over bf16 weights round the activations to bf16 and use AVX512_BF16 dot products.
-    Cpu { lanes: u32, bf16_dot: bool },
+    /// over bf16 weights round the activations to bf16 and use AVX512_BF16 dot products; `lone_prefetch`:
+    /// a product block of one activation row asks for its weight lines ahead too (see
+    /// `gemm::prefetch_weights`).
+    Cpu {
+        lanes: u32,
+        bf16_dot: bool,
+        lone_prefetch: bool,
+    },
     /// An NVIDIA GPU through NVPTX.
     Gpu,
     /// The GPU flavour compiled for this CPU, to run its launches there: the same 4-lane bodies; the

@@ -34,7 +34,7 @@ pub struct CompileOptions {
     /// products (twice the f32 FMA rate; llama.cpp does the same for bf16 models). Off: f32 activations.
     pub bf16_activations: bool,
     /// Bind the matrices of linear and expert products as [`DType::Q8`] (8-bit groups of 32) or
-    /// [`DType::Q4`] (4-bit groups of 32; the logits matrix in q8), quantized by the runtime at load, and
+    /// [`DType::Q4`] (4-bit groups of 32; the logits matrix in [`DType::Q6`]), quantized by the runtime at load, and
     /// multiply them with AVX512-VNNI on activations quantized to 8 bits. `None`: as stored.
     pub quantize: Option<DType>,
     /// The KV cache's element type: f32 (exact), or f16 (half the bytes; written rounded to nearest even,

@@ -16,7 +16,7 @@ pub struct Args {
     /// A model directory (config.json + safetensors).
     model: PathBuf,
     /// The format: q8 (8-bit groups of 32, f32 scales) or q4 (4-bit groups of 32, f16 scales; the
-    /// logits matrix in q8).
+    /// logits matrix in 6 bits).
     #[arg(long, value_enum)]
     to: Quantize,
     /// Output directory: model.safetensors with the packed tensors, config and tokenizer files copied.
