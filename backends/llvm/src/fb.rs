@@ -25,13 +25,12 @@ pub const BUG: &str = "LLVM builder without an insertion point (a q3c bug)";
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Flavor {
     /// A CPU with f32 vectors of `lanes` (16 with AVX-512, 8 with AVX2, else 4); `bf16_dot`: products
-    /// over bf16 weights round the activations to bf16 and use AVX512_BF16 dot products; `lone_prefetch`:
-    /// a product block of one activation row asks for its weight lines ahead too (see
-    /// `gemm::prefetch_weights`).
+    /// over bf16 weights round the activations to bf16 and use AVX512_BF16 dot products; `tuning`: the
+    /// choices measured to differ between CPUs of the same features.
     Cpu {
         lanes: u32,
         bf16_dot: bool,
-        lone_prefetch: bool,
+        tuning: CpuTuning,
     },
     /// An NVIDIA GPU through NVPTX.
     Gpu,
@@ -40,10 +39,38 @@ pub enum Flavor {
     GpuOnCpu,
 }
 
+/// Code choices that depend on the CPU model rather than its features, each measured on the CPUs it names
+/// (docs/BENCHMARKS.md) — the one place they are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CpuTuning {
+    /// A product block of one activation row asks for its weight lines ahead too, as blocks of several
+    /// rows always do (`gemm::prefetch_weights`). An Intel Xeon (Emerald Rapids) decoded 13–21% faster with
+    /// it — its core keeps too few lines in flight on its own for a lone row's stream —; an AMD EPYC
+    /// (Zen 5) 0.96–1.03×.
+    pub lone_prefetch: bool,
+}
+
+impl CpuTuning {
+    /// The tuning for LLVM's CPU name `cpu`: AMD's Zen cores, or any other (measured on Intel's).
+    pub fn of(cpu: &str) -> CpuTuning {
+        CpuTuning {
+            lone_prefetch: !cpu.starts_with("znver"),
+        }
+    }
+}
+
 impl Flavor {
     /// Whether products over bf16 weights use AVX512_BF16 dot products.
     pub fn bf16_dot(self) -> bool {
         matches!(self, Flavor::Cpu { bf16_dot: true, .. })
+    }
+
+    /// The CPU's tuning (the default one for GPU flavours, which do not read it).
+    pub fn tuning(self) -> CpuTuning {
+        match self {
+            Flavor::Cpu { tuning, .. } => tuning,
+            _ => CpuTuning::default(),
+        }
     }
 
     /// f32 lanes per vector.

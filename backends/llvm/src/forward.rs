@@ -32,7 +32,7 @@ pub fn build<'ctx>(
     let flavor = Flavor::Cpu {
         lanes: 4,
         bf16_dot: false,
-        lone_prefetch: false,
+        tuning: crate::fb::CpuTuning::default(),
     };
     let mut fb = Fb::new(cx, m, f, flavor);
     let step = f.get_nth_param(0).expect("1 param").into_pointer_value();

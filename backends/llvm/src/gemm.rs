@@ -17,23 +17,16 @@ use crate::q8;
 /// weights' cache lines. With several rows per weight load the cores are busy with the dot products and the
 /// hardware prefetcher alone kept too few lines in flight: 4 and 8 sequences decoded 4-8% faster (bf16
 /// dot products; 21% with f32 activations, 4-10% over q8/q4 panels) with lines asked for 1024 bytes ahead
-/// (512 close behind, 2048 less), and prefill did not move. A block of one row asks too except on AMD's Zen
-/// cores, which issue a lone row's loads fast enough (0.96-1.03× there; an Intel Xeon decoded 13-21%
-/// faster with it; `target::lone_prefetch`, docs/BENCHMARKS.md).
+/// (512 close behind, 2048 less), and prefill did not move. A block of one row asks too where the CPU's
+/// tuning says so (`CpuTuning::lone_prefetch`: not AMD's Zen cores, which issue a lone row's loads fast
+/// enough).
 const PREFETCH_AHEAD: usize = 1024;
 
 /// Asks for the weight line [`PREFETCH_AHEAD`] bytes after `p`, a weight load's address, when the block
-/// has `rows` activation rows: several always; one where the CPU flavour says so (`lone_prefetch`: not on
-/// AMD's Zen cores, see [`PREFETCH_AHEAD`]).
+/// has `rows` activation rows: several always; one where the CPU's tuning says so
+/// (`CpuTuning::lone_prefetch`).
 pub fn prefetch_weights<'ctx>(fb: &Fb<'_, 'ctx>, rows: usize, p: PointerValue<'ctx>) {
-    let lone = matches!(
-        fb.flavor,
-        Flavor::Cpu {
-            lone_prefetch: true,
-            ..
-        }
-    );
-    if rows > 1 || lone {
+    if rows > 1 || fb.flavor.tuning().lone_prefetch {
         fb.prefetch(fb.off(p, PREFETCH_AHEAD));
     }
 }

@@ -144,20 +144,11 @@ pub fn cpu(target_cpu: &str, bf16_activations: bool) -> Result<CpuTarget, Backen
         flavor: Flavor::Cpu {
             lanes,
             bf16_dot: bf16_activations,
-            lone_prefetch: lone_prefetch(&cpu),
+            tuning: crate::fb::CpuTuning::of(&cpu),
         },
         cpu,
         required,
     })
-}
-
-/// Whether a product block of one activation row (a lone sequence's decode step) should ask for its weight
-/// lines ahead on `cpu`, as blocks of several rows always do. Measured, alternating with the build that
-/// did not (docs/BENCHMARKS.md): an Intel Xeon (Emerald Rapids, `sapphirerapids` to LLVM) decodes 13–21%
-/// faster with it — its cores keep too few lines in flight on their own for a lone row's stream — while an
-/// AMD EPYC (`znver5`) measured 0.96–1.03×. So every CPU but AMD's Zen cores.
-fn lone_prefetch(cpu: &str) -> bool {
-    !cpu.starts_with("znver")
 }
 
 /// Whether products for `target_cpu` can use AVX512_BF16 dot products (bf16 activations).
