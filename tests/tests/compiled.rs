@@ -375,6 +375,72 @@ fn bf16_activations_cover_grouped_expert_products() {
     );
 }
 
+/// bf16 activations in both of the CPU tunings (`CpuTuning::bf16_tiles`): prefill's register tiles on
+/// `vdpbf16ps` (AMD Zen, `znver4`) or as f32 FMAs over the unrounded rows staged beside the bf16 ones (every
+/// other CPU, here the host's when it is not a Zen), decode's streaming blocks on `vdpbf16ps` in both. A
+/// 40-token prompt (tiles), then 8 tokens one at a time (streaming blocks), on random bf16 weights of the
+/// `dense_gqa` fixture's shape, against the reference executor: each within the bf16-rounding bound above
+/// (2⁻⁷ of the logits' scale); and the prefill of the two tunings must differ (else the f32 tiles did not run).
+#[cfg(feature = "llvm")]
+#[test]
+fn bf16_activations_in_both_cpu_tunings_stay_within_bf16_rounding() {
+    if !q3c_tests::cpu_feature("avx512bf16", "bf16 activations") {
+        return;
+    }
+    let (cfg, _) = q3c_tests::open_fixture("dense_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    q3c_models::random::write_checkpoint(&cfg, q3c_models::DType::BF16, 11, tmp.path(), None)
+        .unwrap();
+    let ckpt = q3c_models::Checkpoint::open(tmp.path()).unwrap();
+    let reference = q3c_runtime::ReferenceModel::new(
+        q3c_compiler::lower(&cfg).unwrap(),
+        &ckpt,
+        q3c_compiler::LOGITS,
+    )
+    .unwrap();
+    let ids: Vec<u32> = (0..48).map(|i| (i * 53 % cfg.vocab_size) as u32).collect();
+    let want = reference.session().forward(&ids).unwrap().data;
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let g = Golden {
+        dir: tmp.path().to_path_buf(),
+        ..golden("dense_gqa")
+    };
+    let host = q3c_backend_llvm::host_cpu();
+    let mut prefills = Vec::new();
+    for target in ["znver4", "native"] {
+        let opts = q3c_backend_llvm::CompileOptions {
+            bf16_activations: true,
+            target_cpu: target.into(),
+            ..Default::default()
+        };
+        let (model, _dir) = llvm_model(&g, opts);
+        let mut s = model.session();
+        let mut got = s.forward(&ids[..40]).unwrap().data;
+        let prefill = max_abs_diff(&got, &want[..got.len()]);
+        for &id in &ids[40..] {
+            got.extend(s.forward(&[id]).unwrap().data);
+        }
+        let all = max_abs_diff(&got, &want);
+        eprintln!(
+            "bf16 activations for {target} ({host} here): max |dlogit| prefill {prefill:e}, with decode \
+             {all:e} (scale {scale})"
+        );
+        assert!(
+            all <= scale / 128.0,
+            "{target}: {all:e} vs the reference (scale {scale})"
+        );
+        prefills.push(got[..got.len() - 8 * cfg.vocab_size].to_vec());
+    }
+    if host.starts_with("znver") {
+        eprintln!("skipped: f32 prefill tiles with bf16 activations are not the tuning of {host}, the host");
+    } else {
+        assert!(
+            max_abs_diff(&prefills[0], &prefills[1]) > 1e-6,
+            "the two tunings prefilled alike: the f32 tiles did not run"
+        );
+    }
+}
+
 /// `--quantize q4` (LLVM, AVX512-VNNI): matrices of linear and expert products in 4-bit groups of 32 (the
 /// logits matrix in 6 bits), activations in q8. The weights' own error is the format's (up to a step,
 /// `max|w| / 8`, per weight: far above 1e-3 against transformers, reported below), so the kernels are held

@@ -57,6 +57,22 @@ pub fn dot_block<'ctx>(
     dt: DType,
     k: usize,
 ) -> Vec<Vec<FloatValue<'ctx>>> {
+    // bf16 weights where AVX512_BF16 is enabled: pairs of bf16 products per f32 lane.
+    if fb.flavor.bf16_dot() && dt == DType::BF16 && fb.lanes() == 16 {
+        let accs = accumulators(fb, rows.len(), cols.len());
+        return dot_block_bf16(fb, rows, false, cols, k, &accs);
+    }
+    dot_block_fma(fb, rows, cols, dt, k)
+}
+
+/// [`dot_block`] with f32 FMAs, the weights widened to f32 as they are loaded.
+fn dot_block_fma<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    rows: &[PointerValue<'ctx>],
+    cols: &[PointerValue<'ctx>],
+    dt: DType,
+    k: usize,
+) -> Vec<Vec<FloatValue<'ctx>>> {
     let lanes = fb.lanes();
     let ws = dt.size();
     let accs = accumulators(fb, rows.len(), cols.len());
@@ -80,10 +96,6 @@ pub fn dot_block<'ctx>(
             }
         }
     };
-    // bf16 weights where AVX512_BF16 is enabled: pairs of bf16 products per f32 lane.
-    if fb.flavor.bf16_dot() && dt == DType::BF16 && lanes == 16 {
-        return dot_block_bf16(fb, rows, false, cols, k, &accs);
-    }
     // Main loop: `unroll` vectors per trip.
     let per_trip = unroll * lanes;
     let trips = k / per_trip;
@@ -152,13 +164,20 @@ fn finish<'ctx>(
         .collect()
 }
 
-/// [`dot_block`] over rows already rounded to bf16 (see [`round_rows_bf16`]) and bf16 weights.
+/// [`dot_block`] over staged rows (see `staging.rs`) and bf16 weights: `vdpbf16ps` over the rows rounded to
+/// bf16, or, in a register tile (`tile`) where the CPU's tuning says so (`CpuTuning::bf16_tiles` unset),
+/// f32 FMAs over the rows as they came, staged after the bf16 ones.
 fn dot_block_prepared<'ctx>(
     fb: &Fb<'_, 'ctx>,
     rows: &[PointerValue<'ctx>],
     cols: &[PointerValue<'ctx>],
     k: usize,
+    tile: bool,
 ) -> Vec<Vec<FloatValue<'ctx>>> {
+    if tile && !fb.flavor.tuning().bf16_tiles {
+        let f32_rows: Vec<_> = rows.iter().map(|&r| fb.off(r, 2 * k)).collect();
+        return dot_block_fma(fb, &f32_rows, cols, DType::BF16, k);
+    }
     let accs = accumulators(fb, rows.len(), cols.len());
     dot_block_bf16(fb, rows, true, cols, k, &accs)
 }
@@ -304,7 +323,11 @@ pub fn columns<'ctx>(
     let o0 = fb.addr(fb.addr(out, first_row, n * 4), col0, 4);
     // With bf16 dot products, `x` holds the rows already rounded to bf16 (staged by the dispatch before).
     let staged = bf16_staged(fb.flavor, dt, k);
-    let x_stride = if staged { k * 2 } else { x_stride };
+    let x_stride = if staged {
+        crate::staging::row_bytes(q3c_backend_common::launch::Prep::Bf16, k, fb.flavor)
+    } else {
+        x_stride
+    };
     let x = fb.addr(x, first_row, x_stride);
     let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize, stream: bool| {
         // Few rows (decode, batched decode) stream one weight row at a time: sequential reads, which the
@@ -333,7 +356,7 @@ pub fn columns<'ctx>(
                 .map(|(w0, c)| fb.off(fb.addr(w0, c0, w_stride), c * w_stride))
                 .collect();
             let sums = if staged {
-                dot_block_prepared(fb, &xr, &cols, k)
+                dot_block_prepared(fb, &xr, &cols, k, !stream)
             } else {
                 dot_block(fb, &xr, &cols, dt, k)
             };

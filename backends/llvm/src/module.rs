@@ -170,7 +170,8 @@ pub fn compile(
         if let Some((prep, k, rows)) =
             node.and_then(|id| staging::of(graph, &plan, id, target.flavor))
         {
-            staging_per_token = staging_per_token.max(rows * staging::row_bytes(prep, k));
+            staging_per_token =
+                staging_per_token.max(rows * staging::row_bytes(prep, k, target.flavor));
             launch.stage(at, prep, k, rows, staging_offset);
             at += 1;
         }

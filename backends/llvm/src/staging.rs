@@ -18,11 +18,13 @@ use crate::gemm::{bf16_staged, round_rows_bf16};
 use crate::module::nounwind;
 use crate::q8;
 
-/// Bytes of one row of `k` prepared as `prep`.
-pub fn row_bytes(prep: Prep, k: usize) -> usize {
+/// Bytes of one row of `k` prepared as `prep` for `flavor`: q8, or bf16 — followed by the row as it came
+/// (f32) where prefill's tiles read that instead (`CpuTuning::bf16_tiles` unset).
+pub fn row_bytes(prep: Prep, k: usize, flavor: Flavor) -> usize {
     match prep {
         Prep::Q8 => q8::row_bytes(k),
-        Prep::Bf16 => 2 * k,
+        Prep::Bf16 if flavor.tuning().bf16_tiles => 2 * k,
+        Prep::Bf16 => 6 * k,
     }
 }
 
@@ -70,11 +72,19 @@ pub fn kernel<'ctx>(
     fb.for_range(start, end, 1, |fb, row| {
         let (src, to) = (
             fb.addr(x, row, k * 4),
-            fb.addr(dst, row, row_bytes(prep, k)),
+            fb.addr(dst, row, row_bytes(prep, k, flavor)),
         );
         match prep {
             Prep::Q8 => q8::quantize_row(fb, src, to, k),
-            Prep::Bf16 => round_rows_bf16(fb, src, 1, k, to),
+            Prep::Bf16 => {
+                round_rows_bf16(fb, src, 1, k, to);
+                if !flavor.tuning().bf16_tiles {
+                    let copy = fb.off(to, 2 * k);
+                    fb.for_n(k / 16, |fb, j| {
+                        fb.store(fb.vload(fb.addr(src, j, 64)), fb.addr(copy, j, 64))
+                    });
+                }
+            }
         }
     });
     fb.b.build_return(None).expect(BUG);
