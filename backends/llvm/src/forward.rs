@@ -10,7 +10,7 @@ use q3c_abi::{Manifest, ABI_VERSION};
 use q3c_backend_common::BackendError;
 
 use crate::fb::{Fb, Flavor};
-use crate::module::nounwind;
+use crate::module::function_attributes;
 
 /// Builds `int32_t q3c_forward(const q3c_step *step)` over the launch plan; `kernels[i]` is the function of
 /// `launch.kernels[i]`.
@@ -28,7 +28,7 @@ pub fn build<'ctx>(
         cx.i32_type().fn_type(&[ptr.into()], false),
         Some(Linkage::External),
     );
-    nounwind(cx, f);
+    function_attributes(cx, f);
     let flavor = Flavor::Cpu {
         lanes: 4,
         bf16_dot: false,

@@ -22,7 +22,7 @@ use q3c_models::Qwen3Config;
 
 use crate::fb::{Fb, Flavor, ItemShare, BUG};
 use crate::gpu_gemm::{ProductShape, WARP};
-use crate::module::{finish_object, kernel_body, nounwind, optimise, Compiled};
+use crate::module::{finish_object, function_attributes, kernel_body, optimise, Compiled};
 use crate::target;
 
 /// Settings of one PTX compilation.
@@ -207,7 +207,7 @@ fn entries<'ctx>(
             ],
         };
         let entry = m.add_function(name, cx.void_type().fn_type(&params, false), None);
-        nounwind(cx, entry);
+        function_attributes(cx, entry);
         let fb = Fb::new(cx, m, entry, flavor);
         if programmatic {
             // The next kernel may launch as soon as all of this one's blocks have started (they then

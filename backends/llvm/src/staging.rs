@@ -15,7 +15,7 @@ use q3c_ir::{Graph, NodeId, Op};
 
 use crate::fb::{Fb, Flavor, BUG};
 use crate::gemm::{bf16_staged, round_rows_bf16};
-use crate::module::nounwind;
+use crate::module::function_attributes;
 use crate::q8;
 
 /// Bytes of one row of `k` prepared as `prep` for `flavor`: q8, or bf16 — followed by the row as it came
@@ -63,7 +63,7 @@ pub fn kernel<'ctx>(
         .void_type()
         .fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
     let f = m.add_function(name, ty, Some(Linkage::Internal));
-    nounwind(cx, f);
+    function_attributes(cx, f);
     let fb = Fb::new(cx, m, f, flavor);
     let param = |i| f.get_nth_param(i).expect("3 params");
     let args = param(0).into_pointer_value();
