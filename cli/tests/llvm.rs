@@ -98,7 +98,7 @@ fn llvm_so_generates_transformers_greedy_ids_and_ptx_is_written() {
     ]);
     assert_eq!(json_ids(&out), g.greedy_ids);
 
-    // 4-bit weights from the CLI (VNNI): experts included, the logits matrix in q8; the answer is the
+    // 4-bit weights from the CLI (VNNI): experts included, the logits matrix in q6; the answer is the
     // model's own (greedy ids of a 4-bit model need not match transformers'; the kernels are checked
     // against the decoded weights in tests/compiled.rs).
     if q3c_tests::cpu_feature("avx512vnni", "q4 weights from the CLI") {
@@ -116,7 +116,7 @@ fn llvm_so_generates_transformers_greedy_ids_and_ptx_is_written() {
                 .unwrap()
         };
         assert_eq!(dtype_of(".experts.0.down_proj"), "q4");
-        assert_eq!(dtype_of("lm_head"), "q8");
+        assert_eq!(dtype_of("lm_head"), "q6");
         let out = ok(&[
             "generate",
             "--model",
