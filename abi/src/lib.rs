@@ -50,6 +50,11 @@ pub const CPU_FEATURES: &[&str] = &[
     "avx512vbmi",
     "avx512vnni",
     "avx512bf16",
+    "avx512ifma",
+    "avx512vbmi2",
+    "avx512vpopcntdq",
+    "avx512fp16",
+    "gfni",
     "avxvnni",
 ];
 

@@ -45,11 +45,14 @@ pub fn host_cpu() -> String {
     TargetMachine::get_host_cpu_name().to_string()
 }
 
-/// x86-64-v4's AVX-512 subset, and that with the BF16 and VNNI extensions.
+/// x86-64-v4's AVX-512 subset.
 const AVX512: &[&str] = &[
     "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
 ];
-const AVX512_BF16_VNNI: &[&str] = &[
+
+/// What LLVM's `znver4` may use in our code: [`AVX512`], BF16 and VNNI, the later AVX-512 subsets and GFNI
+/// (byte shifts), each one the runtime checks before loading an artifact.
+const ZEN4: &[&str] = &[
     "sse42",
     "avx2",
     "fma",
@@ -59,6 +62,33 @@ const AVX512_BF16_VNNI: &[&str] = &[
     "avx512vl",
     "avx512bf16",
     "avx512vnni",
+    "avx512cd",
+    "avx512ifma",
+    "avx512vbmi",
+    "avx512vbmi2",
+    "avx512bitalg",
+    "avx512vpopcntdq",
+    "gfni",
+];
+/// `sapphirerapids`: [`ZEN4`]'s and AVX512-FP16 (its f16 conversions, e.g. `vcvtph2psx`).
+const SAPPHIRE_RAPIDS: &[&str] = &[
+    "sse42",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512dq",
+    "avx512vl",
+    "avx512bf16",
+    "avx512vnni",
+    "avx512cd",
+    "avx512ifma",
+    "avx512vbmi",
+    "avx512vbmi2",
+    "avx512bitalg",
+    "avx512vpopcntdq",
+    "gfni",
+    "avx512fp16",
 ];
 
 /// Named CPUs q3c knows the vector width and required features of.
@@ -82,8 +112,8 @@ const NAMED: &[(&str, u32, &[&str])] = &[
         &["sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2"],
     ),
     ("skylake-avx512", 16, AVX512),
-    ("znver4", 16, AVX512_BF16_VNNI),
-    ("sapphirerapids", 16, AVX512_BF16_VNNI),
+    ("znver4", 16, ZEN4),
+    ("sapphirerapids", 16, SAPPHIRE_RAPIDS),
 ];
 
 /// The target for `target_cpu`: `native` (this machine's CPU and features) or one of [`NAMED`].

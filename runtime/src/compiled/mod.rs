@@ -211,6 +211,11 @@ fn cpu_has(feature: &str) -> Option<bool> {
         "avx512vbmi" => has!("avx512vbmi"),
         "avx512vnni" => has!("avx512vnni"),
         "avx512bf16" => has!("avx512bf16"),
+        "avx512ifma" => has!("avx512ifma"),
+        "avx512vbmi2" => has!("avx512vbmi2"),
+        "avx512vpopcntdq" => has!("avx512vpopcntdq"),
+        "avx512fp16" => has!("avx512fp16"),
+        "gfni" => has!("gfni"),
         "avxvnni" => has!("avxvnni"),
         _ => return None,
     })
