@@ -50,16 +50,9 @@ const AVX512: &[&str] = &[
     "sse42", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
 ];
 
-/// What LLVM's `znver4` may use in our code: [`AVX512`], BF16 and VNNI, the later AVX-512 subsets and GFNI
-/// (byte shifts), each one the runtime checks before loading an artifact.
-const ZEN4: &[&str] = &[
-    "sse42",
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512dq",
-    "avx512vl",
+/// What LLVM's `znver4` may use in our code beyond [`AVX512`]: BF16 and VNNI, the later AVX-512 subsets and
+/// GFNI (byte shifts), each one the runtime checks before loading an artifact.
+const ZEN4_EXTRAS: &[&str] = &[
     "avx512bf16",
     "avx512vnni",
     "avx512cd",
@@ -70,50 +63,32 @@ const ZEN4: &[&str] = &[
     "avx512vpopcntdq",
     "gfni",
 ];
-/// `sapphirerapids`: [`ZEN4`]'s and AVX512-FP16 (its f16 conversions, e.g. `vcvtph2psx`).
-const SAPPHIRE_RAPIDS: &[&str] = &[
-    "sse42",
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512dq",
-    "avx512vl",
-    "avx512bf16",
-    "avx512vnni",
-    "avx512cd",
-    "avx512ifma",
-    "avx512vbmi",
-    "avx512vbmi2",
-    "avx512bitalg",
-    "avx512vpopcntdq",
-    "gfni",
-    "avx512fp16",
-];
+/// What `sapphirerapids` may use beyond `znver4`: AVX512-FP16 (its f16 conversions, e.g. `vcvtph2psx`).
+const FP16: &[&str] = &["avx512fp16"];
 
-/// Named CPUs q3c knows the vector width and required features of.
-const NAMED: &[(&str, u32, &[&str])] = &[
+/// Named CPUs q3c knows the vector width and required features of (the union of the listed sets).
+const NAMED: &[(&str, u32, &[&[&str]])] = &[
     (
         "x86-64-v2",
         4,
-        &["sse3", "ssse3", "sse41", "sse42", "popcnt"],
+        &[&["sse3", "ssse3", "sse41", "sse42", "popcnt"]],
     ),
     (
         "x86-64-v3",
         8,
-        &[
+        &[&[
             "sse41", "sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2",
-        ],
+        ]],
     ),
-    ("x86-64-v4", 16, AVX512),
+    ("x86-64-v4", 16, &[AVX512]),
     (
         "haswell",
         8,
-        &["sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2"],
+        &[&["sse42", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2"]],
     ),
-    ("skylake-avx512", 16, AVX512),
-    ("znver4", 16, ZEN4),
-    ("sapphirerapids", 16, SAPPHIRE_RAPIDS),
+    ("skylake-avx512", 16, &[AVX512]),
+    ("znver4", 16, &[AVX512, ZEN4_EXTRAS]),
+    ("sapphirerapids", 16, &[AVX512, ZEN4_EXTRAS, FP16]),
 ];
 
 /// The target for `target_cpu`: `native` (this machine's CPU and features) or one of [`NAMED`].
@@ -149,7 +124,11 @@ pub fn cpu(target_cpu: &str, bf16_activations: bool) -> Result<CpuTarget, Backen
                     names.join(", ")
                 ))
             })?;
-        let required = required.iter().map(|s| s.to_string()).collect();
+        let required = required
+            .iter()
+            .flat_map(|set| set.iter())
+            .map(|s| s.to_string())
+            .collect();
         (target_cpu.to_string(), String::new(), *lanes, required)
     };
     let has_bf16 = required.iter().any(|f: &String| f == "avx512bf16");
