@@ -324,6 +324,33 @@ fn bf16_activations_stay_within_bf16_rounding_of_transformers() {
     );
 }
 
+/// Random bf16 weights (seed `seed`) of fixture `name`'s shape in a temporary directory (returned, to be kept
+/// alive), the fixture's golden data pointing there, and the reference executor's logits over `ids` on them.
+#[cfg(feature = "llvm")]
+fn random_bf16_reference(
+    name: &str,
+    seed: u64,
+    ids: &[u32],
+) -> (Golden, Vec<f32>, tempfile::TempDir) {
+    let (cfg, _) = q3c_tests::open_fixture(name);
+    let tmp = tempfile::tempdir().unwrap();
+    q3c_models::random::write_checkpoint(&cfg, q3c_models::DType::BF16, seed, tmp.path(), None)
+        .unwrap();
+    let ckpt = q3c_models::Checkpoint::open(tmp.path()).unwrap();
+    let reference = q3c_runtime::ReferenceModel::new(
+        q3c_compiler::lower(&cfg).unwrap(),
+        &ckpt,
+        q3c_compiler::LOGITS,
+    )
+    .unwrap();
+    let want = reference.session().forward(ids).unwrap().data;
+    let g = Golden {
+        dir: tmp.path().to_path_buf(),
+        ..golden(name)
+    };
+    (g, want, tmp)
+}
+
 /// `--bf16-activations` on a mixture-of-experts model with bf16 weights: the grouped expert products stage
 /// their gathered rows as bf16 too. Random bf16 weights of the `moe` fixture's shape (hidden 64, expert
 /// width 32: both multiples of 32, so every product, dense and expert, takes the bf16 path) against the
@@ -336,23 +363,9 @@ fn bf16_activations_cover_grouped_expert_products() {
         return;
     }
     let (cfg, _) = q3c_tests::open_fixture("moe");
-    let tmp = tempfile::tempdir().unwrap();
-    q3c_models::random::write_checkpoint(&cfg, q3c_models::DType::BF16, 7, tmp.path(), None)
-        .unwrap();
-    let ckpt = q3c_models::Checkpoint::open(tmp.path()).unwrap();
-    let reference = q3c_runtime::ReferenceModel::new(
-        q3c_compiler::lower(&cfg).unwrap(),
-        &ckpt,
-        q3c_compiler::LOGITS,
-    )
-    .unwrap();
     let prompt: Vec<u32> = (0..40).map(|i| (i * 37 % cfg.vocab_size) as u32).collect();
-    let want = reference.session().forward(&prompt).unwrap().data;
+    let (g, want, _tmp) = random_bf16_reference("moe", 7, &prompt);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let g = Golden {
-        dir: tmp.path().to_path_buf(),
-        ..golden("moe")
-    };
     let run = |bf16_activations| {
         let opts = q3c_backend_llvm::CompileOptions {
             bf16_activations,
@@ -388,23 +401,9 @@ fn bf16_activations_in_both_cpu_tunings_stay_within_bf16_rounding() {
         return;
     }
     let (cfg, _) = q3c_tests::open_fixture("dense_gqa");
-    let tmp = tempfile::tempdir().unwrap();
-    q3c_models::random::write_checkpoint(&cfg, q3c_models::DType::BF16, 11, tmp.path(), None)
-        .unwrap();
-    let ckpt = q3c_models::Checkpoint::open(tmp.path()).unwrap();
-    let reference = q3c_runtime::ReferenceModel::new(
-        q3c_compiler::lower(&cfg).unwrap(),
-        &ckpt,
-        q3c_compiler::LOGITS,
-    )
-    .unwrap();
     let ids: Vec<u32> = (0..48).map(|i| (i * 53 % cfg.vocab_size) as u32).collect();
-    let want = reference.session().forward(&ids).unwrap().data;
+    let (g, want, _tmp) = random_bf16_reference("dense_gqa", 11, &ids);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let g = Golden {
-        dir: tmp.path().to_path_buf(),
-        ..golden("dense_gqa")
-    };
     let host = q3c_backend_llvm::host_cpu();
     let mut prefills = Vec::new();
     for target in ["znver4", "native"] {
