@@ -374,7 +374,7 @@ fn widen<'ctx>(
     };
     match format {
         Format::Q8 => {
-            let v = as_float(wide, 128.0);
+            let v = as_float(wide, format.offset() as f32);
             v.chunks(4).map(|row| vec![row.to_vec()]).collect()
         }
         Format::Q4 | Format::Q6 => {
@@ -397,10 +397,7 @@ fn widen<'ctx>(
                 lo = fb.b.build_or(lo, high(p0), "").expect(BUG);
                 hi = fb.b.build_or(hi, high(p1), "").expect(BUG);
             }
-            let offset = match format {
-                Format::Q6 => 32.0,
-                _ => 8.0,
-            };
+            let offset = format.offset() as f32;
             let (lo, hi) = (as_float(lo, offset), as_float(hi, offset));
             (0..2)
                 .map(|j| vec![lo[4 * j..4 * j + 4].to_vec(), hi[4 * j..4 * j + 4].to_vec()])

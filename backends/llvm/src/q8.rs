@@ -66,14 +66,18 @@ impl Format {
         }
     }
 
-    /// log2 of 128 over the stored values' offset (128, 8 or 32): the staged `-128 · Σq` shifted right
-    /// by it is `-offset · Σq`.
-    fn offset_shift(self) -> u64 {
+    /// The offset the stored (unsigned) values carry: 128, 8 or 32.
+    pub fn offset(self) -> u32 {
         match self {
-            Format::Q8 => 0,
-            Format::Q4 => 4,
-            Format::Q6 => 2,
+            Format::Q8 => 128,
+            Format::Q4 => 8,
+            Format::Q6 => 32,
         }
+    }
+
+    /// log2 of 128 over [`Format::offset`]: the staged `-128 · Σq` shifted right by it is `-offset · Σq`.
+    fn offset_shift(self) -> u64 {
+        u64::from((128 / self.offset()).trailing_zeros())
     }
 }
 
