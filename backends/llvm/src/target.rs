@@ -206,3 +206,25 @@ pub fn ptx(gpu: &str) -> Result<TargetMachine, BackendError> {
         )
         .ok_or_else(|| BackendError::Target(format!("LLVM cannot target {gpu}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_cpus_require_only_features_the_runtime_checks() {
+        for (name, _, sets) in NAMED {
+            for f in sets.iter().flat_map(|s| s.iter()) {
+                assert!(q3c_abi::CPU_FEATURES.contains(f), "{name}: {f}");
+            }
+        }
+        // What LLVM used in artifacts for these CPUs (GFNI byte shifts, AVX512-FP16 conversions) is required.
+        let required = |cpu: &str| -> Vec<&str> {
+            let (_, _, sets) = NAMED.iter().find(|n| n.0 == cpu).unwrap();
+            sets.iter().flat_map(|s| s.iter().copied()).collect()
+        };
+        assert!(required("znver4").contains(&"gfni"));
+        assert!(!required("znver4").contains(&"avx512fp16"));
+        assert!(required("sapphirerapids").contains(&"avx512fp16"));
+    }
+}
