@@ -2,19 +2,22 @@
 # The GPU check of issue 16, in two halves (a GPU machine here is lent without Rust or LLVM):
 #
 #   benches/gpu.sh prepare DIR   here: a q3c and the CUDA test binary built with `--features cuda` (no LLVM
-#                                needed to run), and CUDA artifacts of every golden fixture (f32 KV for sm_90,
-#                                with programmatic launches; f16 KV for sm_80; the dense ones also with q8 and
-#                                q4 weights) and of the Qwen3-0.6B and Qwen3-8B shapes (bf16, q8, q4 weights),
-#                                all into DIR (with this script);
+#                                needed to run), and CUDA artifacts of every golden fixture (f32 activations;
+#                                f32 KV for sm_90, with programmatic launches; f16 KV for sm_80; the dense ones
+#                                also with q8 and q4 weights; tied_bf16 also with bf16 activations, its
+#                                tensor-core kernels) and of the Qwen3-0.6B and Qwen3-8B shapes (bf16 weights
+#                                with the default bf16 activations and with f32 ones; q8, q4 weights), all into
+#                                DIR (with this script);
 #                                with BASE=path/to/an/older/q3c also that compiler's artifacts of both shapes
 #                                (base-*.q3c), which the run then times against these in alternating rounds
 #   bash DIR/gpu.sh run DIR      on the GPU machine, from the repository root: the CUDA tests on the fixtures,
 #                                a device-to-device copy (the bandwidth roof, through PyTorch where present),
 #                                then q3c bench of both shapes on random bf16 weights made there: prefill 512,
-#                                decode after 512 and after 16 tokens, 8 sequences together, programmatic
-#                                launches off and on in alternating rounds, q8 and q4 weights, one profiled
-#                                decode;
-#                                QUICK=1 keeps only the tests and the rounds against BASE (device time is scarce)
+#                                decode after 512 and after 16 tokens, 8 sequences together, f32 against bf16
+#                                activations (tensor-core prefill) and programmatic launches off and on in
+#                                alternating rounds, q8 and q4 weights, a profiled prefill and decode;
+#                                QUICK=1 keeps only the tests, the activation rounds and the rounds against
+#                                BASE (device time is scarce)
 #   SWEEP='threads=128;rows=2,streams=8'  (prepare) also the Qwen3-8B artifact compiled with each product shape
 #                                (`Q3C_GPU_PRODUCTS`, backends/llvm/src/gpu_gemm.rs), which the run times in
 #                                alternating rounds (prefill 128, decode after 128) and profiles once each
@@ -37,14 +40,17 @@ for l in sys.stdin:
     fixture() { target/release/q3c compile "tests/reference/fixtures/$1" --target cuda --max-tokens 64 "${@:3}" \
       -o "$dir/$2.q3c" 2>/dev/null; }
     for f in dense_gqa tied_bf16 moe moe_sparse_step yarn sharded_f16; do
-      fixture "$f" "$f-f32" --gpu sm_90 --kv-dtype f32
-      fixture "$f" "$f-f16" --gpu sm_80 --kv-dtype f16
+      fixture "$f" "$f-f32" --gpu sm_90 --kv-dtype f32 --activations f32
+      fixture "$f" "$f-f16" --gpu sm_80 --kv-dtype f16 --activations f32
     done
+    fixture tied_bf16 tied_bf16-f32-bf16-activations --gpu sm_90 --kv-dtype f32 --activations bf16
     for f in dense_gqa yarn sharded_f16; do
       for q in q8 q4; do fixture "$f" "$f-f32-$q" --gpu sm_90 --kv-dtype f32 --quantize "$q"; done
     done
     for m in 0.6B:q06 8B:q8b; do
       target/release/q3c compile "Qwen3-${m%%:*}" --target cuda --gpu sm_90 --max-tokens 512 -o "$dir/${m##*:}.q3c"
+      target/release/q3c compile "Qwen3-${m%%:*}" --target cuda --gpu sm_90 --max-tokens 512 --activations f32 \
+        -o "$dir/${m##*:}-f32act.q3c"
       for q in q8 q4; do
         target/release/q3c compile "Qwen3-${m%%:*}" --target cuda --gpu sm_90 --max-tokens 512 --quantize "$q" \
           -o "$dir/${m##*:}-$q.q3c"
@@ -99,6 +105,22 @@ print(f"d2d copy of 4 GiB: {ms:.3f} ms, {2 * x.numel() / ms / 1e6:.0f} GB/s (rea
         b "${w[@]}" --prompt-len 16 --gen 128 --reps "$3"
         b "${w[@]}" --batch 8 --prompt-len 128 --gen 32 --reps 1
       fi
+      # f32 activations (FMA blocks everywhere) against the default bf16 (tensor cores from 64 rows),
+      # alternating rounds; then one profiled prefill of each.
+      for round in 1 2; do
+        for act in f32act bf16; do
+          m="$dir/$2.q3c"; [ "$act" = f32act ] && m="$dir/$2-f32act.q3c"
+          echo "-- round $round, activations ${act%act}"
+          b --model "$m" --weights "/tmp/w-$2" --prompt-len 512 --gen 16 --reps 1
+          b --model "$m" --weights "/tmp/w-$2" --prompt-len 16 --gen 64 --reps 1
+        done
+      done
+      for act in f32act bf16; do
+        m="$dir/$2.q3c"; [ "$act" = f32act ] && m="$dir/$2-f32act.q3c"
+        echo "-- profile, prefill 512, activations ${act%act}"
+        Q3C_CUDA_PROFILE=1 timeout 100 "$dir/q3c" bench --model "$m" --weights "/tmp/w-$2" --prompt-len 512 \
+          --gen 1 --reps 1 2>&1 | grep -E "kernel time|_linear|_swiglu" | head -12
+      done
       # Programmatic launches off and on (same artifact, same weights), alternating rounds.
       for round in 1 2; do
         for pdl in 0 1; do

@@ -58,6 +58,20 @@ pub struct Dispatch {
     /// `kernel` is then [`NO_KERNEL`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collective: Option<Collective>,
+    /// Another kernel for the same work in calls of many rows (see [`ManyRows`]); `None`: [`Dispatch::kernel`]
+    /// always. Older launchers, which do not know it, run `kernel` for every call: the same results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub many_rows: Option<ManyRows>,
+}
+
+/// A kernel a dispatch launches instead of its own in calls whose `T` (the rows of its argument block) is
+/// at least `from`, with the same argument block, items and block shape: on GPUs, the tensor-core tiles of a
+/// matrix product, which need more registers than the decode steps' blocks should carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManyRows {
+    /// Index into [`LaunchPlan::kernels`].
+    pub kernel: usize,
+    pub from: usize,
 }
 
 /// The `kernel` of a [`Dispatch`] that runs a collective, not a kernel.
@@ -112,6 +126,14 @@ impl Dispatch {
         }
     }
 
+    /// The kernel a call whose argument block has `t` rows launches.
+    pub fn kernel_for(&self, t: usize) -> usize {
+        match self.many_rows {
+            Some(m) if t >= m.from => m.kernel,
+            _ => self.kernel,
+        }
+    }
+
     /// Work items for a call of `t` tokens.
     pub fn item_count(&self, t: usize) -> usize {
         if self.per_token {
@@ -145,4 +167,41 @@ pub enum Arg {
     Cache(usize),
     /// The caller's logits buffer.
     Logits,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_of_many_rows_launch_the_other_kernel_and_old_plans_read_without_one() {
+        let plain = Dispatch {
+            kernel: 3,
+            args: vec![Arg::Scratch(0)],
+            items: 16,
+            per_token: false,
+            tokens_per_item: 1,
+            logits: false,
+            threads_per_item: 256,
+            collective: None,
+            many_rows: None,
+        };
+        assert_eq!([1, 64, 512].map(|t| plain.kernel_for(t)), [3, 3, 3]);
+        let tensor = Dispatch {
+            many_rows: Some(ManyRows {
+                kernel: 7,
+                from: 64,
+            }),
+            ..plain.clone()
+        };
+        assert_eq!([1, 63, 64, 512].map(|t| tensor.kernel_for(t)), [3, 3, 7, 7]);
+        // A plan written before `many_rows` existed reads as one without it; one without it writes none.
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("many_rows"), "{json}");
+        let read: Dispatch = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, plain);
+        let read: Dispatch =
+            serde_json::from_str(&serde_json::to_string(&tensor).unwrap()).unwrap();
+        assert_eq!(read, tensor);
+    }
 }

@@ -77,11 +77,12 @@ impl Quantize {
 /// `--activations`: what matrix products round their activations to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Activations {
-    /// bf16 where the weights are bf16 and the target has AVX512_BF16 (LLVM), else f32.
+    /// bf16 where the weights are bf16 and the target has AVX512_BF16 (LLVM) or bf16 tensor cores (GPUs
+    /// from sm_80), else f32.
     Auto,
     /// f32: exact to the reference.
     F32,
-    /// bf16 (AVX512_BF16 dot products; refused on CPUs without it).
+    /// bf16 (AVX512_BF16 dot products, or tensor cores on GPUs; refused where the target lacks them).
     Bf16,
 }
 
@@ -99,6 +100,33 @@ impl Activations {
             }
         })
     }
+}
+
+impl Activations {
+    /// [`Activations::bf16`] for a GPU target: `auto` is bf16 for a bf16 checkpoint with weights as
+    /// stored (quantized products read f32 activations) on a GPU with bf16 tensor cores (what the
+    /// prefill's `mma` tiles need).
+    pub fn bf16_on_gpu(self, cfg: &Qwen3Config, gpu: &str, quantize: Quantize) -> bool {
+        match self {
+            Activations::F32 => false,
+            Activations::Bf16 => true,
+            Activations::Auto => {
+                cfg.torch_dtype == q3c_models::DType::BF16
+                    && quantize == Quantize::None
+                    && bf16_tensor_cores(gpu)
+            }
+        }
+    }
+}
+
+#[cfg(feature = "llvm")]
+fn bf16_tensor_cores(gpu: &str) -> bool {
+    q3c_backend_llvm::bf16_tensor_cores(gpu)
+}
+
+#[cfg(not(feature = "llvm"))]
+fn bf16_tensor_cores(_: &str) -> bool {
+    false
 }
 
 #[cfg(feature = "llvm")]
@@ -281,6 +309,8 @@ pub struct GpuCodegen<'a> {
     pub kv_dtype: q3c_ir::DType,
     /// The products' weight format.
     pub quantize: Quantize,
+    /// Products over bf16 weights round activations to bf16 (tensor cores for calls of many rows).
+    pub bf16_activations: bool,
 }
 
 /// Every kernel of a fused graph compiled to PTX for a GPU (LLVM only): the PTX text and the manifest with
@@ -297,6 +327,7 @@ pub fn compile_gpu(
         fusion: how.fusion.to_string(),
         kv_dtype: how.kv_dtype,
         quantize: how.quantize.dtype(),
+        bf16_activations: how.bf16_activations,
     };
     let m = q3c_backend_llvm::compile_ptx(graph, cfg, q3c_compiler::LOGITS, &opts)?;
     Ok((m.ptx, m.manifest))

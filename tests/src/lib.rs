@@ -236,6 +236,7 @@ pub fn compile_graph_kv(
                 fusion: fusion.into(),
                 kv_dtype,
                 quantize: None,
+                bf16_activations: false,
             };
             q3c_backend_llvm::compile_gpu_emulation(graph, cfg, q3c_compiler::LOGITS, &opts)
                 .expect("compile")
@@ -473,19 +474,23 @@ pub fn write_decoded(
 }
 
 /// A CUDA artifact of fixture `name` (fusion all, KV cache of `kv_dtype`, weights as stored or quantized
-/// as `quantize` says, 64 tokens per call) in `out_dir`: compiled here with LLVM, or, in a build without it
-/// (what travels to a GPU machine), taken from the directory `$Q3C_CUDA_ARTIFACTS` as `NAME-KV.q3c` or
-/// `NAME-KV-QUANTIZE.q3c` (made by `q3c compile FIXTURE --target cuda`). `None`, saying why, where there is
-/// neither.
+/// as `quantize` says, activations of products over bf16 weights rounded to bf16 where `bf16_activations`,
+/// else f32; 64 tokens per call) in `out_dir`: compiled here with LLVM, or, in a build without it (what
+/// travels to a GPU machine), taken from the directory `$Q3C_CUDA_ARTIFACTS` as `NAME-KV.q3c`,
+/// `NAME-KV-QUANTIZE.q3c` or `NAME-KV-bf16-activations.q3c` (made by `q3c compile FIXTURE --target cuda`:
+/// `benches/gpu.sh prepare`). `None`, saying why, where there is neither.
 pub fn cuda_artifact(
     name: &str,
     kv_dtype: q3c_ir::DType,
     quantize: Option<q3c_ir::DType>,
+    bf16_activations: bool,
     out_dir: &std::path::Path,
 ) -> Option<PathBuf> {
-    let file = match quantize {
-        None => format!("{name}-{kv_dtype}.q3c"),
-        Some(q) => format!("{name}-{kv_dtype}-{q}.q3c"),
+    let file = match (quantize, bf16_activations) {
+        (None, false) => format!("{name}-{kv_dtype}.q3c"),
+        (Some(q), false) => format!("{name}-{kv_dtype}-{q}.q3c"),
+        (None, true) => format!("{name}-{kv_dtype}-bf16-activations.q3c"),
+        (Some(q), true) => format!("{name}-{kv_dtype}-{q}-bf16-activations.q3c"),
     };
     if let Some(dir) = std::env::var_os("Q3C_CUDA_ARTIFACTS") {
         let path = PathBuf::from(dir).join(&file);
@@ -507,6 +512,7 @@ pub fn cuda_artifact(
             fusion: "all".into(),
             kv_dtype,
             quantize,
+            bf16_activations,
         };
         let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
             .expect("compile PTX");

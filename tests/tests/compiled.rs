@@ -285,9 +285,16 @@ fn llvm_model(
     };
     let graph = fused_graph(&cfg, &opts.fusion);
     let compiled = q3c_backend_llvm::compile(&graph, &cfg, q3c_compiler::LOGITS, &opts).unwrap();
+    load_object(&compiled.object, g)
+}
+
+/// A compiled object linked into a `.so` in a temporary directory (returned, to be kept alive) and loaded
+/// with the weights of `g` on 2 threads.
+#[cfg(feature = "llvm")]
+fn load_object(object: &[u8], g: &Golden) -> (CompiledModel, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let so = tmp.path().join("model.so");
-    q3c_backend_common::link_shared(&compiled.object, &so).unwrap();
+    q3c_backend_common::link_shared(object, &so).unwrap();
     (CompiledModel::load(&so, &g.dir, 2).unwrap(), tmp)
 }
 
@@ -533,23 +540,8 @@ fn q4_weights_match_the_reference_on_their_decoded_values() {
 fn quantized_gpu_products_match_the_reference_on_decoded_weights() {
     for name in DENSE_UNTIED_FIXTURES {
         let g = golden(name);
-        let (cfg, _) = open_fixture(name);
-        let graph = fused_graph(&cfg, "all");
         for format in [DType::Q8, DType::Q4] {
-            let opts = q3c_backend_llvm::PtxOptions {
-                gpu: "sm_90".into(),
-                max_tokens_per_call: 64,
-                fusion: "all".into(),
-                kv_dtype: DType::F32,
-                quantize: Some(format),
-            };
-            let compiled =
-                q3c_backend_llvm::compile_gpu_emulation(&graph, &cfg, q3c_compiler::LOGITS, &opts)
-                    .unwrap();
-            let tmp = tempfile::tempdir().unwrap();
-            let so = tmp.path().join("model.so");
-            q3c_backend_common::link_shared(&compiled.object, &so).unwrap();
-            let model = CompiledModel::load(&so, &g.dir, 2).unwrap();
+            let (model, _dir) = gpu_emulation_model(&g, Some(format), false);
             if format == DType::Q4 {
                 let q6 = model
                     .manifest()
@@ -561,6 +553,99 @@ fn quantized_gpu_products_match_the_reference_on_decoded_weights() {
             // Token by token from the start: one activation row, a decode step's path.
             check_against_decoded_weights(name, format, &model, 0, "GPU emulation");
         }
+    }
+}
+
+/// The GPU flavour of the model in `g.dir` compiled for this CPU (sm_90, fully fused, 64 tokens per call, f32
+/// KV cache; products over `quantize`d weights, and bf16 activations as asked), loaded on 2 threads.
+#[cfg(feature = "llvm")]
+fn gpu_emulation_model(
+    g: &Golden,
+    quantize: Option<DType>,
+    bf16_activations: bool,
+) -> (CompiledModel, tempfile::TempDir) {
+    let cfg = q3c_models::resolve(g.dir.to_str().unwrap()).unwrap();
+    let graph = fused_graph(&cfg, "all");
+    let opts = q3c_backend_llvm::PtxOptions {
+        gpu: "sm_90".into(),
+        max_tokens_per_call: 64,
+        fusion: "all".into(),
+        kv_dtype: DType::F32,
+        quantize,
+        bf16_activations,
+    };
+    let compiled =
+        q3c_backend_llvm::compile_gpu_emulation(&graph, &cfg, q3c_compiler::LOGITS, &opts).unwrap();
+    load_object(&compiled.object, g)
+}
+
+/// bf16 activations on GPUs (what `--target cuda` compiles a bf16 checkpoint with by default): products over
+/// bf16 weights round their activations to bf16; calls of many rows launch tensor-core kernels (`mma.sync`
+/// tiles, named in the launch plan's `many_rows`), the others FMA blocks. Checked through the CPU emulation
+/// of the GPU flavour, whose kernels play the tensor-core tiles lane by lane in every call (each lane's
+/// fragment loads, `mma` as the PTX ISA defines it over the lanes' registers, each lane's stores): a wrong
+/// index in a fragment fails here. On random bf16 weights of `dense_gqa`'s shape (k 64 and 128: chunks of
+/// 64) and on `tied_bf16` (k 96 in its down projection: chunks of 16 after the 64; K and V projections of
+/// one panel; the tied logits matrix): a 40-token prefill (three slabs of 16 rows, the last partial), then 8
+/// tokens one at a time, against the reference executor within the bound of the CPU's bf16 activations (each
+/// activation rounded with a relative error of at most 2⁻⁹; 2⁻⁷ of the logits' scale after all layers); and
+/// unlike the f32 emulation (else the rounding, and so the tiles, did not run).
+#[cfg(feature = "llvm")]
+#[test]
+fn gpu_tensor_core_tiles_stay_within_bf16_rounding_of_the_reference() {
+    for name in ["dense_gqa", "tied_bf16"] {
+        let (cfg, _) = q3c_tests::open_fixture(name);
+        let ids: Vec<u32> = (0..48).map(|i| (i * 53 % cfg.vocab_size) as u32).collect();
+        let (g, want, _tmp) = match name {
+            "tied_bf16" => {
+                let (want, _) = reference_logits(name, &ids);
+                (golden(name), want, None)
+            }
+            _ => {
+                let (g, want, tmp) = random_bf16_reference(name, 5, &ids);
+                (g, want, Some(tmp))
+            }
+        };
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let run = |bf16_activations| {
+            let (model, _dir) = gpu_emulation_model(&g, None, bf16_activations);
+            let manifest = model.manifest();
+            let launch = manifest.launch.as_ref().expect("a launch plan");
+            let tensor = launch.dispatches.iter().filter_map(|d| d.many_rows).count();
+            if bf16_activations {
+                assert_eq!(manifest.matmul_activations, "bf16");
+                assert!(tensor > 0, "{name}: no product has a tensor-core kernel");
+                for d in launch.dispatches.iter().filter_map(|d| d.many_rows) {
+                    assert!(launch.kernels[d.kernel].ends_with("_tc"));
+                    assert!(d.from > 1 && d.from <= 64, "{name}: from {}", d.from);
+                }
+            } else {
+                assert_eq!(
+                    tensor, 0,
+                    "{name}: tensor-core kernels with f32 activations"
+                );
+            }
+            let mut s = model.session();
+            let mut got = s.forward(&ids[..40]).unwrap().data;
+            for &id in &ids[40..] {
+                got.extend(s.forward(&[id]).unwrap().data);
+            }
+            got
+        };
+        let (exact, rounded) = (run(false), run(true));
+        let (exact_diff, diff) = (max_abs_diff(&exact, &want), max_abs_diff(&rounded, &want));
+        eprintln!(
+            "{name}, GPU emulation: max |dlogit| f32 {exact_diff:e}, bf16 activations {diff:e} (scale {scale})"
+        );
+        assert!(exact_diff <= 1e-3, "{name}: f32 activations {exact_diff:e}");
+        assert!(
+            max_abs_diff(&exact, &rounded) > 1e-6,
+            "{name}: identical to f32: the bf16 tiles did not run"
+        );
+        assert!(
+            diff <= scale / 128.0,
+            "{name}: bf16 activations {diff:e} vs the reference (scale {scale})"
+        );
     }
 }
 

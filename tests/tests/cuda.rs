@@ -15,17 +15,19 @@ use q3c_tests::*;
 
 /// The GPU model of fixture `name` with a KV cache of `kv`, or `None` (said) where none can run here.
 fn gpu_model(name: &str, kv: DType, dir: &std::path::Path) -> Option<CompiledModel> {
-    gpu_model_quantized(name, kv, None, dir)
+    gpu_model_with(name, kv, None, false, dir)
 }
 
-/// [`gpu_model`] with the products' matrices quantized as `quantize` says.
-fn gpu_model_quantized(
+/// [`gpu_model`] with the products' matrices quantized as `quantize` says, and their activations rounded
+/// to bf16 (tensor cores in calls of many rows) where `bf16_activations`.
+fn gpu_model_with(
     name: &str,
     kv: DType,
     quantize: Option<DType>,
+    bf16_activations: bool,
     dir: &std::path::Path,
 ) -> Option<CompiledModel> {
-    let artifact = cuda_artifact(name, kv, quantize, dir)?;
+    let artifact = cuda_artifact(name, kv, quantize, bf16_activations, dir)?;
     let loaded = CompiledModel::load(&artifact, &golden(name).dir, 2);
     if !q3c_runtime::compiled::cuda_available() {
         let err = loaded
@@ -82,7 +84,7 @@ fn quantized_weights_on_the_gpu_match_the_reference_on_their_decoded_values() {
     let tmp = tempfile::tempdir().unwrap();
     for name in DENSE_UNTIED_FIXTURES {
         for format in [DType::Q8, DType::Q4] {
-            let Some(model) = gpu_model_quantized(name, DType::F32, Some(format), tmp.path())
+            let Some(model) = gpu_model_with(name, DType::F32, Some(format), false, tmp.path())
             else {
                 continue;
             };
@@ -90,6 +92,47 @@ fn quantized_weights_on_the_gpu_match_the_reference_on_their_decoded_values() {
             check_against_decoded_weights(name, format, &model, split, "GPU");
         }
     }
+}
+
+/// bf16 activations on the GPU (what a bf16 checkpoint compiles with by default): `tied_bf16` with a 64-token
+/// prefill — calls of 64 rows launch the tensor-core kernels (`mma.sync` tiles) — then 8 tokens one at a
+/// time (FMA blocks over activations rounded the same way), against the reference executor within the bound
+/// of bf16-rounded activations (2⁻⁷ of the logits' scale, derived in tests/compiled.rs, where the same
+/// tiles run lane by lane on the CPU emulation), and unlike the f32 artifact (else nothing was rounded).
+#[test]
+fn bf16_activations_on_the_gpu_stay_within_bf16_rounding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "tied_bf16";
+    let vocab = golden(name).vocab;
+    let ids: Vec<u32> = (0..72).map(|i| (i * 53 % vocab) as u32).collect();
+    let (want, scale) = reference_logits(name, &ids);
+    let mut runs = Vec::new();
+    for bf16 in [false, true] {
+        let Some(model) = gpu_model_with(name, DType::F32, None, bf16, tmp.path()) else {
+            return;
+        };
+        let launch = model.manifest().launch.clone().expect("a launch plan");
+        let tensor = launch.dispatches.iter().filter(|d| d.many_rows.is_some());
+        assert_eq!(
+            tensor.count() > 0,
+            bf16,
+            "tensor-core kernels only with bf16 activations"
+        );
+        let mut s = model.session();
+        let mut got = s.forward(&ids[..64]).unwrap().data;
+        for &id in &ids[64..] {
+            got.extend(s.forward(&[id]).unwrap().data);
+        }
+        let diff = max_abs_diff(&got, &want);
+        eprintln!("{name}: GPU, bf16 activations {bf16}: max |dlogit| {diff:e} (scale {scale})");
+        let bound = if bf16 { scale / 128.0 } else { 1e-3 };
+        assert!(diff <= bound, "{name}, bf16 activations {bf16}: {diff:e}");
+        runs.push(got);
+    }
+    assert!(
+        max_abs_diff(&runs[0], &runs[1]) > 1e-6,
+        "bf16 activations changed nothing"
+    );
 }
 
 #[test]

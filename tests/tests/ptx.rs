@@ -77,6 +77,7 @@ fn every_kernel_assembles_with_ptxas_for_sm80_and_sm90() {
                     fusion: fusion.into(),
                     kv_dtype,
                     quantize: None,
+                    bf16_activations: false,
                 };
                 let m = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
                     .unwrap();
@@ -134,6 +135,7 @@ fn unknown_gpus_are_refused() {
             fusion: "none".into(),
             kv_dtype: DType::F32,
             quantize: None,
+            bf16_activations: false,
         };
         let err = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts)
             .err()
@@ -159,6 +161,7 @@ fn quantized_products_assemble_with_ptxas_and_moe_is_refused() {
                 fusion: "all".into(),
                 kv_dtype: DType::F16,
                 quantize: Some(quantize),
+                bf16_activations: false,
             };
             let compiled = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts);
             if cfg.moe.is_some() {
@@ -178,6 +181,60 @@ fn quantized_products_assemble_with_ptxas_and_moe_is_refused() {
                 gpu,
                 &tmp.path().join(format!("{name}-{kind}-{gpu}.ptx")),
             );
+        }
+    }
+}
+
+/// bf16 activations on GPUs: every fixture's shape with bf16 weights, fully fused, gets a tensor-core kernel
+/// (`_tc`, named by its dispatches' `many_rows`) beside each product kernel over bf16 weights, and `ptxas`
+/// assembles their `mma.sync` tiles and `cvt.rn.bf16x2.f32` roundings for sm_80 and sm_90; a GPU without
+/// bf16 tensor cores is refused with one clear error.
+#[test]
+fn tensor_core_kernels_assemble_with_ptxas_and_older_gpus_are_refused() {
+    let ptxas = ptxas();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let (mut cfg, _) = open_fixture(name);
+        cfg.torch_dtype = q3c_models::DType::BF16;
+        let graph = fused_graph(&cfg, "all");
+        for gpu in ["sm_80", "sm_90", "sm_75"] {
+            let opts = q3c_backend_llvm::PtxOptions {
+                gpu: gpu.into(),
+                max_tokens_per_call: 64,
+                fusion: "all".into(),
+                kv_dtype: DType::F16,
+                quantize: None,
+                bf16_activations: true,
+            };
+            let compiled = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts);
+            if gpu == "sm_75" {
+                let err = compiled.err().expect("bf16 activations refused on sm_75");
+                assert!(err.to_string().contains("tensor cores"), "{name}: {err}");
+                continue;
+            }
+            let m = compiled.unwrap();
+            let tensor: Vec<_> = m
+                .launch
+                .dispatches
+                .iter()
+                .filter_map(|d| d.many_rows)
+                .collect();
+            assert!(!tensor.is_empty(), "{name} {gpu}: no tensor-core kernel");
+            for t in &tensor {
+                let kernel = &m.launch.kernels[t.kernel];
+                assert!(kernel.ends_with("_tc"), "{name}: {kernel}");
+                assert!(
+                    m.ptx.contains(&format!(".visible .entry {kernel}(")),
+                    "{kernel}"
+                );
+            }
+            assert!(m
+                .ptx
+                .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+            assert!(m.ptx.contains("cvt.rn.bf16x2.f32"));
+            assert_eq!(m.manifest.matmul_activations, "bf16");
+            let file = tmp.path().join(format!("{name}-bf16-{gpu}.ptx"));
+            assemble(&ptxas, &m.ptx, gpu, &file);
         }
     }
 }

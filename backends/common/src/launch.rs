@@ -173,6 +173,7 @@ pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
                 logits: Some(id) == logits_out,
                 threads_per_item: 1,
                 collective: Some(collective),
+                many_rows: None,
             });
             launch.nodes.push(Some(id));
             continue;
@@ -217,6 +218,7 @@ pub fn build(graph: &Graph, plan: &mut Plan) -> Result<Launch, BackendError> {
                 logits: false,
                 threads_per_item: 1,
                 collective: None,
+                many_rows: None,
             });
             launch.nodes.push(None);
         }
@@ -256,6 +258,7 @@ impl Launch {
             logits,
             threads_per_item: 1,
             collective: None,
+            many_rows: None,
         });
         self.nodes.push(Some(id));
     }
@@ -339,6 +342,7 @@ impl Launch {
             logits: false,
             threads_per_item: 1,
             collective: None,
+            many_rows: None,
         });
         self.nodes.push(None);
     }
@@ -383,6 +387,7 @@ impl Launch {
             logits: product.logits,
             threads_per_item: 1,
             collective: None,
+            many_rows: None,
         };
         self.plan.dispatches.insert(at, staging);
         self.nodes.insert(at, None);

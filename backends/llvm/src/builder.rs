@@ -334,7 +334,7 @@ impl<'ctx> KernelBuilder for Fb<'_, 'ctx> {
     }
     fn share_sum(&mut self, x: FloatValue<'ctx>) -> FloatValue<'ctx> {
         match crate::gpu_gemm::row_lane(self) {
-            Some(_) if self.flavor == crate::fb::Flavor::Gpu => crate::gpu_gemm::item_sum(self, x),
+            Some(_) if self.flavor.is_gpu() => crate::gpu_gemm::item_sum(self, x),
             _ => x,
         }
     }
@@ -425,7 +425,7 @@ fn cos_sin<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> (FloatValue<'ctx>, F
             fb.intrinsic("llvm.sin", f32t, &[x.into()])
                 .into_float_value(),
         ),
-        Flavor::Gpu | Flavor::GpuOnCpu => {
+        Flavor::Gpu { .. } | Flavor::GpuOnCpu { .. } => {
             let f64t = fb.cx.f64_type();
             let xd = fb.b.build_float_ext(x, f64t, "").expect(BUG);
             let tau = f64t.const_float(std::f64::consts::TAU);
@@ -435,7 +435,7 @@ fn cos_sin<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> (FloatValue<'ctx>, F
                 .into_float_value();
             let r = Fb::fsub(fb, xd, Fb::fmul(fb, turns, tau));
             let r = fb.b.build_float_trunc(r, fb.f32t(), "").expect(BUG);
-            if fb.flavor == Flavor::GpuOnCpu {
+            if matches!(fb.flavor, Flavor::GpuOnCpu { .. }) {
                 return (
                     fb.intrinsic("llvm.cos", f32t, &[r.into()])
                         .into_float_value(),

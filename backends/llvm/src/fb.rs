@@ -32,11 +32,13 @@ pub enum Flavor {
         bf16_dot: bool,
         tuning: CpuTuning,
     },
-    /// An NVIDIA GPU through NVPTX.
-    Gpu,
+    /// An NVIDIA GPU through NVPTX; `bf16_dot`: products over bf16 weights round the activations to bf16
+    /// and run on tensor cores where the call has enough rows ([`crate::gpu_mma`]).
+    Gpu { bf16_dot: bool },
     /// The GPU flavour compiled for this CPU, to run its launches there: the same 4-lane bodies; the
-    /// reduced RoPE angle goes to libm instead of the GPU's `sin.approx`/`cos.approx`.
-    GpuOnCpu,
+    /// reduced RoPE angle goes to libm instead of the GPU's `sin.approx`/`cos.approx`, and tensor-core
+    /// tiles are played lane by lane.
+    GpuOnCpu { bf16_dot: bool },
 }
 
 /// Code choices that depend on the CPU model rather than its features, each measured on the CPUs it names
@@ -68,9 +70,19 @@ impl CpuTuning {
 }
 
 impl Flavor {
-    /// Whether products over bf16 weights use AVX512_BF16 dot products.
+    /// Whether products over bf16 weights round the activations to bf16 for the target's bf16 dot products
+    /// (AVX512_BF16 on CPUs, tensor cores on GPUs).
     pub fn bf16_dot(self) -> bool {
-        matches!(self, Flavor::Cpu { bf16_dot: true, .. })
+        match self {
+            Flavor::Cpu { bf16_dot, .. }
+            | Flavor::Gpu { bf16_dot }
+            | Flavor::GpuOnCpu { bf16_dot } => bf16_dot,
+        }
+    }
+
+    /// Whether this is the GPU itself (not its flavour compiled for the CPU).
+    pub fn is_gpu(self) -> bool {
+        matches!(self, Flavor::Gpu { .. })
     }
 
     /// The CPU's tuning (the default one for GPU flavours, which do not read it).
@@ -85,7 +97,7 @@ impl Flavor {
     pub fn lanes(self) -> u32 {
         match self {
             Flavor::Cpu { lanes, .. } => lanes,
-            Flavor::Gpu | Flavor::GpuOnCpu => 4,
+            Flavor::Gpu { .. } | Flavor::GpuOnCpu { .. } => 4,
         }
     }
 }
@@ -97,6 +109,9 @@ pub enum ItemShare {
     One,
     /// A matrix product's block ([`crate::gpu_gemm::columns`]), of this shape.
     Product(crate::gpu_gemm::ProductShape),
+    /// A matrix product's block of this shape on tensor cores, its warps splitting the rows
+    /// ([`crate::gpu_mma`]): the kernel of calls of many rows (`q3c_abi::launch::ManyRows`).
+    Tensor(crate::gpu_gemm::ProductShape),
     /// `n` threads split the item's loops over a row's elements (or its heads).
     Rows(usize),
     /// Inside one part of an item that a block of `n` threads shares ([`crate::gpu_parts`]): the warp's
@@ -109,7 +124,7 @@ impl ItemShare {
     pub fn threads(self) -> usize {
         match self {
             ItemShare::One => 1,
-            ItemShare::Product(shape) => shape.threads,
+            ItemShare::Product(shape) | ItemShare::Tensor(shape) => shape.threads,
             ItemShare::Rows(n) | ItemShare::Part(n) => n,
         }
     }
@@ -408,7 +423,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
     /// The bf16 bits (an i16) of `v` rounded to nearest even, a NaN kept a (quiet) NaN. Integer arithmetic,
     /// so no target needs a conversion instruction or a library call.
-    fn bf16_bits(&self, v: FloatValue<'ctx>) -> inkwell::values::IntValue<'ctx> {
+    pub fn bf16_bits(&self, v: FloatValue<'ctx>) -> inkwell::values::IntValue<'ctx> {
         let i32t = self.cx.i32_type();
         let c = |x: u64| i32t.const_int(x, false);
         let b = &self.b;

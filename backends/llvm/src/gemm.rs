@@ -308,11 +308,20 @@ pub fn columns<'ctx>(
     if dt.is_quantized() {
         // GPUs read the activations as f32 (no staging); the CPU's panels meet staged q8 rows on VNNI.
         return match fb.flavor {
-            Flavor::Gpu | Flavor::GpuOnCpu => crate::gpu_quant::columns(fb, mm, x, w, out, n, item),
+            Flavor::Gpu { .. } | Flavor::GpuOnCpu { .. } => {
+                crate::gpu_quant::columns(fb, mm, x, w, out, n, item)
+            }
             _ => q8_columns(fb, mm, x, w, out, n, item),
         };
     }
-    if let (Flavor::Gpu, crate::fb::ItemShare::Product(_)) = (fb.flavor, fb.share) {
+    let product_block = matches!(
+        fb.share,
+        crate::fb::ItemShare::Product(_) | crate::fb::ItemShare::Tensor(_)
+    );
+    if product_block && crate::gpu_mma::takes(fb.flavor, &mm) {
+        return crate::gpu_mma::columns(fb, mm, x, w, out, n, item);
+    }
+    if let (Flavor::Gpu { .. }, true) = (fb.flavor, product_block) {
         return crate::gpu_gemm::columns(fb, mm, x, w, out, n, item);
     }
     let (x_stride, w_stride) = (k * 4, k * dt.size());

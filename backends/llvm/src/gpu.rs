@@ -11,7 +11,7 @@ use inkwell::module::{Linkage, Module};
 use inkwell::targets::FileType;
 use inkwell::values::{FunctionValue, IntValue};
 use inkwell::AddressSpace;
-use q3c_abi::launch::LaunchPlan;
+use q3c_abi::launch::{LaunchPlan, ManyRows};
 use q3c_abi::Manifest;
 use q3c_backend_common::launch::{self, Body};
 use q3c_backend_common::manifest::{self, ManifestParts};
@@ -37,6 +37,9 @@ pub struct PtxOptions {
     /// [`q3c_ir::DType::Q8`] or [`q3c_ir::DType::Q4`]: the matrices of linear-type products bound in that
     /// format (`q3c_backend_common::plan::plan_with`), read by [`crate::gpu_quant`]; `None`: as stored.
     pub quantize: Option<q3c_ir::DType>,
+    /// Products over bf16 weights round the activations to bf16 and, for calls of many rows, run on
+    /// tensor cores ([`crate::gpu_mma`]; sm_80 and later). Off: f32 activations, FMA blocks.
+    pub bf16_activations: bool,
 }
 
 /// A PTX module: one `.entry` per distinct kernel.
@@ -117,12 +120,16 @@ fn gpu_plan(graph: &Graph, output: &str, opts: &PtxOptions) -> Result<Plan, Back
     Ok(plan)
 }
 
-/// The launch plan of `graph` for GPUs: `launch::build`'s, with each dispatch's threads per item.
+/// The launch plan of `graph` for GPUs: `launch::build`'s, with each dispatch's threads per item and, with
+/// bf16 activations, beside each product kernel that tensor cores take ([`crate::gpu_mma::takes_node`]) a
+/// kernel of tensor-core tiles for its calls of at least `products.tensor_rows` rows
+/// (`q3c_abi::launch::ManyRows`). `tensor[i]`: kernel `i` is such a kernel.
 fn gpu_launch(
     graph: &Graph,
     plan: &mut Plan,
     products: ProductShape,
-) -> Result<launch::Launch, BackendError> {
+    bf16_activations: bool,
+) -> Result<GpuLaunch, BackendError> {
     plan.attention_tokens = q3c_backend_common::items::GPU_ATTENTION_TOKENS;
     let mut launch = launch::build(graph, plan)?;
     if launch
@@ -138,7 +145,38 @@ fn gpu_launch(
     for d in &mut launch.plan.dispatches {
         d.threads_per_item = item_share(graph, launch.bodies[d.kernel], products).threads();
     }
-    Ok(launch)
+    let mut tensor = vec![false; launch.plan.kernels.len()];
+    if bf16_activations && products.tensor_rows > 0 {
+        // The tensor-core kernel of each product kernel, made once however many nodes share it.
+        let mut made = std::collections::HashMap::new();
+        for d in 0..launch.plan.dispatches.len() {
+            let kernel = launch.plan.dispatches[d].kernel;
+            let Body::Node(id) = launch.bodies[kernel] else {
+                continue;
+            };
+            let Some(rows_per_token) = crate::gpu_mma::takes_node(graph, plan, id) else {
+                continue;
+            };
+            let alternative = *made.entry(kernel).or_insert_with(|| {
+                let name = format!("{}_tc", launch.plan.kernels[kernel]);
+                launch.plan.kernels.push(name);
+                launch.bodies.push(Body::Node(id));
+                tensor.push(true);
+                launch.plan.kernels.len() - 1
+            });
+            launch.plan.dispatches[d].many_rows = Some(ManyRows {
+                kernel: alternative,
+                from: products.tensor_rows.div_ceil(rows_per_token),
+            });
+        }
+    }
+    Ok(GpuLaunch { launch, tensor })
+}
+
+/// A GPU launch plan and which of its kernels are tensor-core kernels ([`gpu_launch`]).
+struct GpuLaunch {
+    launch: launch::Launch,
+    tensor: Vec<bool>,
 }
 
 /// How [`entries`] builds the entry points.
@@ -164,9 +202,10 @@ fn entries<'ctx>(
     m: &Module<'ctx>,
     graph: &Graph,
     plan: &Plan,
-    launch: &launch::Launch,
+    launch: &GpuLaunch,
     style: EntryStyle,
 ) -> Result<Vec<FunctionValue<'ctx>>, BackendError> {
+    let GpuLaunch { launch, tensor } = launch;
     let EntryStyle {
         flavor,
         indices,
@@ -176,13 +215,16 @@ fn entries<'ctx>(
     let (i32t, i64t) = (cx.i32_type(), cx.i64_type());
     let ptr = cx.ptr_type(AddressSpace::default());
     let mut out = Vec::new();
-    for (name, body) in launch.plan.kernels.iter().zip(&launch.bodies) {
+    for ((name, body), &tensor) in launch.plan.kernels.iter().zip(&launch.bodies).zip(tensor) {
         if let Body::Stage { .. } = body {
             return Err(BackendError::Internal(format!(
                 "no staging kernels on GPUs yet ({name})"
             )));
         }
-        let share = item_share(graph, *body, products);
+        let share = match tensor {
+            true => ItemShare::Tensor(products),
+            false => item_share(graph, *body, products),
+        };
         let cooperative = share != ItemShare::One;
         let body = kernel_body(
             cx,
@@ -298,6 +340,14 @@ fn griddepcontrol(fb: &Fb<'_, '_>, what: &str) {
     fb.b.build_indirect_call(ty, f, &[], "").expect(BUG);
 }
 
+/// The manifest's `matmul_activations` for `opts`.
+fn activations(opts: &PtxOptions) -> &'static str {
+    match opts.bf16_activations {
+        true => "bf16",
+        false => "f32",
+    }
+}
+
 /// Compiles every kernel of `graph` to PTX for `opts.gpu`: entry `q3c_kN_op(args, items)` runs work item
 /// `blockIdx.x · blockDim.x + threadIdx.x` if it is below `items` (items as in `work_items`).
 pub fn compile_ptx(
@@ -308,11 +358,17 @@ pub fn compile_ptx(
 ) -> Result<PtxModule, BackendError> {
     launch::check(graph, opts.max_tokens_per_call)?;
     let machine = target::ptx(&opts.gpu)?;
+    if opts.bf16_activations && !target::bf16_tensor_cores(&opts.gpu) {
+        return Err(BackendError::Unsupported(format!(
+            "bf16 activations on GPUs run on bf16 tensor cores, which {} lacks (sm_80 and later)",
+            opts.gpu
+        )));
+    }
     let programmatic = target::programmatic_launches(&opts.gpu);
     let mut plan = gpu_plan(graph, output, opts)?;
     let products = ProductShape::get().map_err(BackendError::Unsupported)?;
-    let mut launch = gpu_launch(graph, &mut plan, products)?;
-    launch.plan.programmatic = programmatic;
+    let mut gpu_launch = gpu_launch(graph, &mut plan, products, opts.bf16_activations)?;
+    gpu_launch.launch.plan.programmatic = programmatic;
     let cx = Context::create();
     let m = cx.create_module("q3c_kernels");
     entries(
@@ -320,14 +376,17 @@ pub fn compile_ptx(
         &m,
         graph,
         &plan,
-        &launch,
+        &gpu_launch,
         EntryStyle {
-            flavor: Flavor::Gpu,
+            flavor: Flavor::Gpu {
+                bf16_dot: opts.bf16_activations,
+            },
             indices: Indices::Registers,
             products,
             programmatic,
         },
     )?;
+    let launch = gpu_launch.launch;
     optimise(&m, &machine)?;
     let ptx = machine
         .write_to_memory_buffer(&m, FileType::Assembly)
@@ -348,7 +407,7 @@ pub fn compile_ptx(
         plan: &plan,
         backend: q3c_abi::cuda::BACKEND,
         fusion: &opts.fusion,
-        matmul_activations: "f32",
+        matmul_activations: activations(opts),
         target_cpu: &opts.gpu,
         required_cpu_features: Vec::new(),
         kernels: names.len(),
@@ -375,7 +434,7 @@ pub fn compile_gpu_emulation(
     let target = target::cpu("native", false)?;
     let mut plan = gpu_plan(graph, output, opts)?;
     let products = ProductShape::get().map_err(BackendError::Unsupported)?;
-    let launch = gpu_launch(graph, &mut plan, products)?;
+    let gpu_launch = gpu_launch(graph, &mut plan, products, opts.bf16_activations)?;
     let cx = Context::create();
     let m = cx.create_module("q3c_gpu_on_cpu");
     let functions = entries(
@@ -383,14 +442,17 @@ pub fn compile_gpu_emulation(
         &m,
         graph,
         &plan,
-        &launch,
+        &gpu_launch,
         EntryStyle {
-            flavor: Flavor::GpuOnCpu,
+            flavor: Flavor::GpuOnCpu {
+                bf16_dot: opts.bf16_activations,
+            },
             indices: Indices::Parameters,
             products,
             programmatic: false,
         },
     )?;
+    let launch = gpu_launch.launch;
     for f in &functions {
         f.set_linkage(Linkage::External);
         f.add_attribute(
@@ -403,7 +465,7 @@ pub fn compile_gpu_emulation(
         plan: &plan,
         backend: "llvm-gpu-emulation",
         fusion: &opts.fusion,
-        matmul_activations: "f32",
+        matmul_activations: activations(opts),
         target_cpu: &target.cpu,
         required_cpu_features: target.required.clone(),
         kernels: launch.plan.dispatches.len(),

@@ -32,6 +32,12 @@ pub struct ProductShape {
     pub rows: usize,
     /// Blocks an SM must be able to hold at once: ptxas keeps the registers to fit (0: no bound).
     pub min_blocks: usize,
+    /// With bf16 activations, calls of at least this many rows multiply on tensor cores
+    /// ([`crate::gpu_mma`]); fewer take this module's FMA blocks. 0: never.
+    pub tensor_rows: usize,
+    /// Panels (of 16 columns) a tensor-core warp's tile spans at most, over all the product's matrices:
+    /// the blocks of that many panels split the rows and share their columns.
+    pub group: usize,
 }
 
 impl ProductShape {
@@ -43,6 +49,8 @@ impl ProductShape {
         streams: 4,
         rows: 4,
         min_blocks: 0,
+        tensor_rows: 64,
+        group: 4,
     };
 
     /// The shape this compilation uses: [`ProductShape::DEFAULT`] with `Q3C_GPU_PRODUCTS`' settings.
@@ -59,7 +67,8 @@ impl ProductShape {
         for kv in spec.split(',').filter(|kv| !kv.trim().is_empty()) {
             let bad = || {
                 format!(
-                    "Q3C_GPU_PRODUCTS: `{kv}` is not key=number (threads, streams, rows, blocks)"
+                    "Q3C_GPU_PRODUCTS: `{kv}` is not key=number (threads, streams, rows, blocks, \
+                     tensor_rows, group)"
                 )
             };
             let (k, v) = kv.split_once('=').ok_or_else(bad)?;
@@ -69,18 +78,21 @@ impl ProductShape {
                 "streams" => s.streams = v,
                 "rows" => s.rows = v,
                 "blocks" => s.min_blocks = v,
+                "tensor_rows" => s.tensor_rows = v,
+                "group" => s.group = v,
                 _ => return Err(bad()),
             }
         }
         let ok = s.threads.is_power_of_two()
             && (WARP..=1024).contains(&s.threads)
             && (1..=64).contains(&s.streams)
-            && (1..=8).contains(&s.rows);
+            && (1..=8).contains(&s.rows)
+            && [1, 2, 4, 8].contains(&s.group);
         if !ok {
             return Err(format!(
-                "Q3C_GPU_PRODUCTS: threads={}, streams={}, rows={} is out of range (threads a power of two \
-                 from 32 to 1024, streams 1-64, rows 1-8)",
-                s.threads, s.streams, s.rows
+                "Q3C_GPU_PRODUCTS: threads={}, streams={}, rows={}, group={} is out of range (threads a \
+                 power of two from 32 to 1024, streams 1-64, rows 1-8, group 1, 2, 4 or 8)",
+                s.threads, s.streams, s.rows, s.group
             ));
         }
         Ok(s)
@@ -185,6 +197,15 @@ pub fn columns<'ctx>(
         unreachable!("a product's columns outside a product block (a q3c bug)")
     };
     let warps = shape.threads / WARP;
+    // With bf16 activations (the shapes tensor cores take), the activations are rounded as there.
+    let bf16 = crate::gpu_mma::takes(fb.flavor, &mm);
+    let load_x = |fb: &Fb<'_, 'ctx>, p: PointerValue<'ctx>, n: usize| {
+        let xs = load_run(fb, DType::F32, p, n);
+        match bf16 {
+            true => crate::gpu_mma::round_bf16(fb, &xs),
+            false => xs,
+        }
+    };
     // A warp takes its columns of the panel together where they divide evenly (every warp `width /
     // warps` of them), so each lane has a load of every column's (and matrix's) run in flight at once:
     // one column at a time left the single-matrix products at 1.8-2.1 TB/s on an H200, two 2.3-2.8.
@@ -228,7 +249,7 @@ pub fn columns<'ctx>(
                     .collect();
                 let x_at = fb.add(fb.mul_c(j, chunk * 4), lane_x);
                 for (ri, &xrow) in xr.iter().enumerate() {
-                    let xs = load_run(fb, DType::F32, ptr_at(fb, xrow, x_at), v);
+                    let xs = load_x(fb, ptr_at(fb, xrow, x_at), v);
                     for (ci, wc) in ws.iter().enumerate() {
                         for (mi, wv) in wc.iter().enumerate() {
                             let mut a = fb.getf(accs[ci][ri][mi]);
@@ -255,7 +276,7 @@ pub fn columns<'ctx>(
             if done < k {
                 fb.for_range(fb.add_c(lane, done), fb.i64c(k), WARP, |fb, i| {
                     for (ri, &xrow) in xr.iter().enumerate() {
-                        let xi = fb.load_f32(ptr_at(fb, xrow, fb.mul_c(i, 4)));
+                        let xi = load_x(fb, ptr_at(fb, xrow, fb.mul_c(i, 4)), 1)[0];
                         for (ci, wc) in wrows.iter().enumerate() {
                             for (mi, &m) in wc.iter().enumerate() {
                                 let wi = fb.load_weight(dt, ptr_at(fb, m, fb.mul_c(i, dt.size())));
@@ -391,9 +412,9 @@ pub fn barrier(fb: &Fb<'_, '_>) {
 /// (so the GPU's way of splitting a row runs, and is tested, there at one thread).
 pub fn row_lane<'ctx>(fb: &Fb<'_, 'ctx>) -> Option<(IntValue<'ctx>, usize)> {
     match (fb.flavor, fb.share) {
-        (Flavor::Gpu, ItemShare::Rows(n)) => Some((thread_index(fb), n)),
-        (Flavor::Gpu, ItemShare::Part(_)) => Some((fb.urem_c(thread_index(fb), WARP), WARP)),
-        (Flavor::GpuOnCpu, ItemShare::Rows(_) | ItemShare::Part(_)) => Some((fb.i64c(0), 1)),
+        (Flavor::Gpu { .. }, ItemShare::Rows(n)) => Some((thread_index(fb), n)),
+        (Flavor::Gpu { .. }, ItemShare::Part(_)) => Some((fb.urem_c(thread_index(fb), WARP), WARP)),
+        (Flavor::GpuOnCpu { .. }, ItemShare::Rows(_) | ItemShare::Part(_)) => Some((fb.i64c(0), 1)),
         _ => None,
     }
 }
@@ -405,10 +426,17 @@ mod tests {
     #[test]
     fn product_shapes_parse_from_their_settings_and_refuse_bad_ones() {
         assert_eq!(ProductShape::parse("").unwrap(), ProductShape::DEFAULT);
-        let s = ProductShape::parse("threads=128, rows=2,blocks=3").unwrap();
+        let s = ProductShape::parse("threads=128, rows=2,blocks=3,tensor_rows=0,group=2").unwrap();
         assert_eq!(
-            (s.threads, s.streams, s.rows, s.min_blocks),
-            (128, ProductShape::DEFAULT.streams, 2, 3)
+            (
+                s.threads,
+                s.streams,
+                s.rows,
+                s.min_blocks,
+                s.tensor_rows,
+                s.group
+            ),
+            (128, ProductShape::DEFAULT.streams, 2, 3, 0, 2)
         );
         for bad in [
             "threads",
@@ -417,6 +445,7 @@ mod tests {
             "threads=100",
             "rows=0",
             "streams=65",
+            "group=3",
         ] {
             let err = ProductShape::parse(bad).unwrap_err();
             assert!(err.starts_with("Q3C_GPU_PRODUCTS: "), "{bad}: {err}");

@@ -18,9 +18,9 @@ pub fn item_parts<'a, 'ctx, R>(
         return f(fb, None);
     };
     let part = match fb.flavor {
-        Flavor::Gpu if n > WARP => (fb.udiv_c(thread_index(fb), WARP), n / WARP),
+        Flavor::Gpu { .. } if n > WARP => (fb.udiv_c(thread_index(fb), WARP), n / WARP),
         // Thread 0 of the block takes the item alone: one part.
-        Flavor::GpuOnCpu => (fb.i64c(0), 1),
+        Flavor::GpuOnCpu { .. } => (fb.i64c(0), 1),
         _ => return f(fb, None),
     };
     fb.share = ItemShare::Part(n);
@@ -47,7 +47,7 @@ pub fn reduce<'ctx>(
     let ItemShare::Part(threads) = fb.share else {
         return x;
     };
-    if fb.flavor != Flavor::Gpu {
+    if !fb.flavor.is_gpu() {
         return x;
     }
     assert!(

@@ -102,7 +102,7 @@ pub fn columns<'ctx>(
     let x = fb.addr(x, first_row, k * 4);
     let o0 = fb.addr(fb.addr(out, first_row, n * 4), item, Q8_PANEL * 4);
     match (fb.flavor, fb.share) {
-        (Flavor::Gpu, ItemShare::Product(shape)) => {
+        (Flavor::Gpu { .. }, ItemShare::Product(shape)) => {
             let warps = shape.threads / WARP;
             let block = |fb: &Fb<'_, 'ctx>, r: IntValue<'ctx>, nrows: usize| {
                 gpu_block(fb, slice, &panels, x, r, nrows, k, warps, o0, n);

@@ -22,6 +22,8 @@ mod gpu;
 #[cfg(feature = "llvm")]
 mod gpu_gemm;
 #[cfg(feature = "llvm")]
+mod gpu_mma;
+#[cfg(feature = "llvm")]
 mod gpu_parts;
 #[cfg(feature = "llvm")]
 mod gpu_quant;
@@ -39,4 +41,4 @@ pub use gpu::{compile_gpu_emulation, compile_ptx, PtxModule, PtxOptions};
 #[cfg(feature = "llvm")]
 pub use module::{compile, CompileOptions, Compiled};
 #[cfg(feature = "llvm")]
-pub use target::{bf16_dot_available, host_cpu};
+pub use target::{bf16_dot_available, bf16_tensor_cores, host_cpu};

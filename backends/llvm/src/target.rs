@@ -178,6 +178,11 @@ pub fn programmatic_launches(gpu: &str) -> bool {
     sm_version(gpu).is_ok_and(|sm| sm >= 90)
 }
 
+/// Whether `gpu` (`sm_80`, ...) has bf16 tensor cores (`mma.sync` over bf16, sm_80 and later).
+pub fn bf16_tensor_cores(gpu: &str) -> bool {
+    sm_version(gpu).is_ok_and(|sm| sm >= 80)
+}
+
 /// An NVPTX target for `gpu` (`sm_80`, `sm_90`, ...), with the PTX ISA version that GPU needs.
 pub fn ptx(gpu: &str) -> Result<TargetMachine, BackendError> {
     let sm = sm_version(gpu)?;

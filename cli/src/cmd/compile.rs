@@ -33,7 +33,9 @@ pub struct Args {
     /// What matrix products over bf16 weights round activations to: bf16 uses AVX512_BF16 dot products
     /// (about 2x the f32 rate; what llama.cpp does for bf16 models; KL from f32 ~5e-5, see
     /// docs/BENCHMARKS.md), f32 is exact to the reference. auto: bf16 for a bf16 checkpoint where the
-    /// target CPU has AVX512_BF16 (LLVM), else f32.
+    /// target CPU has AVX512_BF16 (LLVM), else f32. On GPUs (--target cuda|nvptx) bf16 runs calls of 64
+    /// rows or more (prefill) on bf16 tensor cores (sm_80 and later); auto: bf16 for a bf16 checkpoint
+    /// with weights as stored.
     #[arg(long, value_enum, default_value_t = Activations::Auto)]
     activations: Activations,
     /// Same as --activations bf16.
@@ -91,14 +93,17 @@ pub fn run(args: Args) -> Result<()> {
             bail!("--target {target} needs --backend llvm");
         }
         let graph = codegen::fused_graph(&cfg, &strategy)?;
+        let quantize = args
+            .quantize
+            .unwrap_or_else(|| checkpoint_format(&args.model));
         let how = codegen::GpuCodegen {
             gpu: &args.gpu,
             max_tokens: args.max_tokens,
             fusion: strategy.name(),
             kv_dtype: args.kv_dtype.resolve(&cfg),
-            quantize: args
-                .quantize
-                .unwrap_or_else(|| checkpoint_format(&args.model)),
+            quantize,
+            bf16_activations: args.bf16_activations
+                || args.activations.bf16_on_gpu(&cfg, &args.gpu, quantize),
         };
         let (ptx, manifest) = codegen::compile_gpu(&graph, &cfg, &how)?;
         let (what, bytes) = match args.target {
@@ -110,11 +115,12 @@ pub fn run(args: Args) -> Result<()> {
         };
         write_atomically(&args.out, &bytes)?;
         eprintln!(
-            "compiled {model} to {what} for {} ({}{} KV cache) into {} ({} kernels) in {:.2} s",
+            "compiled {model} to {what} for {} ({}{} activations, {} KV cache) into {} ({} kernels) in {:.2} s",
             args.gpu,
             how.quantize
                 .dtype()
                 .map_or(String::new(), |f| format!("{f} weights, ")),
+            manifest.matmul_activations,
             manifest.kv.dtype,
             args.out.display(),
             manifest.kernels,

@@ -460,7 +460,7 @@ impl Gpu {
         let mut launches = Vec::with_capacity(self.plan.dispatches.len());
         let mut block = Vec::new();
         for (d, &word) in self.plan.dispatches.iter().zip(&block_word) {
-            let items = arguments(d, step, n_logits, base, &mut block, |a| match a {
+            let (items, kernel) = arguments(d, step, n_logits, base, &mut block, |a| match a {
                 Arg::Weight(index) => self.weight_addrs[index],
                 Arg::WeightTable(index) => table + 8 * index as u64,
                 Arg::Ids => ids_at,
@@ -472,7 +472,7 @@ impl Gpu {
             if items > 0 {
                 let grid = d.grid(items, self.plan.threads_per_block);
                 launches.push(Launch {
-                    kernel: d.kernel,
+                    kernel,
                     args: base + 8 * word as u64,
                     items: items as u64,
                     grid,

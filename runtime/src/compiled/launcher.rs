@@ -45,7 +45,7 @@ impl Launcher {
         };
         let mut args = Vec::new();
         for d in &self.plan.dispatches {
-            let items = arguments(
+            let (items, kernel) = arguments(
                 d,
                 step,
                 n_logits,
@@ -65,10 +65,10 @@ impl Launcher {
                         }
                     }
                 },
-            ) as u64;
-            let (blocks, threads) = d.grid(items as usize, self.plan.threads_per_block);
-            let (blocks, threads) = (blocks as u64, threads as u64);
-            let kernel = self.kernels[d.kernel];
+            );
+            let (blocks, threads) = d.grid(items, self.plan.threads_per_block);
+            let (items, blocks, threads) = (items as u64, blocks as u64, threads as u64);
+            let kernel = self.kernels[kernel];
             for block in 0..blocks {
                 for thread in 0..threads {
                     // SAFETY: the argument block was filled as the kernel expects (see above).
@@ -110,7 +110,8 @@ pub(crate) unsafe fn check_step(
 }
 
 /// Writes dispatch `d`'s argument block into `out` — `[T, step address, each argument as resolve says]`,
-/// T the step's rows or, for logits dispatches, its logit rows — and returns its work items.
+/// T the step's rows or, for logits dispatches, its logit rows — and returns its work items and the kernel
+/// that takes them ([`Dispatch::kernel_for`]).
 pub(crate) fn arguments(
     d: &Dispatch,
     step: &Step,
@@ -118,11 +119,11 @@ pub(crate) fn arguments(
     step_address: u64,
     out: &mut Vec<u64>,
     resolve: impl Fn(Arg) -> u64,
-) -> usize {
+) -> (usize, usize) {
     let t = if d.logits { n_logits } else { step.t as usize };
     out.clear();
     out.push(t as u64);
     out.push(step_address);
     out.extend(d.args.iter().map(|&a| resolve(a)));
-    d.item_count(t)
+    (d.item_count(t), d.kernel_for(t))
 }
