@@ -3,7 +3,7 @@
 #
 #   benches/gpu.sh prepare DIR   here: a q3c and the CUDA test binary built with `--features cuda` (no LLVM
 #                                needed to run), and CUDA artifacts of every golden fixture (f32 activations;
-#                                f32 KV for sm_90, with programmatic launches; f16 KV for sm_80; the dense ones
+#                                f32 KV for sm_90, with programmatic launches; f16 KV for sm_80; the untied ones
 #                                also with q8 and q4 weights; tied_bf16 also with bf16 activations, its
 #                                tensor-core kernels) and of the Qwen3-0.6B and Qwen3-8B shapes (bf16 weights
 #                                with the default bf16 activations and with f32 ones; q8, q4 weights), all into
@@ -44,7 +44,7 @@ for l in sys.stdin:
       fixture "$f" "$f-f16" --gpu sm_80 --kv-dtype f16 --activations f32
     done
     fixture tied_bf16 tied_bf16-f32-bf16-activations --gpu sm_90 --kv-dtype f32 --activations bf16
-    for f in dense_gqa yarn sharded_f16; do
+    for f in dense_gqa moe moe_sparse_step yarn sharded_f16; do
       for q in q8 q4; do fixture "$f" "$f-f32-$q" --gpu sm_90 --kv-dtype f32 --quantize "$q"; done
     done
     for m in 0.6B:q06 8B:q8b; do

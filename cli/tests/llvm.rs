@@ -225,12 +225,19 @@ fn cuda_artifacts_compile_inspect_and_run_or_are_refused_clearly() {
         q3c(&args)
     };
     let compile = |extra: &[&str]| compile_model(&model, extra);
-    // Quantized weights on GPUs cover dense models; a MoE model is refused, nothing written.
+    // bf16 activations on a GPU without bf16 tensor cores are refused, nothing written; MoE models take
+    // quantized weights on GPUs too.
     assert_error(
-        &compile_model(&fixtures_dir().join("moe"), &["--quantize", "q4"]),
-        "--quantize on GPUs covers dense models",
+        &compile(&["--gpu", "sm_75", "--activations", "bf16"]),
+        "bf16 activations on GPUs run on bf16 tensor cores, which sm_75 lacks",
     );
     assert!(!art.exists());
+    assert!(
+        compile_model(&fixtures_dir().join("moe"), &["--quantize", "q4"])
+            .status
+            .success()
+    );
+    std::fs::remove_file(&art).unwrap();
     assert!(compile(&["--quantize", "q8"]).status.success());
     let shown = ok(&["inspect", "--json", path(&art)]);
     assert!(shown.contains("\"kernel_dtype\": \"q8\""), "{shown}");

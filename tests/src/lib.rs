@@ -342,10 +342,12 @@ pub fn cpu_feature(feature: &str, what: &str) -> bool {
     has
 }
 
-/// The dense fixtures whose logits matrix is its own tensor: quantized products are checked on these against
-/// the reference on decoded weights ([`check_against_decoded_weights`]); a tied table is one checkpoint
-/// tensor both exact (the embedding) and quantized (the logits' copy), which one decoded checkpoint cannot say.
-pub const DENSE_UNTIED_FIXTURES: [&str; 3] = ["dense_gqa", "yarn", "sharded_f16"];
+/// The fixtures whose logits matrix is its own tensor, dense and MoE: quantized products are checked on these
+/// against the reference on decoded weights ([`check_against_decoded_weights`]); a tied table is one
+/// checkpoint tensor both exact (the embedding) and quantized (the logits' copy), which one decoded
+/// checkpoint cannot say.
+pub const UNTIED_FIXTURES: [&str; 5] =
+    ["dense_gqa", "moe", "moe_sparse_step", "yarn", "sharded_f16"];
 
 /// Checks `model` of fixture `name`, its products reading `format` weights with f32 activations (the GPU
 /// flavour), against the reference executor on the decoded weights ([`decoded_reference`]): the whole

@@ -534,11 +534,11 @@ fn q4_weights_match_the_reference_on_their_decoded_values() {
 /// products widen the weights in registers and read f32 activations, so against the reference executor run
 /// on the *decoded* weights (`d · q`, every quantized matrix, the logits matrix's q6 under q4 too) only f32
 /// rounding of sums taken in another order remains — the fixtures' 1e-3 holds with orders of magnitude to
-/// spare (`check_against_decoded_weights`, on `DENSE_UNTIED_FIXTURES`).
+/// spare (`check_against_decoded_weights`, on `UNTIED_FIXTURES`).
 #[cfg(feature = "llvm")]
 #[test]
 fn quantized_gpu_products_match_the_reference_on_decoded_weights() {
-    for name in DENSE_UNTIED_FIXTURES {
+    for name in UNTIED_FIXTURES {
         let g = golden(name);
         for format in [DType::Q8, DType::Q4] {
             let (model, _dir) = gpu_emulation_model(&g, Some(format), false);

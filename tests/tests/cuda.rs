@@ -82,7 +82,7 @@ fn every_fixture_matches_transformers_on_the_gpu() {
 #[test]
 fn quantized_weights_on_the_gpu_match_the_reference_on_their_decoded_values() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in DENSE_UNTIED_FIXTURES {
+    for name in UNTIED_FIXTURES {
         for format in [DType::Q8, DType::Q4] {
             let Some(model) = gpu_model_with(name, DType::F32, Some(format), false, tmp.path())
             else {

@@ -144,11 +144,10 @@ fn unknown_gpus_are_refused() {
     }
 }
 
-/// `--quantize q8|q4` on GPUs: the dense fixtures' products over quantized panels assemble with `ptxas` for
-/// sm_80 and sm_90; a MoE model is refused with one clear error (the GPU's expert products read weights as
-/// stored).
+/// `--quantize q8|q4` on GPUs: every fixture's products over quantized panels, dense and experts' (where
+/// their shapes make panels), assemble with `ptxas` for sm_80 and sm_90.
 #[test]
-fn quantized_products_assemble_with_ptxas_and_moe_is_refused() {
+fn quantized_products_assemble_with_ptxas() {
     let ptxas = ptxas();
     let tmp = tempfile::tempdir().unwrap();
     for name in FIXTURES {
@@ -163,18 +162,24 @@ fn quantized_products_assemble_with_ptxas_and_moe_is_refused() {
                 quantize: Some(quantize),
                 bf16_activations: false,
             };
-            let compiled = q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts);
-            if cfg.moe.is_some() {
-                let err = compiled.err().expect("MoE with --quantize refused on GPUs");
-                assert!(err.to_string().contains("dense models"), "{name}: {err}");
-                continue;
-            }
-            let m = compiled.unwrap();
+            let m =
+                q3c_backend_llvm::compile_ptx(&graph, &cfg, q3c_compiler::LOGITS, &opts).unwrap();
             let kind = quantize.to_string();
             assert!(
                 m.manifest.weights.iter().any(|w| w.kernel_dtype == kind),
                 "{name} {gpu}: no weight bound as {kind}"
             );
+            // The experts' matrices too where they make whole panels and groups.
+            if let Some(moe) = &cfg.moe {
+                let quantized = m
+                    .manifest
+                    .weights
+                    .iter()
+                    .filter(|w| w.name.contains(".experts."))
+                    .all(|w| w.kernel_dtype == kind);
+                let panels = moe.moe_intermediate_size.is_multiple_of(32);
+                assert_eq!(quantized, panels, "{name} {gpu}: expert weights as {kind}");
+            }
             assemble(
                 &ptxas,
                 &m.ptx,

@@ -79,7 +79,13 @@ enum Indices {
 fn item_share(graph: &Graph, body: Body, products: ProductShape) -> ItemShare {
     match body {
         Body::Node(id) => match graph.node(id).op {
-            Op::Linear | Op::SwiGlu | Op::LinearGroup { .. } => ItemShare::Product(products),
+            // An expert product's item is a (panel, used expert) pair: the same panel product over that
+            // expert's rows, so a block as for the dense ones.
+            Op::Linear
+            | Op::SwiGlu
+            | Op::LinearGroup { .. }
+            | Op::ExpertLinear
+            | Op::ExpertSwiGlu => ItemShare::Product(products),
             Op::RmsNorm { .. } | Op::AddRmsNorm { .. } | Op::Embedding | Op::KvAppend { .. } => {
                 ItemShare::Rows(ROW_THREADS)
             }
@@ -102,19 +108,9 @@ const ROW_THREADS: usize = 256;
 /// Warps of a RoPE block at most (a block has at most 1024 threads).
 const MAX_ROPE_WARPS: usize = 32;
 
-/// The memory plan of `graph` for GPUs: weights as stored, or the dense products' matrices quantized as
-/// `opts.quantize` asks (expert products on GPUs read their weights as stored: refused there).
+/// The memory plan of `graph` for GPUs: weights as stored, or the products' matrices (dense and experts')
+/// quantized as `opts.quantize` asks.
 fn gpu_plan(graph: &Graph, output: &str, opts: &PtxOptions) -> Result<Plan, BackendError> {
-    let experts = graph
-        .node_ids()
-        .into_iter()
-        .any(|id| matches!(graph.node(id).op, Op::ExpertLinear | Op::ExpertSwiGlu));
-    if opts.quantize.is_some() && experts {
-        return Err(BackendError::Unsupported(
-            "--quantize on GPUs covers dense models: the GPU's expert products read weights as stored"
-                .into(),
-        ));
-    }
     let mut plan = plan::plan_with(graph, output, opts.max_tokens_per_call, opts.quantize)?;
     plan.set_kv_dtype(opts.kv_dtype)?;
     Ok(plan)

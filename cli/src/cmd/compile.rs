@@ -43,8 +43,8 @@ pub struct Args {
     bf16_activations: bool,
     /// LLVM: bind the matrices of linear and expert products as 8-bit (q8: groups of 32, f32 scales, like
     /// llama.cpp's Q8_0) or 4-bit (q4: groups of 32, f16 scales, like Q4_0; the logits matrix in 6 bits)
-    /// weights, multiplied with AVX512-VNNI on 8-bit activations (on GPUs, dense models: widened in
-    /// registers, f32 activations); quantized at load, or read as they are from a checkpoint written by
+    /// weights, multiplied with AVX512-VNNI on 8-bit activations (on GPUs: widened in registers, f32
+    /// activations); quantized at load, or read as they are from a checkpoint written by
     /// `q3c quantize`. Default: the format of MODEL's checkpoint if it is pre-quantized, else none.
     #[arg(long, value_enum)]
     quantize: Option<Quantize>,
