@@ -19,7 +19,8 @@
 #                                QUICK=1 keeps only the tests, the activation rounds and the rounds against
 #                                BASE (device time is scarce)
 #   SWEEP='threads=128;rows=2,streams=8'  (prepare) also the Qwen3-8B artifact compiled with each product shape
-#                                (`Q3C_GPU_PRODUCTS`, backends/llvm/src/gpu_gemm.rs), which the run times in
+#                                (`Q3C_GPU_PRODUCTS`, backends/llvm/src/gpu_gemm.rs; the tensor-core kernels'
+#                                too: `tensor_rows=32;group=2;tensor_chunks=1`), which the run times in
 #                                alternating rounds (prefill 128, decode after 128) and profiles once each
 set -euo pipefail
 what=${1:?prepare DIR | run DIR}

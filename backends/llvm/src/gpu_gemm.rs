@@ -35,9 +35,11 @@ pub struct ProductShape {
     /// With bf16 activations, calls of at least this many rows multiply on tensor cores
     /// ([`crate::gpu_mma`]); fewer take this module's FMA blocks. 0: never.
     pub tensor_rows: usize,
-    /// Panels (of 16 columns) a tensor-core warp's tile spans at most, over all the product's matrices:
-    /// the blocks of that many panels split the rows and share their columns.
+    /// Panels (of 16 columns) that many blocks of the tensor-core kernels share (at most): those blocks
+    /// split the rows and share the panels' columns.
     pub group: usize,
+    /// Chunks of 64 k positions a tensor-core warp loads per loop iteration before multiplying them.
+    pub tensor_chunks: usize,
 }
 
 impl ProductShape {
@@ -51,6 +53,7 @@ impl ProductShape {
         min_blocks: 0,
         tensor_rows: 64,
         group: 4,
+        tensor_chunks: 2,
     };
 
     /// The shape this compilation uses: [`ProductShape::DEFAULT`] with `Q3C_GPU_PRODUCTS`' settings.
@@ -68,7 +71,7 @@ impl ProductShape {
             let bad = || {
                 format!(
                     "Q3C_GPU_PRODUCTS: `{kv}` is not key=number (threads, streams, rows, blocks, \
-                     tensor_rows, group)"
+                     tensor_rows, group, tensor_chunks)"
                 )
             };
             let (k, v) = kv.split_once('=').ok_or_else(bad)?;
@@ -80,6 +83,7 @@ impl ProductShape {
                 "blocks" => s.min_blocks = v,
                 "tensor_rows" => s.tensor_rows = v,
                 "group" => s.group = v,
+                "tensor_chunks" => s.tensor_chunks = v,
                 _ => return Err(bad()),
             }
         }
@@ -87,12 +91,14 @@ impl ProductShape {
             && (WARP..=1024).contains(&s.threads)
             && (1..=64).contains(&s.streams)
             && (1..=8).contains(&s.rows)
-            && [1, 2, 4, 8].contains(&s.group);
+            && [1, 2, 4, 8].contains(&s.group)
+            && (1..=4).contains(&s.tensor_chunks);
         if !ok {
             return Err(format!(
-                "Q3C_GPU_PRODUCTS: threads={}, streams={}, rows={}, group={} is out of range (threads a \
-                 power of two from 32 to 1024, streams 1-64, rows 1-8, group 1, 2, 4 or 8)",
-                s.threads, s.streams, s.rows, s.group
+                "Q3C_GPU_PRODUCTS: threads={}, streams={}, rows={}, group={}, tensor_chunks={} is out of \
+                 range (threads a power of two from 32 to 1024, streams 1-64, rows 1-8, group 1, 2, 4 or 8, \
+                 tensor_chunks 1-4)",
+                s.threads, s.streams, s.rows, s.group, s.tensor_chunks
             ));
         }
         Ok(s)
@@ -446,6 +452,7 @@ mod tests {
             "rows=0",
             "streams=65",
             "group=3",
+            "tensor_chunks=5",
         ] {
             let err = ProductShape::parse(bad).unwrap_err();
             assert!(err.starts_with("Q3C_GPU_PRODUCTS: "), "{bad}: {err}");

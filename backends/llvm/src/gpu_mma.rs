@@ -107,6 +107,8 @@ struct Tiles {
     matrices: usize,
     /// Warps of a block.
     warps: usize,
+    /// Chunks of 64 k positions a GPU loop iteration loads before multiplying them.
+    unroll: usize,
 }
 
 impl Tiles {
@@ -126,6 +128,7 @@ impl Tiles {
             panels: warp_panels,
             matrices,
             warps: shape.threads / WARP,
+            unroll: shape.tensor_chunks,
         }
     }
     /// `mma` tiles of 8 columns per matrix across a warp's tile.
@@ -136,11 +139,30 @@ impl Tiles {
     fn parts(self) -> usize {
         self.group / self.panels
     }
-    /// The chunks along k, as (first k position, width): 64 wide, then 16 wide.
-    fn chunks(self) -> (usize, Vec<usize>) {
-        let whole = self.k / CHUNK;
-        let rest = (whole * CHUNK..self.k).step_by(STEP).collect();
-        (whole, rest)
+}
+
+/// `body(chunks)` over `k` in turns, each a list of (first k position, width) chunks: `tiles.unroll` chunks
+/// of 64 per turn of a loop while they fill whole turns, then the other chunks of 64 one per turn, then
+/// those of 16 (where 64 does not divide `k`).
+fn for_chunks<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    tiles: Tiles,
+    mut body: impl FnMut(&Fb<'_, 'ctx>, &[(IntValue<'ctx>, usize)]),
+) {
+    let whole = tiles.k / CHUNK;
+    let unroll = tiles.unroll.clamp(1, whole.max(1));
+    fb.for_n(whole / unroll, |fb, i| {
+        let first = fb.mul_c(i, unroll * CHUNK);
+        let chunks: Vec<_> = (0..unroll)
+            .map(|u| (fb.add_c(first, u * CHUNK), CHUNK))
+            .collect();
+        body(fb, &chunks);
+    });
+    for i in whole / unroll * unroll..whole {
+        body(fb, &[(fb.i64c(i * CHUNK), CHUNK)]);
+    }
+    for k0 in (whole * CHUNK..tiles.k).step_by(STEP) {
+        body(fb, &[(fb.i64c(k0), STEP)]);
     }
 }
 
@@ -278,8 +300,7 @@ fn gpu_slab<'ctx>(
                 .collect()
         })
         .collect();
-    let chunk = |fb: &Fb<'_, 'ctx>, k0: IntValue<'ctx>, c: usize| {
-        let f = fragments(fb, tiles, ops, slab, lane, k0, c);
+    let multiply = |fb: &Fb<'_, 'ctx>, f: &Fragments<'ctx>, c: usize| {
         for s in 0..c / STEP {
             for (m, per_tile) in accs.iter().enumerate() {
                 for (tile, acc) in per_tile.iter().enumerate() {
@@ -291,11 +312,17 @@ fn gpu_slab<'ctx>(
             }
         }
     };
-    let (whole, rest) = tiles.chunks();
-    fb.for_n(whole, |fb, i| chunk(fb, fb.mul_c(i, CHUNK), CHUNK));
-    for k0 in rest {
-        chunk(fb, fb.i64c(k0), STEP);
-    }
+    let load = |fb: &Fb<'_, 'ctx>, k0: IntValue<'ctx>, c: usize| {
+        fragments(fb, tiles, ops, slab, lane, k0, c)
+    };
+    // Every load of a turn's chunks issued before the first `mma`, so a warp has several chunks' loads in
+    // flight.
+    for_chunks(fb, tiles, |fb, chunks| {
+        let frags: Vec<_> = chunks.iter().map(|&(k0, c)| load(fb, k0, c)).collect();
+        for (f, &(_, c)) in frags.iter().zip(chunks) {
+            multiply(fb, f, c);
+        }
+    });
     let values: Vec<Vec<Vec<FloatValue>>> = accs
         .iter()
         .map(|per_tile| {
@@ -564,11 +591,12 @@ fn emulated_slab<'ctx>(
             }
         }
     };
-    let (whole, rest) = tiles.chunks();
-    fb.for_n(whole, |fb, i| chunk(fb, fb.mul_c(i, CHUNK), CHUNK));
-    for k0 in rest {
-        chunk(fb, fb.i64c(k0), STEP);
-    }
+    // The GPU's turns over k, each chunk played in turn.
+    for_chunks(fb, tiles, |fb, chunks| {
+        for &(k0, c) in chunks {
+            chunk(fb, k0, c);
+        }
+    });
     fb.for_n(WARP, |fb, lane| {
         let values: Vec<Vec<Vec<FloatValue>>> = (0..m_count)
             .map(|m| {
