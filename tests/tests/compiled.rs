@@ -585,15 +585,16 @@ fn gpu_emulation_model(
 /// of the GPU flavour, whose kernels play the tensor-core tiles lane by lane in every call (each lane's
 /// fragment loads, `mma` as the PTX ISA defines it over the lanes' registers, each lane's stores): a wrong
 /// index in a fragment fails here. On random bf16 weights of `dense_gqa`'s shape (k 64 and 128: chunks of
-/// 64) and on `tied_bf16` (k 96 in its down projection: chunks of 16 after the 64; K and V projections of
-/// one panel; the tied logits matrix): a 40-token prefill (three slabs of 16 rows, the last partial), then 8
+/// 64, one turn of two) and of `moe`'s (the expert products, whose items are panels of one expert's rows,
+/// round as the GPU's FMA blocks do), and on `tied_bf16` (k 96 in its down projection: chunks of 16 after
+/// the 64; K and V projections of one panel; the tied logits matrix): a 40-token prefill (three slabs of 16 rows, the last partial), then 8
 /// tokens one at a time, against the reference executor within the bound of the CPU's bf16 activations (each
 /// activation rounded with a relative error of at most 2⁻⁹; 2⁻⁷ of the logits' scale after all layers); and
 /// unlike the f32 emulation (else the rounding, and so the tiles, did not run).
 #[cfg(feature = "llvm")]
 #[test]
 fn gpu_tensor_core_tiles_stay_within_bf16_rounding_of_the_reference() {
-    for name in ["dense_gqa", "tied_bf16"] {
+    for name in ["dense_gqa", "moe", "tied_bf16"] {
         let (cfg, _) = q3c_tests::open_fixture(name);
         let ids: Vec<u32> = (0..48).map(|i| (i * 53 % cfg.vocab_size) as u32).collect();
         let (g, want, _tmp) = match name {

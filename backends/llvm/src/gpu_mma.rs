@@ -5,8 +5,8 @@
 //!
 //! These tiles are a kernel of their own (`ItemShare::Tensor`), which the launch plan names beside the
 //! product's kernel for calls of at least [`ProductShape::tensor_rows`] rows (`q3c_abi::launch::ManyRows`):
-//! in one kernel with the decode path, its ~100–130 registers a thread would have halved the occupancy of
-//! decoding's FMA blocks (56–80). Those blocks ([`crate::gpu_gemm`]) round the activations the same way
+//! in one kernel with the decode path, its 108–154 registers a thread (the Qwen3-8B shape) would have
+//! halved the occupancy of decoding's FMA blocks (56–80). Those blocks ([`crate::gpu_gemm`]) round the activations the same way
 //! ([`round_bf16`]), so a call's result does not depend on which kernel took it beyond the order of f32
 //! additions.
 //!
