@@ -242,10 +242,24 @@ fn cuda_artifacts_compile_inspect_and_run_or_are_refused_clearly() {
     let shown = ok(&["inspect", "--json", path(&art)]);
     assert!(shown.contains("\"kernel_dtype\": \"q8\""), "{shown}");
     std::fs::remove_file(&art).unwrap();
+    // A bf16 checkpoint gets bf16 activations and tensor-core kernels by default; an f32 one neither.
+    let bf16 = fixtures_dir().join("tied_bf16");
+    assert!(compile_model(&bf16, &[]).status.success());
+    let shown = ok(&["inspect", path(&art)]);
+    assert!(
+        shown.contains("bf16 activations in products")
+            && shown.contains("run on tensor cores in calls of 64 rows or more"),
+        "{shown}"
+    );
+    std::fs::remove_file(&art).unwrap();
     assert!(compile(&["--gpu", "sm_80"]).status.success());
     let shown = ok(&["inspect", path(&art)]);
     assert!(
         shown.contains("llvm-nvptx") && shown.contains("sm_80"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("f32 activations") && !shown.contains("tensor cores"),
         "{shown}"
     );
     let generate = |artifact: &Path| {

@@ -82,6 +82,19 @@ fn describe(m: &q3c_abi::Manifest) -> String {
         "kernels:   {} per forward call, fusion {}, {} activations in products\n",
         m.kernels, m.fusion, m.matmul_activations
     );
+    // Dispatches with another kernel for calls of many rows (tensor-core tiles on GPUs).
+    let many: Vec<_> = m
+        .launch
+        .iter()
+        .flat_map(|l| &l.dispatches)
+        .filter_map(|d| d.many_rows)
+        .collect();
+    if let Some(from) = many.iter().map(|r| r.from).min() {
+        s += &format!(
+            "tensor:    {} product dispatches run on tensor cores in calls of {from} rows or more\n",
+            many.len()
+        );
+    }
     s += &match m.backend.as_str() {
         q3c_abi::cuda::BACKEND => format!(
             "target:    NVIDIA GPU {} and newer (a CUDA artifact: --model runs it with the cuda feature)\n",
