@@ -556,7 +556,7 @@ fn quantized_gpu_products_match_the_reference_on_decoded_weights() {
     }
 }
 
-/// The GPU flavour of the model in `g.dir` compiled for this CPU (sm_90, fully fused, 64 tokens per call, f32
+/// The GPU flavour of the model in `g.dir` compiled for this CPU (sm_90, fully fused, 80 tokens per call, f32
 /// KV cache; products over `quantize`d weights, and bf16 activations as asked), loaded on 2 threads.
 #[cfg(feature = "llvm")]
 fn gpu_emulation_model(
@@ -568,7 +568,7 @@ fn gpu_emulation_model(
     let graph = fused_graph(&cfg, "all");
     let opts = q3c_backend_llvm::PtxOptions {
         gpu: "sm_90".into(),
-        max_tokens_per_call: 64,
+        max_tokens_per_call: 80,
         fusion: "all".into(),
         kv_dtype: DType::F32,
         quantize,
@@ -587,16 +587,18 @@ fn gpu_emulation_model(
 /// index in a fragment fails here. On random bf16 weights of `dense_gqa`'s shape (k 64 and 128: chunks of
 /// 64, one turn of two) and of `moe`'s (the expert products, whose items are panels of one expert's rows,
 /// round as the GPU's FMA blocks do), and on `tied_bf16` (k 96 in its down projection: chunks of 16 after
-/// the 64; K and V projections of one panel; the tied logits matrix): a 40-token prefill (three slabs of 16 rows, the last partial), then 8
-/// tokens one at a time, against the reference executor within the bound of the CPU's bf16 activations (each
-/// activation rounded with a relative error of at most 2⁻⁹; 2⁻⁷ of the logits' scale after all layers); and
-/// unlike the f32 emulation (else the rounding, and so the tiles, did not run).
+/// the 64; K and V projections of one panel; the tied logits matrix): a 72-token prefill (the launcher picks
+/// the tensor-core kernels, from 64 rows: five slabs of 16 rows, the last partial), then 8 tokens one at a
+/// time (the plain kernels, whose emulation plays the same tiles over one row), against the reference
+/// executor within the bound of the CPU's bf16 activations (each activation rounded with a relative error
+/// of at most 2⁻⁹; 2⁻⁷ of the logits' scale after all layers); and unlike the f32 emulation (else the
+/// rounding, and so the tiles, did not run).
 #[cfg(feature = "llvm")]
 #[test]
 fn gpu_tensor_core_tiles_stay_within_bf16_rounding_of_the_reference() {
     for name in ["dense_gqa", "moe", "tied_bf16"] {
         let (cfg, _) = q3c_tests::open_fixture(name);
-        let ids: Vec<u32> = (0..48).map(|i| (i * 53 % cfg.vocab_size) as u32).collect();
+        let ids: Vec<u32> = (0..80).map(|i| (i * 53 % cfg.vocab_size) as u32).collect();
         let (g, want, _tmp) = match name {
             "tied_bf16" => {
                 let (want, _) = reference_logits(name, &ids);
@@ -627,8 +629,8 @@ fn gpu_tensor_core_tiles_stay_within_bf16_rounding_of_the_reference() {
                 );
             }
             let mut s = model.session();
-            let mut got = s.forward(&ids[..40]).unwrap().data;
-            for &id in &ids[40..] {
+            let mut got = s.forward(&ids[..72]).unwrap().data;
+            for &id in &ids[72..] {
                 got.extend(s.forward(&[id]).unwrap().data);
             }
             got

@@ -37,8 +37,9 @@ pub struct PtxOptions {
     /// [`q3c_ir::DType::Q8`] or [`q3c_ir::DType::Q4`]: the matrices of linear-type products bound in that
     /// format (`q3c_backend_common::plan::plan_with`), read by [`crate::gpu_quant`]; `None`: as stored.
     pub quantize: Option<q3c_ir::DType>,
-    /// Products over bf16 weights round the activations to bf16 and, for calls of many rows, run on
-    /// tensor cores ([`crate::gpu_mma`]; sm_80 and later). Off: f32 activations, FMA blocks.
+    /// Products over bf16 weights whose shape tensor cores take (panels of 16, `k` a multiple of 16: nearly
+    /// all) round the activations to bf16 and, for calls of many rows, run on tensor cores
+    /// ([`crate::gpu_mma`]; sm_80 and later). Off: f32 activations, FMA blocks.
     pub bf16_activations: bool,
 }
 

@@ -35,8 +35,9 @@ pub struct ProductShape {
     /// With bf16 activations, calls of at least this many rows multiply on tensor cores
     /// ([`crate::gpu_mma`]); fewer take this module's FMA blocks. 0: never.
     pub tensor_rows: usize,
-    /// Panels (of 16 columns) that many blocks of the tensor-core kernels share (at most): those blocks
-    /// split the rows and share the panels' columns.
+    /// Panels (of 16 columns) that many blocks of the tensor-core kernels share: those blocks split the
+    /// rows and share the panels' columns. The most up to this that divides a matrix's panels, but at
+    /// least a warp tile's panels.
     pub group: usize,
     /// Chunks of 64 k positions a tensor-core warp loads per loop iteration before multiplying them.
     pub tensor_chunks: usize,

@@ -6,9 +6,10 @@
 //! These tiles are a kernel of their own (`ItemShare::Tensor`), which the launch plan names beside the
 //! product's kernel for calls of at least [`ProductShape::tensor_rows`] rows (`q3c_abi::launch::ManyRows`):
 //! in one kernel with the decode path, its 108–154 registers a thread (the Qwen3-8B shape) would have
-//! halved the occupancy of decoding's FMA blocks (56–80). Those blocks ([`crate::gpu_gemm`]) round the activations the same way
-//! ([`round_bf16`]), so a call's result does not depend on which kernel took it beyond the order of f32
-//! additions.
+//! halved the occupancy of decoding's FMA blocks (56–80). Those blocks ([`crate::gpu_gemm`]) round the
+//! activations the same way ([`round_bf16`]), so a call's result does not depend on which kernel took it
+//! beyond the order and the rounding of the f32 sums (tensor cores align and truncate their addends their
+//! own way).
 //!
 //! The plan's work items stay panels of 16 columns, a block each. Where a matrix has a multiple of `G`
 //! panels (G up to [`ProductShape::group`], 4), the G blocks of G consecutive panels share those 16·G
@@ -34,6 +35,7 @@
 //! every lane stores its accumulators as on the GPU. So the layout a GPU reads is checked against the
 //! reference without one.
 
+use inkwell::attributes::{Attribute, AttributeLoc};
 use inkwell::types::{BasicMetadataTypeEnum, FunctionType};
 use inkwell::values::{
     BasicMetadataValueEnum, BasicValueEnum, FloatValue, IntValue, PointerValue, ValueKind,
@@ -352,6 +354,7 @@ fn mma<'ctx>(
     args.extend(c.iter().map(|&v| BasicMetadataValueEnum::from(v)));
     let d = asm(
         fb,
+        true,
         out.fn_type(&params, false),
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, \
          {$8, $9}, {$10, $11, $12, $13};",
@@ -368,9 +371,12 @@ fn mma<'ctx>(
         .collect()
 }
 
-/// The result of PTX `text` (inline assembly of type `ty`, operands as `constraints` says) on `args`.
+/// The result of PTX `text` (inline assembly of type `ty`, operands as `constraints` says) on `args`;
+/// `convergent` for a warp-wide instruction, which LLVM must then not move into code only some lanes run
+/// (as clang marks every inline assembly in CUDA).
 fn asm<'ctx>(
     fb: &Fb<'_, 'ctx>,
+    convergent: bool,
     ty: FunctionType<'ctx>,
     text: &str,
     constraints: &str,
@@ -385,12 +391,12 @@ fn asm<'ctx>(
         None,
         false,
     );
-    match fb
-        .b
-        .build_indirect_call(ty, f, args, "")
-        .expect(BUG)
-        .try_as_basic_value()
-    {
+    let call = fb.b.build_indirect_call(ty, f, args, "").expect(BUG);
+    if convergent {
+        let kind = Attribute::get_named_enum_kind_id("convergent");
+        call.add_attribute(AttributeLoc::Function, fb.cx.create_enum_attribute(kind, 0));
+    }
+    match call.try_as_basic_value() {
         ValueKind::Basic(v) => v,
         ValueKind::Instruction(_) => unreachable!("inline assembly with a result returned none"),
     }
@@ -625,7 +631,15 @@ fn bf16_pair<'ctx>(
         let ty = i32t.fn_type(&[fb.f32t().into(), fb.f32t().into()], false);
         // `cvt.rn.bf16x2.f32 d, a, b` puts a in the upper half.
         let args = [hi.into(), lo.into()];
-        return asm(fb, ty, "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", &args).into_int_value();
+        return asm(
+            fb,
+            false,
+            ty,
+            "cvt.rn.bf16x2.f32 $0, $1, $2;",
+            "=r,f,f",
+            &args,
+        )
+        .into_int_value();
     }
     let widen = |v| {
         fb.b.build_int_z_extend(fb.bf16_bits(v), i32t, "")
