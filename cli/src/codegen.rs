@@ -100,9 +100,7 @@ impl Activations {
             }
         })
     }
-}
 
-impl Activations {
     /// [`Activations::bf16`] for a GPU target: `auto` is bf16 for a bf16 checkpoint with weights as
     /// stored (quantized products read f32 activations) on a GPU with bf16 tensor cores (what the
     /// prefill's `mma` tiles need).

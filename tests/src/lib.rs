@@ -488,12 +488,13 @@ pub fn cuda_artifact(
     bf16_activations: bool,
     out_dir: &std::path::Path,
 ) -> Option<PathBuf> {
-    let file = match (quantize, bf16_activations) {
-        (None, false) => format!("{name}-{kv_dtype}.q3c"),
-        (Some(q), false) => format!("{name}-{kv_dtype}-{q}.q3c"),
-        (None, true) => format!("{name}-{kv_dtype}-bf16-activations.q3c"),
-        (Some(q), true) => format!("{name}-{kv_dtype}-{q}-bf16-activations.q3c"),
+    let quantized = quantize.map_or(String::new(), |q| format!("-{q}"));
+    let activations = if bf16_activations {
+        "-bf16-activations"
+    } else {
+        ""
     };
+    let file = format!("{name}-{kv_dtype}{quantized}{activations}.q3c");
     if let Some(dir) = std::env::var_os("Q3C_CUDA_ARTIFACTS") {
         let path = PathBuf::from(dir).join(&file);
         return match path.is_file() {

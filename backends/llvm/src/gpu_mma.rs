@@ -169,7 +169,6 @@ fn for_chunks<'ctx>(
 }
 
 /// Where one warp's tile reads and writes.
-#[derive(Clone)]
 struct Operands<'ctx> {
     /// Activation row 0 (row stride `k · 4`).
     x: PointerValue<'ctx>,
